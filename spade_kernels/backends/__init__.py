@@ -1,0 +1,150 @@
+"""Backend registry: which implementations exist, which are usable, and why not.
+
+A backend turns (x, prototypes, λ) into codes.  ``reference`` computes dense
+codes (the oracle); the others compute :class:`~spade_kernels.SparseCodes`
+directly.  Nothing here touches a GPU at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..codes import SparseCodes
+
+__all__ = ["BACKENDS", "Backend", "available_backends", "backend_status", "resolve_backend"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the SpaDE encoder.
+
+    ``dense`` backends return dense codes from :meth:`encode_dense` and are
+    decoded densely; sparse backends return :class:`SparseCodes`.
+    """
+
+    name: str
+    description: str
+    dense: bool
+    _status: Callable[[], str | None]
+    _encode: Callable[..., object]
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` when usable here, else why not."""
+        return self._status()
+
+    def supports(self, device: torch.device) -> bool:
+        return self.name in ("reference", "torch") or device.type == "cuda"
+
+    def encode_dense(self, x: torch.Tensor, prototypes: torch.Tensor, lam) -> torch.Tensor:
+        if self.dense:
+            return self._encode(x, prototypes, lam)
+        return self._encode(x, prototypes, lam).to_dense()
+
+    def encode(self, x: torch.Tensor, prototypes: torch.Tensor, lam) -> SparseCodes:
+        if self.dense:
+            return SparseCodes.from_dense(self._encode(x, prototypes, lam))
+        return self._encode(x, prototypes, lam)
+
+
+def _always() -> str | None:
+    return None
+
+
+def reference_codes_and_distances(x, prototypes, lam):
+    """Dense codes z and distances D of the ``reference`` backend (B×K each)."""
+    from ..reference import squared_distances
+    from ..sparsemax import sparsemax
+
+    # Distances in the input dtype (the paper's low-precision path), the
+    # projection in float32 at least: codes of half inputs stay float32.
+    D = squared_distances(x, prototypes, naive=False)
+    return sparsemax((-lam * D).to(torch.promote_types(D.dtype, torch.float32)), dim=-1), D
+
+
+def _reference_encode(x, prototypes, lam):
+    return reference_codes_and_distances(x, prototypes, lam)[0]
+
+
+def _torch_encode(x, prototypes, lam):
+    from . import torch_
+
+    return torch_.encode(x, prototypes, lam)
+
+
+def _triton_status() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    return "the Triton kernels are not part of this release yet (planned: fused forward and sparse backward)"
+
+
+def _cuda_status() -> str | None:
+    return "the CUDA C++ extension is not part of this release yet (spade_kernels._C was not built)"
+
+
+def _unavailable(name: str, reason: Callable[[], str | None]):
+    def encode(*_args, **_kwargs):
+        raise RuntimeError(f"backend {name!r} is not available: {reason()}")
+
+    return encode
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend(
+        "reference",
+        "plain PyTorch: dense B×K distances + sort-based sparsemax (the oracle)",
+        True,
+        _always,
+        _reference_encode,
+    ),
+    "torch": Backend(
+        "torch",
+        "chunked GEMM-form scores, per-chunk pruning, exact τ over survivors, sparse backward",
+        False,
+        _always,
+        _torch_encode,
+    ),
+    "triton": Backend(
+        "triton", "fused Triton GPU kernels", False, _triton_status, _unavailable("triton", _triton_status)
+    ),
+    "cuda": Backend("cuda", "CUDA C++ extension", False, _cuda_status, _unavailable("cuda", _cuda_status)),
+}
+
+#: Preference order of ``backend="auto"`` per device type.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+
+
+def backend_status() -> dict[str, str | None]:
+    """``{name: None if available else the reason it is not}`` for every backend."""
+    return {name: b.unavailable_reason() for name, b in BACKENDS.items()}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this environment.
+
+    See :func:`backend_status` (or ``spade-kernels info``) for why the others
+    are not.
+    """
+    return [name for name, reason in backend_status().items() if reason is None]
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """The backend object for ``name`` (``"auto"`` picks the fastest usable one)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if BACKENDS[candidate].unavailable_reason() is None:
+                return BACKENDS[candidate]
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {['auto', *BACKENDS]}")
+    backend = BACKENDS[name]
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available: {reason}")
+    if not backend.supports(device):
+        raise ValueError(f"backend {name!r} needs CUDA tensors, got tensors on {device}")
+    return backend

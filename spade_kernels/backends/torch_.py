@@ -1,0 +1,402 @@
+"""The ``torch`` backend: SpaDE's fast algorithm in plain PyTorch ops.
+
+Runs on any device torch runs on.  Forward (DESIGN.md §2, facts 1–4 and 7):
+
+1. Scores in GEMM form, s'[b,k] = λ(2·x_b·a_k − ‖a_k‖²) (= s + λ‖x_b‖²),
+   computed ``chunk`` prototypes at a time, so no B×K tensor exists.
+2. Each chunk is pruned by a threshold that is ≤ τ(row): the sparsemax τ of
+   the chunk's top-k entries (subset bound), or the running bound from the
+   chunks already seen, whichever is larger.  The top-k is complete when its
+   k-th entry is itself below that threshold; rows where it is not double k.
+3. Survivors of all chunks are merged into a small per-row candidate buffer
+   that is re-pruned with the running bound after every chunk.
+4. Exact stage: D on the candidates is recomputed directly as ‖x − a‖²
+   (DESIGN.md §4) and τ is the exact sparsemax threshold of the candidates
+   (a sort of a few dozen entries).  Candidates ⊇ support, so τ is exact.
+
+Rows whose candidates do not fit ``max_candidates`` (dense supports, small λ)
+are resolved exactly by a dense pass over just those rows, in row blocks.
+
+Every comparison against a threshold keeps a margin that covers the rounding
+error of the GEMM-form scores, so float rounding can only keep a few extra
+candidates, never drop a support entry.
+
+Backward (fact 5–6) is sparse: gathers and index_add over the support, no
+B×K tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..codes import SparseCodes
+
+__all__ = [
+    "encode",
+    "gather_dot",
+    "gather_matmul",
+    "gather_sq_dist",
+    "scatter_matmul",
+    "sparse_decode",
+    "support_sq_dists",
+]
+
+#: Prototypes per score chunk: peak extra memory ~ B·CHUNK floats.
+DEFAULT_CHUNK = 4096
+#: First top-k tried per chunk (doubled per row while incomplete).
+DEFAULT_TOPK = 128
+#: Candidates kept per row before the row is sent to the exact dense path.
+DEFAULT_MAX_CANDIDATES = 2048
+#: Elements per row block in gathers (bounds the B·C·d temporaries).
+_GATHER_BUDGET = 1 << 22
+#: Elements per row block for gather-then-reduce passes (about L2-sized).
+_CACHE_BUDGET = 1 << 18
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gather_rows(M: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """M[indices] for a 2-D index block, via index_select (faster than advanced indexing)."""
+    return torch.index_select(M, 0, indices.reshape(-1)).view(*indices.shape, M.shape[1])
+
+
+def _row_blocks(n_rows: int, per_row: int, budget: int = _GATHER_BUDGET):
+    step = max(1, budget // max(per_row, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+# --------------------------------------------------------------------------
+# Sparse primitives (all O(B·C·d), row-blocked so temporaries stay bounded)
+# --------------------------------------------------------------------------
+
+
+def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """out[b] = Σ_j weights[b, j] · M[indices[b, j]]  → (B, d)."""
+    B, C = indices.shape
+    out = torch.empty(B, M.shape[1], dtype=M.dtype, device=M.device)
+    for rs in _row_blocks(B, C * M.shape[1], _CACHE_BUDGET):
+        out[rs] = torch.bmm(weights[rs].unsqueeze(1).to(M.dtype), _gather_rows(M, indices[rs])).squeeze(1)
+    return out
+
+
+def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = ⟨G[b], M[indices[b, j]]⟩  → (B, C)."""
+    B, C = indices.shape
+    out = torch.empty(B, C, dtype=M.dtype, device=M.device)
+    for rs in _row_blocks(B, C * M.shape[1], _CACHE_BUDGET):
+        out[rs] = torch.bmm(_gather_rows(M, indices[rs]), G[rs].unsqueeze(2).to(M.dtype)).squeeze(2)
+    return out
+
+
+def scatter_matmul(
+    weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b]  → (n_rows, d).
+
+    The sparse-transpose product (∂L/∂prototypes, ∂L/∂W_dec).
+    """
+    B, C = indices.shape
+    d = X.shape[1]
+    out = torch.zeros(n_rows, d, dtype=X.dtype, device=X.device)
+    for rs in _row_blocks(B, C * d):
+        contrib = weights[rs].to(X.dtype).unsqueeze(2) * X[rs].unsqueeze(1)
+        out.index_add_(0, indices[rs].reshape(-1), contrib.reshape(-1, d))
+    return out
+
+
+def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = ‖x[b] − M[indices[b, j]]‖², computed directly (no cancellation)."""
+    B, C = indices.shape
+    out = torch.empty(B, C, dtype=x.dtype, device=x.device)
+    # Small row blocks keep the difference tensor in cache between the two passes.
+    for rs in _row_blocks(B, C * x.shape[1], _CACHE_BUDGET):
+        diff = x[rs].unsqueeze(1) - _gather_rows(M, indices[rs])
+        out[rs] = torch.linalg.vector_norm(diff, dim=-1).square_()
+    return out
+
+
+def _sq_dist_backward(x, M, indices, G):
+    """Gradients of Σ G[b,j]·‖x_b − M[idx[b,j]]‖² with respect to x and M."""
+    grad_x = 2 * (G.sum(1, keepdim=True) * x - gather_matmul(G, indices, M))
+    grad_M = scatter_matmul(-2 * G, indices, x, M.shape[0])
+    row_w = torch.zeros(M.shape[0], dtype=G.dtype, device=G.device)
+    row_w.index_add_(0, indices.reshape(-1), G.reshape(-1))
+    grad_M += 2 * row_w.unsqueeze(1) * M
+    return grad_x, grad_M
+
+
+# --------------------------------------------------------------------------
+# Forward: candidate selection and exact threshold
+# --------------------------------------------------------------------------
+
+
+def _sorted_threshold(vals: torch.Tensor) -> torch.Tensor:
+    """Sparsemax τ of rows already sorted descending (−inf padding allowed)."""
+    finite = torch.isfinite(vals)
+    csum = torch.cumsum(torch.where(finite, vals, torch.zeros_like(vals)), dim=-1)
+    j = torch.arange(1, vals.shape[-1] + 1, device=vals.device, dtype=vals.dtype)
+    k = ((1 + j * vals > csum) & finite).sum(-1, keepdim=True)
+    c_k = csum.gather(-1, (k - 1).clamp_min(0))
+    tau = (c_k - 1) / k.clamp_min(1).to(vals.dtype)
+    return torch.where(k > 0, tau, torch.full_like(tau, -math.inf)).squeeze(-1)
+
+
+def _chunk_survivors(s, bound, margin, k0, cap):
+    """Candidates of one score chunk ``s`` (R, kc).
+
+    Returns (vals, idx, new_bound, overflow) where vals is sorted descending
+    with −inf for pruned slots.  Every entry of the chunk above ``bound`` (a
+    lower bound of the row's τ, raised here with the chunk's own top-k τ) is
+    returned, unless the row overflows ``cap``.
+    """
+    R, kc = s.shape
+    vals = torch.full((R, 0), -math.inf, dtype=s.dtype, device=s.device)
+    idx = torch.zeros((R, 0), dtype=torch.long, device=s.device)
+    bound = bound.clone()
+    overflow = torch.zeros(R, dtype=torch.bool, device=s.device)
+    todo = torch.arange(R, device=s.device)
+    k = min(k0, kc)
+    pieces = []
+    while todo.numel():
+        v, i = torch.topk(s[todo], k, dim=1)
+        b = torch.maximum(bound[todo], _sorted_threshold(v))
+        bound[todo] = b
+        thr = (b - margin[todo]).unsqueeze(1)
+        complete = (v[:, -1:] <= thr).squeeze(1) | (k == kc)
+        done = complete | (k >= cap)
+        overflow[todo[~complete & done]] = True
+        keep = v > thr
+        pieces.append((todo[done], torch.where(keep, v, -math.inf)[done], i[done]))
+        todo = todo[~done]
+        k = min(2 * k, kc)
+    width = max(p[1].shape[1] for p in pieces)
+    vals = torch.full((R, width), -math.inf, dtype=s.dtype, device=s.device)
+    idx = torch.zeros((R, width), dtype=torch.long, device=s.device)
+    for rows, v, i in pieces:
+        vals[rows, : v.shape[1]] = v
+        idx[rows, : i.shape[1]] = i
+    return vals, idx, bound, overflow
+
+
+def _merge(buf_val, buf_idx, new_val, new_idx, bound, margin, cap):
+    """Merge candidate buffers, re-prune with the union's τ, compact."""
+    val = torch.cat([buf_val, new_val], dim=1)
+    idx = torch.cat([buf_idx, new_idx], dim=1)
+    val, order = torch.sort(val, dim=1, descending=True)
+    idx = idx.gather(1, order)
+    bound = torch.maximum(bound, _sorted_threshold(val))
+    keep = val > (bound - margin).unsqueeze(1)
+    count = keep.sum(1)
+    overflow = count > cap
+    width = int(count.max()) if count.numel() else 0
+    width = min(width, cap)
+    val = torch.where(keep, val, -math.inf)[:, :width]
+    return val, idx[:, :width], bound, overflow
+
+
+def _select_candidates(x, A, aa, lam, margin, chunk, k0, cap):
+    """Indices (B, W) of every entry that may be in the support (−1 = none)."""
+    B, K = x.shape[0], A.shape[0]
+    buf_val = torch.full((B, 0), -math.inf, dtype=x.dtype, device=x.device)
+    buf_idx = torch.zeros((B, 0), dtype=torch.long, device=x.device)
+    bound = torch.full((B,), -math.inf, dtype=x.dtype, device=x.device)
+    overflow = torch.zeros(B, dtype=torch.bool, device=x.device)
+    for c0 in range(0, K, chunk):
+        c1 = min(K, c0 + chunk)
+        # s' = λ(2 x·a − ‖a‖²): one GEMM plus a column bias (fact 1).
+        s = torch.addmm(aa[c0:c1], x, A[c0:c1].t(), beta=-lam, alpha=2 * lam)
+        v, i, bound, ovf = _chunk_survivors(s, bound, margin, k0, cap)
+        del s
+        buf_val, buf_idx, bound, ovf2 = _merge(buf_val, buf_idx, v, i + c0, bound, margin, cap)
+        overflow |= ovf | ovf2
+        buf_val[overflow] = -math.inf
+    idx = torch.where(torch.isfinite(buf_val), buf_idx, torch.full_like(buf_idx, -1))
+    return idx, overflow
+
+
+def _dense_candidates(x, A, aa, lam, margin, budget):
+    """Exact candidate sets for a few rows (the overflow path), in row blocks."""
+    R, K = x.shape[0], A.shape[0]
+    out = []
+    width = 1
+    for rs in _row_blocks(R, K, budget):
+        s = torch.addmm(aa, x[rs], A.t(), beta=-lam, alpha=2 * lam)
+        tau = _sorted_threshold(torch.sort(s, dim=1, descending=True).values)
+        keep = s > (tau - margin[rs]).unsqueeze(1)
+        count = keep.sum(1)
+        v, i = torch.topk(torch.where(keep, s, -math.inf), int(count.max()), dim=1)
+        i = torch.where(torch.isfinite(v), i, torch.full_like(i, -1))
+        out.append(i)
+        width = max(width, i.shape[1])
+    return torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[1]), value=-1) for i in out], dim=0)
+
+
+def _exact_codes(x, A, lam, cand):
+    """Exact sparsemax over candidate sets ``cand`` (B, W; −1 = empty slot).
+
+    Returns (values, indices, support_size, D) with the support sorted by value
+    descending, padded with index 0 / value 0 to width C = max support.
+    """
+    valid = cand >= 0
+    safe = torch.where(valid, cand, torch.zeros_like(cand))
+    D = gather_sq_dist(x, safe, A)
+    s = torch.where(valid, -lam * D, torch.full_like(D, -math.inf))
+    s, order = torch.sort(s, dim=1, descending=True)
+    safe = safe.gather(1, order)
+    D = D.gather(1, order)
+    tau = _sorted_threshold(s)
+    z = (s - tau.unsqueeze(1)).clamp_min(0)
+    support = z > 0
+    size = support.sum(1)
+    C = max(int(size.max()) if size.numel() else 0, 1)
+    z, safe, D, support = z[:, :C], safe[:, :C], D[:, :C], support[:, :C]
+    safe = torch.where(support, safe, torch.zeros_like(safe))
+    D = torch.where(support, D, torch.zeros_like(D))
+    return z, safe, size, D
+
+
+@torch.no_grad()
+def encode_forward(
+    x, A, lam, *, chunk=DEFAULT_CHUNK, topk=DEFAULT_TOPK, max_candidates=DEFAULT_MAX_CANDIDATES
+):
+    """Sparse SpaDE codes of x (B, d) in the compute dtype (no autograd).
+
+    Returns (values, indices, support_size, D_support).
+    """
+    B, d = x.shape
+    K = A.shape[0]
+    aa = (A * A).sum(1)
+    xx = (x * x).sum(1)
+    # A non-finite entry makes its squared norm non-finite: a cheap test.
+    nan_rows = ~torch.isfinite(xx)
+    if not bool(torch.isfinite(aa).all()):
+        nan_rows = torch.ones_like(nan_rows)
+    if nan_rows.any():
+        x = torch.where(nan_rows.unsqueeze(1), torch.zeros_like(x), x)
+        A = torch.where(torch.isfinite(aa).unsqueeze(1), A, torch.zeros_like(A))
+        aa = (A * A).sum(1)
+        xx = (x * x).sum(1)
+    # Rounding bound of the GEMM-form scores (dot products of length d, plus
+    # the bias): generous, it only widens the candidate set a little.
+    eps = torch.finfo(x.dtype).eps
+    scale = lam * (xx + aa.max()) + torch.finfo(x.dtype).tiny
+    margin = 8 * eps * math.sqrt(d) * scale
+    cand, overflow = _select_candidates(x, A, aa, lam, margin, min(chunk, K), topk, max_candidates)
+    if overflow.any():
+        rows = overflow.nonzero().squeeze(1)
+        dense = _dense_candidates(x[rows], A, aa, lam, margin[rows], B * min(chunk, K))
+        width = max(cand.shape[1], dense.shape[1])
+        cand = torch.nn.functional.pad(cand, (0, width - cand.shape[1]), value=-1)
+        cand[rows] = torch.nn.functional.pad(dense, (0, width - dense.shape[1]), value=-1)
+    z, idx, size, D = _exact_codes(x, A, lam, cand)
+    if nan_rows.any():
+        z[nan_rows] = math.nan
+        D[nan_rows] = math.nan
+        size[nan_rows] = 0
+        idx[nan_rows] = 0
+    return z, idx, size, D
+
+
+class _EncodeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, lam, options):
+        cd = _compute_dtype(x.dtype)
+        xc, Ac = x.to(cd), A.to(cd)
+        lam_f = float(lam)
+        z, idx, size, D = encode_forward(xc, Ac, lam_f, **options)
+        ctx.save_for_backward(xc, Ac, lam if isinstance(lam, torch.Tensor) else None, z, idx, D)
+        ctx.lam_f = lam_f
+        ctx.x_dtype, ctx.A_dtype = x.dtype, A.dtype
+        ctx.mark_non_differentiable(idx, size)
+        # float16/bfloat16 inputs keep float32 codes: rounding them to a 8- or
+        # 11-bit mantissa would break Σz = 1 by more than the contract allows.
+        return z.to(torch.promote_types(x.dtype, torch.float32)), idx, size
+
+    @staticmethod
+    def backward(ctx, grad_z, _gi, _gs):
+        xc, Ac, lam_t, z, idx, D = ctx.saved_tensors
+        g = grad_z.to(z.dtype)
+        support = z > 0
+        g = torch.where(support, g, torch.zeros_like(g))
+        mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
+        gs = torch.where(support, g - mean, torch.zeros_like(g))  # ∂L/∂s (fact 5)
+        grad_x = grad_A = grad_lam = None
+        if ctx.needs_input_grad[2] and lam_t is not None:
+            grad_lam = -(gs * D).sum().to(lam_t.dtype).reshape(lam_t.shape)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            G = -ctx.lam_f * gs  # ∂L/∂D (fact 6)
+            grad_x, grad_A = _sq_dist_backward(xc, Ac, idx, G)
+            grad_x, grad_A = grad_x.to(ctx.x_dtype), grad_A.to(ctx.A_dtype)
+        return grad_x, grad_A, grad_lam, None
+
+
+def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseCodes:
+    """Differentiable sparse SpaDE codes of x (B, d); gradients reach x, prototypes, λ.
+
+    ``options``: ``chunk``, ``topk``, ``max_candidates`` (see module constants).
+    """
+    values, indices, size = _EncodeFn.apply(x, prototypes, lam, options)
+    return SparseCodes(indices, values, size, prototypes.shape[0])
+
+
+class _SupportSqDistFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, M, indices):
+        cd = _compute_dtype(torch.promote_types(x.dtype, M.dtype))
+        xc, Mc = x.to(cd), M.to(cd)
+        ctx.save_for_backward(xc, Mc, indices)
+        ctx.x_dtype, ctx.M_dtype = x.dtype, M.dtype
+        ctx.mark_non_differentiable(indices)
+        return gather_sq_dist(xc, indices, Mc).to(torch.promote_types(x.dtype, M.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, Mc, indices = ctx.saved_tensors
+        gx, gM = _sq_dist_backward(xc, Mc, indices, grad.to(xc.dtype))
+        return gx.to(ctx.x_dtype), gM.to(ctx.M_dtype), None
+
+
+def support_sq_dists(x: torch.Tensor, M: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """‖x_b − M[indices[b, j]]‖² on the given support, computed directly; sparse backward."""
+    return _SupportSqDistFn.apply(x, M, indices)
+
+
+class _SparseDecodeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W, bias):
+        out = gather_matmul(values, indices, W)
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(values, indices, W)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, W = ctx.saved_tensors
+        grad_v = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # ∂L/∂z only on the stored support: gathered dot products.
+            grad_v = gather_dot(grad, indices, W).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = scatter_matmul(values, indices, grad.to(W.dtype), W.shape[0])
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad.sum(0)
+        return grad_v, None, grad_W, grad_b
+
+
+def sparse_decode(codes: SparseCodes, W: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x̂ = codes · W (+ bias) as a gather-matmul over the support; sparse backward.
+
+    codes may have leading dimensions (..., C); the output is (..., d).
+    """
+    lead = codes.indices.shape[:-1]
+    idx = codes.indices.reshape(-1, codes.width)
+    val = codes.values.reshape(-1, codes.width)
+    out = _SparseDecodeFn.apply(val, idx, W, bias)
+    return out.reshape(*lead, W.shape[1])

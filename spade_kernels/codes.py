@@ -1,0 +1,119 @@
+"""``SparseCodes``: the padded sparse layout SpaDE codes are returned in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SparseCodes"]
+
+
+@dataclass
+class SparseCodes:
+    """Sparse SpaDE codes for a batch, padded to a common width C.
+
+    Attributes
+    ----------
+    indices : Tensor, int64, shape (..., C)
+        Latent index of each stored entry.
+    values : Tensor, shape (..., C)
+        Code value of each stored entry (differentiable when produced by an
+        encoder with autograd enabled).
+    support_size : Tensor, int64, shape (...)
+        Number of non-zero codes of each row.
+    n_latents : int
+        Number of latents K (the dense width).
+
+    Notes
+    -----
+    Padding convention: in each row the first ``support_size`` slots hold the
+    support, sorted by value in descending order; the remaining slots have
+    ``index == 0`` and ``value == 0``.  Padding therefore contributes nothing
+    to a gather-matmul or a scatter-add and needs no masking.  ``C`` is the
+    largest support size in the batch (at least 1).  A row whose input
+    contained NaN has ``support_size == 0`` and NaN values; ``to_dense`` turns
+    it into a row of NaN.
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    support_size: torch.Tensor
+    n_latents: int
+
+    def __post_init__(self) -> None:
+        if self.indices.shape != self.values.shape:
+            raise ValueError(
+                f"SparseCodes: indices {tuple(self.indices.shape)} and values "
+                f"{tuple(self.values.shape)} must have the same shape"
+            )
+        if self.indices.dtype != torch.int64:
+            raise TypeError(f"SparseCodes: indices must be int64, got {self.indices.dtype}")
+        if self.support_size.shape != self.indices.shape[:-1]:
+            raise ValueError(
+                f"SparseCodes: support_size must have shape {tuple(self.indices.shape[:-1])}, "
+                f"got {tuple(self.support_size.shape)}"
+            )
+
+    @property
+    def shape(self) -> torch.Size:
+        """Dense shape ``(..., n_latents)``."""
+        return torch.Size((*self.indices.shape[:-1], self.n_latents))
+
+    @property
+    def width(self) -> int:
+        """Padded width C."""
+        return self.indices.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense codes of shape ``(..., n_latents)`` (differentiable in ``values``)."""
+        lead = self.indices.shape[:-1]
+        idx = self.indices.reshape(-1, self.width)
+        val = self.values.reshape(-1, self.width)
+        dense = torch.zeros(idx.shape[0], self.n_latents, dtype=val.dtype, device=val.device)
+        dense = dense.scatter_add(1, idx, val)
+        nan_rows = torch.isnan(val).any(dim=-1, keepdim=True)
+        dense = torch.where(nan_rows, torch.full_like(dense, float("nan")), dense)
+        return dense.reshape(*lead, self.n_latents)
+
+    @classmethod
+    def from_dense(cls, z: torch.Tensor) -> SparseCodes:
+        """Sparse layout of dense codes ``z`` (..., K); values stay differentiable."""
+        lead, K = z.shape[:-1], z.shape[-1]
+        flat = z.reshape(-1, K)
+        nan_rows = torch.isnan(flat).any(dim=-1)
+        support = (flat > 0) & ~nan_rows[:, None]
+        size = support.sum(-1)
+        C = max(int(size.max()) if size.numel() else 0, 1)
+        key = torch.where(support, flat.detach(), torch.full_like(flat.detach(), -1.0))
+        _, idx = torch.topk(key, min(C, K), dim=-1)
+        keep = torch.arange(idx.shape[-1], device=z.device) < size[:, None]
+        vals = torch.where(keep, flat.gather(-1, idx), torch.zeros((), dtype=z.dtype, device=z.device))
+        vals = torch.where(nan_rows[:, None], torch.full_like(vals, float("nan")), vals)
+        idx = torch.where(keep, idx, torch.zeros_like(idx))
+        return cls(idx.reshape(*lead, -1), vals.reshape(*lead, -1), size.reshape(lead), K)
+
+    def detach(self) -> SparseCodes:
+        return SparseCodes(self.indices, self.values.detach(), self.support_size, self.n_latents)
+
+    def to(self, *args, **kwargs) -> SparseCodes:
+        """Move/cast like ``Tensor.to``; indices keep int64."""
+        values = self.values.to(*args, **kwargs)
+        return SparseCodes(
+            self.indices.to(values.device), values, self.support_size.to(values.device), self.n_latents
+        )
+
+    def __repr__(self) -> str:
+        mean_l0 = self.support_size.float().mean().item() if self.support_size.numel() else 0.0
+        return (
+            f"SparseCodes(shape={tuple(self.shape)}, width={self.width}, "
+            f"mean_l0={mean_l0:.2f}, dtype={self.dtype}, device={self.device})"
+        )

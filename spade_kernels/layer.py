@@ -1,0 +1,301 @@
+"""``SpaDE``: the Sparsemax Distance Encoder as a drop-in ``torch.nn.Module``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validation import check_tensor
+from .backends import reference_codes_and_distances, resolve_backend
+from .backends.torch_ import sparse_decode, support_sq_dists
+from .codes import SparseCodes
+from .reference import squared_distances
+
+__all__ = ["SpaDE", "SpaDEOutput"]
+
+WEIGHTS_NAME = "sae_weights.safetensors"
+CONFIG_NAME = "cfg.json"
+
+
+class SpaDEOutput(NamedTuple):
+    """Result of :meth:`SpaDE.forward`.
+
+    ``loss = mse + gamma_reg · reg`` with ``mse = mean_b ‖x_b − x̂_b‖²`` and
+    ``reg = mean_b Σ_k z[b,k]·‖x_b − a_k‖²`` (distance-weighted L1).
+    """
+
+    x_hat: torch.Tensor
+    codes: SparseCodes
+    loss: torch.Tensor
+    mse: torch.Tensor
+    reg: torch.Tensor
+
+
+def _inverse_softplus(y: float) -> float:
+    # log(expm1(y)), stable for small and large y.
+    return y + math.log(-math.expm1(-y))
+
+
+class SpaDE(nn.Module):
+    """Sparsemax Distance Encoder SAE (Hindupur et al., arXiv 2503.01822).
+
+    z = sparsemax(−λ·‖x − a_k‖²),   x̂ = z·W_dec (+ b_dec).
+
+    Parameters
+    ----------
+    d_in : int
+        Input (activation) dimension d.
+    d_sae : int
+        Number of latents K.
+    lambda_init : float, optional
+        Initial λ; default 1/(2·d_in).  λ = softplus(raw parameter) stays > 0.
+    gamma_reg : float
+        Weight γ of the distance-weighted L1 regulariser (default 0.1).
+    use_bias : bool
+        Add a decoder bias b_dec (the paper uses none).
+    reg_on : {"encoder", "decoder"}
+        Distances of the regulariser: to the encoder prototypes (paper
+        default) or to the decoder rows.
+    backend : str
+        Encoder backend (see :func:`spade_kernels.available_backends`).
+    device, dtype
+        Parameter placement, as for any ``nn.Module``.
+
+    Notes
+    -----
+    Paper initialisation: prototypes ~ N(0, 1), ``W_dec`` a copy of the
+    prototypes.  :meth:`init_from_data` sets both to random training samples.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        lambda_init: float | None = None,
+        gamma_reg: float = 0.1,
+        use_bias: bool = False,
+        reg_on: str = "encoder",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_in", d_in), ("d_sae", d_sae)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if lambda_init is None:
+            lambda_init = 1.0 / (2 * d_in)
+        if not (isinstance(lambda_init, (int, float)) and math.isfinite(lambda_init) and lambda_init > 0):
+            raise ValueError(f"lambda_init must be a finite float > 0, got {lambda_init!r}")
+        if not (isinstance(gamma_reg, (int, float)) and gamma_reg >= 0):
+            raise ValueError(f"gamma_reg must be a float >= 0, got {gamma_reg!r}")
+        if reg_on not in ("encoder", "decoder"):
+            raise ValueError(f"reg_on must be 'encoder' or 'decoder', got {reg_on!r}")
+        if backend != "auto":
+            # Fail early on unknown names; availability is checked per call.
+            resolve_backend(backend, torch.device(device) if device is not None else torch.device("cpu"))
+        self.d_in, self.d_sae = d_in, d_sae
+        self.lambda_init = float(lambda_init)
+        self.gamma_reg = float(gamma_reg)
+        self.use_bias = use_bias
+        self.reg_on = reg_on
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.prototypes = nn.Parameter(torch.empty(d_sae, d_in, **factory))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
+        self.lambda_raw = nn.Parameter(torch.empty((), **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory)) if use_bias else None
+        self.reset_parameters()
+
+    # -- parameters ---------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Paper init: prototypes ~ N(0, 1), W_dec = prototypes, λ = lambda_init."""
+        nn.init.normal_(self.prototypes)
+        self.W_dec.copy_(self.prototypes)
+        self.lambda_raw.fill_(_inverse_softplus(self.lambda_init))
+        if self.b_dec is not None:
+            self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> SpaDE:
+        """Set prototypes and W_dec to random rows of ``x`` (..., d_in).
+
+        Rows are drawn without replacement when there are at least ``d_sae``
+        of them, with replacement otherwise.  Returns ``self``.
+        """
+        check_tensor("x", x, min_ndim=1)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[1] != self.d_in:
+            raise ValueError(f"x must have {self.d_in} features, got shape {tuple(x.shape)}")
+        n = flat.shape[0]
+        if n == 0:
+            raise ValueError("init_from_data needs at least one sample, got none")
+        if n >= self.d_sae:
+            pick = torch.randperm(n, generator=generator)[: self.d_sae]
+        else:
+            pick = torch.randint(n, (self.d_sae,), generator=generator)
+        rows = flat[pick.to(flat.device)].to(self.prototypes)
+        self.prototypes.copy_(rows)
+        self.W_dec.copy_(rows)
+        return self
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """λ = softplus(lambda_raw) (a differentiable 0-d tensor)."""
+        return F.softplus(self.lambda_raw)
+
+    # -- encoder / decoder --------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_tensor("x", x, min_ndim=1)
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have shape (..., {self.d_in}), got {tuple(x.shape)}")
+        if x.device != self.prototypes.device:
+            raise ValueError(f"x is on {x.device} but the SpaDE parameters are on {self.prototypes.device}")
+
+    def _backend(self, x: torch.Tensor):
+        return resolve_backend(self.backend, x.device)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, self.d_in).to(torch.promote_types(x.dtype, self.prototypes.dtype))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes (..., d_sae)."""
+        self._check_input(x)
+        z = self._backend(x).encode_dense(self._cast(x), self.prototypes, self.lam)
+        return z.reshape(*x.shape[:-1], self.d_sae)
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
+        """Sparse codes, indices/values of shape (..., C)."""
+        self._check_input(x)
+        codes = self._backend(x).encode(self._cast(x), self.prototypes, self.lam)
+        return _reshape_codes(codes, x.shape[:-1])
+
+    def decode(self, z) -> torch.Tensor:
+        """x̂ from dense codes (..., d_sae) or :class:`SparseCodes`.
+
+        Sparse codes are decoded by a gather-matmul over their support (no
+        densifying); its backward is sparse as well.
+        """
+        if isinstance(z, SparseCodes):
+            if z.n_latents != self.d_sae:
+                raise ValueError(f"codes have n_latents={z.n_latents}, expected {self.d_sae}")
+            return sparse_decode(z, self.W_dec, self.b_dec)
+        check_tensor("z", z, min_ndim=1)
+        if z.shape[-1] != self.d_sae:
+            raise ValueError(f"z must have shape (..., {self.d_sae}), got {tuple(z.shape)}")
+        out = z.to(self.W_dec.dtype) @ self.W_dec
+        return out + self.b_dec if self.b_dec is not None else out
+
+    def forward(self, x: torch.Tensor) -> SpaDEOutput:
+        """Encode, decode and compute the SpaDE loss (DESIGN.md §2)."""
+        self._check_input(x)
+        backend = self._backend(x)
+        flat = self._cast(x)
+        lam = self.lam
+        reg_rows = self.prototypes if self.reg_on == "encoder" else self.W_dec
+        if backend.dense:
+            z, D = reference_codes_and_distances(flat, self.prototypes, lam)
+            x_hat = self.decode(z)
+            D_reg = D if self.reg_on == "encoder" else squared_distances(flat, self.W_dec, naive=False)
+            reg = (z * D_reg).sum(-1).mean()
+            codes = SparseCodes.from_dense(z)
+        else:
+            codes = backend.encode(flat, self.prototypes, lam)
+            x_hat = sparse_decode(codes, self.W_dec, self.b_dec)
+            D_reg = support_sq_dists(flat, reg_rows, codes.indices)
+            reg = (codes.values * D_reg).sum(-1).mean()
+        mse = ((flat - x_hat) ** 2).sum(-1).mean()
+        loss = mse + self.gamma_reg * reg
+        lead = x.shape[:-1]
+        return SpaDEOutput(x_hat.reshape(*lead, self.d_in), _reshape_codes(codes, lead), loss, mse, reg)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self.d_in}, d_sae={self.d_sae}, lambda_init={self.lambda_init:.3g}, "
+            f"gamma_reg={self.gamma_reg}, use_bias={self.use_bias}, reg_on={self.reg_on!r}, "
+            f"backend={self.backend!r}"
+        )
+
+    # -- checkpoints (SAELens layout) ---------------------------------------
+
+    def config(self) -> dict:
+        """The ``cfg.json`` contents."""
+        return {
+            "architecture": "spade",
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": str(self.prototypes.dtype).removeprefix("torch."),
+            "lambda_init": self.lambda_init,
+            "gamma_reg": self.gamma_reg,
+            "use_bias": self.use_bias,
+            "reg_on": self.reg_on,
+        }
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``sae_weights.safetensors`` and ``cfg.json`` into directory ``path``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {
+            "prototypes": self.prototypes,
+            "W_dec": self.W_dec,
+            "lambda_raw": self.lambda_raw,
+        }
+        if self.b_dec is not None:
+            tensors["b_dec"] = self.b_dec
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME)
+        )
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(self.config(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, device=None, dtype=None, backend: str = "auto"
+    ) -> SpaDE:
+        """Load a layer written by :meth:`save_pretrained`."""
+        from safetensors.torch import load_file
+
+        cfg_path = os.path.join(path, CONFIG_NAME)
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(path)!r}")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        if cfg.get("architecture") != "spade":
+            raise ValueError(f"{cfg_path} describes architecture {cfg.get('architecture')!r}, not 'spade'")
+        dtype = dtype if dtype is not None else getattr(torch, cfg.get("dtype", "float32"))
+        layer = cls(
+            cfg["d_in"],
+            cfg["d_sae"],
+            lambda_init=cfg["lambda_init"],
+            gamma_reg=cfg["gamma_reg"],
+            use_bias=cfg.get("use_bias", False),
+            reg_on=cfg.get("reg_on", "encoder"),
+            backend=backend,
+            device=device,
+            dtype=dtype,
+        )
+        state = load_file(os.path.join(path, WEIGHTS_NAME))
+        layer.load_state_dict(state)
+        return layer
+
+
+def _reshape_codes(codes: SparseCodes, lead: torch.Size) -> SparseCodes:
+    if codes.indices.shape[:-1] == lead:
+        return codes
+    return SparseCodes(
+        codes.indices.reshape(*lead, -1),
+        codes.values.reshape(*lead, -1),
+        codes.support_size.reshape(lead),
+        codes.n_latents,
+    )

@@ -1,0 +1,79 @@
+"""``sparsemax(input, dim)``: exact sparsemax with the closed-form backward.
+
+Forward is the sort-based projection of :mod:`spade_kernels.reference`;
+backward is DESIGN.md §2 fact 5 — on the support S of each row,
+∂L/∂s = g − mean_{j∈S} g_j, and 0 off the support — instead of autograd
+through a sort.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import sparsemax_reference
+
+__all__ = ["sparsemax", "sparsemax_backward"]
+
+
+def sparsemax_backward(z: torch.Tensor, grad: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Vector-Jacobian product of sparsemax given its output ``z``.
+
+    Rows whose output is NaN get a NaN gradient.
+    """
+    support = z > 0
+    g = torch.where(support, grad, torch.zeros_like(grad))
+    size = support.sum(dim=dim, keepdim=True).clamp_min(1)
+    mean = g.sum(dim=dim, keepdim=True) / size.to(g.dtype)
+    out = torch.where(support, g - mean, torch.zeros_like(g))
+    nan_rows = torch.isnan(z).any(dim=dim, keepdim=True)
+    return torch.where(nan_rows, torch.full_like(out, float("nan")), out)
+
+
+class _Sparsemax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, dim: int) -> torch.Tensor:
+        z = sparsemax_reference(input, dim=dim)
+        ctx.save_for_backward(z)
+        ctx.dim = dim
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (z,) = ctx.saved_tensors
+        return sparsemax_backward(z, grad_output, ctx.dim), None
+
+
+def sparsemax(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Euclidean projection of ``input`` onto the probability simplex along ``dim``.
+
+    ``sparsemax(s) = argmin_{p ∈ Δ} ‖p − s‖²``: like softmax it sums to one
+    along ``dim``, unlike softmax most entries are exactly zero.
+
+    Parameters
+    ----------
+    input : Tensor
+        Any floating dtype.  float16/bfloat16 are computed in float32 and
+        rounded back.  −inf entries are allowed (they get 0).
+    dim : int
+        Dimension to normalise over.
+
+    Returns
+    -------
+    Tensor
+        Same shape and dtype as ``input``.  Rows containing NaN or +inf, or
+        only −inf, are NaN (as ``torch.softmax`` does for NaN rows).
+
+    Notes
+    -----
+    Differentiable; the backward is the closed form
+    ``g − mean_{support}(g)`` on the support and 0 elsewhere.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"sparsemax: input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"sparsemax: input must have a floating dtype, got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("sparsemax: input must have at least one dimension, got a 0-d tensor")
+    if not -input.dim() <= dim < input.dim():
+        raise ValueError(f"sparsemax: dim={dim} is out of range for a {input.dim()}-d input")
+    return _Sparsemax.apply(input, dim)
