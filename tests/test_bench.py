@@ -1,0 +1,60 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from spade_kernels import bench
+
+
+def test_measure_in_process_reports_times_memory_and_l0():
+    r = bench.measure("torch", "train", 16, 8, 64, torch.float32, torch.device("cpu"), repeats=2, warmup=0)
+    assert len(r["times_ms"]) == 2 and all(t > 0 for t in r["times_ms"])
+    assert r["peak_bytes"] >= 0 and r["mean_l0"] >= 1
+
+
+def test_bench_main_writes_json_csv_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--shape", "16,8,64", "--shape", "16,8,256", "--modes", "encode,train", "--repeats", "2"]
+    argv += ["--warmup", "0", "--device", "cpu", "--backends", "reference,torch,triton", "--out", str(out)]
+    assert bench.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| implementation |" in text
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    env = data["environment"]
+    assert {"device_name", "commit", "torch", "triton", "python"} <= set(env)
+    names = {(r["name"], r["mode"], r["K"]) for r in rows}
+    for name in ("reference", "torch", "floor", "entmax"):
+        assert (name, "encode", 64) in names and (name, "train", 256) in names
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] for r in ok)
+    assert all(r["dtype"] == "float32" and r["device"] == env["device_name"] for r in rows)
+    ref = [r for r in ok if r["name"] == "reference"]
+    assert all(r["speedup_vs_reference"] == pytest.approx(1.0) for r in ref)
+    assert all(r["ratio_to_floor"] is not None for r in ok)
+    triton_rows = [r for r in rows if r["name"] == "triton"]
+    assert triton_rows and all(r["status"].startswith("skipped") for r in triton_rows)
+    with open(out / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and "commit" in csv_rows[0]
+    assert (out / "time_vs_K.png").stat().st_size > 0
+    assert (out / "memory_vs_K.png").stat().st_size > 0
+
+
+def test_configuration_too_large_is_skipped_not_run(capsys):
+    rows, _ = bench.run_sweep(
+        [("huge", (1 << 20, 64, 1 << 20))], ["reference"], [], ["float32"], ["encode"],
+        torch.device("cpu"), repeats=1, warmup=0,
+    )  # fmt: skip
+    assert rows[0].status.startswith("skipped: needs ") and rows[0].status.endswith(" GiB")
+    assert rows[0].median_ms is None
+
+
+def test_shape_parsing_and_bad_names():
+    assert bench._parse_shape("C1") == ("C1", (1024, 768, 16384))
+    assert bench._parse_shape("4,5,6") == ("4x5x6", (4, 5, 6))
+    with pytest.raises(Exception, match="B,d,K"):
+        bench._parse_shape("4,5")
+    with pytest.raises(SystemExit, match="unknown modes"):
+        bench.main(["--modes", "sprint", "--shape", "4,4,4"])
