@@ -6,8 +6,9 @@ TFLOP/s, extra peak memory, speedup over ``reference`` and ratio to the floor
 (one ``torch.mm`` at the encoder's shape and dtype).
 
 * CPU: each configuration runs in a fresh subprocess, so its extra peak RSS
-  (``ru_maxrss`` after the runs minus the RSS once the inputs exist) belongs to
-  that configuration alone; wall-clock time via ``time.perf_counter``.
+  (the kernel's high-water mark ``VmHWM``, reset once the inputs exist, minus
+  the RSS at that point) belongs to that configuration alone; wall-clock time
+  via ``time.perf_counter``.
 * CUDA: in-process; CUDA events for time, the caching allocator's peak for
   memory (``max_memory_allocated`` minus the inputs' footprint).
 
@@ -232,6 +233,28 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux ≥ 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM (peak RSS since the last reset), or ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(
     name: str,
     mode: str,
@@ -255,6 +278,8 @@ def measure(
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        # The peak must not include the imports' transient memory: reset it.
+        _reset_peak_rss()
         base = _rss_bytes()
     for _ in range(warmup):
         fn()
@@ -274,7 +299,7 @@ def measure(
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     l0 = None
     if "codes" in state:
         l0 = float(state["codes"].support_size.float().mean())

@@ -1,0 +1,113 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from spade_kernels import SpaDE, __version__
+from spade_kernels.backends import backend_status
+from spade_kernels.cli import main
+from spade_kernels.data import make_heterogeneity, make_separability, scale_to_unit_norm
+from spade_kernels.train import evaluate
+
+TINY = ["--n-samples", "520", "--d-sae", "16", "--batch-size", "64"]
+
+
+def test_info_lists_every_backend(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert __version__ in out and torch.__version__ in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    for name, reason in backend_status().items():
+        assert ("available" if reason is None else reason) in lines[name]
+
+
+def test_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "spade_kernels", "info"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backends" in result.stdout
+
+
+def test_train_separability_checkpoint(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert main(["train", "--dataset", "separability", *TINY, "--seed", "1", "--out", str(out_dir)]) == 0
+    assert (out_dir / "sae_weights.safetensors").is_file() and (out_dir / "cfg.json").is_file()
+    stdout, stderr = capsys.readouterr()
+    assert "step 9/9" in stderr
+    assert "top-5 F1" in stdout and "final over all samples" in stdout
+    rows = [line.split() for line in stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(13))
+
+    layer = SpaDE.from_pretrained(out_dir)
+    assert (layer.d_in, layer.d_sae) == (2, 16)
+    info = json.loads((out_dir / "train_info.json").read_text())
+    x, factor = scale_to_unit_norm(make_separability(520, seed=1).x)
+    assert info["scale_factor"] == pytest.approx(factor) and info["steps"] == 9
+    # The reloaded checkpoint reproduces the metrics recorded at the end of training.
+    assert evaluate(layer, x)["loss"] == pytest.approx(info["loss"], rel=1e-5)
+
+
+def test_train_heterogeneity_shows_dimensions(tmp_path, capsys):
+    args = ["train", "--dataset", "heterogeneity", *TINY, "--init", "data", "--out", str(tmp_path)]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert " dim " in stdout.splitlines()[1]
+    dims = [int(line.split()[2]) for line in stdout.splitlines() if line.split()[0].isdigit()]
+    assert dims == make_heterogeneity(60).intrinsic_dim.tolist()
+
+
+def test_train_from_file(tmp_path, capsys):
+    path = tmp_path / "acts.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(2, 100, 8)).astype(np.float32))
+    assert main(["train", "--data", str(path), "--batch-size", "50", "--out", str(tmp_path / "run")]) == 0
+    assert "top-5 F1" not in capsys.readouterr().out
+    layer = SpaDE.from_pretrained(tmp_path / "run")
+    assert (layer.d_in, layer.d_sae) == (8, 32)
+
+
+def test_train_missing_file(tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spade-kernels: error:") and str(missing) in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["train"],
+        ["train", "--dataset", "bogus"],
+        ["train", "--dataset", "separability", "--data", "x.pt"],
+        ["train", "--dataset", "separability", "--batch-size", "0"],
+        ["train", "--dataset", "separability", "--backend", "nope"],
+    ],
+)
+def test_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_unavailable_backend_is_a_clean_error(tmp_path, capsys):
+    unavailable = [name for name, reason in backend_status().items() if reason is not None]
+    if not unavailable:
+        pytest.skip("every backend is available here")
+    argv = ["train", "--dataset", "separability", *TINY, "--backend", unavailable[0], "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spade-kernels: error:") and unavailable[0] in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(tmp_path, capsys):
+    assert (
+        main(["train", "--dataset", "separability", *TINY, "--device", "cuda", "--out", str(tmp_path)]) == 2
+    )
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,142 @@
+import io
+import math
+
+import pytest
+import torch
+
+from spade_kernels import SpaDE
+from spade_kernels.data import make_separability, scale_to_unit_norm
+from spade_kernels.train import concept_metrics, evaluate, train_spade
+
+
+def _layer(d_in=2, d_sae=32, seed=0, **kwargs):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SpaDE(d_in, d_sae, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = make_separability(4096, seed=0)
+    return ds, scale_to_unit_norm(ds.x)[0]
+
+
+def test_loss_falls_and_history(data):
+    _, x = data
+    layer = _layer()
+    before = evaluate(layer, x)["loss"]
+    history = train_spade(layer, x, batch_size=64, progress=False)
+    assert len(history) == 64
+    for values in (history.loss, history.mse, history.l0, history.lam, history.lr):
+        assert len(values) == 64 and all(math.isfinite(v) for v in values)
+    assert sum(history.loss[-5:]) / 5 < 0.5 * sum(history.loss[:5]) / 5
+    assert evaluate(layer, x)["loss"] < 0.5 * before
+    assert all(1 <= v <= 32 for v in history.l0)
+    assert history.lam[0] == pytest.approx(layer.lambda_init)
+    assert history.lam[-1] != history.lam[0]  # λ is trained
+
+
+def test_cosine_schedule(data):
+    _, x = data
+    history = train_spade(_layer(), x[:640], batch_size=64, epochs=2, lr=1e-2, lr_final=1e-4, progress=False)
+    assert len(history) == 20
+    assert history.lr[0] == pytest.approx(1e-2) and history.lr[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(history.lr, history.lr[1:]))
+    assert history.lr[9] + history.lr[10] == pytest.approx(1e-2 + 1e-4)  # symmetric about the midpoint
+
+
+def test_deterministic_given_seed(data):
+    _, x = data
+    runs = [train_spade(_layer(), x[:512], batch_size=64, seed=5, progress=False).loss for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = train_spade(_layer(), x[:512], batch_size=64, seed=6, progress=False).loss
+    assert other != runs[0]
+
+
+def test_progress_lines(data):
+    _, x = data
+    stream = io.StringIO()
+    train_spade(_layer(), x[:640], batch_size=64, log_every=4, stream=stream)
+    lines = stream.getvalue().splitlines()
+    # Steps 4 and 8, then the last step (10).
+    assert [line.split()[1] for line in lines] == ["4/10", "8/10", "10/10"]
+    assert all(key in lines[-1] for key in ("loss", "mse", "L0", "λ"))
+
+
+def test_progress_tty(data):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    _, x = data
+    stream = Tty()
+    train_spade(_layer(), x[:640], batch_size=64, stream=stream)
+    text = stream.getvalue()
+    assert text.startswith("\r") and text.endswith("\n") and text.count("\n") == 1
+    assert "step 10/10" in text.rsplit("\r", 1)[-1]
+
+
+def test_float64_layer(data):
+    _, x = data
+    layer = _layer(dtype=torch.float64)
+    history = train_spade(layer, x[:256].double(), batch_size=64, progress=False)
+    assert len(history) == 4 and all(math.isfinite(v) for v in history.loss)
+
+
+def test_train_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        train_spade(_layer(), torch.randn(10, 3), progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_spade(_layer(), torch.randn(10, 2), batch_size=0, progress=False)
+
+
+def test_concept_metrics_perfect_detector():
+    # One prototype per cluster centre and a large λ: every sample activates exactly
+    # its own concept's latent, so top-1 F1 is 1 and L0 is 1.
+    ds = make_separability(1300, noise=0.05, seed=0)
+    layer = _layer(2, 13, lambda_init=100.0)
+    with torch.no_grad():
+        centres = torch.stack([ds.x[ds.labels == c].mean(0) for c in range(13)])
+        layer.prototypes.copy_(centres[torch.arange(13).roll(1)])  # latent k detects concept k-1
+    m = concept_metrics(layer, ds.x, ds.labels, 13, top_k=1, batch_size=100)
+    torch.testing.assert_close(m["top_f1"], torch.ones(13, dtype=torch.float64))
+    torch.testing.assert_close(m["mean_l0"], torch.ones(13, dtype=torch.float64))
+    assert m["count"].sum() == 1300
+    # With top-5 the four other latents never fire on the concept: F1 = 1/5.
+    m5 = concept_metrics(layer, ds.x, ds.labels, 13, batch_size=100)
+    torch.testing.assert_close(m5["top_f1"], torch.full((13,), 0.2, dtype=torch.float64))
+
+
+def test_concept_metrics_ranges_and_batching(data):
+    ds, x = data
+    layer = _layer()
+    a = concept_metrics(layer, x, ds.labels, ds.n_concepts, batch_size=4096)
+    b = concept_metrics(layer, x, ds.labels, ds.n_concepts, batch_size=333)
+    assert ((a["top_f1"] >= 0) & (a["top_f1"] <= 1)).all()
+    assert (a["mean_l0"] >= 1).all()
+    torch.testing.assert_close(a["top_f1"], b["top_f1"])
+    torch.testing.assert_close(a["mean_l0"], b["mean_l0"])
+    # Batched L0 agrees with the whole-batch encoder.
+    per_sample = layer.encode_sparse(x).support_size.double()
+    expected = torch.stack([per_sample[ds.labels == c].mean() for c in range(ds.n_concepts)])
+    torch.testing.assert_close(a["mean_l0"], expected)
+
+
+def test_concept_metrics_rejects_bad_labels(data):
+    ds, x = data
+    with pytest.raises(ValueError, match="labels must lie"):
+        concept_metrics(_layer(), x, ds.labels, ds.n_concepts - 1)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        concept_metrics(_layer(), x, ds.labels[:-1], ds.n_concepts)
+
+
+def test_evaluate_matches_full_batch(data):
+    _, x = data
+    layer = _layer()
+    stats = evaluate(layer, x, batch_size=1000)
+    with torch.no_grad():
+        out = layer(x)
+    assert stats["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert stats["mse"] == pytest.approx(out.mse.item(), rel=1e-5)
+    assert stats["l0"] == pytest.approx(out.codes.support_size.float().mean().item(), rel=1e-6)
+    assert stats["lam"] == pytest.approx(layer.lam.item())
