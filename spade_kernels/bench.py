@@ -188,8 +188,8 @@ def _make_case(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype,
             with torch.set_grad_enabled(mode == "train"):
                 D = squared_distances(x, layer.prototypes, naive=False)
                 z = entmax_sparsemax((-layer.lam * D).float(), dim=-1)
+                state["l0"] = z.detach()
                 if mode == "encode":
-                    state["l0"] = z
                     return z
                 x_hat = z.to(dtype) @ layer.W_dec
                 loss = ((x - x_hat) ** 2).sum(-1).mean() + layer.gamma_reg * (z * D).sum(-1).mean()
