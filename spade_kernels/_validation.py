@@ -31,6 +31,8 @@ def check_lambda(lam, device: torch.device) -> None:
             raise TypeError(f"lam must have a floating dtype, got {lam.dtype}")
         if lam.device != device and lam.device.type != "cpu":
             raise ValueError(f"lam is on {lam.device} but the inputs are on {device}")
+        if torch.compiler.is_compiling():
+            return  # the value is data-dependent while tracing; eager calls check it
         value = float(lam.detach().reshape(()))
     elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
         value = float(lam)

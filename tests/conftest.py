@@ -1,7 +1,10 @@
 import os
 
-# The Triton interpreter must be selected before triton is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton kernels run on CPU tensors through Triton's interpreter unless a GPU
+# run asks for real kernels (SPADE_TEST_GPU=1).  The variable must be set
+# before triton is first imported.
+if os.environ.get("SPADE_TEST_GPU", "0") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -8,6 +8,7 @@ directly.  Nothing here touches a GPU at import time.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +38,9 @@ class Backend:
         return self._status()
 
     def supports(self, device: torch.device) -> bool:
-        return self.name in ("reference", "torch") or device.type == "cuda"
+        if self.name in ("reference", "torch"):
+            return True
+        return device.type == "cuda" or (self.name == "triton" and _triton_interpreter())
 
     def encode_dense(self, x: torch.Tensor, prototypes: torch.Tensor, lam) -> torch.Tensor:
         if self.dense:
@@ -75,10 +78,22 @@ def _torch_encode(x, prototypes, lam):
     return torch_.encode(x, prototypes, lam)
 
 
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _triton_status() -> str | None:
     if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    return "the Triton kernels are not part of this release yet (planned: fused forward and sparse backward)"
+        return "the triton package is not installed (pip install triton)"
+    if not (_triton_interpreter() or torch.cuda.is_available()):
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter, slowly)"
+    return None
+
+
+def _triton_encode(x, prototypes, lam):
+    from ..triton_ import encode
+
+    return encode.encode(x, prototypes, lam)
 
 
 def _cuda_status() -> str | None:
@@ -108,7 +123,11 @@ BACKENDS: dict[str, Backend] = {
         _torch_encode,
     ),
     "triton": Backend(
-        "triton", "fused Triton GPU kernels", False, _triton_status, _unavailable("triton", _triton_status)
+        "triton",
+        "fused Triton kernels: tiled distance GEMM + in-register pruning, per-row exact merge",
+        False,
+        _triton_status,
+        _triton_encode,
     ),
     "cuda": Backend("cuda", "CUDA C++ extension", False, _cuda_status, _unavailable("cuda", _cuda_status)),
 }

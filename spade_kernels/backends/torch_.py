@@ -209,7 +209,7 @@ def _select_candidates(x, A, aa, lam, margin, chunk, k0, cap):
     for c0 in range(0, K, chunk):
         c1 = min(K, c0 + chunk)
         # s' = λ(2 x·a − ‖a‖²): one GEMM plus a column bias (fact 1).
-        s = torch.addmm(aa[c0:c1], x, A[c0:c1].t(), beta=-lam, alpha=2 * lam)
+        s = torch.addmm(aa[c0:c1], x, A[c0:c1].to(x.dtype).t(), beta=-lam, alpha=2 * lam)
         v, i, bound, ovf = _chunk_survivors(s, bound, margin, k0, cap)
         del s
         buf_val, buf_idx, bound, ovf2 = _merge(buf_val, buf_idx, v, i + c0, bound, margin, cap)
@@ -219,13 +219,16 @@ def _select_candidates(x, A, aa, lam, margin, chunk, k0, cap):
     return idx, overflow
 
 
-def _dense_candidates(x, A, aa, lam, margin, budget):
+def _dense_candidates(x, A, aa, lam, margin, chunk, budget):
     """Exact candidate sets for a few rows (the overflow path), in row blocks."""
     R, K = x.shape[0], A.shape[0]
     out = []
     width = 1
     for rs in _row_blocks(R, K, budget):
-        s = torch.addmm(aa, x[rs], A.t(), beta=-lam, alpha=2 * lam)
+        s = torch.empty(rs.stop - rs.start, K, dtype=x.dtype, device=x.device)
+        for c0 in range(0, K, chunk):  # chunked so prototypes are upcast a chunk at a time
+            c1 = min(K, c0 + chunk)
+            torch.addmm(aa[c0:c1], x[rs], A[c0:c1].to(x.dtype).t(), beta=-lam, alpha=2 * lam, out=s[:, c0:c1])
         tau = _sorted_threshold(torch.sort(s, dim=1, descending=True).values)
         keep = s > (tau - margin[rs]).unsqueeze(1)
         count = keep.sum(1)
@@ -236,15 +239,73 @@ def _dense_candidates(x, A, aa, lam, margin, budget):
     return torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[1]), value=-1) for i in out], dim=0)
 
 
-def _exact_codes(x, A, lam, cand):
+def replace_rows(cand: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``cand`` with ``cand[rows] = new``, both −1-padded to a common width."""
+    width = max(cand.shape[1], new.shape[1])
+    cand = torch.nn.functional.pad(cand, (0, width - cand.shape[1]), value=-1)
+    cand[rows] = torch.nn.functional.pad(new, (0, width - new.shape[1]), value=-1)
+    return cand
+
+
+def sanitize(x: torch.Tensor, A: torch.Tensor):
+    """Squared norms in the compute dtype, and rows that must come out NaN.
+
+    A non-finite entry makes its squared norm non-finite, which is a cheap
+    test.  Rows of x with one are zeroed (and reported); a non-finite
+    prototype makes every row NaN.  Returns (x, A, aa, xx, nan_rows); x and A
+    are only copied when they hold a non-finite value.
+    """
+    cd = _compute_dtype(x.dtype)
+    aa = torch.linalg.vector_norm(A, dim=1, dtype=cd).square()
+    xx = torch.linalg.vector_norm(x, dim=1, dtype=cd).square()
+    nan_rows = ~torch.isfinite(xx)
+    if not bool(torch.isfinite(aa).all()):
+        nan_rows = torch.ones_like(nan_rows)
+    if nan_rows.any():
+        x = torch.where(nan_rows.unsqueeze(1), torch.zeros_like(x), x)
+        A = torch.where(torch.isfinite(aa).unsqueeze(1), A, torch.zeros_like(A))
+        aa = torch.linalg.vector_norm(A, dim=1, dtype=cd).square()
+        xx = torch.linalg.vector_norm(x, dim=1, dtype=cd).square()
+    return x, A, aa, xx, nan_rows
+
+
+def score_margin(xx: torch.Tensor, aa: torch.Tensor, lam: float, d: int, eps: float) -> torch.Tensor:
+    """Per-row bound on the rounding error of GEMM-form scores, doubled.
+
+    A dot product of length d with unit roundoff ``eps`` is off by about
+    eps·√d·‖x‖‖a‖ (generously 8·eps·√d·(‖x‖² + ‖a‖²)/2 here); every threshold
+    comparison keeps this much slack, so rounding can only add candidates,
+    never drop a support entry.
+    """
+    scale = lam * (xx + aa.max()) + torch.finfo(xx.dtype).tiny
+    return 8 * eps * math.sqrt(d) * scale
+
+
+def candidates(
+    x, A, aa, lam, margin, *, chunk=DEFAULT_CHUNK, topk=DEFAULT_TOPK, max_candidates=DEFAULT_MAX_CANDIDATES
+):
+    """Candidate sets (B, W; −1 = empty slot) that contain every row's support."""
+    K = A.shape[0]
+    chunk = min(chunk, K)
+    cand, overflow = _select_candidates(x, A, aa, lam, margin, chunk, topk, max_candidates)
+    if overflow.any():
+        rows = overflow.nonzero().squeeze(1)
+        dense = _dense_candidates(x[rows], A, aa, lam, margin[rows], chunk, x.shape[0] * chunk)
+        cand = replace_rows(cand, rows, dense)
+    return cand
+
+
+def exact_codes(x, A, lam, cand, nan_rows, sq_dist=None):
     """Exact sparsemax over candidate sets ``cand`` (B, W; −1 = empty slot).
 
-    Returns (values, indices, support_size, D) with the support sorted by value
-    descending, padded with index 0 / value 0 to width C = max support.
+    D is recomputed directly on the candidates by ``sq_dist(x, indices, A)``
+    (default :func:`gather_sq_dist`).  Returns (values, indices, support_size,
+    D) with the support sorted by value descending, padded with index 0 /
+    value 0 to width C = max support; rows in ``nan_rows`` are NaN.
     """
     valid = cand >= 0
     safe = torch.where(valid, cand, torch.zeros_like(cand))
-    D = gather_sq_dist(x, safe, A)
+    D = (sq_dist or gather_sq_dist)(x, safe, A)
     s = torch.where(valid, -lam * D, torch.full_like(D, -math.inf))
     s, order = torch.sort(s, dim=1, descending=True)
     safe = safe.gather(1, order)
@@ -257,61 +318,58 @@ def _exact_codes(x, A, lam, cand):
     z, safe, D, support = z[:, :C], safe[:, :C], D[:, :C], support[:, :C]
     safe = torch.where(support, safe, torch.zeros_like(safe))
     D = torch.where(support, D, torch.zeros_like(D))
-    return z, safe, size, D
-
-
-@torch.no_grad()
-def encode_forward(
-    x, A, lam, *, chunk=DEFAULT_CHUNK, topk=DEFAULT_TOPK, max_candidates=DEFAULT_MAX_CANDIDATES
-):
-    """Sparse SpaDE codes of x (B, d) in the compute dtype (no autograd).
-
-    Returns (values, indices, support_size, D_support).
-    """
-    B, d = x.shape
-    K = A.shape[0]
-    aa = (A * A).sum(1)
-    xx = (x * x).sum(1)
-    # A non-finite entry makes its squared norm non-finite: a cheap test.
-    nan_rows = ~torch.isfinite(xx)
-    if not bool(torch.isfinite(aa).all()):
-        nan_rows = torch.ones_like(nan_rows)
-    if nan_rows.any():
-        x = torch.where(nan_rows.unsqueeze(1), torch.zeros_like(x), x)
-        A = torch.where(torch.isfinite(aa).unsqueeze(1), A, torch.zeros_like(A))
-        aa = (A * A).sum(1)
-        xx = (x * x).sum(1)
-    # Rounding bound of the GEMM-form scores (dot products of length d, plus
-    # the bias): generous, it only widens the candidate set a little.
-    eps = torch.finfo(x.dtype).eps
-    scale = lam * (xx + aa.max()) + torch.finfo(x.dtype).tiny
-    margin = 8 * eps * math.sqrt(d) * scale
-    cand, overflow = _select_candidates(x, A, aa, lam, margin, min(chunk, K), topk, max_candidates)
-    if overflow.any():
-        rows = overflow.nonzero().squeeze(1)
-        dense = _dense_candidates(x[rows], A, aa, lam, margin[rows], B * min(chunk, K))
-        width = max(cand.shape[1], dense.shape[1])
-        cand = torch.nn.functional.pad(cand, (0, width - cand.shape[1]), value=-1)
-        cand[rows] = torch.nn.functional.pad(dense, (0, width - dense.shape[1]), value=-1)
-    z, idx, size, D = _exact_codes(x, A, lam, cand)
     if nan_rows.any():
         z[nan_rows] = math.nan
         D[nan_rows] = math.nan
         size[nan_rows] = 0
-        idx[nan_rows] = 0
-    return z, idx, size, D
+        safe[nan_rows] = 0
+    return z, safe, size, D
+
+
+@torch.no_grad()
+def encode_forward(x, A, lam, **options):
+    """Sparse SpaDE codes of x (B, d) in the compute dtype (no autograd).
+
+    ``options``: ``chunk``, ``topk``, ``max_candidates``.  Returns (values,
+    indices, support_size, D_support).
+    """
+    x, A, aa, xx, nan_rows = sanitize(x, A)
+    margin = score_margin(xx, aa, lam, x.shape[1], torch.finfo(x.dtype).eps)
+    cand = candidates(x, A, aa, lam, margin, **options)
+    return exact_codes(x, A, lam, cand, nan_rows)
+
+
+def encode_backward(x, A, lam, z, idx, D, grad_z, needs_input_grad=(True, True, True)):
+    """Sparse backward of the encoder (DESIGN.md §2 facts 5–6).
+
+    ``z``, ``idx``, ``D`` are the forward's values, indices and support
+    distances (compute dtype); ``lam`` is the λ tensor (or None).  Returns
+    (∂x, ∂prototypes, ∂λ) in the dtypes of x, A, λ, or None where not needed.
+    Cost O(B·C·d): gathers and index_add over the support, no B×K tensor.
+    """
+    cd = z.dtype
+    g = grad_z.to(cd)
+    support = z > 0
+    g = torch.where(support, g, torch.zeros_like(g))
+    mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
+    gs = torch.where(support, g - mean, torch.zeros_like(g))  # ∂L/∂s (fact 5)
+    grad_x = grad_A = grad_lam = None
+    if needs_input_grad[2] and lam is not None:
+        grad_lam = -(gs * D).sum().to(lam.dtype).reshape(lam.shape)
+    if needs_input_grad[0] or needs_input_grad[1]:
+        G = -float(lam) * gs  # ∂L/∂D (fact 6)
+        gx, gA = _sq_dist_backward(x.to(cd), A.to(cd), idx, G)
+        grad_x, grad_A = gx.to(x.dtype), gA.to(A.dtype)
+    return grad_x, grad_A, grad_lam
 
 
 class _EncodeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, lam, options):
         cd = _compute_dtype(x.dtype)
-        xc, Ac = x.to(cd), A.to(cd)
-        lam_f = float(lam)
-        z, idx, size, D = encode_forward(xc, Ac, lam_f, **options)
-        ctx.save_for_backward(xc, Ac, lam if isinstance(lam, torch.Tensor) else None, z, idx, D)
-        ctx.lam_f = lam_f
-        ctx.x_dtype, ctx.A_dtype = x.dtype, A.dtype
+        z, idx, size, D = encode_forward(x.to(cd), A.to(cd), float(lam), **options)
+        lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), dtype=cd)
+        ctx.save_for_backward(x, A, lam_t, z, idx, D)
         ctx.mark_non_differentiable(idx, size)
         # float16/bfloat16 inputs keep float32 codes: rounding them to a 8- or
         # 11-bit mantissa would break Σz = 1 by more than the contract allows.
@@ -319,20 +377,8 @@ class _EncodeFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, _gi, _gs):
-        xc, Ac, lam_t, z, idx, D = ctx.saved_tensors
-        g = grad_z.to(z.dtype)
-        support = z > 0
-        g = torch.where(support, g, torch.zeros_like(g))
-        mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
-        gs = torch.where(support, g - mean, torch.zeros_like(g))  # ∂L/∂s (fact 5)
-        grad_x = grad_A = grad_lam = None
-        if ctx.needs_input_grad[2] and lam_t is not None:
-            grad_lam = -(gs * D).sum().to(lam_t.dtype).reshape(lam_t.shape)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            G = -ctx.lam_f * gs  # ∂L/∂D (fact 6)
-            grad_x, grad_A = _sq_dist_backward(xc, Ac, idx, G)
-            grad_x, grad_A = grad_x.to(ctx.x_dtype), grad_A.to(ctx.A_dtype)
-        return grad_x, grad_A, grad_lam, None
+        x, A, lam, z, idx, D = ctx.saved_tensors
+        return (*encode_backward(x, A, lam, z, idx, D, grad_z, ctx.needs_input_grad[:3]), None)
 
 
 def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseCodes:

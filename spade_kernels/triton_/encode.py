@@ -1,0 +1,422 @@
+"""Fused SpaDE encoder forward in Triton (DESIGN.md §2 facts 1–4, §4).
+
+Pipeline for x (B, d), prototypes A (K, d), λ:
+
+0. ``bound`` — a per-row lower bound of τ: the sparsemax threshold of the
+   GEMM-form scores of the first ``prepass`` prototypes (subset bound, fact 3).
+   It makes the first wave of tiles prune as well as the later ones.
+1. ``_encode_fwd_select_kernel`` — a (row block × prototype tile) grid, so the
+   GPU fills at B = 4096.  Each program computes its score tile with
+   ``tl.dot`` (fp32 accumulation), forms GEMM-form scores
+   s' = λ(2·x·a − ‖a‖²), raises the row's bound with the tile's own Michelot
+   threshold (a few iterations from max − 1 stay below τ), publishes it with
+   ``atomic_max`` for the tiles that run later, and writes only the entries
+   above ``bound − margin`` into fixed per-(row, tile) slots, with counts.
+2. ``_encode_fwd_merge_kernel`` — one program per row: Michelot over the row's
+   slots from the final bound gives the exact τ of the GEMM-form scores; the
+   entries above ``τ − margin`` are compacted into ≤ ``cap`` candidates.
+3. ``_support_sq_dist_kernel`` — D = ‖x − a‖² recomputed directly (fp32) on
+   the candidates; the exact τ and codes follow from those (a sort of a few
+   dozen values per row, shared with the ``torch`` backend).
+
+Rows whose survivors overflow a slot or the candidate cap are resolved exactly
+by the ``torch`` backend's candidate search for just those rows — never a
+wrong answer, never a silent cap.  No B×K tensor exists at any point: extra
+memory is B·(K/block_n)·slots·8 bytes of slots plus B·prepass floats.
+
+The three kernels are registered with ``torch.library.triton_op`` (so
+``torch.compile`` sees them and ``opcheck`` tests them); ``encode`` composes
+them in a ``torch.library.custom_op`` with a data-dependent-width fake
+implementation and a sparse autograd formula.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.library import triton_op, wrap_triton
+
+from ..backends import torch_ as T
+from ..codes import SparseCodes
+
+__all__ = ["DEFAULTS", "encode", "encode_forward"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Launch parameters (tests shrink them to exercise every path at tiny sizes).
+DEFAULTS = {
+    "block_n": 256,  # prototypes per tile (slot layout depends on it, so not autotuned)
+    "slots": 8,  # survivors stored per (row, tile)
+    "cap": 512,  # candidates per row handed to the exact stage
+    "prepass": 1024,  # prototypes used for the initial per-row bound
+    "precision": "ieee",  # fp32 inputs: "ieee" (exact products) or "tf32"
+}
+#: Unit roundoff of the scores' dot products per input precision (for the margin).
+_DOT_EPS = {"ieee": 2.0**-24, "tf32": 2.0**-11}
+_MICHELOT_TILE_ITERS = 4
+
+
+# --------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------
+
+
+def _select_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16}, num_warps=4)]
+    shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bm, bd, w, s in shapes
+    ]
+
+
+@triton.autotune(configs=_select_configs(), key=["D", "K"])
+@triton.jit
+def _encode_fwd_select_kernel(
+    x_ptr, a_ptr, aa_ptr, margin_ptr, bound_ptr,
+    slot_val_ptr, slot_idx_ptr, count_ptr,
+    B, K, D, N_TILES, lam,
+    stride_xb, stride_xd, stride_ak, stride_ad,
+    BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, PRECISION: tl.constexpr,
+    MICHELOT_ITERS: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    col_ok = cols < K
+
+    # Score tile: acc = x_rows · a_colsᵀ, fp32 accumulation.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        xt = tl.load(
+            x_ptr + rows[:, None] * stride_xb + offs_d[None, :] * stride_xd,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        at = tl.load(
+            a_ptr + cols[None, :] * stride_ak + offs_d[:, None] * stride_ad,
+            mask=col_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        if DOT_UPCAST:
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+
+    # GEMM-form scores s' = λ(2·x·a − ‖a‖²) (= s + λ‖x‖², same threshold shift per row).
+    aa = tl.load(aa_ptr + cols, mask=col_ok, other=0.0)
+    s = lam * (2.0 * acc - aa[None, :])
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+
+    # Tile-local Michelot from max − 1 (≤ τ by fact 2): every iterate stays ≤ the
+    # tile's τ ≤ the row's τ (fact 3, 4), so a few iterations give a valid bound.
+    tau = tl.max(s, axis=1) - 1.0
+    for _ in tl.static_range(MICHELOT_ITERS):
+        above = s > tau[:, None]
+        cnt = tl.sum(above.to(tl.float32), axis=1)
+        tot = tl.sum(tl.where(above, s, 0.0), axis=1)
+        tau = tl.maximum(tau, (tot - 1.0) / tl.maximum(cnt, 1.0))
+    bound = tl.load(bound_ptr + rows, mask=row_ok, other=float("-inf"))
+    tau = tl.maximum(tau, bound)
+    tl.atomic_max(bound_ptr + rows, tau, mask=row_ok)
+
+    # Survivors: everything above τ_bound − margin (margin covers GEMM rounding).
+    margin = tl.load(margin_ptr + rows, mask=row_ok, other=0.0)
+    keep = (s > (tau - margin)[:, None]) & row_ok[:, None]
+    pos = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+    count = tl.sum(keep.to(tl.int32), axis=1)
+    slot = (rows[:, None] * N_TILES + pid_n) * SLOTS + pos
+    fits = keep & (pos < SLOTS)
+    tl.store(slot_val_ptr + slot, s, mask=fits)
+    tl.store(slot_idx_ptr + slot, cols[None, :].to(tl.int32), mask=fits)
+    tl.store(count_ptr + rows * N_TILES + pid_n, count, mask=row_ok)
+
+
+@triton.jit
+def _encode_fwd_merge_kernel(
+    slot_val_ptr, slot_idx_ptr, count_ptr, bound_ptr, margin_ptr,
+    cand_ptr, cand_count_ptr,
+    N_TILES, CAP,
+    SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, MAX_ITERS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    n_slots = N_TILES * SLOTS
+    base = row * n_slots
+    margin = tl.load(margin_ptr + row)
+    tau = tl.load(bound_ptr + row)
+
+    # Michelot over the row's slots, from the final bound (≤ τ): monotone, exact.
+    prev = tau - 1.0
+    it = 0
+    while (tau > prev) & (it < MAX_ITERS):
+        prev = tau
+        tot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        cnt = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for t0 in range(0, n_slots, BLOCK_T):
+            offs = t0 + tl.arange(0, BLOCK_T)
+            ok = offs < n_slots
+            c = tl.load(count_ptr + row * N_TILES + offs // SLOTS, mask=ok, other=0)
+            v = tl.load(slot_val_ptr + base + offs, mask=ok & (offs % SLOTS < c), other=float("-inf"))
+            above = v > tau
+            tot += tl.where(above, v, 0.0)
+            cnt += above.to(tl.float32)
+        n = tl.sum(cnt, axis=0)
+        tau = tl.maximum(prev, (tl.sum(tot, axis=0) - 1.0) / tl.maximum(n, 1.0))
+        it += 1
+
+    # Candidates for the exact stage: GEMM-form score above τ − margin.
+    total = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    for t0 in range(0, n_slots, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        ok = offs < n_slots
+        c = tl.load(count_ptr + row * N_TILES + offs // SLOTS, mask=ok, other=0)
+        live = ok & (offs % SLOTS < c)
+        v = tl.load(slot_val_ptr + base + offs, mask=live, other=float("-inf"))
+        sel = live & (v > tau - margin)
+        pos = tl.sum(total, axis=0) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        idx = tl.load(slot_idx_ptr + base + offs, mask=sel, other=0)
+        tl.store(cand_ptr + row * CAP + pos, idx.to(tl.int64), mask=sel & (pos < CAP))
+        total += sel.to(tl.int32)
+    tl.store(cand_count_ptr + row, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _support_sq_dist_kernel(
+    x_ptr, a_ptr, idx_ptr, out_ptr,
+    W, D,
+    stride_xb, stride_xd, stride_ak, stride_ad, stride_ib, stride_ic,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < W
+    idx = tl.load(idx_ptr + row * stride_ib + offs_c * stride_ic, mask=c_ok, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        xv = tl.load(x_ptr + row * stride_xb + offs_d * stride_xd, mask=d_ok, other=0.0)
+        av = tl.load(
+            a_ptr + idx[:, None] * stride_ak + offs_d[None, :] * stride_ad,
+            mask=c_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        diff = xv[None, :].to(acc.dtype) - av.to(acc.dtype)
+        acc += tl.sum(diff * diff, axis=1)
+    tl.store(out_ptr + row * W + offs_c, acc, mask=c_ok)
+
+
+# --------------------------------------------------------------------------
+# launchers, registered as torch.library ops
+# --------------------------------------------------------------------------
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """``wrap_triton(kernel)[grid](...)``, safe for fake tensors under the interpreter.
+
+    With TRITON_INTERPRET=1, ``wrap_triton`` returns the interpreted kernel
+    itself, which would run on the tracing tensors (FakeTensor, and the
+    FunctionalTensor wrappers of AOT dispatch) that ``triton_op`` uses to
+    derive its fake implementation.  Outputs are already allocated with their
+    final shapes there, so skipping the launch is exactly the fake behaviour.
+    On a GPU ``wrap_triton`` traces the kernel itself and this never triggers.
+    """
+    if _INTERPRET and any(isinstance(a, (FakeTensor, FunctionalTensor)) for a in args):
+        return
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+@triton_op("spade::encode_fwd_select", mutates_args=())
+def encode_fwd_select(
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    sq_norms: torch.Tensor,
+    margin: torch.Tensor,
+    bound: torch.Tensor,
+    lam: float,
+    block_n: int,
+    slots: int,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel 1: per-(row, tile) survivor slots, counts and the raised bound."""
+    B, d = x.shape
+    K = prototypes.shape[0]
+    n_tiles = triton.cdiv(K, block_n)
+    slot_val = torch.empty((B, n_tiles, slots), dtype=torch.float32, device=x.device)
+    slot_idx = torch.empty((B, n_tiles, slots), dtype=torch.int32, device=x.device)
+    counts = torch.empty((B, n_tiles), dtype=torch.int32, device=x.device)
+    bound = bound.clone()
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_M"]), n_tiles)
+
+    _launch(
+        _encode_fwd_select_kernel, grid,
+        x, prototypes, sq_norms, margin, bound, slot_val, slot_idx, counts,
+        B, K, d, n_tiles, lam,
+        x.stride(0), x.stride(1), prototypes.stride(0), prototypes.stride(1),
+        BLOCK_N=block_n, SLOTS=slots, PRECISION=precision, MICHELOT_ITERS=_MICHELOT_TILE_ITERS,
+        # Triton's interpreter multiplies bfloat16 tiles wrongly (triton 3.9):
+        # upcast there; on a GPU bfloat16 tiles go to the tensor cores as they are.
+        DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return slot_val, slot_idx, counts, bound
+
+
+@triton_op("spade::encode_fwd_merge", mutates_args=())
+def encode_fwd_merge(
+    slot_val: torch.Tensor,
+    slot_idx: torch.Tensor,
+    counts: torch.Tensor,
+    bound: torch.Tensor,
+    margin: torch.Tensor,
+    cap: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel 2: candidates (B, cap; −1 = empty) and each row's candidate count."""
+    B, n_tiles, slots = slot_val.shape
+    cand = torch.full((B, cap), -1, dtype=torch.int64, device=slot_val.device)
+    cand_count = torch.empty((B,), dtype=torch.int32, device=slot_val.device)
+    block_t = min(1024, triton.next_power_of_2(max(n_tiles * slots, 16)))
+    _launch(
+        _encode_fwd_merge_kernel, (B,),
+        slot_val, slot_idx, counts, bound, margin, cand, cand_count,
+        n_tiles, cap, SLOTS=slots, BLOCK_T=block_t, MAX_ITERS=256,
+    )  # fmt: skip
+    return cand, cand_count
+
+
+@triton_op("spade::support_sq_dist", mutates_args=())
+def support_sq_dist(x: torch.Tensor, prototypes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Kernel 3: D[b, j] = ‖x_b − prototypes[indices[b, j]]‖², computed directly.
+
+    Accumulates in float32 (float64 for float64 inputs).
+    """
+    B, W = indices.shape
+    d = x.shape[1]
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.empty((B, W), dtype=out_dtype, device=x.device)
+    block_c = 16 if _INTERPRET else 32
+    block_d = 16 if _INTERPRET else min(128, triton.next_power_of_2(d))
+    grid = (B, triton.cdiv(W, block_c))
+    _launch(
+        _support_sq_dist_kernel, grid,
+        x, prototypes, indices, out, W, d,
+        x.stride(0), x.stride(1), prototypes.stride(0), prototypes.stride(1),
+        indices.stride(0), indices.stride(1),
+        BLOCK_C=block_c, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------
+# composition
+# --------------------------------------------------------------------------
+
+
+def _prepass_bound(x, A, aa, lam, n):
+    """τ of the GEMM-form scores of the first n prototypes: a lower bound of τ(row)."""
+    n = min(n, A.shape[0])
+    s = torch.addmm(aa[:n], x.to(aa.dtype), A[:n].t().to(aa.dtype), beta=-lam, alpha=2 * lam)
+    return T._sorted_threshold(torch.sort(s, dim=1, descending=True).values)
+
+
+@torch.no_grad()
+def encode_forward(x: torch.Tensor, A: torch.Tensor, lam: float, **options):
+    """Sparse codes of x (B, d) through the Triton kernels (no autograd).
+
+    Returns (values, indices, support_size, D_support) like
+    :func:`spade_kernels.backends.torch_.encode_forward`.
+    """
+    opts = {**DEFAULTS, **options}
+    if opts["precision"] not in _DOT_EPS:
+        raise ValueError(f"precision must be one of {sorted(_DOT_EPS)}, got {opts['precision']!r}")
+    if x.dtype == torch.float64:
+        # tl.dot has no float64 tensor-core path; float64 keeps the exact torch algorithm.
+        return T.encode_forward(x, A, lam)
+    x, A, aa, xx, nan_rows = T.sanitize(x, A)
+    eps = _DOT_EPS[opts["precision"]] if x.dtype == torch.float32 else 2.0**-24
+    margin = T.score_margin(xx, aa, lam, x.shape[1], eps)
+    bound = _prepass_bound(x, A, aa, lam, opts["prepass"]).float()
+    slot_val, slot_idx, counts, bound = encode_fwd_select(
+        x, A, aa.float(), margin.float(), bound, float(lam), opts["block_n"], opts["slots"], opts["precision"]
+    )
+    cand, cand_count = encode_fwd_merge(slot_val, slot_idx, counts, bound, margin.float(), opts["cap"])
+    overflow = (counts > opts["slots"]).any(1) | (cand_count > opts["cap"])
+    overflow &= ~nan_rows
+    width = max(int(cand_count.clamp_max(opts["cap"]).max()) if cand_count.numel() else 0, 1)
+    cand = cand[:, :width]
+    if overflow.any():
+        # Exact for just those rows: the torch backend's bounded candidate search.
+        rows = overflow.nonzero().squeeze(1)
+        xr = x[rows].to(aa.dtype)
+        cand = T.replace_rows(cand, rows, T.candidates(xr, A.to(aa.dtype), aa, lam, margin[rows]))
+    return T.exact_codes(x, A, lam, cand, nan_rows, sq_dist=_sq_dist)
+
+
+def _sq_dist(x, indices, A):
+    return support_sq_dist(x, A, indices)
+
+
+# --------------------------------------------------------------------------
+# differentiable op
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("spade::triton_encode", mutates_args=())
+def _triton_encode_op(
+    x: torch.Tensor, prototypes: torch.Tensor, lam: torch.Tensor, precision: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    z, idx, size, D = encode_forward(x, prototypes, float(lam), precision=precision)
+    return z, idx, size, D
+
+
+@_triton_encode_op.register_fake
+def _(x, prototypes, lam, precision):
+    # The padded width C (largest support in the batch) is data-dependent.
+    C = torch.library.get_ctx().new_dynamic_size()
+    B = x.shape[0]
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (
+        x.new_empty((B, C), dtype=cd),
+        x.new_empty((B, C), dtype=torch.int64),
+        x.new_empty((B,), dtype=torch.int64),
+        x.new_empty((B, C), dtype=cd),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, prototypes, lam, _ = inputs
+    z, idx, _, D = output
+    ctx.save_for_backward(x, prototypes, lam, z, idx, D)
+    ctx.mark_non_differentiable(idx, output[2], D)
+
+
+def _backward(ctx, grad_z, _gi, _gs, _gd):
+    x, prototypes, lam, z, idx, D = ctx.saved_tensors
+    gx, gA, glam = T.encode_backward(x, prototypes, lam, z, idx, D, grad_z, ctx.needs_input_grad[:3])
+    return gx, gA, glam, None
+
+
+_triton_encode_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, *, precision: str = "ieee") -> SparseCodes:
+    """Differentiable sparse SpaDE codes through the Triton kernels.
+
+    Gradients to x, prototypes and λ use the sparse backward of the ``torch``
+    backend on the Triton forward's output.  float16/bfloat16 inputs give
+    float32 codes (as every backend does).
+    """
+    lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), device=x.device)
+    z, idx, size, _ = _triton_encode_op(x, prototypes, lam_t.reshape(()), precision)
+    return SparseCodes(idx, z, size, prototypes.shape[0])
