@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -389,6 +390,8 @@ def run_sweep(
             row = floor_cache[floor_key]
             rows.append(Row(**{**asdict(row), "mode": mode}))
             continue
+        if name == "entmax" and importlib.util.find_spec("entmax") is None:
+            reason = "the entmax package is not installed"
         if reason is not None:
             row.status = f"skipped: unavailable ({reason})"
         elif kind == "backend" and name != "reference" and name != "torch" and device.type != "cuda":
@@ -451,8 +454,8 @@ def _fill_ratios(rows: list[Row]) -> None:
 CSV_FIELDS = [f for f in Row.__dataclass_fields__ if f != "meta"] + ["commit", "torch", "triton"]
 
 
-def write_results(rows: list[Row], env: dict, out_dir: str) -> list[str]:
-    """Write results.json, results.csv and the plots; returns the paths."""
+def write_results(rows: list[Row], env: dict, out_dir: str, plots: bool = True) -> list[str]:
+    """Write results.json, results.csv and (unless ``plots=False``) the plots; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
     with open(paths[0], "w") as f:
@@ -466,7 +469,8 @@ def write_results(rows: list[Row], env: dict, out_dir: str) -> list[str]:
             writer.writerow(
                 {**d, "commit": meta.get("commit"), "torch": meta.get("torch"), "triton": meta.get("triton")}
             )
-    paths += plot_results([asdict(r) for r in rows], out_dir)
+    if plots:
+        paths += plot_results([asdict(r) for r in rows], out_dir)
     return paths
 
 
@@ -568,6 +572,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small CPU sweep (under 2 minutes)")
     p.add_argument("--out", default=None, help="directory for results.json, results.csv and plots")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per CPU configuration")
+    p.add_argument("--no-plots", action="store_true", help="write results.json and results.csv only")
 
 
 def _split(text: str | None, allowed, what: str) -> list[str]:
@@ -610,7 +615,7 @@ def run_from_args(args: argparse.Namespace, stream=None) -> int:
         file=stream,
     )
     if args.out:
-        for path in write_results(rows, env, args.out):
+        for path in write_results(rows, env, args.out, plots=not args.no_plots):
             print(f"wrote {path}", file=stream)
     return 0
 

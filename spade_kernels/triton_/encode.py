@@ -10,8 +10,9 @@ Pipeline for x (B, d), prototypes A (K, d), λ:
    ``tl.dot`` (fp32 accumulation), forms GEMM-form scores
    s' = λ(2·x·a − ‖a‖²), raises the row's bound with the tile's own Michelot
    threshold (a few iterations from max − 1 stay below τ), publishes it with
-   ``atomic_max`` for the tiles that run later, and writes only the entries
-   above ``bound − margin`` into fixed per-(row, tile) slots, with counts.
+   ``atomic_max`` for the tiles that run later, and writes the largest
+   entries above ``bound − margin`` into fixed per-(row, tile) slots, with
+   the full counts (a count above the slots marks the row as overflowing).
 2. ``_encode_fwd_merge_kernel`` — one program per row: Michelot over the row's
    slots from the final bound gives the exact τ of the GEMM-form scores; the
    entries above ``τ − margin`` are compacted into ≤ ``cap`` candidates.
@@ -75,7 +76,19 @@ def _select_configs():
     ]
 
 
-@triton.autotune(configs=_select_configs(), key=["D", "K"])
+def _prune_select_configs(configs, named_args, **_):
+    # fp32 tiles (IEEE, no tensor-core path) with BLOCK_D = 64 compile to a
+    # 13 KB stack frame on sm_90; BLOCK_D = 32 keeps them near the register
+    # budget (scripts/triton_aot_check.py, benchmarks/NOTES.md).
+    if named_args["x_ptr"].dtype == torch.float32:
+        small = [c for c in configs if c.kwargs["BLOCK_D"] <= 32]
+        return small or configs
+    return configs
+
+
+@triton.autotune(
+    configs=_select_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _prune_select_configs}
+)
 @triton.jit
 def _encode_fwd_select_kernel(
     x_ptr, a_ptr, aa_ptr, margin_ptr, bound_ptr,
@@ -131,15 +144,25 @@ def _encode_fwd_select_kernel(
     tl.atomic_max(bound_ptr + rows, tau, mask=row_ok)
 
     # Survivors: everything above τ_bound − margin (margin covers GEMM rounding).
+    # The count is stored in full (a count above SLOTS flags the row); the
+    # SLOTS largest survivors are extracted by repeated max/argmax, which stops
+    # as soon as no row of the tile has one left (usually after 0–2 rounds).
+    # A cumsum-and-scatter compaction spills registers on sm_90 (see NOTES.md).
     margin = tl.load(margin_ptr + rows, mask=row_ok, other=0.0)
     keep = (s > (tau - margin)[:, None]) & row_ok[:, None]
-    pos = tl.cumsum(keep.to(tl.int32), axis=1) - 1
-    count = tl.sum(keep.to(tl.int32), axis=1)
-    slot = (rows[:, None] * N_TILES + pid_n) * SLOTS + pos
-    fits = keep & (pos < SLOTS)
-    tl.store(slot_val_ptr + slot, s, mask=fits)
-    tl.store(slot_idx_ptr + slot, cols[None, :].to(tl.int32), mask=fits)
-    tl.store(count_ptr + rows * N_TILES + pid_n, count, mask=row_ok)
+    tl.store(count_ptr + rows * N_TILES + pid_n, tl.sum(keep.to(tl.int32), axis=1), mask=row_ok)
+    cur = tl.where(keep, s, float("-inf"))
+    local = tl.arange(0, BLOCK_N)
+    slot0 = (rows * N_TILES + pid_n) * SLOTS
+    j = 0
+    while (j < SLOTS) & (tl.max(tl.max(cur, axis=1), axis=0) > float("-inf")):
+        best = tl.max(cur, axis=1)
+        arg = tl.argmax(cur, axis=1)
+        found = best > float("-inf")
+        tl.store(slot_val_ptr + slot0 + j, best, mask=found)
+        tl.store(slot_idx_ptr + slot0 + j, (pid_n * BLOCK_N + arg).to(tl.int32), mask=found)
+        cur = tl.where(local[None, :] == arg[:, None], float("-inf"), cur)
+        j += 1
 
 
 @triton.jit

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One-shot GPU verification for a session that has a GPU (device tool), in one
+# call: install, GPU tests, encode + training-step benchmarks at S1–S3.
+#
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])   # $OUT is set by the tool
+#
+# Results land in $OUT (default benchmarks/results/gpu-local): info.txt,
+# gpu_tests.log, encode/results.{json,csv}, train/results.{json,csv} — within
+# the tool's 8-file limit. Copy encode/ and train/ to
+# benchmarks/results/gpu-<device>-encode|train and regenerate the README with
+# `python benchmarks/make_readme_table.py` (it redraws the plots).
+#
+# The GPU machine has no internet: missing pure-Python packages (entmax for
+# the paper-style baseline) travel as wheels in .whl/ (see the device README):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl entmax==1.3
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-local}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+# The package is pure Python here (the CUDA extension has no sources yet).
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m spade_kernels info; } 2>&1 | tee "$OUT/info.txt"
+SPADE_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider tests/test_triton_encode.py 2>&1 | tee "$OUT/gpu_tests.log"
+python3 -m spade_kernels bench --shape S1 --shape S2 --shape S3 --dtypes bfloat16 --modes encode \
+  --backends reference,torch,triton --no-plots --out "$OUT/encode" 2>&1 | tail -30
+python3 -m spade_kernels bench --shape S1 --shape S2 --dtypes bfloat16 --modes train \
+  --backends reference,torch,triton --no-plots --out "$OUT/train" 2>&1 | tail -20
