@@ -101,6 +101,17 @@ class SparseCodes:
         idx = torch.where(keep, idx, torch.zeros_like(idx))
         return cls(idx.reshape(*lead, -1), vals.reshape(*lead, -1), size.reshape(lead), K)
 
+    def reshape_batch(self, batch_shape: tuple[int, ...] | torch.Size) -> SparseCodes:
+        """The same codes with leading (batch) dimensions ``batch_shape``."""
+        if self.indices.shape[:-1] == tuple(batch_shape):
+            return self
+        return SparseCodes(
+            self.indices.reshape(*batch_shape, self.width),
+            self.values.reshape(*batch_shape, self.width),
+            self.support_size.reshape(batch_shape),
+            self.n_latents,
+        )
+
     def detach(self) -> SparseCodes:
         return SparseCodes(self.indices, self.values.detach(), self.support_size, self.n_latents)
 

@@ -43,13 +43,5 @@ def spade_encode(x: torch.Tensor, prototypes: torch.Tensor, lam, *, backend: str
     """
     dtype = check_encode_inputs(x, prototypes, lam)
     impl = resolve_backend(backend, x.device)
-    lead = x.shape[:-1]
     codes = impl.encode(_flatten(x).to(dtype), prototypes.to(dtype), lam)
-    if len(lead) == 1:
-        return codes
-    return SparseCodes(
-        codes.indices.reshape(*lead, -1),
-        codes.values.reshape(*lead, -1),
-        codes.support_size.reshape(lead),
-        codes.n_latents,
-    )
+    return codes.reshape_batch(x.shape[:-1])

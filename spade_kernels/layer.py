@@ -178,7 +178,7 @@ class SpaDE(nn.Module):
         """Sparse codes, indices/values of shape (..., C)."""
         self._check_input(x)
         codes = self._backend(x).encode(self._cast(x), self.prototypes, self.lam)
-        return _reshape_codes(codes, x.shape[:-1])
+        return codes.reshape_batch(x.shape[:-1])
 
     def decode(self, z) -> torch.Tensor:
         """x̂ from dense codes (..., d_sae) or :class:`SparseCodes`.
@@ -217,7 +217,7 @@ class SpaDE(nn.Module):
         mse = ((flat - x_hat) ** 2).sum(-1).mean()
         loss = mse + self.gamma_reg * reg
         lead = x.shape[:-1]
-        return SpaDEOutput(x_hat.reshape(*lead, self.d_in), _reshape_codes(codes, lead), loss, mse, reg)
+        return SpaDEOutput(x_hat.reshape(*lead, self.d_in), codes.reshape_batch(lead), loss, mse, reg)
 
     def extra_repr(self) -> str:
         return (
@@ -288,14 +288,3 @@ class SpaDE(nn.Module):
         state = load_file(os.path.join(path, WEIGHTS_NAME))
         layer.load_state_dict(state)
         return layer
-
-
-def _reshape_codes(codes: SparseCodes, lead: torch.Size) -> SparseCodes:
-    if codes.indices.shape[:-1] == lead:
-        return codes
-    return SparseCodes(
-        codes.indices.reshape(*lead, -1),
-        codes.values.reshape(*lead, -1),
-        codes.support_size.reshape(lead),
-        codes.n_latents,
-    )
