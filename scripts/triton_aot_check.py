@@ -28,13 +28,26 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from spade_kernels.triton_ import encode as E
+from spade_kernels.triton_ import sparse as S
 
 # What Triton's JIT specialises at a real call on contiguous inputs whose sizes
 # are multiples of 16 (as at S1–S3): unit strides become constants and pointers
 # and sizes carry a divisibility-by-16 hint.  Without these the compiled code
 # (and its register count) is not the code a GPU would run.
 _UNIT_STRIDES = ("stride_xd", "stride_ad", "stride_ic")
-_DIVISIBLE = ("B", "K", "D", "W", "N_TILES", "CAP", "stride_xb", "stride_ak", "stride_ib")
+_DIVISIBLE = (
+    "B",
+    "K",
+    "D",
+    "W",
+    "N_TILES",
+    "CAP",
+    "stride_xb",
+    "stride_ak",
+    "stride_ib",
+    "stride_mk",
+    "stride_ok",
+)
 
 
 def _kernels():
@@ -63,6 +76,21 @@ def _kernels():
         types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": "*fp32"}
         types |= {"stride_xb": "i64", "stride_ak": "i64", "stride_ib": "i64"}
         yield f"support_sq_dist[{dt}]", E._support_sq_dist_kernel, types, {"BLOCK_C": 32, "BLOCK_D": 128}, {}
+    # Products over a support (decoder, regulariser, backward): weights fp32, matrices bf16/fp32.
+    strides = {"stride_wb": "i64", "stride_ib": "i64", "stride_mk": "i64", "stride_ob": "i64"}
+    strides |= {"stride_gb": "i64", "stride_xb": "i64", "stride_ok": "i64"}
+    blocks = {"BLOCK_C": 32, "BLOCK_D": 128}
+    for dt in ("bf16", "fp32"):
+        base = {"w_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", **strides}
+        yield f"gather_matmul[{dt}]", S._gather_matmul_kernel, {**base, "m_ptr": f"*{dt}"}, blocks, {}
+        yield (
+            f"gather_dot[{dt}]",
+            S._gather_dot_kernel,
+            {**base, "g_ptr": "*fp32", "m_ptr": f"*{dt}"},
+            blocks,
+            {},
+        )
+        yield f"scatter_matmul[{dt}]", S._scatter_matmul_kernel, {**base, "x_ptr": f"*{dt}"}, blocks, {}
 
 
 def _source(fn, types, consts):

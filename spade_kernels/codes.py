@@ -24,6 +24,11 @@ class SparseCodes:
         Number of non-zero codes of each row.
     n_latents : int
         Number of latents K (the dense width).
+    distances : Tensor, shape (..., C), optional
+        ‖x − a_k‖² on the support, when the encoder computed them (the
+        sparse backends do, exactly); 0 in padding slots.  Differentiable:
+        the layer's distance-weighted regulariser uses them, and its gradient
+        is folded into the encoder's backward pass.
 
     Notes
     -----
@@ -40,6 +45,7 @@ class SparseCodes:
     values: torch.Tensor
     support_size: torch.Tensor
     n_latents: int
+    distances: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.indices.shape != self.values.shape:
@@ -49,6 +55,11 @@ class SparseCodes:
             )
         if self.indices.dtype != torch.int64:
             raise TypeError(f"SparseCodes: indices must be int64, got {self.indices.dtype}")
+        if self.distances is not None and self.distances.shape != self.indices.shape:
+            raise ValueError(
+                f"SparseCodes: distances {tuple(self.distances.shape)} must match indices "
+                f"{tuple(self.indices.shape)}"
+            )
         if self.support_size.shape != self.indices.shape[:-1]:
             raise ValueError(
                 f"SparseCodes: support_size must have shape {tuple(self.indices.shape[:-1])}, "
@@ -105,21 +116,26 @@ class SparseCodes:
         """The same codes with leading (batch) dimensions ``batch_shape``."""
         if self.indices.shape[:-1] == tuple(batch_shape):
             return self
+        dist = None if self.distances is None else self.distances.reshape(*batch_shape, self.width)
         return SparseCodes(
             self.indices.reshape(*batch_shape, self.width),
             self.values.reshape(*batch_shape, self.width),
             self.support_size.reshape(batch_shape),
             self.n_latents,
+            dist,
         )
 
     def detach(self) -> SparseCodes:
-        return SparseCodes(self.indices, self.values.detach(), self.support_size, self.n_latents)
+        dist = None if self.distances is None else self.distances.detach()
+        return SparseCodes(self.indices, self.values.detach(), self.support_size, self.n_latents, dist)
 
     def to(self, *args, **kwargs) -> SparseCodes:
         """Move/cast like ``Tensor.to``; indices keep int64."""
         values = self.values.to(*args, **kwargs)
+        dist = None if self.distances is None else self.distances.to(*args, **kwargs)
+        device = values.device
         return SparseCodes(
-            self.indices.to(values.device), values, self.support_size.to(values.device), self.n_latents
+            self.indices.to(device), values, self.support_size.to(device), self.n_latents, dist
         )
 
     def __repr__(self) -> str:

@@ -189,7 +189,8 @@ class SpaDE(nn.Module):
         if isinstance(z, SparseCodes):
             if z.n_latents != self.d_sae:
                 raise ValueError(f"codes have n_latents={z.n_latents}, expected {self.d_sae}")
-            return sparse_decode(z, self.W_dec, self.b_dec)
+            ops = resolve_backend(self.backend, z.device).sparse_ops()
+            return sparse_decode(z, self.W_dec, self.b_dec, ops)
         check_tensor("z", z, min_ndim=1)
         if z.shape[-1] != self.d_sae:
             raise ValueError(f"z must have shape (..., {self.d_sae}), got {tuple(z.shape)}")
@@ -210,9 +211,15 @@ class SpaDE(nn.Module):
             reg = (z * D_reg).sum(-1).mean()
             codes = SparseCodes.from_dense(z)
         else:
+            ops = backend.sparse_ops()
             codes = backend.encode(flat, self.prototypes, lam)
-            x_hat = sparse_decode(codes, self.W_dec, self.b_dec)
-            D_reg = support_sq_dists(flat, reg_rows, codes.indices)
+            x_hat = sparse_decode(codes, self.W_dec, self.b_dec, ops)
+            if self.reg_on == "encoder" and codes.distances is not None:
+                # The encoder's exact support distances: the regulariser's
+                # gradient joins the encoder's backward pass.
+                D_reg = codes.distances
+            else:
+                D_reg = support_sq_dists(flat, reg_rows, codes.indices, ops)
             reg = (codes.values * D_reg).sum(-1).mean()
         mse = ((flat - x_hat) ** 2).sum(-1).mean()
         loss = mse + self.gamma_reg * reg

@@ -42,6 +42,16 @@ class Backend:
             return True
         return device.type == "cuda" or (self.name == "triton" and _triton_interpreter())
 
+    def sparse_ops(self):
+        """The products over a support (decoder, regulariser, backward) this backend runs on."""
+        if self.name == "triton":
+            from ..triton_.sparse import TRITON_OPS
+
+            return TRITON_OPS
+        from .torch_ import TORCH_OPS
+
+        return TORCH_OPS
+
     def encode_dense(self, x: torch.Tensor, prototypes: torch.Tensor, lam) -> torch.Tensor:
         if self.dense:
             return self._encode(x, prototypes, lam)

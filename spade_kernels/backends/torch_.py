@@ -28,6 +28,8 @@ B×K tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -120,10 +122,26 @@ def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> t
     return out
 
 
-def _sq_dist_backward(x, M, indices, G):
+class SparseOps(NamedTuple):
+    """The four products over a support that every sparse path is built from.
+
+    The ``torch`` backend uses the functions above; the ``triton`` backend
+    passes its kernels (same names, same semantics) to the same formulas.
+    """
+
+    gather_matmul: Callable
+    gather_dot: Callable
+    scatter_matmul: Callable
+    gather_sq_dist: Callable
+
+
+TORCH_OPS = SparseOps(gather_matmul, gather_dot, scatter_matmul, gather_sq_dist)
+
+
+def _sq_dist_backward(x, M, indices, G, ops: SparseOps = TORCH_OPS):
     """Gradients of Σ G[b,j]·‖x_b − M[idx[b,j]]‖² with respect to x and M."""
-    grad_x = 2 * (G.sum(1, keepdim=True) * x - gather_matmul(G, indices, M))
-    grad_M = scatter_matmul(-2 * G, indices, x, M.shape[0])
+    grad_x = 2 * (G.sum(1, keepdim=True) * x - ops.gather_matmul(G, indices, M))
+    grad_M = ops.scatter_matmul(-2 * G, indices, x, M.shape[0])
     row_w = torch.zeros(M.shape[0], dtype=G.dtype, device=G.device)
     row_w.index_add_(0, indices.reshape(-1), G.reshape(-1))
     grad_M += 2 * row_w.unsqueeze(1) * M
@@ -339,26 +357,31 @@ def encode_forward(x, A, lam, **options):
     return exact_codes(x, A, lam, cand, nan_rows)
 
 
-def encode_backward(x, A, lam, z, idx, D, grad_z, needs_input_grad=(True, True, True)):
-    """Sparse backward of the encoder (DESIGN.md §2 facts 5–6).
+def encode_backward(
+    x, A, lam, z, idx, D, grad_z, grad_D=None, needs_input_grad=(True, True, True), ops=TORCH_OPS
+):
+    """Sparse backward of the encoder (DESIGN.md §2 facts 5–6), one pass over the support.
 
     ``z``, ``idx``, ``D`` are the forward's values, indices and support
-    distances (compute dtype); ``lam`` is the λ tensor (or None).  Returns
-    (∂x, ∂prototypes, ∂λ) in the dtypes of x, A, λ, or None where not needed.
-    Cost O(B·C·d): gathers and index_add over the support, no B×K tensor.
+    distances (compute dtype); ``lam`` is the λ tensor.  ``grad_D`` is a direct
+    gradient on D (the distance-weighted regulariser's γ/B·z), folded into
+    the same pass.  Returns (∂x, ∂prototypes, ∂λ) in the dtypes of x, A, λ,
+    or None where not needed.  Cost O(B·C·d), no B×K tensor.
     """
     cd = z.dtype
-    g = grad_z.to(cd)
     support = z > 0
-    g = torch.where(support, g, torch.zeros_like(g))
+    zero = torch.zeros((), dtype=cd, device=z.device)
+    g = torch.where(support, grad_z.to(cd), zero) if grad_z is not None else torch.zeros_like(z)
     mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
-    gs = torch.where(support, g - mean, torch.zeros_like(g))  # ∂L/∂s (fact 5)
+    gs = torch.where(support, g - mean, zero)  # ∂L/∂s (fact 5)
     grad_x = grad_A = grad_lam = None
-    if needs_input_grad[2] and lam is not None:
+    if needs_input_grad[2]:
         grad_lam = -(gs * D).sum().to(lam.dtype).reshape(lam.shape)
     if needs_input_grad[0] or needs_input_grad[1]:
-        G = -float(lam) * gs  # ∂L/∂D (fact 6)
-        gx, gA = _sq_dist_backward(x.to(cd), A.to(cd), idx, G)
+        G = -float(lam) * gs  # ∂L/∂D through s = −λD (fact 6) …
+        if grad_D is not None:
+            G = G + torch.where(support, grad_D.to(cd), zero)  # … plus the direct term
+        gx, gA = _sq_dist_backward(x.to(cd), A.to(cd), idx, G, ops)
         grad_x, grad_A = gx.to(x.dtype), gA.to(A.dtype)
     return grad_x, grad_A, grad_lam
 
@@ -373,12 +396,12 @@ class _EncodeFn(torch.autograd.Function):
         ctx.mark_non_differentiable(idx, size)
         # float16/bfloat16 inputs keep float32 codes: rounding them to a 8- or
         # 11-bit mantissa would break Σz = 1 by more than the contract allows.
-        return z.to(torch.promote_types(x.dtype, torch.float32)), idx, size
+        return z.to(torch.promote_types(x.dtype, torch.float32)), idx, size, D
 
     @staticmethod
-    def backward(ctx, grad_z, _gi, _gs):
+    def backward(ctx, grad_z, _gi, _gs, grad_D):
         x, A, lam, z, idx, D = ctx.saved_tensors
-        return (*encode_backward(x, A, lam, z, idx, D, grad_z, ctx.needs_input_grad[:3]), None)
+        return (*encode_backward(x, A, lam, z, idx, D, grad_z, grad_D, ctx.needs_input_grad[:3]), None)
 
 
 def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseCodes:
@@ -386,40 +409,40 @@ def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseC
 
     ``options``: ``chunk``, ``topk``, ``max_candidates`` (see module constants).
     """
-    values, indices, size = _EncodeFn.apply(x, prototypes, lam, options)
-    return SparseCodes(indices, values, size, prototypes.shape[0])
+    values, indices, size, D = _EncodeFn.apply(x, prototypes, lam, options)
+    return SparseCodes(indices, values, size, prototypes.shape[0], distances=D)
 
 
 class _SupportSqDistFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, M, indices):
+    def forward(ctx, x, M, indices, ops):
         cd = _compute_dtype(torch.promote_types(x.dtype, M.dtype))
         xc, Mc = x.to(cd), M.to(cd)
         ctx.save_for_backward(xc, Mc, indices)
-        ctx.x_dtype, ctx.M_dtype = x.dtype, M.dtype
+        ctx.x_dtype, ctx.M_dtype, ctx.ops = x.dtype, M.dtype, ops
         ctx.mark_non_differentiable(indices)
-        return gather_sq_dist(xc, indices, Mc).to(torch.promote_types(x.dtype, M.dtype))
+        return ops.gather_sq_dist(xc, indices, Mc).to(torch.promote_types(x.dtype, M.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         xc, Mc, indices = ctx.saved_tensors
-        gx, gM = _sq_dist_backward(xc, Mc, indices, grad.to(xc.dtype))
-        return gx.to(ctx.x_dtype), gM.to(ctx.M_dtype), None
+        gx, gM = _sq_dist_backward(xc, Mc, indices, grad.to(xc.dtype), ctx.ops)
+        return gx.to(ctx.x_dtype), gM.to(ctx.M_dtype), None, None
 
 
-def support_sq_dists(x: torch.Tensor, M: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def support_sq_dists(x: torch.Tensor, M: torch.Tensor, indices: torch.Tensor, ops: SparseOps = TORCH_OPS):
     """‖x_b − M[indices[b, j]]‖² on the given support, computed directly; sparse backward."""
-    return _SupportSqDistFn.apply(x, M, indices)
+    return _SupportSqDistFn.apply(x, M, indices, ops)
 
 
 class _SparseDecodeFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, W, bias):
-        out = gather_matmul(values, indices, W)
+    def forward(ctx, values, indices, W, bias, ops):
+        out = ops.gather_matmul(values, indices, W)
         if bias is not None:
             out = out + bias
         ctx.save_for_backward(values, indices, W)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.ops = bias is not None, ops
         return out
 
     @staticmethod
@@ -428,15 +451,17 @@ class _SparseDecodeFn(torch.autograd.Function):
         grad_v = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             # ∂L/∂z only on the stored support: gathered dot products.
-            grad_v = gather_dot(grad, indices, W).to(values.dtype)
+            grad_v = ctx.ops.gather_dot(grad, indices, W).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = scatter_matmul(values, indices, grad.to(W.dtype), W.shape[0])
+            grad_W = ctx.ops.scatter_matmul(values, indices, grad.to(W.dtype), W.shape[0])
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = grad.sum(0)
-        return grad_v, None, grad_W, grad_b
+        return grad_v, None, grad_W, grad_b, None
 
 
-def sparse_decode(codes: SparseCodes, W: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_decode(
+    codes: SparseCodes, W: torch.Tensor, bias: torch.Tensor | None = None, ops: SparseOps = TORCH_OPS
+) -> torch.Tensor:
     """x̂ = codes · W (+ bias) as a gather-matmul over the support; sparse backward.
 
     codes may have leading dimensions (..., C); the output is (..., d).
@@ -444,5 +469,5 @@ def sparse_decode(codes: SparseCodes, W: torch.Tensor, bias: torch.Tensor | None
     lead = codes.indices.shape[:-1]
     idx = codes.indices.reshape(-1, codes.width)
     val = codes.values.reshape(-1, codes.width)
-    out = _SparseDecodeFn.apply(val, idx, W, bias)
+    out = _SparseDecodeFn.apply(val, idx, W, bias, ops)
     return out.reshape(*lead, W.shape[1])

@@ -33,21 +33,17 @@ implementation and a sparse autograd formula.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..backends import torch_ as T
 from ..codes import SparseCodes
+from ._utils import _INTERPRET, _launch
 
 __all__ = ["DEFAULTS", "encode", "encode_forward"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Launch parameters (tests shrink them to exercise every path at tiny sizes).
 DEFAULTS = {
@@ -244,21 +240,6 @@ def _support_sq_dist_kernel(
 # --------------------------------------------------------------------------
 
 
-def _launch(kernel, grid, *args, **meta) -> None:
-    """``wrap_triton(kernel)[grid](...)``, safe for fake tensors under the interpreter.
-
-    With TRITON_INTERPRET=1, ``wrap_triton`` returns the interpreted kernel
-    itself, which would run on the tracing tensors (FakeTensor, and the
-    FunctionalTensor wrappers of AOT dispatch) that ``triton_op`` uses to
-    derive its fake implementation.  Outputs are already allocated with their
-    final shapes there, so skipping the launch is exactly the fake behaviour.
-    On a GPU ``wrap_triton`` traces the kernel itself and this never triggers.
-    """
-    if _INTERPRET and any(isinstance(a, (FakeTensor, FunctionalTensor)) for a in args):
-        return
-    wrap_triton(kernel)[grid](*args, **meta)
-
-
 @triton_op("spade::encode_fwd_select", mutates_args=())
 def encode_fwd_select(
     x: torch.Tensor,
@@ -383,10 +364,11 @@ def encode_forward(x: torch.Tensor, A: torch.Tensor, lam: float, **options):
         rows = overflow.nonzero().squeeze(1)
         xr = x[rows].to(aa.dtype)
         cand = T.replace_rows(cand, rows, T.candidates(xr, A.to(aa.dtype), aa, lam, margin[rows]))
-    return T.exact_codes(x, A, lam, cand, nan_rows, sq_dist=_sq_dist)
+    return T.exact_codes(x, A, lam, cand, nan_rows, sq_dist=_gather_sq_dist)
 
 
-def _sq_dist(x, indices, A):
+def _gather_sq_dist(x, indices, A):
+    """:func:`support_sq_dist` with the argument order of the ``torch`` backend's ``gather_sq_dist``."""
     return support_sq_dist(x, A, indices)
 
 
@@ -419,14 +401,17 @@ def _(x, prototypes, lam, precision):
 
 def _setup_context(ctx, inputs, output):
     x, prototypes, lam, _ = inputs
-    z, idx, _, D = output
+    z, idx, size, D = output
     ctx.save_for_backward(x, prototypes, lam, z, idx, D)
-    ctx.mark_non_differentiable(idx, output[2], D)
+    ctx.mark_non_differentiable(idx, size)
 
 
-def _backward(ctx, grad_z, _gi, _gs, _gd):
+def _backward(ctx, grad_z, _gi, _gs, grad_D):
+    from .sparse import TRITON_OPS
+
     x, prototypes, lam, z, idx, D = ctx.saved_tensors
-    gx, gA, glam = T.encode_backward(x, prototypes, lam, z, idx, D, grad_z, ctx.needs_input_grad[:3])
+    needs = ctx.needs_input_grad[:3]
+    gx, gA, glam = T.encode_backward(x, prototypes, lam, z, idx, D, grad_z, grad_D, needs, ops=TRITON_OPS)
     return gx, gA, glam, None
 
 
@@ -436,10 +421,12 @@ _triton_encode_op.register_autograd(_backward, setup_context=_setup_context)
 def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, *, precision: str = "ieee") -> SparseCodes:
     """Differentiable sparse SpaDE codes through the Triton kernels.
 
-    Gradients to x, prototypes and λ use the sparse backward of the ``torch``
-    backend on the Triton forward's output.  float16/bfloat16 inputs give
-    float32 codes (as every backend does).
+    The backward is the sparse formula of :func:`spade_kernels.backends.torch_.encode_backward`
+    run on Triton kernels (:mod:`spade_kernels.triton_.sparse`); gradients reach
+    x, prototypes, λ, and through ``codes.distances`` the regulariser's direct
+    term joins the same pass.  float16/bfloat16 inputs give float32 codes (as
+    every backend does).
     """
     lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), device=x.device)
-    z, idx, size, _ = _triton_encode_op(x, prototypes, lam_t.reshape(()), precision)
-    return SparseCodes(idx, z, size, prototypes.shape[0])
+    z, idx, size, D = _triton_encode_op(x, prototypes, lam_t.reshape(()), precision)
+    return SparseCodes(idx, z, size, prototypes.shape[0], distances=D)

@@ -1,0 +1,27 @@
+"""Launch helper shared by the Triton op files."""
+
+from __future__ import annotations
+
+import os
+
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.library import wrap_triton
+
+#: Kernels run on CPU tensors through Triton's interpreter (set before triton is imported).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """``wrap_triton(kernel)[grid](...)``, safe for fake tensors under the interpreter.
+
+    With TRITON_INTERPRET=1, ``wrap_triton`` returns the interpreted kernel
+    itself, which would run on the tracing tensors (FakeTensor, and the
+    FunctionalTensor wrappers of AOT dispatch) that ``triton_op`` uses to
+    derive its fake implementation.  Outputs are already allocated with their
+    final shapes there, so skipping the launch is exactly the fake behaviour.
+    On a GPU ``wrap_triton`` traces the kernel itself and this never triggers.
+    """
+    if _INTERPRET and any(isinstance(a, (FakeTensor, FunctionalTensor)) for a in args):
+        return
+    wrap_triton(kernel)[grid](*args, **meta)

@@ -1,0 +1,169 @@
+"""Triton kernels for products with sparse codes (the backward and the decoder).
+
+Every term of SpaDE's backward and of its sparse decoder is one of three
+products over the padded support ``indices`` (B, C) (DESIGN.md §2 fact 6):
+
+* ``gather_matmul(w, idx, M)``   out[b]    = Σ_j w[b,j] · M[idx[b,j]]      (B, d)
+  — the decoder x̂ = z·W_dec, and the Σ_j G·a part of ∂L/∂x;
+* ``gather_dot(G, idx, M)``      out[b,j]  = ⟨G[b], M[idx[b,j]]⟩          (B, C)
+  — ∂L/∂z of the decoder, on the support only;
+* ``scatter_matmul(w, idx, X, K)`` out[k]  = Σ_{idx[b,j]=k} w[b,j] · X[b]  (K, d)
+  — ∂L/∂W_dec and ∂L/∂prototypes, the sparse-transpose products.
+
+They have the same names and semantics as the ``torch`` backend's functions
+in :mod:`spade_kernels.backends.torch_`, which the tests compare them with.
+All cost O(B·C·d); none forms a B×K tensor. ``scatter_matmul`` accumulates
+with fp32 atomics (one program per (row, d-block) adds its C rows); a
+latent-sorted segmented variant is the alternative to measure on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ..backends.torch_ import SparseOps
+from ._utils import _INTERPRET, _launch
+from .encode import _gather_sq_dist
+
+__all__ = ["TRITON_OPS", "gather_dot", "gather_matmul", "scatter_matmul"]
+
+
+def _blocks(d: int) -> tuple[int, int]:
+    if _INTERPRET:
+        return 16, 16
+    return 32, min(128, triton.next_power_of_2(d))
+
+
+@triton.jit
+def _gather_matmul_kernel(
+    w_ptr, idx_ptr, m_ptr, out_ptr,
+    C, D,
+    stride_wb, stride_ib, stride_mk, stride_ob,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        idx = tl.load(idx_ptr + row * stride_ib + offs_c, mask=c_ok, other=0).to(tl.int64)
+        w = tl.load(w_ptr + row * stride_wb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        m = tl.load(
+            m_ptr + idx[:, None] * stride_mk + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        acc += tl.sum(w[:, None] * m.to(tl.float32), axis=0)
+    tl.store(out_ptr + row * stride_ob + offs_d, acc, mask=d_ok)
+
+
+@triton.jit
+def _gather_dot_kernel(
+    g_ptr, idx_ptr, m_ptr, out_ptr,
+    C, D,
+    stride_gb, stride_ib, stride_mk, stride_ob,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    idx = tl.load(idx_ptr + row * stride_ib + offs_c, mask=c_ok, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        g = tl.load(g_ptr + row * stride_gb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        m = tl.load(
+            m_ptr + idx[:, None] * stride_mk + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        acc += tl.sum(m.to(tl.float32) * g[None, :], axis=1)
+    tl.store(out_ptr + row * stride_ob + offs_c, acc, mask=c_ok)
+
+
+@triton.jit
+def _scatter_matmul_kernel(
+    w_ptr, idx_ptr, x_ptr, out_ptr,
+    C, D,
+    stride_wb, stride_ib, stride_xb, stride_ok,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    xv = tl.load(x_ptr + row * stride_xb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        # Padding slots carry weight 0: skipping them saves the atomics.
+        w = tl.load(w_ptr + row * stride_wb + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+        live = (offs_c < C) & (w != 0.0)
+        idx = tl.load(idx_ptr + row * stride_ib + offs_c, mask=live, other=0).to(tl.int64)
+        tl.atomic_add(
+            out_ptr + idx[:, None] * stride_ok + offs_d[None, :],
+            w[:, None] * xv[None, :],
+            mask=live[:, None] & d_ok[None, :],
+        )
+
+
+def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index the last dimension with unit stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton_op("spade::gather_matmul", mutates_args=())
+def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """out[b] = Σ_j weights[b, j] · M[indices[b, j]] (float32 accumulation, M's dtype out)."""
+    weights, indices, M = (_contiguous_rows(t) for t in (weights, indices, M))
+    B, C = indices.shape
+    d = M.shape[1]
+    out = torch.empty((B, d), dtype=torch.float32, device=M.device)
+    block_c, block_d = _blocks(d)
+    _launch(
+        _gather_matmul_kernel, (B, triton.cdiv(d, block_d)),
+        weights, indices, M, out, C, d,
+        weights.stride(0), indices.stride(0), M.stride(0), out.stride(0),
+        BLOCK_C=block_c, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out.to(M.dtype)
+
+
+@triton_op("spade::gather_dot", mutates_args=())
+def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = ⟨G[b], M[indices[b, j]]⟩ (float32 accumulation, M's dtype out)."""
+    G, indices, M = (_contiguous_rows(t) for t in (G, indices, M))
+    B, C = indices.shape
+    d = M.shape[1]
+    out = torch.empty((B, C), dtype=torch.float32, device=M.device)
+    block_c, block_d = _blocks(d)
+    _launch(
+        _gather_dot_kernel, (B, triton.cdiv(C, block_c)),
+        G, indices, M, out, C, d,
+        G.stride(0), indices.stride(0), M.stride(0), out.stride(0),
+        BLOCK_C=block_c, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out.to(M.dtype)
+
+
+@triton_op("spade::scatter_matmul", mutates_args=())
+def scatter_matmul(
+    weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b] (float32 atomics, X's dtype out)."""
+    weights, indices, X = (_contiguous_rows(t) for t in (weights, indices, X))
+    B, C = indices.shape
+    d = X.shape[1]
+    out = torch.zeros((n_rows, d), dtype=torch.float32, device=X.device)
+    block_c, block_d = _blocks(d)
+    _launch(
+        _scatter_matmul_kernel, (B, triton.cdiv(d, block_d)),
+        weights, indices, X, out, C, d,
+        weights.stride(0), indices.stride(0), X.stride(0), out.stride(0),
+        BLOCK_C=block_c, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out.to(X.dtype)
+
+
+#: The Triton kernels in the shape the shared sparse formulas expect.
+TRITON_OPS = SparseOps(gather_matmul, gather_dot, scatter_matmul, _gather_sq_dist)
