@@ -125,3 +125,20 @@ def test_bfloat16_training_step():
     out.loss.backward()
     assert out.x_hat.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("with_grad_d", [False, True])
+def test_support_jacobian_matches_torch(with_grad_d):
+    z = torch.rand(6, 9, device=DEVICE)
+    z[z < 0.4] = 0.0  # off-support slots (and padding)
+    z[3] = 0.0  # an empty row
+    grad_z, D = torch.randn(6, 9, device=DEVICE), torch.rand(6, 9, device=DEVICE) * 5
+    grad_D = torch.randn(6, 9, device=DEVICE) if with_grad_d else None
+    G, lam_rows = S.support_jacobian(z, grad_z, D, grad_D, 0.7)
+    G_ref, lam_ref = T.support_jacobian(z, grad_z, D, grad_D, 0.7)
+    torch.testing.assert_close(G, G_ref)
+    torch.testing.assert_close(lam_rows, lam_ref)
+    G, lam_rows = S.support_jacobian(z, None, D, grad_D, 0.7)  # only the regulariser's gradient
+    torch.testing.assert_close(G, T.support_jacobian(z, None, D, grad_D, 0.7)[0])
+    args = (z, grad_z, D, grad_D, 0.7)
+    torch.library.opcheck(torch.ops.spade.support_jacobian.default, args, test_utils=KERNEL_CHECKS)

@@ -122,8 +122,26 @@ def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> t
     return out
 
 
+def support_jacobian(z, grad_z, D, grad_D, lam: float):
+    """Per-row backward through sparsemax and s = −λD, on the support (facts 5–6).
+
+    Returns ``G`` = ∂L/∂D (B, C) — −λ·(g − mean_S g) plus the direct gradient
+    ``grad_D`` — and ``lam_rows`` (B,), each row's share of ∂L/∂λ = −Σ gs·D.
+    Entries off the support get G = 0.
+    """
+    support = z > 0
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    g = torch.where(support, grad_z.to(z.dtype), zero) if grad_z is not None else torch.zeros_like(z)
+    mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
+    gs = torch.where(support, g - mean, zero)  # ∂L/∂s (fact 5)
+    G = -lam * gs
+    if grad_D is not None:
+        G = G + torch.where(support, grad_D.to(z.dtype), zero)
+    return G, -(gs * D).sum(1)
+
+
 class SparseOps(NamedTuple):
-    """The four products over a support that every sparse path is built from.
+    """The products over a support that every sparse path is built from.
 
     The ``torch`` backend uses the functions above; the ``triton`` backend
     passes its kernels (same names, same semantics) to the same formulas.
@@ -133,9 +151,10 @@ class SparseOps(NamedTuple):
     gather_dot: Callable
     scatter_matmul: Callable
     gather_sq_dist: Callable
+    support_jacobian: Callable
 
 
-TORCH_OPS = SparseOps(gather_matmul, gather_dot, scatter_matmul, gather_sq_dist)
+TORCH_OPS = SparseOps(gather_matmul, gather_dot, scatter_matmul, gather_sq_dist, support_jacobian)
 
 
 def _sq_dist_backward(x, M, indices, G, ops: SparseOps = TORCH_OPS):
@@ -369,18 +388,11 @@ def encode_backward(
     or None where not needed.  Cost O(B·C·d), no B×K tensor.
     """
     cd = z.dtype
-    support = z > 0
-    zero = torch.zeros((), dtype=cd, device=z.device)
-    g = torch.where(support, grad_z.to(cd), zero) if grad_z is not None else torch.zeros_like(z)
-    mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
-    gs = torch.where(support, g - mean, zero)  # ∂L/∂s (fact 5)
+    G, lam_rows = ops.support_jacobian(z, grad_z, D, grad_D, float(lam))
     grad_x = grad_A = grad_lam = None
     if needs_input_grad[2]:
-        grad_lam = -(gs * D).sum().to(lam.dtype).reshape(lam.shape)
+        grad_lam = lam_rows.sum().to(lam.dtype).reshape(lam.shape)
     if needs_input_grad[0] or needs_input_grad[1]:
-        G = -float(lam) * gs  # ∂L/∂D through s = −λD (fact 6) …
-        if grad_D is not None:
-            G = G + torch.where(support, grad_D.to(cd), zero)  # … plus the direct term
         gx, gA = _sq_dist_backward(x.to(cd), A.to(cd), idx, G, ops)
         grad_x, grad_A = gx.to(x.dtype), gA.to(A.dtype)
     return grad_x, grad_A, grad_lam

@@ -8,7 +8,11 @@ products over the padded support ``indices`` (B, C) (DESIGN.md §2 fact 6):
 * ``gather_dot(G, idx, M)``      out[b,j]  = ⟨G[b], M[idx[b,j]]⟩          (B, C)
   — ∂L/∂z of the decoder, on the support only;
 * ``scatter_matmul(w, idx, X, K)`` out[k]  = Σ_{idx[b,j]=k} w[b,j] · X[b]  (K, d)
-  — ∂L/∂W_dec and ∂L/∂prototypes, the sparse-transpose products.
+  — ∂L/∂W_dec and ∂L/∂prototypes, the sparse-transpose products;
+
+and one per-row op, ``support_jacobian``: the backward through sparsemax and
+s = −λD on the support (facts 5–6), giving G = ∂L/∂D and each row's share
+of ∂L/∂λ in one pass.
 
 They have the same names and semantics as the ``torch`` backend's functions
 in :mod:`spade_kernels.backends.torch_`, which the tests compare them with.
@@ -24,11 +28,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ..backends import torch_ as T
 from ..backends.torch_ import SparseOps
 from ._utils import _INTERPRET, _launch
 from .encode import _gather_sq_dist
 
-__all__ = ["TRITON_OPS", "gather_dot", "gather_matmul", "scatter_matmul"]
+__all__ = ["TRITON_OPS", "gather_dot", "gather_matmul", "scatter_matmul", "support_jacobian"]
 
 
 def _blocks(d: int) -> tuple[int, int]:
@@ -107,14 +112,80 @@ def _scatter_matmul_kernel(
         )
 
 
+@triton.jit
+def _support_jacobian_kernel(
+    z_ptr, gz_ptr, d_ptr, gd_ptr, g_out_ptr, lam_rows_ptr,
+    C, lam,
+    HAS_GRAD_Z: tl.constexpr, HAS_GRAD_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # One program per row; rows of (B, C) tensors are contiguous.
+    row = tl.program_id(0).to(tl.int64)
+    base = row * C
+    tot = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_GRAD_Z:
+        for c0 in range(0, C, BLOCK_C):
+            offs = c0 + tl.arange(0, BLOCK_C)
+            ok = offs < C
+            on = tl.load(z_ptr + base + offs, mask=ok, other=0.0) > 0
+            g = tl.load(gz_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+            tot += tl.where(on, g, 0.0)
+            cnt += on.to(tl.float32)
+    mean = tl.sum(tot, axis=0) / tl.maximum(tl.sum(cnt, axis=0), 1.0)
+    lam_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        ok = offs < C
+        on = tl.load(z_ptr + base + offs, mask=ok, other=0.0) > 0
+        gs = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        if HAS_GRAD_Z:
+            g = tl.load(gz_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+            gs = tl.where(on, g - mean, 0.0)  # ∂L/∂s on the support (fact 5)
+        G = -lam * gs
+        if HAS_GRAD_D:
+            G += tl.where(on, tl.load(gd_ptr + base + offs, mask=ok, other=0.0).to(tl.float32), 0.0)
+        tl.store(g_out_ptr + base + offs, G, mask=ok)
+        dist = tl.load(d_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        lam_acc += tl.where(on, gs * dist, 0.0)
+    tl.store(lam_rows_ptr + row, -tl.sum(lam_acc, axis=0))
+
+
 def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:
     """Kernels index the last dimension with unit stride."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@triton_op("spade::support_jacobian", mutates_args=())
+def _support_jacobian_op(
+    z: torch.Tensor, grad_z: torch.Tensor | None, D: torch.Tensor, grad_D: torch.Tensor | None, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z, D = z.contiguous(), D.contiguous()
+    grad_z = None if grad_z is None else grad_z.contiguous()
+    grad_D = None if grad_D is None else grad_D.contiguous()
+    B, C = z.shape
+    G = torch.empty((B, C), dtype=torch.float32, device=z.device)
+    lam_rows = torch.empty((B,), dtype=torch.float32, device=z.device)
+    block_c = 16 if _INTERPRET else min(1024, triton.next_power_of_2(max(C, 16)))
+    _launch(
+        _support_jacobian_kernel, (B,),
+        z, z if grad_z is None else grad_z, D, D if grad_D is None else grad_D, G, lam_rows, C, lam,
+        HAS_GRAD_Z=grad_z is not None, HAS_GRAD_D=grad_D is not None, BLOCK_C=block_c,
+    )  # fmt: skip
+    return G, lam_rows
+
+
+def support_jacobian(z, grad_z, D, grad_D, lam: float):
+    """Triton version of :func:`spade_kernels.backends.torch_.support_jacobian` (G, λ-grad rows)."""
+    if z.dtype == torch.float64:
+        return T.support_jacobian(z, grad_z, D, grad_D, lam)
+    return _support_jacobian_op(z, grad_z, D, grad_D, lam)
+
+
 @triton_op("spade::gather_matmul", mutates_args=())
 def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b] = Σ_j weights[b, j] · M[indices[b, j]] (float32 accumulation, M's dtype out)."""
+    if M.dtype == torch.float64:  # the kernels accumulate in float32
+        return T.gather_matmul(weights, indices, M)
     weights, indices, M = (_contiguous_rows(t) for t in (weights, indices, M))
     B, C = indices.shape
     d = M.shape[1]
@@ -132,6 +203,8 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
 @triton_op("spade::gather_dot", mutates_args=())
 def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b, j] = ⟨G[b], M[indices[b, j]]⟩ (float32 accumulation, M's dtype out)."""
+    if M.dtype == torch.float64:
+        return T.gather_dot(G, indices, M)
     G, indices, M = (_contiguous_rows(t) for t in (G, indices, M))
     B, C = indices.shape
     d = M.shape[1]
@@ -151,6 +224,8 @@ def scatter_matmul(
     weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
 ) -> torch.Tensor:
     """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b] (float32 atomics, X's dtype out)."""
+    if X.dtype == torch.float64:
+        return T.scatter_matmul(weights, indices, X, n_rows)
     weights, indices, X = (_contiguous_rows(t) for t in (weights, indices, X))
     B, C = indices.shape
     d = X.shape[1]
@@ -166,4 +241,4 @@ def scatter_matmul(
 
 
 #: The Triton kernels in the shape the shared sparse formulas expect.
-TRITON_OPS = SparseOps(gather_matmul, gather_dot, scatter_matmul, _gather_sq_dist)
+TRITON_OPS = SparseOps(gather_matmul, gather_dot, scatter_matmul, _gather_sq_dist, support_jacobian)
