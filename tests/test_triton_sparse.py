@@ -142,3 +142,16 @@ def test_support_jacobian_matches_torch(with_grad_d):
     torch.testing.assert_close(G, T.support_jacobian(z, None, D, grad_D, 0.7)[0])
     args = (z, grad_z, D, grad_D, 0.7)
     torch.library.opcheck(torch.ops.spade.support_jacobian.default, args, test_utils=KERNEL_CHECKS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sorted_scatter_matches_atomic_and_torch(dtype):
+    w, idx = _support(11, 9, 13)
+    idx[:, 0] = 4  # a popular latent (a long segment)
+    X = torch.randn(11, 24, device=DEVICE).to(dtype)
+    ref = T.scatter_matmul(w, idx, X.float(), 13)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(S.scatter_matmul_sorted(w, idx, X, 13).float(), ref, **tol)
+    torch.testing.assert_close(S.scatter_matmul(w, idx, X, 13).float(), ref, **tol)
+    empty = torch.zeros_like(w)  # no live entry at all
+    assert (S.scatter_matmul_sorted(empty, idx, X, 13) == 0).all()

@@ -17,8 +17,10 @@ of ∂L/∂λ in one pass.
 They have the same names and semantics as the ``torch`` backend's functions
 in :mod:`spade_kernels.backends.torch_`, which the tests compare them with.
 All cost O(B·C·d); none forms a B×K tensor. ``scatter_matmul`` accumulates
-with fp32 atomics (one program per (row, d-block) adds its C rows); a
-latent-sorted segmented variant is the alternative to measure on a GPU.
+with fp32 atomics (one program per (row, d-block) adds its C rows);
+``scatter_matmul_sorted`` sorts the support by latent and sums segments
+without atomics. The backend uses the atomic one until a GPU measurement
+(``benchmarks/bench_sparse.py``) says otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from ..backends.torch_ import SparseOps
 from ._utils import _INTERPRET, _launch
 from .encode import _gather_sq_dist
 
-__all__ = ["TRITON_OPS", "gather_dot", "gather_matmul", "scatter_matmul", "support_jacobian"]
+__all__ = [
+    "TRITON_OPS",
+    "gather_dot",
+    "gather_matmul",
+    "scatter_matmul",
+    "scatter_matmul_sorted",
+    "support_jacobian",
+]
 
 
 def _blocks(d: int) -> tuple[int, int]:
@@ -110,6 +119,32 @@ def _scatter_matmul_kernel(
             w[:, None] * xv[None, :],
             mask=live[:, None] & d_ok[None, :],
         )
+
+
+@triton.jit
+def _scatter_matmul_sorted_kernel(
+    latents_ptr, seg_ptr, rows_ptr, w_ptr, x_ptr, out_ptr,
+    D, stride_xb, stride_ok,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program per (active latent, d-block): sums its entries, no atomics.
+    pid = tl.program_id(0)
+    k = tl.load(latents_ptr + pid).to(tl.int64)
+    start = tl.load(seg_ptr + pid)
+    end = tl.load(seg_ptr + pid + 1)
+    offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        e_ok = offs_e < end
+        b = tl.load(rows_ptr + offs_e, mask=e_ok, other=0).to(tl.int64)
+        w = tl.load(w_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+        xv = tl.load(
+            x_ptr + b[:, None] * stride_xb + offs_d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        acc += tl.sum(w[:, None] * xv.to(tl.float32), axis=0)
+    tl.store(out_ptr + k * stride_ok + offs_d, acc, mask=d_ok)
 
 
 @triton.jit
@@ -238,6 +273,51 @@ def scatter_matmul(
         BLOCK_C=block_c, BLOCK_D=block_d,
     )  # fmt: skip
     return out.to(X.dtype)
+
+
+@triton_op("spade::scatter_matmul_sorted", mutates_args=())
+def _scatter_matmul_sorted_op(
+    latents: torch.Tensor,
+    seg: torch.Tensor,
+    rows: torch.Tensor,
+    w: torch.Tensor,
+    X: torch.Tensor,
+    n_rows: int,
+) -> torch.Tensor:
+    X = _contiguous_rows(X)
+    d = X.shape[1]
+    out = torch.zeros((n_rows, d), dtype=torch.float32, device=X.device)
+    block_e, block_d = _blocks(d)
+    _launch(
+        _scatter_matmul_sorted_kernel, (latents.shape[0], triton.cdiv(d, block_d)),
+        latents, seg, rows, w, X, out, d, X.stride(0), out.stride(0),
+        BLOCK_E=block_e, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out.to(X.dtype)
+
+
+def scatter_matmul_sorted(
+    weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """:func:`scatter_matmul` by latent-sorted segments instead of atomics (deterministic).
+
+    The support entries are sorted by latent (one ``argsort`` of B·C int64),
+    then one program per (active latent, d-block) sums its segment.  Which of
+    the two is faster depends on the GPU and on how skewed latent usage is;
+    ``benchmarks/bench_sparse.py`` times both.
+    """
+    if X.dtype == torch.float64:
+        return T.scatter_matmul(weights, indices, X, n_rows)
+    B, C = indices.shape
+    w = weights.reshape(-1)
+    live = w != 0  # padding slots carry weight 0
+    flat = indices.reshape(-1)[live]
+    order = torch.argsort(flat, stable=True)
+    rows = torch.arange(B, device=X.device).repeat_interleave(C)[live][order]
+    latents, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    seg = torch.zeros(latents.shape[0] + 1, dtype=torch.int64, device=X.device)
+    torch.cumsum(counts, 0, out=seg[1:])
+    return _scatter_matmul_sorted_op(latents, seg, rows, w[live][order].contiguous(), X, n_rows)
 
 
 #: The Triton kernels in the shape the shared sparse formulas expect.
