@@ -110,7 +110,8 @@ class SparseCodes:
         vals = torch.where(keep, flat.gather(-1, idx), torch.zeros((), dtype=z.dtype, device=z.device))
         vals = torch.where(nan_rows[:, None], torch.full_like(vals, float("nan")), vals)
         idx = torch.where(keep, idx, torch.zeros_like(idx))
-        return cls(idx.reshape(*lead, -1), vals.reshape(*lead, -1), size.reshape(lead), K)
+        width = idx.shape[-1]
+        return cls(idx.reshape(*lead, width), vals.reshape(*lead, width), size.reshape(lead), K)
 
     def reshape_batch(self, batch_shape: tuple[int, ...] | torch.Size) -> SparseCodes:
         """The same codes with leading (batch) dimensions ``batch_shape``."""

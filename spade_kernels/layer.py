@@ -171,13 +171,15 @@ class SpaDE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes (..., d_sae)."""
         self._check_input(x)
-        z = self._backend(x).encode_dense(self._cast(x), self.prototypes, self.lam)
+        flat = self._cast(x)
+        z = self._backend(x).encode_dense(flat, self.prototypes.to(flat.dtype), self.lam)
         return z.reshape(*x.shape[:-1], self.d_sae)
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
         """Sparse codes, indices/values of shape (..., C)."""
         self._check_input(x)
-        codes = self._backend(x).encode(self._cast(x), self.prototypes, self.lam)
+        flat = self._cast(x)
+        codes = self._backend(x).encode(flat, self.prototypes.to(flat.dtype), self.lam)
         return codes.reshape_batch(x.shape[:-1])
 
     def decode(self, z) -> torch.Tensor:
@@ -205,14 +207,15 @@ class SpaDE(nn.Module):
         lam = self.lam
         reg_rows = self.prototypes if self.reg_on == "encoder" else self.W_dec
         if backend.dense:
-            z, D = reference_codes_and_distances(flat, self.prototypes, lam)
+            z, D = reference_codes_and_distances(flat, self.prototypes.to(flat.dtype), lam)
             x_hat = self.decode(z)
-            D_reg = D if self.reg_on == "encoder" else squared_distances(flat, self.W_dec, naive=False)
+            W = self.W_dec.to(flat.dtype)
+            D_reg = D if self.reg_on == "encoder" else squared_distances(flat, W, naive=False)
             reg = (z * D_reg).sum(-1).mean()
             codes = SparseCodes.from_dense(z)
         else:
             ops = backend.sparse_ops()
-            codes = backend.encode(flat, self.prototypes, lam)
+            codes = backend.encode(flat, self.prototypes.to(flat.dtype), lam)
             x_hat = sparse_decode(codes, self.W_dec, self.b_dec, ops)
             if self.reg_on == "encoder" and codes.distances is not None:
                 # The encoder's exact support distances: the regulariser's

@@ -32,6 +32,10 @@ def sparsemax_threshold(scores: torch.Tensor) -> torch.Tensor:
     support.  Rows containing NaN or +inf, and rows that are all −inf, have no
     sparsemax: their τ is NaN.
     """
+    # Relative to the row maximum (shift invariance): accurate for large |s|.
+    top = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.sum(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    scores = scores - top
     s_sorted, _ = torch.sort(scores, dim=-1, descending=True)
     # −inf entries are zeroed before the cumulative sum so that it stays
     # finite; they never pass the support test (masked by ``finite``) and they
@@ -46,7 +50,7 @@ def sparsemax_threshold(scores: torch.Tensor) -> torch.Tensor:
     tau = (c_k - 1) / k.to(scores.dtype)
     bad = torch.isnan(scores).any(dim=-1, keepdim=True) | (scores == float("inf")).any(dim=-1, keepdim=True)
     bad = bad | (k == 0)
-    return torch.where(bad, torch.full_like(tau, float("nan")), tau)
+    return torch.where(bad, torch.full_like(tau, float("nan")), tau + top)
 
 
 def sparsemax_reference(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -61,6 +65,9 @@ def sparsemax_reference(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
     work = work.movedim(dim, -1)
     if work.shape[-1] == 0:
         return input.clone()
+    # Shift first so that s − τ never subtracts two large numbers.
+    top = work.amax(dim=-1, keepdim=True)
+    work = work - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     tau = sparsemax_threshold(work)
     out = torch.clamp(work - tau, min=0)
     out = torch.where(torch.isnan(tau), torch.full_like(out, float("nan")), out)

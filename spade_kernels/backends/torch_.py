@@ -27,6 +27,7 @@ B×K tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -137,7 +138,8 @@ def support_jacobian(z, grad_z, D, grad_D, lam: float):
     G = -lam * gs
     if grad_D is not None:
         G = G + torch.where(support, grad_D.to(z.dtype), zero)
-    return G, -(gs * D).sum(1)
+    # where, not a product: D is NaN on rows whose input was NaN (no support).
+    return G, -torch.where(support, gs * D, zero).sum(1)
 
 
 class SparseOps(NamedTuple):
@@ -173,13 +175,21 @@ def _sq_dist_backward(x, M, indices, G, ops: SparseOps = TORCH_OPS):
 
 
 def _sorted_threshold(vals: torch.Tensor) -> torch.Tensor:
-    """Sparsemax τ of rows already sorted descending (−inf padding allowed)."""
-    finite = torch.isfinite(vals)
-    csum = torch.cumsum(torch.where(finite, vals, torch.zeros_like(vals)), dim=-1)
+    """Sparsemax τ of rows already sorted descending (−inf padding allowed).
+
+    Computed relative to each row's maximum (shift invariance, fact 1): the
+    cumulative sums then stay accurate when the scores are large (|s| ≳ 2^24
+    would otherwise round 1 + j·s_j > c_j away entirely).
+    """
+    top = vals[..., :1]
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    rel = vals - top
+    finite = torch.isfinite(rel)
+    csum = torch.cumsum(torch.where(finite, rel, torch.zeros_like(rel)), dim=-1)
     j = torch.arange(1, vals.shape[-1] + 1, device=vals.device, dtype=vals.dtype)
-    k = ((1 + j * vals > csum) & finite).sum(-1, keepdim=True)
+    k = ((1 + j * rel > csum) & finite).sum(-1, keepdim=True)
     c_k = csum.gather(-1, (k - 1).clamp_min(0))
-    tau = (c_k - 1) / k.clamp_min(1).to(vals.dtype)
+    tau = (c_k - 1) / k.clamp_min(1).to(vals.dtype) + top
     return torch.where(k > 0, tau, torch.full_like(tau, -math.inf)).squeeze(-1)
 
 
@@ -234,6 +244,25 @@ def _merge(buf_val, buf_idx, new_val, new_idx, bound, margin, cap):
     width = min(width, cap)
     val = torch.where(keep, val, -math.inf)[:, :width]
     return val, idx[:, :width], bound, overflow
+
+
+@contextlib.contextmanager
+def ieee_matmul():
+    """Run float32 matmuls in full IEEE precision inside this block.
+
+    The candidate margin assumes float32 rounding; TF32 (``allow_tf32``) or a
+    reduced ``float32_matmul_precision`` — common in SAE trainers — would
+    round 8192× coarser.  Restored on exit.
+    """
+    precision = torch.get_float32_matmul_precision()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(precision)
 
 
 def _select_candidates(x, A, aa, lam, margin, chunk, k0, cap):
@@ -306,16 +335,27 @@ def sanitize(x: torch.Tensor, A: torch.Tensor):
     return x, A, aa, xx, nan_rows
 
 
-def score_margin(xx: torch.Tensor, aa: torch.Tensor, lam: float, d: int, eps: float) -> torch.Tensor:
-    """Per-row bound on the rounding error of GEMM-form scores, doubled.
+def score_margin(
+    xx: torch.Tensor, aa: torch.Tensor, lam: float, d: int, eps: float, worst_case: bool = True
+) -> torch.Tensor:
+    """Per-row slack covering the rounding of GEMM-form scores, doubled.
 
-    A dot product of length d with unit roundoff ``eps`` is off by about
-    eps·√d·‖x‖‖a‖ (generously 8·eps·√d·(‖x‖² + ‖a‖²)/2 here); every threshold
-    comparison keeps this much slack, so rounding can only add candidates,
-    never drop a support entry.
+    A length-d dot product accumulated with unit roundoff ``eps`` errs by at
+    most d·eps·Σ|x_i·a_i| ≤ d·eps·(‖x‖² + ‖a‖²)/2 (worst case, any summation
+    order); s' = λ(2·x·a − ‖a‖²) adds the bias's rounding.  Comparing two such
+    scores (an entry and a threshold built from others) needs twice that.
+    Every threshold comparison keeps this slack, so rounding can only add
+    candidates, never drop a support entry.  ``eps`` = 2^-23 also covers
+    accumulators that truncate instead of rounding.
+
+    ``worst_case=False`` gives the statistical size 8·√d·eps instead of the
+    bound (independent rounding errors); only the explicit tf32 option of the
+    Triton backend uses it, because with tf32's eps the bound would prune
+    nothing.
     """
     scale = lam * (xx + aa.max()) + torch.finfo(xx.dtype).tiny
-    return 8 * eps * math.sqrt(d) * scale
+    factor = 2 * (d + 2) if worst_case else 8 * math.sqrt(d)
+    return factor * eps * scale
 
 
 def candidates(
@@ -343,7 +383,11 @@ def exact_codes(x, A, lam, cand, nan_rows, sq_dist=None):
     valid = cand >= 0
     safe = torch.where(valid, cand, torch.zeros_like(cand))
     D = (sq_dist or gather_sq_dist)(x, safe, A)
-    s = torch.where(valid, -lam * D, torch.full_like(D, -math.inf))
+    # Scores relative to the row's nearest candidate (shift invariance): the
+    # codes s − τ then never subtract two large numbers.
+    D_min = torch.where(valid, D, torch.full_like(D, math.inf)).amin(1, keepdim=True)
+    D_min = torch.where(torch.isfinite(D_min), D_min, torch.zeros_like(D_min))
+    s = torch.where(valid, -lam * (D - D_min), torch.full_like(D, -math.inf))
     s, order = torch.sort(s, dim=1, descending=True)
     safe = safe.gather(1, order)
     D = D.gather(1, order)
@@ -370,9 +414,17 @@ def encode_forward(x, A, lam, **options):
     ``options``: ``chunk``, ``topk``, ``max_candidates``.  Returns (values,
     indices, support_size, D_support).
     """
+    if x.shape[0] == 0:
+        return (
+            x.new_zeros((0, 1)),
+            x.new_zeros((0, 1), dtype=torch.long),
+            x.new_zeros(0, dtype=torch.long),
+            x.new_zeros((0, 1)),
+        )
     x, A, aa, xx, nan_rows = sanitize(x, A)
     margin = score_margin(xx, aa, lam, x.shape[1], torch.finfo(x.dtype).eps)
-    cand = candidates(x, A, aa, lam, margin, **options)
+    with ieee_matmul():
+        cand = candidates(x, A, aa, lam, margin, **options)
     return exact_codes(x, A, lam, cand, nan_rows)
 
 
@@ -393,7 +445,11 @@ def encode_backward(
     if needs_input_grad[2]:
         grad_lam = lam_rows.sum().to(lam.dtype).reshape(lam.shape)
     if needs_input_grad[0] or needs_input_grad[1]:
-        gx, gA = _sq_dist_backward(x.to(cd), A.to(cd), idx, G, ops)
+        xc = x.to(cd)
+        nan_rows = torch.isnan(z).any(1, keepdim=True)
+        if nan_rows.any():  # 0·NaN would leak those rows into ∂prototypes
+            xc = torch.where(nan_rows, torch.zeros_like(xc), xc)
+        gx, gA = _sq_dist_backward(xc, A.to(cd), idx, G, ops)
         grad_x, grad_A = gx.to(x.dtype), gA.to(A.dtype)
     return grad_x, grad_A, grad_lam
 

@@ -53,8 +53,9 @@ DEFAULTS = {
     "prepass": 1024,  # prototypes used for the initial per-row bound
     "precision": "ieee",  # fp32 inputs: "ieee" (exact products) or "tf32"
 }
-#: Unit roundoff of the scores' dot products per input precision (for the margin).
-_DOT_EPS = {"ieee": 2.0**-24, "tf32": 2.0**-11}
+#: Rounding unit of the scores' dot products per input precision (for the margin):
+#: fp32 accumulation (2^-23 also covers truncating accumulators), tf32 inputs.
+_DOT_EPS = {"ieee": 2.0**-23, "tf32": 2.0**-11}
 _MICHELOT_TILE_ITERS = 4
 
 
@@ -129,12 +130,17 @@ def _encode_fwd_select_kernel(
 
     # Tile-local Michelot from max − 1 (≤ τ by fact 2): every iterate stays ≤ the
     # tile's τ ≤ the row's τ (fact 3, 4), so a few iterations give a valid bound.
-    tau = tl.max(s, axis=1) - 1.0
+    # Relative to the row maximum, so the sums stay accurate for large scores.
+    top = tl.max(s, axis=1)
+    top = tl.where(top > float("-inf"), top, 0.0)
+    rel = s - top[:, None]
+    tau_rel = tl.zeros((BLOCK_M,), dtype=tl.float32) - 1.0
     for _ in tl.static_range(MICHELOT_ITERS):
-        above = s > tau[:, None]
+        above = rel > tau_rel[:, None]
         cnt = tl.sum(above.to(tl.float32), axis=1)
-        tot = tl.sum(tl.where(above, s, 0.0), axis=1)
-        tau = tl.maximum(tau, (tot - 1.0) / tl.maximum(cnt, 1.0))
+        tot = tl.sum(tl.where(above, rel, 0.0), axis=1)
+        tau_rel = tl.maximum(tau_rel, (tot - 1.0) / tl.maximum(cnt, 1.0))
+    tau = tau_rel + top
     bound = tl.load(bound_ptr + rows, mask=row_ok, other=float("-inf"))
     tau = tl.maximum(tau, bound)
     tl.atomic_max(bound_ptr + rows, tau, mask=row_ok)
@@ -172,9 +178,11 @@ def _encode_fwd_merge_kernel(
     n_slots = N_TILES * SLOTS
     base = row * n_slots
     margin = tl.load(margin_ptr + row)
-    tau = tl.load(bound_ptr + row)
-
     # Michelot over the row's slots, from the final bound (≤ τ): monotone, exact.
+    # Values are taken relative to the bound so the sums stay accurate.
+    ref = tl.load(bound_ptr + row)
+    ref = tl.where(ref > float("-inf"), ref, 0.0)
+    tau = tl.zeros((), dtype=tl.float32)
     prev = tau - 1.0
     it = 0
     while (tau > prev) & (it < MAX_ITERS):
@@ -185,7 +193,7 @@ def _encode_fwd_merge_kernel(
             offs = t0 + tl.arange(0, BLOCK_T)
             ok = offs < n_slots
             c = tl.load(count_ptr + row * N_TILES + offs // SLOTS, mask=ok, other=0)
-            v = tl.load(slot_val_ptr + base + offs, mask=ok & (offs % SLOTS < c), other=float("-inf"))
+            v = tl.load(slot_val_ptr + base + offs, mask=ok & (offs % SLOTS < c), other=float("-inf")) - ref
             above = v > tau
             tot += tl.where(above, v, 0.0)
             cnt += above.to(tl.float32)
@@ -200,7 +208,7 @@ def _encode_fwd_merge_kernel(
         ok = offs < n_slots
         c = tl.load(count_ptr + row * N_TILES + offs // SLOTS, mask=ok, other=0)
         live = ok & (offs % SLOTS < c)
-        v = tl.load(slot_val_ptr + base + offs, mask=live, other=float("-inf"))
+        v = tl.load(slot_val_ptr + base + offs, mask=live, other=float("-inf")) - ref
         sel = live & (v > tau - margin)
         pos = tl.sum(total, axis=0) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
         idx = tl.load(slot_idx_ptr + base + offs, mask=sel, other=0)
@@ -330,7 +338,8 @@ def support_sq_dist(x: torch.Tensor, prototypes: torch.Tensor, indices: torch.Te
 def _prepass_bound(x, A, aa, lam, n):
     """τ of the GEMM-form scores of the first n prototypes: a lower bound of τ(row)."""
     n = min(n, A.shape[0])
-    s = torch.addmm(aa[:n], x.to(aa.dtype), A[:n].t().to(aa.dtype), beta=-lam, alpha=2 * lam)
+    with T.ieee_matmul():
+        s = torch.addmm(aa[:n], x.to(aa.dtype), A[:n].t().to(aa.dtype), beta=-lam, alpha=2 * lam)
     return T._sorted_threshold(torch.sort(s, dim=1, descending=True).values)
 
 
@@ -347,9 +356,12 @@ def encode_forward(x: torch.Tensor, A: torch.Tensor, lam: float, **options):
     if x.dtype == torch.float64:
         # tl.dot has no float64 tensor-core path; float64 keeps the exact torch algorithm.
         return T.encode_forward(x, A, lam)
+    if x.shape[0] == 0:
+        return T.encode_forward(x, A, lam)
     x, A, aa, xx, nan_rows = T.sanitize(x, A)
-    eps = _DOT_EPS[opts["precision"]] if x.dtype == torch.float32 else 2.0**-24
-    margin = T.score_margin(xx, aa, lam, x.shape[1], eps)
+    tf32 = opts["precision"] == "tf32" and x.dtype == torch.float32
+    eps = _DOT_EPS["tf32"] if tf32 else _DOT_EPS["ieee"]
+    margin = T.score_margin(xx, aa, lam, x.shape[1], eps, worst_case=not tf32)
     bound = _prepass_bound(x, A, aa, lam, opts["prepass"]).float()
     slot_val, slot_idx, counts, bound = encode_fwd_select(
         x, A, aa.float(), margin.float(), bound, float(lam), opts["block_n"], opts["slots"], opts["precision"]
@@ -363,7 +375,8 @@ def encode_forward(x: torch.Tensor, A: torch.Tensor, lam: float, **options):
         # Exact for just those rows: the torch backend's bounded candidate search.
         rows = overflow.nonzero().squeeze(1)
         xr = x[rows].to(aa.dtype)
-        cand = T.replace_rows(cand, rows, T.candidates(xr, A.to(aa.dtype), aa, lam, margin[rows]))
+        with T.ieee_matmul():
+            cand = T.replace_rows(cand, rows, T.candidates(xr, A, aa, lam, margin[rows]))
     return T.exact_codes(x, A, lam, cand, nan_rows, sq_dist=_gather_sq_dist)
 
 
@@ -427,6 +440,8 @@ def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, *, precision: str = "
     term joins the same pass.  float16/bfloat16 inputs give float32 codes (as
     every backend does).
     """
+    dtype = torch.promote_types(x.dtype, prototypes.dtype)  # tl.dot needs one dtype
+    x, prototypes = x.to(dtype), prototypes.to(dtype)
     lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), device=x.device)
     z, idx, size, D = _triton_encode_op(x, prototypes, lam_t.reshape(()), precision)
     return SparseCodes(idx, z, size, prototypes.shape[0], distances=D)

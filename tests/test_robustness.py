@@ -1,0 +1,99 @@
+"""Edge cases found in review: large scores, empty batches, NaN rows in the
+backward, mixed dtypes, reduced-precision matmul settings.  Every backend."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import spade_kernels as sk
+from spade_kernels.backends import torch_ as T
+from spade_kernels.reference import spade_encode_reference
+from spade_kernels.testing import assert_codes_match_reference
+
+BACKENDS = ["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scores_beyond_float32_integers(backend):
+    # |s| ≈ 2e7 > 2^24: thresholds must be taken relative to the row maximum.
+    A, x = torch.randn(64, 16), torch.randn(3, 16)
+    x[1] *= 1000
+    codes = sk.spade_encode(x, A, 1.0, backend=backend)
+    dense = codes.to_dense()
+    assert torch.isfinite(dense).all()
+    ref = spade_encode_reference(x.double(), A.double(), 1.0)
+    torch.testing.assert_close(dense.double(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_far_from_a_tight_cluster_sums_to_one(backend):
+    # All prototypes in a tiny cluster far from x: |s| ≈ 100 with differences ≈ 1e-2.
+    A = 5e-3 * torch.randn(400, 2)
+    x = torch.tensor([[10.0, 0.0], [3.0, 4.0]])
+    for lam in (1.0, 30.0):
+        assert_codes_match_reference(sk.spade_encode(x, A, lam, backend=backend), x, A, lam)
+
+
+def test_sparsemax_of_large_scores():
+    z = sk.sparsemax(torch.tensor([[-3e7, -3.1e7]]))
+    torch.testing.assert_close(z, torch.tensor([[1.0, 0.0]]))
+    z = sk.sparsemax(torch.tensor([[4e12, 4e12 - 0.5]], dtype=torch.float64))
+    torch.testing.assert_close(z, torch.tensor([[0.75, 0.25]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    codes = sk.spade_encode(torch.randn(0, 4), torch.randn(20, 4), 0.1, backend=backend)
+    assert codes.indices.shape[0] == 0 and codes.to_dense().shape == (0, 20)
+    m = sk.SpaDE(4, 20, backend=backend)
+    assert m.encode(torch.randn(0, 4)).shape == (0, 20)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_nan_row_does_not_poison_other_gradients(backend):
+    x = torch.randn(4, 6)
+    x[1, 2] = math.nan
+    A = torch.randn(30, 6, requires_grad=True)
+    lam = torch.tensor(0.1, requires_grad=True)
+    codes = sk.spade_encode(x, A, lam, backend=backend)
+    keep = torch.tensor([0, 2, 3])
+    (codes.values[keep] * torch.randn(3, codes.width)).sum().backward()
+    assert torch.isfinite(A.grad).all() and torch.isfinite(lam.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtype_layer(backend):
+    m = sk.SpaDE(8, 37, backend=backend, dtype=torch.bfloat16)
+    out = m(torch.randn(5, 8))  # float32 activations, bfloat16 parameters
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and m.prototypes.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_reduced_matmul_precision_settings_are_ignored(precision):
+    # Trainers often lower float32 matmul precision; candidate selection must
+    # still run in IEEE float32 (its margin assumes it), and restore the setting.
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        x, A = torch.randn(64, 256), torch.randn(2048, 256)
+        assert_codes_match_reference(sk.spade_encode(x, A, 1 / 512, backend="torch"), x, A, 1 / 512)
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_margin_is_a_worst_case_bound():
+    # Adversarial: all-positive data, every rounding error of a long dot
+    # product has the same sign.  The GEMM-form error must stay within half
+    # the margin (the margin covers comparing two such scores).
+    d = 4096
+    x, A = torch.rand(8, d), torch.rand(64, d)
+    lam = 1 / (2 * d)
+    xx, aa = (x.double() ** 2).sum(1), (A.double() ** 2).sum(1)
+    exact = lam * (2 * x.double() @ A.double().t() - aa)
+    approx = torch.addmm(aa.float(), x, A.t(), beta=-lam, alpha=2 * lam).double()
+    margin = T.score_margin(xx.float(), aa.float(), lam, d, 2.0**-23).double()
+    assert ((approx - exact).abs() <= margin[:, None] / 2).all()
