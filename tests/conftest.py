@@ -13,3 +13,13 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _sparse_path(monkeypatch):
+    # Test shapes are tiny, so supports are a large fraction of K and the
+    # torch primitives would take their dense-GEMM path everywhere; the sparse
+    # path is the one under test unless a test enables the dense one.
+    from spade_kernels.backends import torch_
+
+    monkeypatch.setattr(torch_, "DENSE_FRACTION", {})

@@ -58,6 +58,24 @@ _GATHER_BUDGET = 1 << 22
 _CACHE_BUDGET = 1 << 18
 
 
+#: Support width, as a fraction of K, from which dense GEMMs beat the gathers
+#: and scatters, per device type.  CPU: measured at (B, d, K) = (1024, 768,
+#: 16384) float32 on 2 threads — crossovers at C/K ≈ 0.023 (scatter), 0.028
+#: (gather-matmul), 0.04 (gather-dot); see benchmarks/NOTES.md.  Devices
+#: without a measured crossover always take the sparse path.
+DENSE_FRACTION: dict[str, float] = {"cpu": 1 / 32}
+
+
+def _dense(C: int, K: int, device: torch.device) -> bool:
+    fraction = DENSE_FRACTION.get(device.type)
+    return fraction is not None and C >= fraction * K
+
+
+def _densify(weights: torch.Tensor, indices: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    dense = torch.zeros(indices.shape[0], K, dtype=dtype, device=indices.device)
+    return dense.scatter_add_(1, indices, weights.to(dtype))
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -81,6 +99,8 @@ def _row_blocks(n_rows: int, per_row: int, budget: int = _GATHER_BUDGET):
 def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b] = Σ_j weights[b, j] · M[indices[b, j]]  → (B, d)."""
     B, C = indices.shape
+    if _dense(C, M.shape[0], M.device):
+        return _densify(weights, indices, M.shape[0], M.dtype) @ M
     out = torch.empty(B, M.shape[1], dtype=M.dtype, device=M.device)
     for rs in _row_blocks(B, C * M.shape[1], _CACHE_BUDGET):
         out[rs] = torch.bmm(weights[rs].unsqueeze(1).to(M.dtype), _gather_rows(M, indices[rs])).squeeze(1)
@@ -90,6 +110,8 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
 def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b, j] = ⟨G[b], M[indices[b, j]]⟩  → (B, C)."""
     B, C = indices.shape
+    if _dense(C, M.shape[0], M.device):
+        return (G.to(M.dtype) @ M.t()).gather(1, indices)
     out = torch.empty(B, C, dtype=M.dtype, device=M.device)
     for rs in _row_blocks(B, C * M.shape[1], _CACHE_BUDGET):
         out[rs] = torch.bmm(_gather_rows(M, indices[rs]), G[rs].unsqueeze(2).to(M.dtype)).squeeze(2)
@@ -105,6 +127,8 @@ def scatter_matmul(
     """
     B, C = indices.shape
     d = X.shape[1]
+    if _dense(C, n_rows, X.device):
+        return _densify(weights, indices, n_rows, X.dtype).t() @ X
     out = torch.zeros(n_rows, d, dtype=X.dtype, device=X.device)
     for rs in _row_blocks(B, C * d):
         contrib = weights[rs].to(X.dtype).unsqueeze(2) * X[rs].unsqueeze(1)
