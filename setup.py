@@ -32,7 +32,7 @@ def _cuda_skip_reason() -> str | None:
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
     if not glob.glob(os.path.join(ROOT, "csrc", "*.cu")):
-        return "csrc/ holds no extension sources in this release"
+        return "csrc/ holds no torch binding (csrc/*.cu) in this release; the kernels build with CMake"
     return None
 
 

@@ -5,7 +5,7 @@
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])   # $OUT is set by the tool
 #
 # Results land in $OUT (default benchmarks/results/gpu-local): info.txt,
-# gpu_tests.log, bench_sparse.json, encode/results.{json,csv},
+# gpu_tests.log, cuda_selftest.log, bench_sparse.json, encode/results.{json,csv},
 # train/results.{json,csv} — within the tool's 8-file limit. Copy encode/ and train/ to
 # benchmarks/results/gpu-<device>-encode|train and regenerate the README with
 # `python benchmarks/make_readme_table.py` (it redraws the plots).
@@ -25,6 +25,9 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m spade_kernels info; } 2>&1 | tee "$OUT/info.txt"
 SPADE_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider tests/test_triton_encode.py tests/test_triton_sparse.py 2>&1 | tee "$OUT/gpu_tests.log"
+# CUDA kernels (torch-free) against float64 references
+{ cmake -S . -B build && cmake --build build -j8 && ctest --test-dir build --output-on-failure; } > "$OUT/cuda_selftest.log" 2>&1
+tail -5 "$OUT/cuda_selftest.log"
 # atomic vs latent-sorted sparse-transpose product, gathers: torch vs Triton
 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_sparse.py --benchmark-json "$OUT/bench_sparse.json" 2>&1 | tail -25
 python3 -m spade_kernels bench --shape S1 --shape S2 --shape S3 --dtypes bfloat16 --modes encode \
