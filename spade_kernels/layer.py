@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_tensor
-from .backends import reference_codes_and_distances, resolve_backend
+from .backends import check_backend_name, reference_codes_and_distances, resolve_backend
 from .backends.torch_ import sparse_decode, support_sq_dists
 from .codes import SparseCodes
 from .reference import squared_distances
@@ -92,15 +92,18 @@ class SpaDE(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if lambda_init is None:
             lambda_init = 1.0 / (2 * d_in)
-        if not (isinstance(lambda_init, (int, float)) and math.isfinite(lambda_init) and lambda_init > 0):
+        if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
+            raise TypeError(f"lambda_init must be a float, got {type(lambda_init).__name__}")
+        if not (math.isfinite(lambda_init) and lambda_init > 0):
             raise ValueError(f"lambda_init must be a finite float > 0, got {lambda_init!r}")
         if not (isinstance(gamma_reg, (int, float)) and gamma_reg >= 0):
             raise ValueError(f"gamma_reg must be a float >= 0, got {gamma_reg!r}")
         if reg_on not in ("encoder", "decoder"):
             raise ValueError(f"reg_on must be 'encoder' or 'decoder', got {reg_on!r}")
-        if backend != "auto":
-            # Fail early on unknown names; availability is checked per call.
-            resolve_backend(backend, torch.device(device) if device is not None else torch.device("cpu"))
+        # Fail early on unknown names; availability depends on the tensors'
+        # device and is checked per call (a layer may be built on the CPU and
+        # moved to a GPU afterwards).
+        check_backend_name(backend)
         self.d_in, self.d_sae = d_in, d_sae
         self.lambda_init = float(lambda_init)
         self.gamma_reg = float(gamma_reg)
@@ -110,7 +113,12 @@ class SpaDE(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.prototypes = nn.Parameter(torch.empty(d_sae, d_in, **factory))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
-        self.lambda_raw = nn.Parameter(torch.empty((), **factory))
+        # λ's raw parameter is at least float32 whatever ``dtype`` is: at
+        # λ ≈ 1/(2d) it is ≈ −7, where bfloat16's step (0.0625) would swallow
+        # every optimizer update.  (``.to(dtype)`` on the module converts it
+        # like any parameter; pass ``dtype`` to the constructor instead.)
+        raw_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
+        self.lambda_raw = nn.Parameter(torch.empty((), device=device, dtype=raw_dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory)) if use_bias else None
         self.reset_parameters()
 
@@ -155,12 +163,17 @@ class SpaDE(nn.Module):
 
     # -- encoder / decoder --------------------------------------------------
 
+    def _check_device(self, name: str, t: torch.Tensor) -> None:
+        if t.device != self.prototypes.device:
+            raise ValueError(
+                f"{name} is on {t.device} but the SpaDE parameters are on {self.prototypes.device}"
+            )
+
     def _check_input(self, x: torch.Tensor) -> None:
         check_tensor("x", x, min_ndim=1)
         if x.shape[-1] != self.d_in:
             raise ValueError(f"x must have shape (..., {self.d_in}), got {tuple(x.shape)}")
-        if x.device != self.prototypes.device:
-            raise ValueError(f"x is on {x.device} but the SpaDE parameters are on {self.prototypes.device}")
+        self._check_device("x", x)
 
     def _backend(self, x: torch.Tensor):
         return resolve_backend(self.backend, x.device)
@@ -191,11 +204,17 @@ class SpaDE(nn.Module):
         if isinstance(z, SparseCodes):
             if z.n_latents != self.d_sae:
                 raise ValueError(f"codes have n_latents={z.n_latents}, expected {self.d_sae}")
+            self._check_device("codes", z.values)
+            if z.indices.numel() and not (0 <= int(z.indices.min()) and int(z.indices.max()) < self.d_sae):
+                raise ValueError(
+                    f"codes.indices must lie in [0, {self.d_sae}), got values outside that range"
+                )
             ops = resolve_backend(self.backend, z.device).sparse_ops()
             return sparse_decode(z, self.W_dec, self.b_dec, ops)
         check_tensor("z", z, min_ndim=1)
         if z.shape[-1] != self.d_sae:
             raise ValueError(f"z must have shape (..., {self.d_sae}), got {tuple(z.shape)}")
+        self._check_device("z", z)
         out = z.to(self.W_dec.dtype) @ self.W_dec
         return out + self.b_dec if self.b_dec is not None else out
 
@@ -283,7 +302,12 @@ class SpaDE(nn.Module):
             cfg = json.load(f)
         if cfg.get("architecture") != "spade":
             raise ValueError(f"{cfg_path} describes architecture {cfg.get('architecture')!r}, not 'spade'")
-        dtype = dtype if dtype is not None else getattr(torch, cfg.get("dtype", "float32"))
+        if dtype is None:
+            dtype = cfg.get("dtype", "float32")
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"dtype must be a torch dtype or its name, got {dtype!r}")
+            dtype = getattr(torch, dtype)
         layer = cls(
             cfg["d_in"],
             cfg["d_sae"],

@@ -52,8 +52,9 @@ def test_forward_and_gradients_match_float64_reference(backend, reg_on, use_bias
         torch.testing.assert_close(p.grad, q.grad)
 
 
-def test_gradcheck_layer_loss_torch_backend():
-    m = _layer("torch", d=3, K=12, use_bias=True)
+@pytest.mark.parametrize("reg_on", ["encoder", "decoder"])
+def test_gradcheck_layer_loss_torch_backend(reg_on):
+    m = _layer("torch", d=3, K=12, use_bias=True, reg_on=reg_on)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     names = ["prototypes", "W_dec", "lambda_raw", "b_dec"]
     params = [getattr(m, n).detach().clone().requires_grad_() for n in names]
@@ -219,3 +220,76 @@ def test_nan_input_row():
     out = m(x)
     assert torch.isnan(out.x_hat[1]).all()
     assert torch.isfinite(out.x_hat[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layer_gradients_against_float64(dtype):
+    torch.manual_seed(4)
+    m = sk.SpaDE(16, 64, backend="torch", dtype=dtype, gamma_reg=0.2)
+    x = torch.randn(12, 16, dtype=dtype)
+    m(x).loss.backward()
+    names = ["prototypes", "W_dec", "lambda_raw"]
+    ref = {n: getattr(m, n).detach().double().requires_grad_() for n in names}
+    softplus = torch.nn.functional.softplus
+    loss = spade_forward_reference(
+        x.double(), ref["prototypes"], ref["W_dec"], softplus(ref["lambda_raw"]), gamma_reg=0.2
+    )[2]
+    loss.backward()
+    for n in names:  # gradients come back in the parameter dtype: ~3 significant digits
+        ours, theirs = getattr(m, n).grad.double(), ref[n].grad
+        assert ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6)) < 3e-2, n
+
+
+def test_lambda_trains_in_bfloat16():
+    m = sk.SpaDE(768, 64, dtype=torch.bfloat16, backend="torch")
+    assert m.lambda_raw.dtype == torch.float32
+    assert m.lam.item() == pytest.approx(1 / 1536, rel=1e-6)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    before = m.lambda_raw.item()
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(32, 768, dtype=torch.bfloat16)).loss.backward()
+        opt.step()
+    assert m.lambda_raw.item() != before
+
+
+def test_backend_is_checked_by_name_at_construction():
+    # A layer may be built on the CPU and moved to a GPU later: only the name is
+    # checked up front; availability is checked on the first call.
+    m = sk.SpaDE(4, 8, backend="cuda")
+    with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+        m(torch.randn(2, 4))
+
+
+def test_decode_checks_device_and_indices():
+    m = sk.SpaDE(4, 8)
+    with pytest.raises(ValueError, match="z is on meta"):
+        m.decode(torch.randn(3, 8, device="meta"))
+    bad = sk.SparseCodes(torch.tensor([[9]]), torch.ones(1, 1), torch.ones(1).long(), 8)
+    with pytest.raises(ValueError, match=r"codes.indices must lie in \[0, 8\)"):
+        m.decode(bad)
+
+
+def test_nan_row_does_not_poison_decoder_gradient():
+    m = sk.SpaDE(4, 8, backend="torch")
+    x = torch.randn(3, 4)
+    x[1, 0] = math.nan
+    out = m.decode(m.encode_sparse(x))
+    out[[0, 2]].sum().backward()
+    assert torch.isfinite(m.W_dec.grad).all()
+
+
+def test_constructor_type_errors_and_dtype_names(tmp_path):
+    with pytest.raises(TypeError, match="lambda_init must be a float"):
+        sk.SpaDE(4, 8, lambda_init=True)
+    sk.SpaDE(4, 8).save_pretrained(tmp_path)
+    assert sk.SpaDE.from_pretrained(tmp_path, dtype="float64").prototypes.dtype == torch.float64
+    with pytest.raises(ValueError, match="dtype must be a torch dtype"):
+        sk.SpaDE.from_pretrained(tmp_path, dtype="float99")
+
+
+def test_one_d_input_and_three_leading_dims():
+    m = sk.SpaDE(4, 8, backend="torch")
+    assert m(torch.randn(4)).x_hat.shape == (4,)
+    out = m(torch.randn(2, 3, 5, 4))
+    assert out.x_hat.shape == (2, 3, 5, 4) and out.codes.to_dense().shape == (2, 3, 5, 8)

@@ -15,9 +15,7 @@ from spade_kernels.triton_ import sparse as S
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("SPADE_TEST_GPU=1 but no CUDA device", allow_module_level=True)
-KERNEL_CHECKS = ("test_schema", "test_faketensor", "test_autograd_registration")
-if DEVICE == "cuda":
-    KERNEL_CHECKS += ("test_aot_dispatch_dynamic",)
+KERNEL_CHECKS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
 
 
 def _support(B, C, K, pad=True):
@@ -124,7 +122,9 @@ def test_bfloat16_training_step():
     out = m(torch.randn(10, 16, device=DEVICE, dtype=torch.bfloat16))
     out.loss.backward()
     assert out.x_hat.dtype == torch.bfloat16 and torch.isfinite(out.loss)
-    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert m.prototypes.grad.dtype == m.W_dec.grad.dtype == torch.bfloat16
+    assert m.lambda_raw.grad.dtype == torch.float32  # λ's raw parameter is kept in float32
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
 
 
 @pytest.mark.parametrize("with_grad_d", [False, True])
@@ -134,13 +134,14 @@ def test_support_jacobian_matches_torch(with_grad_d):
     z[3] = 0.0  # an empty row
     grad_z, D = torch.randn(6, 9, device=DEVICE), torch.rand(6, 9, device=DEVICE) * 5
     grad_D = torch.randn(6, 9, device=DEVICE) if with_grad_d else None
-    G, lam_rows = S.support_jacobian(z, grad_z, D, grad_D, 0.7)
-    G_ref, lam_ref = T.support_jacobian(z, grad_z, D, grad_D, 0.7)
+    lam = torch.tensor(0.7, device=DEVICE)
+    G, lam_rows = S.support_jacobian(z, grad_z, D, grad_D, lam)
+    G_ref, lam_ref = T.support_jacobian(z, grad_z, D, grad_D, lam)
     torch.testing.assert_close(G, G_ref)
     torch.testing.assert_close(lam_rows, lam_ref)
-    G, lam_rows = S.support_jacobian(z, None, D, grad_D, 0.7)  # only the regulariser's gradient
-    torch.testing.assert_close(G, T.support_jacobian(z, None, D, grad_D, 0.7)[0])
-    args = (z, grad_z, D, grad_D, 0.7)
+    G, lam_rows = S.support_jacobian(z, None, D, grad_D, lam)  # only the regulariser's gradient
+    torch.testing.assert_close(G, T.support_jacobian(z, None, D, grad_D, lam)[0])
+    args = (z, grad_z, D, grad_D, lam)
     torch.library.opcheck(torch.ops.spade.support_jacobian.default, args, test_utils=KERNEL_CHECKS)
 
 

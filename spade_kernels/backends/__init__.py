@@ -16,7 +16,14 @@ import torch
 
 from ..codes import SparseCodes
 
-__all__ = ["BACKENDS", "Backend", "available_backends", "backend_status", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "available_backends",
+    "backend_status",
+    "check_backend_name",
+    "resolve_backend",
+]
 
 
 @dataclass(frozen=True)
@@ -160,16 +167,21 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """The backend object for ``name`` (``"auto"`` picks the fastest usable one)."""
+def check_backend_name(name) -> None:
+    """Raise unless ``name`` is ``"auto"`` or a known backend (availability is checked per call)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {['auto', *BACKENDS]}")
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """The backend object for ``name`` (``"auto"`` picks the fastest usable one)."""
+    check_backend_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             if BACKENDS[candidate].unavailable_reason() is None:
                 return BACKENDS[candidate]
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {['auto', *BACKENDS]}")
     backend = BACKENDS[name]
     reason = backend.unavailable_reason()
     if reason is not None:

@@ -147,7 +147,7 @@ def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> t
     return out
 
 
-def support_jacobian(z, grad_z, D, grad_D, lam: float):
+def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
     """Per-row backward through sparsemax and s = −λD, on the support (facts 5–6).
 
     Returns ``G`` = ∂L/∂D (B, C) — −λ·(g − mean_S g) plus the direct gradient
@@ -159,7 +159,7 @@ def support_jacobian(z, grad_z, D, grad_D, lam: float):
     g = torch.where(support, grad_z.to(z.dtype), zero) if grad_z is not None else torch.zeros_like(z)
     mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
     gs = torch.where(support, g - mean, zero)  # ∂L/∂s (fact 5)
-    G = -lam * gs
+    G = -lam.detach().to(z.dtype) * gs
     if grad_D is not None:
         G = G + torch.where(support, grad_D.to(z.dtype), zero)
     # where, not a product: D is NaN on rows whose input was NaN (no support).
@@ -464,15 +464,16 @@ def encode_backward(
     or None where not needed.  Cost O(B·C·d), no B×K tensor.
     """
     cd = z.dtype
-    G, lam_rows = ops.support_jacobian(z, grad_z, D, grad_D, float(lam))
+    # λ stays a tensor: a Python float here would stop torch.compile's tracing.
+    G, lam_rows = ops.support_jacobian(z, grad_z, D, grad_D, lam)
     grad_x = grad_A = grad_lam = None
     if needs_input_grad[2]:
         grad_lam = lam_rows.sum().to(lam.dtype).reshape(lam.shape)
     if needs_input_grad[0] or needs_input_grad[1]:
-        xc = x.to(cd)
+        # 0·NaN would leak NaN input rows into ∂prototypes; branch-free so
+        # that torch.compile can trace the backward.
         nan_rows = torch.isnan(z).any(1, keepdim=True)
-        if nan_rows.any():  # 0·NaN would leak those rows into ∂prototypes
-            xc = torch.where(nan_rows, torch.zeros_like(xc), xc)
+        xc = torch.where(nan_rows, torch.zeros((), dtype=cd, device=x.device), x.to(cd))
         gx, gA = _sq_dist_backward(xc, A.to(cd), idx, G, ops)
         grad_x, grad_A = gx.to(x.dtype), gA.to(A.dtype)
     return grad_x, grad_A, grad_lam
@@ -545,7 +546,12 @@ class _SparseDecodeFn(torch.autograd.Function):
             # ∂L/∂z only on the stored support: gathered dot products.
             grad_v = ctx.ops.gather_dot(grad, indices, W).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = ctx.ops.scatter_matmul(values, indices, grad.to(W.dtype), W.shape[0])
+            # Rows whose input was NaN have NaN values in their padding slots
+            # (index 0): keep 0·NaN out of W_dec's gradient.
+            clean = torch.where(
+                torch.isnan(values), torch.zeros((), dtype=values.dtype, device=values.device), values
+            )
+            grad_W = ctx.ops.scatter_matmul(clean, indices, grad.to(W.dtype), W.shape[0])
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = grad.sum(0)
         return grad_v, None, grad_W, grad_b, None

@@ -6,7 +6,7 @@ import os
 
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
-from torch.library import wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
 #: Kernels run on CPU tensors through Triton's interpreter (set before triton is imported).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -25,3 +25,24 @@ def _launch(kernel, grid, *args, **meta) -> None:
     if _INTERPRET and any(isinstance(a, (FakeTensor, FunctionalTensor)) for a in args):
         return
     wrap_triton(kernel)[grid](*args, **meta)
+
+
+def kernel_op(name: str):
+    """Register a launcher as the op ``name``: ``triton_op`` on a GPU, opaque under the interpreter.
+
+    On a GPU ``torch.compile`` traces into a ``triton_op`` and sees the kernel.
+    The interpreter's kernels cannot be traced (the graph would hold only the
+    output allocations), so there the launcher becomes an opaque
+    ``custom_op`` whose fake implementation is the launcher itself run on
+    fake tensors (``_launch`` skips the kernel there): compiled graphs then
+    call the real, interpreted kernels.
+    """
+
+    def register(fn):
+        if not _INTERPRET:
+            return triton_op(name, mutates_args=())(fn)
+        op = custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+
+    return register

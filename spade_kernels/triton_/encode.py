@@ -33,14 +33,15 @@ implementation and a sparse autograd formula.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from ..backends import torch_ as T
 from ..codes import SparseCodes
-from ._utils import _INTERPRET, _launch
+from ._utils import _INTERPRET, _launch, kernel_op
 
 __all__ = ["DEFAULTS", "encode", "encode_forward"]
 
@@ -248,7 +249,7 @@ def _support_sq_dist_kernel(
 # --------------------------------------------------------------------------
 
 
-@triton_op("spade::encode_fwd_select", mutates_args=())
+@kernel_op("spade::encode_fwd_select")
 def encode_fwd_select(
     x: torch.Tensor,
     prototypes: torch.Tensor,
@@ -264,8 +265,9 @@ def encode_fwd_select(
     B, d = x.shape
     K = prototypes.shape[0]
     n_tiles = triton.cdiv(K, block_n)
-    slot_val = torch.empty((B, n_tiles, slots), dtype=torch.float32, device=x.device)
-    slot_idx = torch.empty((B, n_tiles, slots), dtype=torch.int32, device=x.device)
+    # Unused slots are defined (−inf / 0) so the op's output is deterministic.
+    slot_val = torch.full((B, n_tiles, slots), -math.inf, dtype=torch.float32, device=x.device)
+    slot_idx = torch.zeros((B, n_tiles, slots), dtype=torch.int32, device=x.device)
     counts = torch.empty((B, n_tiles), dtype=torch.int32, device=x.device)
     bound = bound.clone()
 
@@ -285,7 +287,7 @@ def encode_fwd_select(
     return slot_val, slot_idx, counts, bound
 
 
-@triton_op("spade::encode_fwd_merge", mutates_args=())
+@kernel_op("spade::encode_fwd_merge")
 def encode_fwd_merge(
     slot_val: torch.Tensor,
     slot_idx: torch.Tensor,
@@ -307,7 +309,7 @@ def encode_fwd_merge(
     return cand, cand_count
 
 
-@triton_op("spade::support_sq_dist", mutates_args=())
+@kernel_op("spade::support_sq_dist")
 def support_sq_dist(x: torch.Tensor, prototypes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Kernel 3: D[b, j] = ‖x_b − prototypes[indices[b, j]]‖², computed directly.
 

@@ -28,11 +28,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from ..backends import torch_ as T
 from ..backends.torch_ import SparseOps
-from ._utils import _INTERPRET, _launch
+from ._utils import _INTERPRET, _launch, kernel_op
 from .encode import _gather_sq_dist
 
 __all__ = [
@@ -149,13 +148,14 @@ def _scatter_matmul_sorted_kernel(
 
 @triton.jit
 def _support_jacobian_kernel(
-    z_ptr, gz_ptr, d_ptr, gd_ptr, g_out_ptr, lam_rows_ptr,
-    C, lam,
+    z_ptr, gz_ptr, d_ptr, gd_ptr, lam_ptr, g_out_ptr, lam_rows_ptr,
+    C,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # One program per row; rows of (B, C) tensors are contiguous.
     row = tl.program_id(0).to(tl.int64)
     base = row * C
+    lam = tl.load(lam_ptr).to(tl.float32)
     tot = tl.zeros((BLOCK_C,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_GRAD_Z:
@@ -190,9 +190,13 @@ def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@triton_op("spade::support_jacobian", mutates_args=())
+@kernel_op("spade::support_jacobian")
 def _support_jacobian_op(
-    z: torch.Tensor, grad_z: torch.Tensor | None, D: torch.Tensor, grad_D: torch.Tensor | None, lam: float
+    z: torch.Tensor,
+    grad_z: torch.Tensor | None,
+    D: torch.Tensor,
+    grad_D: torch.Tensor | None,
+    lam: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     z, D = z.contiguous(), D.contiguous()
     grad_z = None if grad_z is None else grad_z.contiguous()
@@ -203,20 +207,24 @@ def _support_jacobian_op(
     block_c = 16 if _INTERPRET else min(1024, triton.next_power_of_2(max(C, 16)))
     _launch(
         _support_jacobian_kernel, (B,),
-        z, z if grad_z is None else grad_z, D, D if grad_D is None else grad_D, G, lam_rows, C, lam,
+        z, z if grad_z is None else grad_z, D, D if grad_D is None else grad_D, lam, G, lam_rows, C,
         HAS_GRAD_Z=grad_z is not None, HAS_GRAD_D=grad_D is not None, BLOCK_C=block_c,
     )  # fmt: skip
     return G, lam_rows
 
 
-def support_jacobian(z, grad_z, D, grad_D, lam: float):
-    """Triton version of :func:`spade_kernels.backends.torch_.support_jacobian` (G, λ-grad rows)."""
+def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
+    """Triton version of :func:`spade_kernels.backends.torch_.support_jacobian` (G, λ-grad rows).
+
+    ``lam`` is a 0-d tensor (read by the kernel, so tracing needs no value).
+    """
     if z.dtype == torch.float64:
         return T.support_jacobian(z, grad_z, D, grad_D, lam)
+    lam = lam.detach().reshape(()).to(device=z.device, dtype=torch.float32)
     return _support_jacobian_op(z, grad_z, D, grad_D, lam)
 
 
-@triton_op("spade::gather_matmul", mutates_args=())
+@kernel_op("spade::gather_matmul")
 def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b] = Σ_j weights[b, j] · M[indices[b, j]] (float32 accumulation, M's dtype out)."""
     if M.dtype == torch.float64:  # the kernels accumulate in float32
@@ -235,7 +243,7 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
     return out.to(M.dtype)
 
 
-@triton_op("spade::gather_dot", mutates_args=())
+@kernel_op("spade::gather_dot")
 def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b, j] = ⟨G[b], M[indices[b, j]]⟩ (float32 accumulation, M's dtype out)."""
     if M.dtype == torch.float64:
@@ -254,7 +262,7 @@ def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch
     return out.to(M.dtype)
 
 
-@triton_op("spade::scatter_matmul", mutates_args=())
+@kernel_op("spade::scatter_matmul")
 def scatter_matmul(
     weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
 ) -> torch.Tensor:
@@ -275,7 +283,7 @@ def scatter_matmul(
     return out.to(X.dtype)
 
 
-@triton_op("spade::scatter_matmul_sorted", mutates_args=())
+@kernel_op("spade::scatter_matmul_sorted")
 def _scatter_matmul_sorted_op(
     latents: torch.Tensor,
     seg: torch.Tensor,
