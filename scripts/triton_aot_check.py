@@ -95,6 +95,11 @@ def _kernels():
         sorted_types |= {"x_ptr": f"*{dt}", "out_ptr": "*fp32", "stride_xb": "i64", "stride_ok": "i64"}
         sorted_blocks = {"BLOCK_E": 32, "BLOCK_D": 128}
         yield f"scatter_matmul_sorted[{dt}]", S._scatter_matmul_sorted_kernel, sorted_types, sorted_blocks, {}
+    jac_types = {
+        n: "*fp32" for n in ("z_ptr", "gz_ptr", "d_ptr", "gd_ptr", "lam_ptr", "g_out_ptr", "lam_rows_ptr")
+    }
+    jac_consts = {"HAS_GRAD_Z": True, "HAS_GRAD_D": True, "BLOCK_C": 128}
+    yield "support_jacobian", S._support_jacobian_kernel, jac_types, jac_consts, {"num_warps": 4}
 
 
 def _source(fn, types, consts):
