@@ -1,9 +1,10 @@
-"""Build script: the Python package always; the C++/CUDA extension when possible.
+"""Build script: the Python package, and the C++ extension ``spade_kernels._C``.
 
-The extension (``spade_kernels._C``) is compiled from ``csrc/`` only when a
-CUDA-enabled torch and nvcc are present and ``SPADE_SKIP_CUDA_BUILD`` is not
-set; otherwise one line says why it was skipped and the pure-Python package
-(reference + torch backends, Triton kernels) is installed as usual.
+The extension always holds the CPU ops (``csrc/*.cpp``: TORCH_LIBRARY schemas
+and C++/OpenMP kernels).  Its CUDA ops are added only when a CUDA-enabled
+torch and nvcc are present and ``SPADE_SKIP_CUDA_BUILD`` is not set; otherwise
+one line says why they were skipped.  The package imports without the
+extension (``spade_kernels._ext`` reports why it is missing).
 
 Knobs (README, "Build options"): SPADE_SKIP_CUDA_BUILD, TORCH_CUDA_ARCH_LIST,
 MAX_JOBS.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -23,35 +25,46 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _cuda_skip_reason() -> str | None:
     if os.environ.get("SPADE_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         return "SPADE_SKIP_CUDA_BUILD is set"
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed in the build environment (use --no-build-isolation)"
+    import torch
+
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
     if not glob.glob(os.path.join(ROOT, "csrc", "*.cu")):
-        return "csrc/ holds no torch binding (csrc/*.cu) in this release; the kernels build with CMake"
+        return "csrc/ holds no CUDA binding (csrc/*.cu) in this release; the kernels build with CMake"
     return None
 
 
 def _extensions():
+    """``spade_kernels._C``: the CPU ops always (when torch is importable), CUDA ops when possible."""
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("spade_kernels: skipping the C++ extension: torch is not installed in the build environment")
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    args = {"cxx": ["-O3", "-DAT_PARALLEL_OPENMP=1", *openmp]}
     reason = _cuda_skip_reason()
     if reason is not None:
-        print(f"spade_kernels: skipping the CUDA extension: {reason}")
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
-    ext = CUDAExtension(
-        "spade_kernels._C",
-        sources,
-        include_dirs=[os.path.join(ROOT, "csrc", "include")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-    )
-    return [ext], {"build_ext": BuildExtension}
+        print(f"spade_kernels: building the CPU ops only, skipping CUDA: {reason}")
+        ext = CppExtension("spade_kernels._C", cpp, extra_compile_args=args, extra_link_args=openmp)
+    else:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cu = sorted(
+            glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "kernels", "*.cu"))
+        )
+        args["nvcc"] = ["-O3", "-lineinfo"]
+        ext = CUDAExtension(
+            "spade_kernels._C",
+            cpp + cu,
+            include_dirs=[os.path.join(ROOT, "csrc", "include")],
+            extra_compile_args=args,
+            extra_link_args=openmp,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -26,7 +26,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m spade_kernels info; } 2>&1 | tee "$OUT/info.txt"
 SPADE_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider tests/test_triton_encode.py tests/test_triton_sparse.py 2>&1 | tee "$OUT/gpu_tests.log"
 # CUDA kernels (torch-free) against float64 references
-{ cmake -S . -B build && cmake --build build -j8 && ctest --test-dir build --output-on-failure; } > "$OUT/cuda_selftest.log" 2>&1
+{ cmake -S . -B build/cmake && cmake --build build/cmake -j8 && ctest --test-dir build/cmake --output-on-failure; } > "$OUT/cuda_selftest.log" 2>&1
 tail -5 "$OUT/cuda_selftest.log"
 # atomic vs latent-sorted sparse-transpose product, gathers: torch vs Triton
 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_sparse.py --benchmark-json "$OUT/bench_sparse.json" 2>&1 | tail -25

@@ -1,6 +1,9 @@
 """``sparsemax(input, dim)``: exact sparsemax with the closed-form backward.
 
-Forward is the sort-based projection of :mod:`spade_kernels.reference`;
+Forward is the sort-free C++ op ``spade::sparsemax_rows`` on CPU float32 /
+float64 tensors when the extension is built (pruning to entries above
+max − 1, then Michelot's iteration), and otherwise the sort-based projection
+of :mod:`spade_kernels.reference`;
 backward is DESIGN.md §2 fact 5 — on the support S of each row,
 ∂L/∂s = g − mean_{j∈S} g_j, and 0 off the support — instead of autograd
 through a sort.
@@ -12,7 +15,7 @@ import torch
 
 from .reference import sparsemax_reference
 
-__all__ = ["sparsemax", "sparsemax_backward"]
+__all__ = ["sparsemax", "sparsemax_backward", "sparsemax_sort"]
 
 
 def sparsemax_backward(z: torch.Tensor, grad: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -29,10 +32,22 @@ def sparsemax_backward(z: torch.Tensor, grad: torch.Tensor, dim: int = -1) -> to
     return torch.where(nan_rows, torch.full_like(out, float("nan")), out)
 
 
+def _forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
+    """Sort-free C++ op for CPU float32/float64 when the extension is built, else sort-based."""
+    from . import _ext
+
+    cpu_float = input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+    if not sort_based and cpu_float and _ext.available():
+        rows = input.movedim(dim, -1)
+        out, _tau = torch.ops.spade.sparsemax_rows(rows.reshape(-1, rows.shape[-1]))
+        return out.reshape(rows.shape).movedim(-1, dim)
+    return sparsemax_reference(input, dim=dim)
+
+
 class _Sparsemax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input: torch.Tensor, dim: int) -> torch.Tensor:
-        z = sparsemax_reference(input, dim=dim)
+    def forward(ctx, input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
+        z = _forward(input, dim, sort_based)
         ctx.save_for_backward(z)
         ctx.dim = dim
         return z
@@ -40,7 +55,12 @@ class _Sparsemax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (z,) = ctx.saved_tensors
-        return sparsemax_backward(z, grad_output, ctx.dim), None
+        return sparsemax_backward(z, grad_output, ctx.dim), None, None
+
+
+def sparsemax_sort(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """:func:`sparsemax` computed by the plain-PyTorch sort always (the ``reference`` backend's path)."""
+    return _Sparsemax.apply(input, dim, True)
 
 
 def sparsemax(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -76,4 +96,4 @@ def sparsemax(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
         raise ValueError("sparsemax: input must have at least one dimension, got a 0-d tensor")
     if not -input.dim() <= dim < input.dim():
         raise ValueError(f"sparsemax: dim={dim} is out of range for a {input.dim()}-d input")
-    return _Sparsemax.apply(input, dim)
+    return _Sparsemax.apply(input, dim, False)

@@ -77,12 +77,12 @@ def _always() -> str | None:
 def reference_codes_and_distances(x, prototypes, lam):
     """Dense codes z and distances D of the ``reference`` backend (B×K each)."""
     from ..reference import squared_distances
-    from ..sparsemax import sparsemax
+    from ..sparsemax import sparsemax_sort
 
     # Distances in the input dtype (the paper's low-precision path), the
     # projection in float32 at least: codes of half inputs stay float32.
     D = squared_distances(x, prototypes, naive=False)
-    return sparsemax((-lam * D).to(torch.promote_types(D.dtype, torch.float32)), dim=-1), D
+    return sparsemax_sort((-lam * D).to(torch.promote_types(D.dtype, torch.float32)), dim=-1), D
 
 
 def _reference_encode(x, prototypes, lam):
@@ -114,7 +114,11 @@ def _triton_encode(x, prototypes, lam):
 
 
 def _cuda_status() -> str | None:
-    return "the CUDA C++ extension is not part of this release yet (spade_kernels._C was not built)"
+    from .. import _ext
+
+    if not _ext.available():
+        return _ext.reason
+    return "spade_kernels._C holds CPU ops only so far: the CUDA encoder ops are not written yet"
 
 
 def _unavailable(name: str, reason: Callable[[], str | None]):
