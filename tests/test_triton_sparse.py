@@ -179,3 +179,16 @@ def test_bfloat16_gradients_against_float64_reference():
         ours, theirs = getattr(m, n).grad.double(), ref[n].grad
         scale = theirs.abs().max().clamp_min(1e-6)
         assert ((ours - theirs).abs().max() / scale) < 3e-2, n
+
+
+def test_triton_ops_take_the_dense_path_when_enabled(monkeypatch):
+    w, idx = _support(6, 9, 20)
+    M, X = torch.randn(20, 12, device=DEVICE), torch.randn(6, 12, device=DEVICE)
+    sparse = [S.TRITON_OPS.gather_matmul(w, idx, M), S.TRITON_OPS.scatter_matmul(w, idx, X, 20)]
+    calls = []
+    monkeypatch.setattr(T, "DENSE_FRACTION", {DEVICE: 0.0})
+    monkeypatch.setattr(T, "_densify", lambda *a, _f=T._densify: calls.append(1) or _f(*a))
+    dense = [S.TRITON_OPS.gather_matmul(w, idx, M), S.TRITON_OPS.scatter_matmul(w, idx, X, 20)]
+    assert len(calls) == 2  # both went through the dense GEMM path
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

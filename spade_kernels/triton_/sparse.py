@@ -328,5 +328,32 @@ def scatter_matmul_sorted(
     return _scatter_matmul_sorted_op(latents, seg, rows, w[live][order].contiguous(), X, n_rows)
 
 
+def _dense_or(kernel_op, torch_op, n_latents_arg: int):
+    """Use the ``torch`` primitive's dense-GEMM path where supports are wide enough.
+
+    The switch is ``torch_.DENSE_FRACTION`` per device type (see its note):
+    the crossover on a GPU has not been measured, so CUDA tensors always take
+    the Triton kernels until it is.
+    """
+
+    def op(*args):
+        indices = args[1]
+        n_latents = (
+            args[n_latents_arg] if isinstance(args[n_latents_arg], int) else args[n_latents_arg].shape[0]
+        )
+        if T._dense(indices.shape[1], n_latents, indices.device):
+            return torch_op(*args)
+        return kernel_op(*args)
+
+    op.__name__ = torch_op.__name__
+    return op
+
+
 #: The Triton kernels in the shape the shared sparse formulas expect.
-TRITON_OPS = SparseOps(gather_matmul, gather_dot, scatter_matmul, _gather_sq_dist, support_jacobian)
+TRITON_OPS = SparseOps(
+    _dense_or(gather_matmul, T.gather_matmul, 2),
+    _dense_or(gather_dot, T.gather_dot, 2),
+    _dense_or(scatter_matmul, T.scatter_matmul, 3),
+    _gather_sq_dist,
+    support_jacobian,
+)
