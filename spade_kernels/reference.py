@@ -23,6 +23,35 @@ def _low_precision(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def _shift_to_row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores − m, m) with m each row's finite maximum (0 where it is not finite).
+
+    Sparsemax is shift-invariant (fact 1); working relative to the maximum
+    keeps cumulative sums and s − τ accurate for large |s|.
+    """
+    top = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.sum(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return scores - top, top
+
+
+def _shifted_threshold(rel: torch.Tensor) -> torch.Tensor:
+    """Sort-based τ of rows already shifted by :func:`_shift_to_row_max`; NaN where undefined."""
+    s_sorted, _ = torch.sort(rel, dim=-1, descending=True)
+    # −inf entries are zeroed before the cumulative sum so that it stays
+    # finite; they never pass the support test (masked by ``finite``) and they
+    # sort last, so the support stays a prefix of the sorted row.
+    finite = torch.isfinite(s_sorted)
+    s_fin = torch.where(finite, s_sorted, torch.zeros_like(s_sorted))
+    csum = torch.cumsum(s_fin, dim=-1)
+    j = torch.arange(1, rel.shape[-1] + 1, device=rel.device, dtype=rel.dtype)
+    in_support = (1 + j * s_sorted > csum) & finite
+    k = in_support.sum(dim=-1, keepdim=True)  # support is a prefix of the sorted row
+    c_k = csum.gather(-1, (k - 1).clamp_min(0))
+    tau = (c_k - 1) / k.to(rel.dtype)
+    bad = torch.isnan(rel).any(dim=-1, keepdim=True) | (rel == float("inf")).any(dim=-1, keepdim=True)
+    return torch.where(bad | (k == 0), torch.full_like(tau, float("nan")), tau)
+
+
 def sparsemax_threshold(scores: torch.Tensor) -> torch.Tensor:
     """Exact sparsemax threshold τ of every row of ``scores`` (last dim).
 
@@ -32,25 +61,8 @@ def sparsemax_threshold(scores: torch.Tensor) -> torch.Tensor:
     support.  Rows containing NaN or +inf, and rows that are all −inf, have no
     sparsemax: their τ is NaN.
     """
-    # Relative to the row maximum (shift invariance): accurate for large |s|.
-    top = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.sum(-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    scores = scores - top
-    s_sorted, _ = torch.sort(scores, dim=-1, descending=True)
-    # −inf entries are zeroed before the cumulative sum so that it stays
-    # finite; they never pass the support test (masked by ``finite``) and they
-    # sort last, so the support stays a prefix of the sorted row.
-    finite = torch.isfinite(s_sorted)
-    s_fin = torch.where(finite, s_sorted, torch.zeros_like(s_sorted))
-    csum = torch.cumsum(s_fin, dim=-1)
-    j = torch.arange(1, scores.shape[-1] + 1, device=scores.device, dtype=scores.dtype)
-    in_support = (1 + j * s_sorted > csum) & finite
-    k = in_support.sum(dim=-1, keepdim=True)  # support is a prefix of the sorted row
-    c_k = csum.gather(-1, (k - 1).clamp_min(0))
-    tau = (c_k - 1) / k.to(scores.dtype)
-    bad = torch.isnan(scores).any(dim=-1, keepdim=True) | (scores == float("inf")).any(dim=-1, keepdim=True)
-    bad = bad | (k == 0)
-    return torch.where(bad, torch.full_like(tau, float("nan")), tau + top)
+    rel, top = _shift_to_row_max(scores)
+    return _shifted_threshold(rel) + top
 
 
 def sparsemax_reference(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -65,11 +77,9 @@ def sparsemax_reference(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
     work = work.movedim(dim, -1)
     if work.shape[-1] == 0:
         return input.clone()
-    # Shift first so that s − τ never subtracts two large numbers.
-    top = work.amax(dim=-1, keepdim=True)
-    work = work - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    tau = sparsemax_threshold(work)
-    out = torch.clamp(work - tau, min=0)
+    rel, _ = _shift_to_row_max(work)  # so that s − τ never subtracts two large numbers
+    tau = _shifted_threshold(rel)
+    out = torch.clamp(rel - tau, min=0)
     out = torch.where(torch.isnan(tau), torch.full_like(out, float("nan")), out)
     return out.movedim(-1, dim).to(input.dtype)
 
