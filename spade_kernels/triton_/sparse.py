@@ -190,6 +190,25 @@ def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _launch_product(kernel, first, indices, second, out, *, over_support: bool) -> None:
+    """Launch one of the three product kernels, which share one argument layout.
+
+    Grid: one program per (row of ``indices``, block of the support) when
+    ``over_support`` (``gather_dot``), else per (row, block of d).
+    """
+    first, indices, second = (_contiguous_rows(t) for t in (first, indices, second))
+    B, C = indices.shape
+    d = second.shape[1]
+    block_c, block_d = _blocks(d)
+    grid = (B, triton.cdiv(C, block_c) if over_support else triton.cdiv(d, block_d))
+    _launch(
+        kernel, grid,
+        first, indices, second, out, C, d,
+        first.stride(0), indices.stride(0), second.stride(0), out.stride(0),
+        BLOCK_C=block_c, BLOCK_D=block_d,
+    )  # fmt: skip
+
+
 @kernel_op("spade::support_jacobian")
 def _support_jacobian_op(
     z: torch.Tensor,
@@ -229,17 +248,8 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
     """out[b] = Σ_j weights[b, j] · M[indices[b, j]] (float32 accumulation, M's dtype out)."""
     if M.dtype == torch.float64:  # the kernels accumulate in float32
         return T.gather_matmul(weights, indices, M)
-    weights, indices, M = (_contiguous_rows(t) for t in (weights, indices, M))
-    B, C = indices.shape
-    d = M.shape[1]
-    out = torch.empty((B, d), dtype=torch.float32, device=M.device)
-    block_c, block_d = _blocks(d)
-    _launch(
-        _gather_matmul_kernel, (B, triton.cdiv(d, block_d)),
-        weights, indices, M, out, C, d,
-        weights.stride(0), indices.stride(0), M.stride(0), out.stride(0),
-        BLOCK_C=block_c, BLOCK_D=block_d,
-    )  # fmt: skip
+    out = torch.empty((indices.shape[0], M.shape[1]), dtype=torch.float32, device=M.device)
+    _launch_product(_gather_matmul_kernel, weights, indices, M, out, over_support=False)
     return out.to(M.dtype)
 
 
@@ -248,17 +258,8 @@ def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch
     """out[b, j] = ⟨G[b], M[indices[b, j]]⟩ (float32 accumulation, M's dtype out)."""
     if M.dtype == torch.float64:
         return T.gather_dot(G, indices, M)
-    G, indices, M = (_contiguous_rows(t) for t in (G, indices, M))
-    B, C = indices.shape
-    d = M.shape[1]
-    out = torch.empty((B, C), dtype=torch.float32, device=M.device)
-    block_c, block_d = _blocks(d)
-    _launch(
-        _gather_dot_kernel, (B, triton.cdiv(C, block_c)),
-        G, indices, M, out, C, d,
-        G.stride(0), indices.stride(0), M.stride(0), out.stride(0),
-        BLOCK_C=block_c, BLOCK_D=block_d,
-    )  # fmt: skip
+    out = torch.empty(indices.shape, dtype=torch.float32, device=M.device)
+    _launch_product(_gather_dot_kernel, G, indices, M, out, over_support=True)
     return out.to(M.dtype)
 
 
@@ -269,17 +270,8 @@ def scatter_matmul(
     """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b] (float32 atomics, X's dtype out)."""
     if X.dtype == torch.float64:
         return T.scatter_matmul(weights, indices, X, n_rows)
-    weights, indices, X = (_contiguous_rows(t) for t in (weights, indices, X))
-    B, C = indices.shape
-    d = X.shape[1]
-    out = torch.zeros((n_rows, d), dtype=torch.float32, device=X.device)
-    block_c, block_d = _blocks(d)
-    _launch(
-        _scatter_matmul_kernel, (B, triton.cdiv(d, block_d)),
-        weights, indices, X, out, C, d,
-        weights.stride(0), indices.stride(0), X.stride(0), out.stride(0),
-        BLOCK_C=block_c, BLOCK_D=block_d,
-    )  # fmt: skip
+    out = torch.zeros((n_rows, X.shape[1]), dtype=torch.float32, device=X.device)
+    _launch_product(_scatter_matmul_kernel, weights, indices, X, out, over_support=False)
     return out.to(X.dtype)
 
 
