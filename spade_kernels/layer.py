@@ -178,21 +178,23 @@ class SpaDE(nn.Module):
     def _backend(self, x: torch.Tensor):
         return resolve_backend(self.backend, x.device)
 
-    def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, self.d_in).to(torch.promote_types(x.dtype, self.prototypes.dtype))
+    def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x flattened to (B, d_in) and the prototypes, both in their common dtype."""
+        dtype = torch.promote_types(x.dtype, self.prototypes.dtype)
+        return x.reshape(-1, self.d_in).to(dtype), self.prototypes.to(dtype)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes (..., d_sae)."""
         self._check_input(x)
-        flat = self._cast(x)
-        z = self._backend(x).encode_dense(flat, self.prototypes.to(flat.dtype), self.lam)
+        flat, A = self._operands(x)
+        z = self._backend(x).encode_dense(flat, A, self.lam)
         return z.reshape(*x.shape[:-1], self.d_sae)
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
         """Sparse codes, indices/values of shape (..., C)."""
         self._check_input(x)
-        flat = self._cast(x)
-        codes = self._backend(x).encode(flat, self.prototypes.to(flat.dtype), self.lam)
+        flat, A = self._operands(x)
+        codes = self._backend(x).encode(flat, A, self.lam)
         return codes.reshape_batch(x.shape[:-1])
 
     def decode(self, z) -> torch.Tensor:
@@ -222,11 +224,11 @@ class SpaDE(nn.Module):
         """Encode, decode and compute the SpaDE loss (DESIGN.md §2)."""
         self._check_input(x)
         backend = self._backend(x)
-        flat = self._cast(x)
+        flat, A = self._operands(x)
         lam = self.lam
         reg_rows = self.prototypes if self.reg_on == "encoder" else self.W_dec
         if backend.dense:
-            z, D = reference_codes_and_distances(flat, self.prototypes.to(flat.dtype), lam)
+            z, D = reference_codes_and_distances(flat, A, lam)
             x_hat = self.decode(z)
             W = self.W_dec.to(flat.dtype)
             D_reg = D if self.reg_on == "encoder" else squared_distances(flat, W, naive=False)
@@ -234,7 +236,7 @@ class SpaDE(nn.Module):
             codes = SparseCodes.from_dense(z)
         else:
             ops = backend.sparse_ops()
-            codes = backend.encode(flat, self.prototypes.to(flat.dtype), lam)
+            codes = backend.encode(flat, A, lam)
             x_hat = sparse_decode(codes, self.W_dec, self.b_dec, ops)
             if self.reg_on == "encoder" and codes.distances is not None:
                 # The encoder's exact support distances: the regulariser's
