@@ -1,9 +1,10 @@
 """Build script: the Python package, and the C++ extension ``spade_kernels._C``.
 
 The extension always holds the CPU ops (``csrc/*.cpp``: TORCH_LIBRARY schemas
-and C++/OpenMP kernels).  Its CUDA ops are added only when a CUDA-enabled
-torch and nvcc are present and ``SPADE_SKIP_CUDA_BUILD`` is not set; otherwise
-one line says why they were skipped.  The package imports without the
+and C++/OpenMP kernels).  Its CUDA ops (``csrc/cuda/*.cpp``, the binding, and
+``csrc/kernels/*.cu``, the kernels) are added only when a CUDA-enabled torch
+and nvcc are present and ``SPADE_SKIP_CUDA_BUILD`` is not set; otherwise one
+line says why they were skipped.  The package imports without the
 extension (``spade_kernels._ext`` reports why it is missing).
 
 Knobs (README, "Build options"): SPADE_SKIP_CUDA_BUILD, TORCH_CUDA_ARCH_LIST,
@@ -31,8 +32,6 @@ def _cuda_skip_reason() -> str | None:
         return f"torch {torch.__version__} is a CPU-only build"
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
-    if not glob.glob(os.path.join(ROOT, "csrc", "*.cu")):
-        return "csrc/ holds no CUDA binding (csrc/*.cu) in this release; the kernels build with CMake"
     return None
 
 
@@ -53,9 +52,7 @@ def _extensions():
         ext = CppExtension("spade_kernels._C", cpp, extra_compile_args=args, extra_link_args=openmp)
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        cu = sorted(
-            glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "kernels", "*.cu"))
-        )
+        cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "kernels", "*.cu")))
         args["nvcc"] = ["-O3", "-lineinfo"]
         ext = CUDAExtension(
             "spade_kernels._C",

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-__all__ = ["available", "reason"]
+__all__ = ["available", "cuda_kernels", "reason", "require"]
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 reason: str | None = None
@@ -41,8 +41,61 @@ def available() -> bool:
     return _LOADED
 
 
+def cuda_kernels() -> bool:
+    """Whether the extension was built with its CUDA kernels (a CUDA torch and nvcc at build time)."""
+    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("spade::exact_codes", "CUDA")
+
+
+def require(device: torch.device) -> None:
+    """Raise a precise error unless the native ops can run on ``device``."""
+    if not _LOADED:
+        raise RuntimeError(f"the spade C++ ops are not available: {reason}")
+    if device.type == "cuda" and not cuda_kernels():
+        raise RuntimeError(
+            "spade_kernels._C was built without its CUDA kernels (a CPU-only torch, no nvcc, or "
+            "SPADE_SKIP_CUDA_BUILD at build time); rebuild with a CUDA torch and nvcc: "
+            "pip install --no-build-isolation -e ."
+        )
+
+
 if _LOADED:
+    # Fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck.
 
     @torch.library.register_fake("spade::sparsemax_rows")
     def _(scores):
-        return torch.empty_like(scores), scores.new_empty(scores.shape[:1])
+        tau_dtype = torch.float32 if scores.device.type == "cuda" else scores.dtype
+        return torch.empty_like(scores), scores.new_empty(scores.shape[:1], dtype=tau_dtype)
+
+    @torch.library.register_fake("spade::select_candidates")
+    def _(x, A, aa, lam, margin, chunk, cap):
+        B = x.shape[0]
+        return x.new_empty((B, cap), dtype=torch.long), x.new_empty((B,), dtype=torch.bool)
+
+    @torch.library.register_fake("spade::exact_codes")
+    def _(x, A, lam, cand):
+        return (
+            x.new_empty(cand.shape),
+            cand.new_empty(cand.shape),
+            cand.new_empty(cand.shape[:1]),
+            x.new_empty(cand.shape),
+        )
+
+    @torch.library.register_fake("spade::support_jacobian")
+    def _(z, grad_z, D, grad_D, lam):
+        return torch.empty_like(z), z.new_empty(z.shape[:1])
+
+    @torch.library.register_fake("spade::gather_matmul")
+    def _(weights, indices, M):
+        return M.new_empty((indices.shape[0], M.shape[1]))
+
+    @torch.library.register_fake("spade::gather_dot")
+    def _(G, indices, M):
+        return M.new_empty(indices.shape)
+
+    @torch.library.register_fake("spade::gather_sq_dist")
+    def _(x, indices, M):
+        return M.new_empty(indices.shape)
+
+    @torch.library.register_fake("spade::scatter_matmul")
+    def _(weights, indices, X, n_rows):
+        return X.new_empty((n_rows, X.shape[1]))

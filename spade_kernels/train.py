@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
 import torch
 
+from .codes import SparseCodes
 from .layer import SpaDE
 
 __all__ = ["TrainHistory", "concept_metrics", "evaluate", "train_spade"]
@@ -180,7 +182,7 @@ def evaluate(layer: SpaDE, x: torch.Tensor, *, batch_size: int = 4096) -> dict[s
 
 @torch.no_grad()
 def concept_metrics(
-    layer: SpaDE,
+    layer: SpaDE | Callable[[torch.Tensor], torch.Tensor | SparseCodes],
     x: torch.Tensor,
     labels: torch.Tensor,
     n_concepts: int,
@@ -198,22 +200,28 @@ def concept_metrics(
 
     Parameters
     ----------
-    layer : SpaDE
+    layer : SpaDE or callable
+        A SpaDE layer (encoded with ``encode_sparse``, batches moved to its
+        device), or any encoder: a function from a batch (B, d) to codes,
+        dense (B, K) or :class:`SparseCodes`, called on batches of ``x`` as
+        they are (same device).  Any SAE is scored by the same metric this
+        way, e.g. ``concept_metrics(sae.encode, ...)``.
     x : Tensor, shape (N, d_in)
     labels : Tensor, int64, shape (N,)
         Concept ids in ``[0, n_concepts)``.
     n_concepts : int
     top_k : int
-        Latents averaged per concept (capped at ``d_sae``).
+        Latents averaged per concept (capped at the number of latents K).
     batch_size : int
-        Samples encoded at a time (memory is O(batch_size·C + n_concepts·d_sae)).
+        Samples encoded at a time (memory is O(batch_size·C + n_concepts·K)).
 
     Returns
     -------
     dict
         ``"top_f1"`` (n_concepts,) float in [0, 1]; ``"mean_l0"``
-        (n_concepts,) mean support size of the concept's samples (NaN for an
-        empty concept); ``"count"`` (n_concepts,) int64 samples per concept.
+        (n_concepts,) mean support size (number of codes > 0) of the
+        concept's samples (NaN for an empty concept); ``"count"``
+        (n_concepts,) int64 samples per concept.
     """
     if labels.shape != x.shape[:1]:
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
@@ -221,12 +229,29 @@ def concept_metrics(
         raise ValueError(
             f"labels must lie in [0, {n_concepts}), got [{int(labels.min())}, {int(labels.max())}]"
         )
-    K = layer.d_sae
-    true_pos = torch.zeros(n_concepts * K, dtype=torch.int64)
-    active = torch.zeros(K, dtype=torch.int64)
+    if isinstance(layer, SpaDE):
+        encode, device = layer.encode_sparse, layer.prototypes.device
+    elif callable(layer):
+        encode, device = layer, x.device
+    else:
+        raise TypeError(f"layer must be a SpaDE or a callable encoder, got {type(layer).__name__}")
+    K = layer.d_sae if isinstance(layer, SpaDE) else None
+    true_pos = active = None
     l0_sum = torch.zeros(n_concepts, dtype=torch.float64)
-    for start, xb in _batches(x, batch_size, layer.prototypes.device):
-        codes = layer.encode_sparse(xb)
+    for start, xb in _batches(x, batch_size, device):
+        codes = encode(xb)
+        if not isinstance(codes, SparseCodes):
+            if not isinstance(codes, torch.Tensor) or codes.shape[:-1] != xb.shape[:1] or codes.dim() != 2:
+                raise ValueError(
+                    f"the encoder must return codes of shape ({xb.shape[0]}, K) or SparseCodes, got "
+                    f"{tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__}"
+                )
+            codes = SparseCodes.from_dense(codes)
+        if K is None:
+            K = codes.n_latents
+        if true_pos is None:
+            true_pos = torch.zeros(n_concepts * K, dtype=torch.int64)
+            active = torch.zeros(K, dtype=torch.int64)
         lab = labels[start : start + xb.shape[0]].to(codes.indices.device)
         # Slots past support_size are padding (index 0, value 0): mask them out.
         on = torch.arange(codes.width, device=lab.device) < codes.support_size[:, None]
@@ -236,6 +261,9 @@ def concept_metrics(
         active += torch.bincount(idx, minlength=K).cpu()
         l0_sum.index_add_(0, lab.cpu(), codes.support_size.double().cpu())
     count = torch.bincount(labels.cpu(), minlength=n_concepts)
+    if true_pos is None:  # no samples: nothing active, every concept empty
+        K = K or 1
+        true_pos, active = torch.zeros(n_concepts * K, dtype=torch.int64), torch.zeros(K, dtype=torch.int64)
     f1 = 2 * true_pos.view(n_concepts, K).double() / (active[None, :] + count[:, None]).clamp_min(1)
     top = f1.topk(min(top_k, K), dim=1).values.mean(1)
     return {"top_f1": top, "mean_l0": l0_sum / count, "count": count}

@@ -140,3 +140,37 @@ def test_evaluate_matches_full_batch(data):
     assert stats["mse"] == pytest.approx(out.mse.item(), rel=1e-5)
     assert stats["l0"] == pytest.approx(out.codes.support_size.float().mean().item(), rel=1e-6)
     assert stats["lam"] == pytest.approx(layer.lam.item())
+
+
+def test_concept_metrics_any_encoder(data):
+    # A callable encoder is scored by the same metric: dense codes and SparseCodes give the
+    # layer's own result.
+    ds, x = data
+    layer = _layer()
+    expected = concept_metrics(layer, x, ds.labels, ds.n_concepts, batch_size=1000)
+    for encode in (layer.encode, layer.encode_sparse):
+        got = concept_metrics(encode, x, ds.labels, ds.n_concepts, batch_size=1000)
+        for key in ("top_f1", "mean_l0", "count"):
+            torch.testing.assert_close(got[key], expected[key])
+
+
+def test_concept_metrics_relu_style_codes():
+    # Hand-made codes: latent 0 fires on concept 0 only, latent 1 on everything, latent 2 never.
+    labels = torch.tensor([0, 0, 1, 1])
+    x = labels[:, None].float()
+
+    def encode(xb):
+        return torch.stack([1 - xb[:, 0], torch.full_like(xb[:, 0], 0.5), torch.zeros_like(xb[:, 0])], 1)
+
+    m = concept_metrics(encode, x, labels, 2, top_k=1, batch_size=3)
+    # Concept 0: latent 0 (F1 1); concept 1: latent 1 (2·2 / (4 + 2)).
+    torch.testing.assert_close(m["top_f1"], torch.tensor([1.0, 2 / 3], dtype=torch.float64))
+    torch.testing.assert_close(m["mean_l0"], torch.tensor([2.0, 1.0], dtype=torch.float64))
+
+
+def test_concept_metrics_rejects_bad_encoder(data):
+    ds, x = data
+    with pytest.raises(TypeError, match="callable encoder"):
+        concept_metrics("not an encoder", x, ds.labels, ds.n_concepts)
+    with pytest.raises(ValueError, match="the encoder must return codes"):
+        concept_metrics(lambda xb: xb.sum(1), x, ds.labels, ds.n_concepts)

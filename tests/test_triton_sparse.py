@@ -56,9 +56,9 @@ def test_primitives_non_contiguous():
 def test_opcheck_primitives():
     w, idx = _support(4, 6, 10)
     M, X = torch.randn(10, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE)
-    torch.library.opcheck(torch.ops.spade.gather_matmul.default, (w, idx, M), test_utils=KERNEL_CHECKS)
-    torch.library.opcheck(torch.ops.spade.gather_dot.default, (X, idx, M), test_utils=KERNEL_CHECKS)
-    torch.library.opcheck(torch.ops.spade.scatter_matmul.default, (w, idx, X, 10), test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(torch.ops.spade_triton.gather_matmul.default, (w, idx, M), test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(torch.ops.spade_triton.gather_dot.default, (X, idx, M), test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(torch.ops.spade_triton.scatter_matmul.default, (w, idx, X, 10), test_utils=KERNEL_CHECKS)
 
 
 @pytest.mark.parametrize("reg_on", ["encoder", "decoder"])
@@ -142,7 +142,7 @@ def test_support_jacobian_matches_torch(with_grad_d):
     G, lam_rows = S.support_jacobian(z, None, D, grad_D, lam)  # only the regulariser's gradient
     torch.testing.assert_close(G, T.support_jacobian(z, None, D, grad_D, lam)[0])
     args = (z, grad_z, D, grad_D, lam)
-    torch.library.opcheck(torch.ops.spade.support_jacobian.default, args, test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(torch.ops.spade_triton.support_jacobian.default, args, test_utils=KERNEL_CHECKS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -44,10 +44,24 @@ class Backend:
         """``None`` when usable here, else why not."""
         return self._status()
 
-    def supports(self, device: torch.device) -> bool:
+    def device_reason(self, device: torch.device) -> str | None:
+        """``None`` when this backend runs on tensors on ``device``, else why not."""
         if self.name in ("reference", "torch"):
-            return True
-        return device.type == "cuda" or (self.name == "triton" and _triton_interpreter())
+            return None
+        if self.name == "cuda":
+            from .. import _ext
+
+            if device.type == "cpu" or (device.type == "cuda" and _ext.cuda_kernels()):
+                return None
+            if device.type == "cuda":
+                return "spade_kernels._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time)"
+            return f"it runs on CUDA and CPU tensors, got tensors on {device}"
+        if device.type == "cuda" or _triton_interpreter():
+            return None
+        return f"it needs CUDA tensors, got tensors on {device}"
+
+    def supports(self, device: torch.device) -> bool:
+        return self.device_reason(device) is None
 
     def sparse_ops(self):
         """The products over a support (decoder, regulariser, backward) this backend runs on."""
@@ -55,6 +69,10 @@ class Backend:
             from ..triton_.sparse import TRITON_OPS
 
             return TRITON_OPS
+        if self.name == "cuda":
+            from .cuda import NATIVE_OPS
+
+            return NATIVE_OPS
         from .torch_ import TORCH_OPS
 
         return TORCH_OPS
@@ -116,16 +134,13 @@ def _triton_encode(x, prototypes, lam):
 def _cuda_status() -> str | None:
     from .. import _ext
 
-    if not _ext.available():
-        return _ext.reason
-    return "spade_kernels._C holds CPU ops only so far: the CUDA encoder ops are not written yet"
+    return None if _ext.available() else _ext.reason
 
 
-def _unavailable(name: str, reason: Callable[[], str | None]):
-    def encode(*_args, **_kwargs):
-        raise RuntimeError(f"backend {name!r} is not available: {reason()}")
+def _cuda_encode(x, prototypes, lam):
+    from . import cuda
 
-    return encode
+    return cuda.encode(x, prototypes, lam)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -150,7 +165,13 @@ BACKENDS: dict[str, Backend] = {
         _triton_status,
         _triton_encode,
     ),
-    "cuda": Backend("cuda", "CUDA C++ extension", False, _cuda_status, _unavailable("cuda", _cuda_status)),
+    "cuda": Backend(
+        "cuda",
+        "C++/CUDA extension: cuBLAS chunks + selection epilogue, exact merge, sparse backward (C++/OpenMP twins on CPU tensors)",
+        False,
+        _cuda_status,
+        _cuda_encode,
+    ),
 }
 
 #: Preference order of ``backend="auto"`` per device type.
@@ -184,12 +205,14 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     check_backend_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if BACKENDS[candidate].unavailable_reason() is None:
-                return BACKENDS[candidate]
+            backend = BACKENDS[candidate]
+            if backend.unavailable_reason() is None and backend.supports(device):
+                return backend
     backend = BACKENDS[name]
     reason = backend.unavailable_reason()
     if reason is not None:
         raise ValueError(f"backend {name!r} is not available: {reason}")
-    if not backend.supports(device):
-        raise ValueError(f"backend {name!r} needs CUDA tensors, got tensors on {device}")
+    device_reason = backend.device_reason(device)
+    if device_reason is not None:
+        raise ValueError(f"backend {name!r} cannot run here: {device_reason}")
     return backend

@@ -71,6 +71,27 @@ def _dense(C: int, K: int, device: torch.device) -> bool:
     return fraction is not None and C >= fraction * K
 
 
+def dense_or(kernel_op: Callable, torch_op: Callable, n_latents_arg: int) -> Callable:
+    """``kernel_op``, except where supports are wide enough for the dense-GEMM path of ``torch_op``.
+
+    For the backends whose sparse products are kernels (``triton``, ``cuda``):
+    the switch is :data:`DENSE_FRACTION` per device type; devices without a
+    measured crossover always take the kernels.  ``n_latents_arg`` is the
+    position of the argument that gives K (an int, or a tensor with K rows).
+    """
+
+    def op(*args):
+        indices = args[1]
+        K = args[n_latents_arg]
+        K = K if isinstance(K, int) else K.shape[0]
+        if _dense(indices.shape[1], K, indices.device):
+            return torch_op(*args)
+        return kernel_op(*args)
+
+    op.__name__ = torch_op.__name__
+    return op
+
+
 def _densify(weights: torch.Tensor, indices: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
     dense = torch.zeros(indices.shape[0], K, dtype=dtype, device=indices.device)
     return dense.scatter_add_(1, indices, weights.to(dtype))
@@ -418,17 +439,34 @@ def exact_codes(x, A, lam, cand, nan_rows, sq_dist=None):
     tau = _sorted_threshold(s)
     z = (s - tau.unsqueeze(1)).clamp_min(0)
     support = z > 0
-    size = support.sum(1)
-    C = max(int(size.max()) if size.numel() else 0, 1)
-    z, safe, D, support = z[:, :C], safe[:, :C], D[:, :C], support[:, :C]
     safe = torch.where(support, safe, torch.zeros_like(safe))
     D = torch.where(support, D, torch.zeros_like(D))
+    return finish_codes(z, safe, support.sum(1), D, nan_rows)
+
+
+def finish_codes(z, idx, size, D, nan_rows):
+    """Codes sorted by value descending and zero padded, trimmed to width C = max support.
+
+    Rows in ``nan_rows`` become NaN (values and D) with an empty support.
+    """
+    C = max(int(size.max()) if size.numel() else 0, 1)
+    z, idx, D = z[:, :C], idx[:, :C], D[:, :C]
     if nan_rows.any():
         z[nan_rows] = math.nan
         D[nan_rows] = math.nan
         size[nan_rows] = 0
-        safe[nan_rows] = 0
-    return z, safe, size, D
+        idx[nan_rows] = 0
+    return z, idx, size, D
+
+
+def empty_codes(x: torch.Tensor):
+    """The codes of a batch of zero rows: (values, indices, support_size, D)."""
+    return (
+        x.new_zeros((0, 1)),
+        x.new_zeros((0, 1), dtype=torch.long),
+        x.new_zeros(0, dtype=torch.long),
+        x.new_zeros((0, 1)),
+    )
 
 
 @torch.no_grad()
@@ -439,12 +477,7 @@ def encode_forward(x, A, lam, **options):
     indices, support_size, D_support).
     """
     if x.shape[0] == 0:
-        return (
-            x.new_zeros((0, 1)),
-            x.new_zeros((0, 1), dtype=torch.long),
-            x.new_zeros(0, dtype=torch.long),
-            x.new_zeros((0, 1)),
-        )
+        return empty_codes(x)
     x, A, aa, xx, nan_rows = sanitize(x, A)
     margin = score_margin(xx, aa, lam, x.shape[1], torch.finfo(x.dtype).eps)
     with ieee_matmul():
@@ -479,13 +512,23 @@ def encode_backward(
     return grad_x, grad_A, grad_lam
 
 
-class _EncodeFn(torch.autograd.Function):
+class EncoderImpl(NamedTuple):
+    """How a sparse backend computes codes: its no-grad forward and its support products."""
+
+    forward: Callable
+    ops: SparseOps
+
+
+class EncodeFn(torch.autograd.Function):
+    """Differentiable codes of a sparse backend: ``impl.forward``, then the shared sparse backward."""
+
     @staticmethod
-    def forward(ctx, x, A, lam, options):
+    def forward(ctx, x, A, lam, options, impl):
         cd = _compute_dtype(x.dtype)
-        z, idx, size, D = encode_forward(x.to(cd), A.to(cd), float(lam), **options)
+        z, idx, size, D = impl.forward(x.to(cd), A.to(cd), float(lam), **options)
         lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), dtype=cd)
         ctx.save_for_backward(x, A, lam_t, z, idx, D)
+        ctx.ops = impl.ops
         ctx.mark_non_differentiable(idx, size)
         # float16/bfloat16 inputs keep float32 codes: rounding them to a 8- or
         # 11-bit mantissa would break Σz = 1 by more than the contract allows.
@@ -494,7 +537,11 @@ class _EncodeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, _gi, _gs, grad_D):
         x, A, lam, z, idx, D = ctx.saved_tensors
-        return (*encode_backward(x, A, lam, z, idx, D, grad_z, grad_D, ctx.needs_input_grad[:3]), None)
+        grads = encode_backward(x, A, lam, z, idx, D, grad_z, grad_D, ctx.needs_input_grad[:3], ctx.ops)
+        return (*grads, None, None)
+
+
+TORCH_IMPL = EncoderImpl(encode_forward, TORCH_OPS)
 
 
 def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseCodes:
@@ -502,7 +549,12 @@ def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseC
 
     ``options``: ``chunk``, ``topk``, ``max_candidates`` (see module constants).
     """
-    values, indices, size, D = _EncodeFn.apply(x, prototypes, lam, options)
+    return encode_with(TORCH_IMPL, x, prototypes, lam, **options)
+
+
+def encode_with(impl: EncoderImpl, x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseCodes:
+    """Differentiable sparse codes through ``impl`` (any sparse backend's forward and products)."""
+    values, indices, size, D = EncodeFn.apply(x, prototypes, lam, options, impl)
     return SparseCodes(indices, values, size, prototypes.shape[0], distances=D)
 
 

@@ -249,7 +249,7 @@ def _support_sq_dist_kernel(
 # --------------------------------------------------------------------------
 
 
-@kernel_op("spade::encode_fwd_select")
+@kernel_op("spade_triton::encode_fwd_select")
 def encode_fwd_select(
     x: torch.Tensor,
     prototypes: torch.Tensor,
@@ -287,7 +287,7 @@ def encode_fwd_select(
     return slot_val, slot_idx, counts, bound
 
 
-@kernel_op("spade::encode_fwd_merge")
+@kernel_op("spade_triton::encode_fwd_merge")
 def encode_fwd_merge(
     slot_val: torch.Tensor,
     slot_idx: torch.Tensor,
@@ -309,7 +309,7 @@ def encode_fwd_merge(
     return cand, cand_count
 
 
-@kernel_op("spade::support_sq_dist")
+@kernel_op("spade_triton::support_sq_dist")
 def support_sq_dist(x: torch.Tensor, prototypes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Kernel 3: D[b, j] = ‖x_b − prototypes[indices[b, j]]‖², computed directly.
 
@@ -392,7 +392,7 @@ def _gather_sq_dist(x, indices, A):
 # --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("spade::triton_encode", mutates_args=())
+@torch.library.custom_op("spade_triton::encode", mutates_args=())
 def _triton_encode_op(
     x: torch.Tensor, prototypes: torch.Tensor, lam: torch.Tensor, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

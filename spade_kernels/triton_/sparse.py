@@ -209,7 +209,7 @@ def _launch_product(kernel, first, indices, second, out, *, over_support: bool) 
     )  # fmt: skip
 
 
-@kernel_op("spade::support_jacobian")
+@kernel_op("spade_triton::support_jacobian")
 def _support_jacobian_op(
     z: torch.Tensor,
     grad_z: torch.Tensor | None,
@@ -243,7 +243,7 @@ def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
     return _support_jacobian_op(z, grad_z, D, grad_D, lam)
 
 
-@kernel_op("spade::gather_matmul")
+@kernel_op("spade_triton::gather_matmul")
 def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b] = Σ_j weights[b, j] · M[indices[b, j]] (float32 accumulation, M's dtype out)."""
     if M.dtype == torch.float64:  # the kernels accumulate in float32
@@ -253,7 +253,7 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
     return out.to(M.dtype)
 
 
-@kernel_op("spade::gather_dot")
+@kernel_op("spade_triton::gather_dot")
 def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b, j] = ⟨G[b], M[indices[b, j]]⟩ (float32 accumulation, M's dtype out)."""
     if M.dtype == torch.float64:
@@ -263,7 +263,7 @@ def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch
     return out.to(M.dtype)
 
 
-@kernel_op("spade::scatter_matmul")
+@kernel_op("spade_triton::scatter_matmul")
 def scatter_matmul(
     weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
 ) -> torch.Tensor:
@@ -275,7 +275,7 @@ def scatter_matmul(
     return out.to(X.dtype)
 
 
-@kernel_op("spade::scatter_matmul_sorted")
+@kernel_op("spade_triton::scatter_matmul_sorted")
 def _scatter_matmul_sorted_op(
     latents: torch.Tensor,
     seg: torch.Tensor,
@@ -320,32 +320,11 @@ def scatter_matmul_sorted(
     return _scatter_matmul_sorted_op(latents, seg, rows, w[live][order].contiguous(), X, n_rows)
 
 
-def _dense_or(kernel_op, torch_op, n_latents_arg: int):
-    """Use the ``torch`` primitive's dense-GEMM path where supports are wide enough.
-
-    The switch is ``torch_.DENSE_FRACTION`` per device type (see its note):
-    the crossover on a GPU has not been measured, so CUDA tensors always take
-    the Triton kernels until it is.
-    """
-
-    def op(*args):
-        indices = args[1]
-        n_latents = (
-            args[n_latents_arg] if isinstance(args[n_latents_arg], int) else args[n_latents_arg].shape[0]
-        )
-        if T._dense(indices.shape[1], n_latents, indices.device):
-            return torch_op(*args)
-        return kernel_op(*args)
-
-    op.__name__ = torch_op.__name__
-    return op
-
-
 #: The Triton kernels in the shape the shared sparse formulas expect.
 TRITON_OPS = SparseOps(
-    _dense_or(gather_matmul, T.gather_matmul, 2),
-    _dense_or(gather_dot, T.gather_dot, 2),
-    _dense_or(scatter_matmul, T.scatter_matmul, 3),
+    T.dense_or(gather_matmul, T.gather_matmul, 2),
+    T.dense_or(gather_dot, T.gather_dot, 2),
+    T.dense_or(scatter_matmul, T.scatter_matmul, 3),
     _gather_sq_dist,
     support_jacobian,
 )

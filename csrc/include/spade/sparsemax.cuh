@@ -18,44 +18,21 @@
 
 #include <cstdint>
 
+#include "spade/common.cuh"
+#include "spade/launch.h"
+
 namespace spade {
 
 // Shared-memory capacity for the compacted candidates of one row.
 constexpr int kSparsemaxShared = 4096;
-constexpr int kSparsemaxThreads = 256;
-constexpr int kSparsemaxMaxIters = 1024;
+constexpr int kSparsemaxThreads = kThreads;
+constexpr int kSparsemaxMaxIters = kMichelotMaxIters;
 
 namespace detail {
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
   return static_cast<float>(v);
-}
-
-// Block-wide reductions through one shared scratch array (kSparsemaxThreads / 32 warps).
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-template <bool kMax>
-__device__ float block_reduce(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = kMax ? warp_max(v) : warp_sum(v);
-  __syncthreads();  // scratch may still be read by a previous reduction
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  const int n_warps = blockDim.x >> 5;
-  v = threadIdx.x < n_warps ? scratch[threadIdx.x] : (kMax ? -INFINITY : 0.f);
-  if (warp == 0) v = kMax ? warp_max(v) : warp_sum(v);
-  if (threadIdx.x == 0) scratch[0] = v;
-  __syncthreads();
-  return scratch[0];
 }
 
 }  // namespace detail

@@ -1,0 +1,106 @@
+// The per-row merge and exact τ: exact sparsemax codes over candidate sets.
+//
+// One block per row.  The candidates (a superset of the support, from the
+// selection epilogue) get their distances recomputed directly,
+// D = Σ_i (x_i − a_i)² (a warp per candidate, no cancellation: DESIGN.md §4),
+// then scores s = −λ·(D − min D) relative to the nearest candidate (shift
+// invariance, fact 1: the codes s − τ never subtract two large numbers), the
+// exact τ by Michelot's iteration (fact 4), and the support, sorted by value
+// descending with a bitonic sort in shared memory.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "spade/common.cuh"
+#include "spade/launch.h"
+
+namespace spade {
+
+// Shared memory of exact_codes_kernel for `width` candidates.
+template <typename T>
+inline size_t exact_codes_shared_bytes(int64_t width, int64_t padded) {
+  return static_cast<size_t>(padded) * (sizeof(T) + sizeof(int32_t)) + static_cast<size_t>(width) * sizeof(T);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    exact_codes_kernel(const T* __restrict__ x, const T* __restrict__ A, int64_t d, const int64_t* __restrict__ cand,
+                       int64_t width, int padded, T lam, T* __restrict__ values, int64_t* __restrict__ indices,
+                       int64_t* __restrict__ support_size, T* __restrict__ dist) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* key = reinterpret_cast<T*>(smem);                 // scores, padded to a power of two
+  T* sD = key + padded;                                 // distances, by candidate slot
+  int32_t* slot = reinterpret_cast<int32_t*>(sD + width);  // candidate slot of each key
+  __shared__ T scratch[32];
+  __shared__ int iscratch[32];
+
+  const int64_t row = blockIdx.x;
+  const int64_t* c = cand + row * width;
+  const T* xr = x + row * d;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+
+  // 1. D on every candidate, a warp per candidate.
+  for (int64_t j = warp; j < width; j += n_warps) {
+    const int64_t k = c[j];
+    T acc = T(0);
+    if (k >= 0) {
+      const T* a = A + k * d;
+      for (int64_t i = lane; i < d; i += 32) {
+        const T diff = xr[i] - a[i];
+        acc += diff * diff;
+      }
+    }
+    acc = detail::warp_reduce<false>(acc);
+    if (lane == 0) sD[j] = k >= 0 ? acc : detail::infinity<T>();
+  }
+  __syncthreads();
+
+  // 2. Scores relative to the nearest candidate; empty slots are −inf.
+  T dmin = detail::infinity<T>();
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) dmin = detail::min_of(dmin, sD[j]);
+  dmin = -detail::block_reduce<true>(-dmin, scratch);
+  const bool any = dmin < detail::infinity<T>();
+  for (int j = threadIdx.x; j < padded; j += blockDim.x) {
+    const bool valid = j < width && sD[j] < detail::infinity<T>();
+    key[j] = valid ? -lam * (sD[j] - dmin) : -detail::infinity<T>();
+    slot[j] = j;
+  }
+  __syncthreads();
+
+  // 3. Exact τ over the candidates (max = 0), then the support in order.
+  const T tau = any ? detail::shared_tau(key, static_cast<int>(width), scratch) : detail::infinity<T>();
+  detail::bitonic_sort_desc(key, slot, padded);
+  int local = 0;
+  for (int j = threadIdx.x; j < padded; j += blockDim.x) local += key[j] > tau ? 1 : 0;
+  const int size = detail::block_reduce<false>(local, iscratch);
+  for (int64_t r = threadIdx.x; r < width; r += blockDim.x) {
+    const bool in = r < size;
+    const int32_t j = in ? slot[r] : 0;
+    values[row * width + r] = in ? key[r] - tau : T(0);
+    indices[row * width + r] = in ? c[j] : 0;
+    dist[row * width + r] = in ? sD[j] : T(0);
+  }
+  if (threadIdx.x == 0) support_size[row] = size;
+}
+
+template <typename T>
+cudaError_t exact_codes(const T* x, const T* A, int64_t rows, int64_t d, const int64_t* cand, int64_t width,
+                        T lam, T* values, int64_t* indices, int64_t* support_size, T* dist,
+                        cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  int64_t padded = 1;
+  while (padded < width) padded <<= 1;
+  const size_t shared = exact_codes_shared_bytes<T>(width, padded);
+  if (shared > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(exact_codes_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(shared));
+    if (err != cudaSuccess) return err;
+  }
+  exact_codes_kernel<T><<<static_cast<unsigned>(rows), kThreads, shared, stream>>>(
+      x, A, d, cand, width, static_cast<int>(padded), lam, values, indices, support_size, dist);
+  return cudaGetLastError();
+}
+
+}  // namespace spade
