@@ -202,22 +202,23 @@ def match_relu_l0(
     target: float,
     d_sae: int,
     *,
-    l1_init: float = 0.1,
+    l1_init: float = 0.3,
     rel_tol: float = 0.03,
-    max_tries: int = 12,
+    max_tries: int = 10,
     log=print,
     **train_kwargs,
 ) -> tuple[ReLUSAE, list[dict]]:
     """Tune the L1 coefficient α of a ReLU SAE so its mean L0 matches ``target``.
 
     L0 falls as α grows: α is multiplied/divided by 4 until the target is
-    bracketed, then bisected geometrically; it stops when the mean L0 is
-    within ``rel_tol`` of the target or after ``max_tries`` trainings, and
-    keeps the closest model.  Returns the model and the trace
-    [{"l1_coeff", "l0"}, ...].
+    bracketed, then narrowed by interpolating log α linearly in L0 (kept
+    inside the middle 80% of the bracket so each try makes progress).  Stops
+    when the mean L0 is within ``rel_tol`` of the target or after
+    ``max_tries`` trainings, and keeps the closest model.  Returns the model
+    and the trace [{"l1_coeff", "l0"}, ...].
     """
     seed = train_kwargs.get("seed", 0)
-    lo = hi = None  # α with L0 above / below the target
+    above = below = None  # (α, L0) with L0 above / below the target
     alpha, trace, best = l1_init, [], None
     for _ in range(max_tries):
         model = ReLUSAE(x.shape[1], d_sae, l1_coeff=alpha, seed=seed)
@@ -230,8 +231,13 @@ def match_relu_l0(
         if abs(l0 - target) <= rel_tol * target:
             break
         if l0 > target:
-            lo = alpha
+            above = (alpha, l0)
         else:
-            hi = alpha
-        alpha = math.sqrt(lo * hi) if lo is not None and hi is not None else alpha * (4 if hi is None else 0.25)
+            below = (alpha, l0)
+        if above is None or below is None:
+            alpha = alpha * 4 if below is None else alpha / 4
+            continue
+        (a_lo, l_lo), (a_hi, l_hi) = above, below
+        frac = min(max((l_lo - target) / (l_lo - l_hi), 0.1), 0.9)
+        alpha = math.exp(math.log(a_lo) + frac * (math.log(a_hi) - math.log(a_lo)))
     return best[0], trace

@@ -112,9 +112,7 @@ def compare(
         "intrinsic_dim": ds.intrinsic_dim.tolist(),
         "concept_count": torch.bincount(ds.labels, minlength=ds.n_concepts).tolist(),
         "target_l0": target,
-        "models": {
-            name: {**_scores(encoders[name], recon[name], ds, x), **extra[name]} for name in MODELS
-        },
+        "models": {name: {**_scores(encoders[name], recon[name], ds, x), **extra[name]} for name in MODELS},
         "torch": torch.__version__,
     }
     return Comparison(ds, x, encoders, results)
@@ -124,7 +122,9 @@ def print_table(results: dict, *, with_dim: bool, log=print) -> None:
     """Per-concept top-5 F1 and mean L0 of the three models, then their overall numbers."""
     models = results["models"]
     head = f"{'concept':>7}" + (f" {'dim':>4}" if with_dim else "")
-    head += "".join(f" {name + ' F1':>9}" for name in MODELS) + "".join(f" {name + ' L0':>9}" for name in MODELS)
+    head += "".join(f" {name + ' F1':>9}" for name in MODELS) + "".join(
+        f" {name + ' L0':>9}" for name in MODELS
+    )
     log(head)
     for c, dim in enumerate(results["intrinsic_dim"]):
         row = f"{c:>7}" + (f" {dim:>4}" if with_dim else "")

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from sae_compare import MODELS, Comparison, compare, print_table, write_json
 
 from spade_kernels.data import make_separability
@@ -117,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: the shapes are tiny)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     comp = run(args.n_samples, args.d_sae, args.batch_size, args.seed)
     print_table(comp.results, with_dim=False)
     write_json(comp.results, args.out_dir / "separability.json")

@@ -4,12 +4,14 @@ import pytest
 import torch
 
 import spade_kernels as sk
+from spade_kernels import _ext
 from spade_kernels.backends import BACKENDS, backend_status, resolve_backend
 from spade_kernels.backends import torch_ as T
 from spade_kernels.reference import spade_encode_reference, squared_distances
 from spade_kernels.testing import assert_codes_match_reference
 
-CPU_BACKENDS = ["reference", "torch"]
+# "cuda" runs its C++/OpenMP twins on CPU tensors when the extension is built.
+CPU_BACKENDS = ["reference", "torch"] + (["cuda"] if _ext.available() else [])
 # Small chunk / top-k / buffer settings make every code path of the torch
 # backend (k-doubling, buffer merges, overflow rows) run at test sizes.
 SMALL = {"chunk": 16, "topk": 2, "max_candidates": 8}

@@ -1,15 +1,41 @@
-"""The C++ extension's CPU ops (spade_kernels._C), when built."""
+"""The C++ extension's ops (spade_kernels._C), when built.
+
+On CPU tensors these are the C++/OpenMP implementations; with
+SPADE_TEST_GPU=1 the op tests also run the CUDA implementations (on an
+extension built with CUDA) against the same float64 references.
+"""
 
 import math
+import os
 
 import pytest
 import torch
 
 from spade_kernels import _ext
-from spade_kernels.backends import backend_status
-from spade_kernels.reference import sparsemax_reference
+from spade_kernels.backends import BACKENDS
+from spade_kernels.backends import torch_ as T
+from spade_kernels.reference import sparsemax_reference, spade_encode_reference
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"C++ extension unavailable: {_ext.reason}")
+
+DEVICES = ["cpu"] + (["cuda"] if os.environ.get("SPADE_TEST_GPU") == "1" else [])
+OPCHECKS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cuda" and not (torch.cuda.is_available() and _ext.cuda_kernels()):
+        pytest.skip("SPADE_TEST_GPU=1 but no CUDA device or no CUDA kernels in spade_kernels._C")
+    return request.param
+
+
+def _support(B, C, K, device, dtype=torch.float64):
+    """Random supports in the package's layout: index 0 / weight 0 padding after each row's size."""
+    idx = torch.randint(0, K, (B, C), device=device)
+    w = torch.randn(B, C, device=device, dtype=dtype)
+    size = torch.randint(0, C + 1, (B,), device=device)
+    tail = torch.arange(C, device=device) >= size[:, None]
+    return w.masked_fill(tail, 0.0), idx.masked_fill(tail, 0)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 70000), (5, 131072)])
@@ -50,6 +76,169 @@ def test_sparsemax_rows_errors_and_registration():
     torch.testing.assert_close(torch.ops.spade.sparsemax_rows(noncontig)[0], sparsemax_reference(noncontig))
 
 
-def test_cuda_backend_reason_names_the_missing_ops():
-    reason = backend_status()["cuda"]
-    assert reason is not None and "CUDA" in reason
+def test_cuda_tensors_need_the_cuda_kernels(monkeypatch):
+    monkeypatch.setattr(_ext, "cuda_kernels", lambda: False)
+    reason = BACKENDS["cuda"].device_reason(torch.device("cuda"))
+    assert reason is not None and "without its CUDA kernels" in reason
+    with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
+        _ext.require(torch.device("cuda"))
+    assert BACKENDS["cuda"].device_reason(torch.device("cpu")) is None
+
+
+# ---------------------------------------------------------------------------
+# Products over a support, against the torch primitives in float64
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,C,d,K", [(1, 1, 1, 1), (5, 7, 20, 30), (9, 33, 40, 17), (300, 3, 5, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_match_torch(device, B, C, d, K, dtype):
+    w, idx = _support(B, C, K, device)
+    M = torch.randn(K, d, device=device, dtype=torch.float64)
+    X = torch.randn(B, d, device=device, dtype=torch.float64)
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    ops = torch.ops.spade
+    cases = [
+        (ops.gather_matmul(w.to(dtype), idx, M.to(dtype)), T.gather_matmul(w, idx, M)),
+        (ops.gather_dot(X.to(dtype), idx, M.to(dtype)), T.gather_dot(X, idx, M)),
+        (ops.gather_sq_dist(X.to(dtype), idx, M.to(dtype)), T.gather_sq_dist(X, idx, M)),
+        (ops.scatter_matmul(w.to(dtype), idx, X.to(dtype), K), T.scatter_matmul(w, idx, X, K)),
+    ]
+    for got, want in cases:
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_products_take_strided_inputs_and_cast_weights(device):
+    w, idx = _support(6, 5, 12, device, torch.float32)
+    M = torch.randn(8, 12, device=device, dtype=torch.float64).t()  # non-contiguous (12, 8)
+    X = torch.randn(8, 6, device=device, dtype=torch.float64).t()
+    torch.testing.assert_close(torch.ops.spade.gather_matmul(w, idx, M), T.gather_matmul(w.double(), idx, M))
+    torch.testing.assert_close(
+        torch.ops.spade.scatter_matmul(w, idx, X, 12), T.scatter_matmul(w.double(), idx, X, 12)
+    )
+
+
+def test_scatter_matmul_is_deterministic(device):
+    w, idx = _support(500, 40, 7, device, torch.float32)  # many duplicates per latent
+    X = torch.randn(500, 33, device=device)
+    first = torch.ops.spade.scatter_matmul(w, idx, X, 9)
+    assert torch.equal(first, torch.ops.spade.scatter_matmul(w, idx, X, 9))
+    assert (first[7:] == 0).all()  # latents nobody points at
+
+
+@pytest.mark.parametrize("with_grads", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_support_jacobian_matches_torch(device, with_grads, dtype):
+    z = torch.rand(7, 9, device=device, dtype=dtype).masked_fill(torch.rand(7, 9, device=device) < 0.4, 0.0)
+    z[3] = math.nan  # a NaN row: no support, G = 0, no ∂λ share
+    D = torch.rand(7, 9, device=device, dtype=dtype)
+    D[3] = math.nan
+    gz = torch.randn(7, 9, device=device, dtype=dtype) if with_grads else None
+    gD = torch.randn(7, 9, device=device, dtype=dtype) if with_grads else None
+    lam = torch.tensor(0.3, device=device, dtype=dtype)
+    G, lam_rows = torch.ops.spade.support_jacobian(z, gz, D, gD, lam)
+    G_ref, lam_ref = T.support_jacobian(z, gz, D, gD, lam)
+    torch.testing.assert_close(G, G_ref)
+    torch.testing.assert_close(lam_rows, lam_ref)
+
+
+# ---------------------------------------------------------------------------
+# Candidate selection and exact codes
+# ---------------------------------------------------------------------------
+
+
+def _select(x, A, lam, chunk, cap):
+    x, A, aa, xx, _ = T.sanitize(x, A)
+    margin = T.score_margin(xx, aa, lam, x.shape[1], torch.finfo(x.dtype).eps)
+    return torch.ops.spade.select_candidates(x, A, aa, lam, margin, chunk, cap)
+
+
+@pytest.mark.parametrize("B,d,K,chunk", [(1, 1, 1, 1), (7, 16, 129, 50), (40, 8, 1000, 1000), (33, 24, 777, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_select_candidates_contain_the_support(device, B, d, K, chunk, dtype):
+    x = torch.randn(B, d, device=device, dtype=dtype)
+    A = torch.randn(K, d, device=device, dtype=dtype)
+    lam = 1.0 / (2 * d)
+    cand, overflow = _select(x, A, lam, chunk, 256)
+    assert cand.shape == (B, 256) and not overflow.any()
+    ref = spade_encode_reference(x.double(), A.double(), lam) > 0
+    for b in range(B):
+        kept = cand[b][cand[b] >= 0]
+        assert len(set(kept.tolist())) == kept.numel()  # no duplicates
+        assert set(ref[b].nonzero().squeeze(1).tolist()) <= set(kept.tolist())
+
+
+def test_select_candidates_flags_overflow(device):
+    x = torch.randn(6, 4, device=device)
+    A = torch.randn(5000, 4, device=device)
+    cand, overflow = _select(x, A, 1e-5, 700, 256)  # nearly uniform rows: thousands in the support
+    assert overflow.all() and (cand == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_codes_match_reference(device, dtype):
+    B, d, K = 9, 10, 60
+    x = torch.randn(B, d, device=device, dtype=dtype)
+    A = torch.randn(K, d, device=device, dtype=dtype)
+    cand = torch.arange(K, device=device).repeat(B, 1)
+    cand[:, ::7] = -1  # empty slots are ignored ...
+    keep = cand[0] >= 0
+    z, idx, size, D = torch.ops.spade.exact_codes(x, A, 0.05, cand)
+    ref = spade_encode_reference(x.double(), A.double()[keep.cpu()], 0.05)  # ... as if absent
+    dense = torch.zeros(B, K, dtype=torch.float64, device=device).scatter_add_(1, idx, z.double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(dense[:, keep], ref.to(device), atol=tol, rtol=0)
+    assert (size == (ref > 0).sum(1).to(device)).all()
+    for b in range(B):  # sorted descending, zero padded, D recomputed directly
+        n = int(size[b])
+        assert (z[b, :n].diff() <= 0).all() and (z[b, n:] == 0).all() and (idx[b, n:] == 0).all()
+        want = ((x[b] - A[idx[b, :n]]).double() ** 2).sum(1)
+        torch.testing.assert_close(D[b, :n].double(), want, atol=tol * 100, rtol=tol)
+
+
+# ---------------------------------------------------------------------------
+# Registration and argument checks
+# ---------------------------------------------------------------------------
+
+
+def test_opcheck_every_op(device):
+    w, idx = _support(5, 4, 11, device, torch.float32)
+    M = torch.randn(11, 6, device=device)
+    X = torch.randn(5, 6, device=device)
+    z = torch.rand(5, 4, device=device).masked_fill(idx == 0, 0.0)
+    x, A, aa, xx, _ = T.sanitize(X, M)
+    margin = T.score_margin(xx, aa, 0.1, 6, 2.0**-23)
+    cases = [
+        (torch.ops.spade.gather_matmul, (w, idx, M)),
+        (torch.ops.spade.gather_dot, (X, idx, M)),
+        (torch.ops.spade.gather_sq_dist, (X, idx, M)),
+        (torch.ops.spade.scatter_matmul, (w, idx, X, 11)),
+        (torch.ops.spade.support_jacobian, (z, w, torch.rand_like(z), None, torch.tensor(0.5, device=device))),
+        (torch.ops.spade.select_candidates, (x, A, aa, 0.1, margin, 4, 256)),
+        (torch.ops.spade.exact_codes, (x, A, 0.1, torch.arange(11, device=device).repeat(5, 1))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op.default, args, test_utils=OPCHECKS)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.zeros(2, 3).long(), torch.ones(4)), "M must be 2-D"),
+        (lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.zeros(2, 3), torch.ones(4, 5)), "int64"),
+        (lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.full((2, 3), 4), torch.ones(4, 5)), r"in \[0, 4\)"),
+        (lambda: torch.ops.spade.gather_dot(torch.ones(2, 3), torch.zeros(2, 1).long(), torch.ones(4, 5)), "3 columns"),
+        (lambda: torch.ops.spade.gather_dot(torch.ones(2, 5), torch.zeros(2, 1).long(), torch.ones(4, 5).half()), "float32 or float64"),
+        (lambda: torch.ops.spade.scatter_matmul(torch.ones(2, 3), torch.zeros(2, 2).long(), torch.ones(2, 5), 4), "shape"),
+        (lambda: torch.ops.spade.scatter_matmul(torch.ones(2, 1), torch.zeros(2, 1).long(), torch.ones(3, 5), 4), "rows"),
+        (lambda: torch.ops.spade.exact_codes(torch.ones(2, 3), torch.ones(4, 3), 0.0, torch.zeros(2, 1).long()), "lam"),
+        (lambda: torch.ops.spade.exact_codes(torch.ones(2, 3), torch.ones(4, 3).double(), 1.0, torch.zeros(2, 1).long()), "dtype"),
+        (lambda: _select(torch.ones(2, 3), torch.ones(4, 3), 1.0, 2, 16), "cap must be >= 256"),
+        (lambda: _select(torch.ones(2, 3), torch.ones(4, 3), 1.0, 0, 256), "chunk must be >= 1"),
+        (lambda: torch.ops.spade.support_jacobian(torch.ones(2, 3), None, torch.ones(2, 4), None, torch.ones(())), "shape"),
+    ],
+)
+def test_op_argument_errors(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()

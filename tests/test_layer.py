@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import spade_kernels as sk
+from spade_kernels import _ext
 from spade_kernels.reference import spade_forward_reference
 
-CPU_BACKENDS = ["reference", "torch"]
+# "cuda" runs its C++/OpenMP twins on CPU tensors when the extension is built.
+CPU_BACKENDS = ["reference", "torch"] + (["cuda"] if _ext.available() else [])
 
 
 def _layer(backend, d=6, K=40, dtype=torch.float64, **kw):
@@ -253,11 +255,13 @@ def test_lambda_trains_in_bfloat16():
     assert m.lambda_raw.item() != before
 
 
-def test_backend_is_checked_by_name_at_construction():
+def test_backend_is_checked_by_name_at_construction(monkeypatch):
     # A layer may be built on the CPU and moved to a GPU later: only the name is
     # checked up front; availability is checked on the first call.
+    monkeypatch.setattr(_ext, "_LOADED", False)
+    monkeypatch.setattr(_ext, "reason", "spade_kernels._C was not built")
     m = sk.SpaDE(4, 8, backend="cuda")
-    with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+    with pytest.raises(ValueError, match="backend 'cuda' is not available: spade_kernels._C was not built"):
         m(torch.randn(2, 4))
 
 

@@ -8,11 +8,16 @@ import pytest
 import torch
 
 import spade_kernels as sk
+from spade_kernels import _ext
 from spade_kernels.backends import torch_ as T
 from spade_kernels.reference import spade_encode_reference
 from spade_kernels.testing import assert_codes_match_reference
 
-BACKENDS = ["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+BACKENDS = (
+    ["reference", "torch"]
+    + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    + (["cuda"] if _ext.available() else [])
+)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

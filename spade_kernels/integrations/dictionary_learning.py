@@ -196,7 +196,7 @@ class SpaDEDictionary(Dictionary):
         layer.W_dec.mul_(scale)
         if layer.b_dec is not None:
             layer.b_dec.mul_(scale)
-        lam = torch.nn.functional.softplus(layer.lambda_raw.double()).item() / (scale * scale)
+        lam = torch.nn.functional.softplus(layer.lambda_raw.double()).item() * (scale * scale)
         layer.lambda_raw.fill_(_inverse_softplus(lam))
 
     @classmethod
@@ -411,9 +411,7 @@ class SpaDETrainer(SAETrainer):
 
         layer_ = self.ae.spade
         weights = [p for p in (layer_.prototypes, layer_.W_dec, layer_.b_dec) if p is not None]
-        self.optimizer = torch.optim.Adam(
-            [{"params": weights}, {"params": [layer_.lambda_raw]}], lr=self.lr
-        )
+        self.optimizer = torch.optim.Adam([{"params": weights}, {"params": [layer_.lambda_raw]}], lr=self.lr)
         # Group 0 (prototypes, W_dec, b_dec) also carries the data-scale factor
         # set at step 0; group 1 (λ's raw parameter) does not.
         self._weight_lr_scale = 1.0

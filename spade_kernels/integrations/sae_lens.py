@@ -121,7 +121,10 @@ def _validate_spade_fields(cfg: Any) -> None:
 class SpaDESAEConfig(SAEConfig):
     """Configuration of the inference :class:`SpaDESAE`.
 
-    Parameters (besides SAELens's :class:`~sae_lens.SAEConfig` fields)
+    SAELens's :class:`~sae_lens.SAEConfig` fields (``d_in``, ``d_sae``,
+    ``dtype``, ``device``, ``normalize_activations``, …) plus:
+
+    Parameters
     ----------
     lambda_init : float, optional
         λ of a freshly built SAE (default 1/(2·d_in)); a loaded SAE takes λ
@@ -155,7 +158,10 @@ class SpaDESAEConfig(SAEConfig):
 class SpaDETrainingSAEConfig(TrainingSAEConfig):
     """Configuration of :class:`SpaDETrainingSAE`.
 
-    Parameters (besides :class:`SpaDESAEConfig`'s)
+    The fields of :class:`SpaDESAEConfig` and SAELens's
+    :class:`~sae_lens.TrainingSAEConfig`, plus:
+
+    Parameters
     ----------
     gamma_reg : float
         Coefficient γ of the distance-weighted L1 regulariser (default 0.1).
@@ -298,6 +304,7 @@ class _SpaDEMixin:
 
     def _scores_and_codes(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense (codes, scores −λ·D) of an encoder input, through the two hooks."""
+        self.spade._check_input(sae_in)
         flat, A = self.spade._operands(sae_in)
         D = squared_distances(flat, A, naive=False)
         hidden_pre = self.hook_sae_acts_pre((-self.lam * D).reshape(*sae_in.shape[:-1], self.cfg.d_sae))

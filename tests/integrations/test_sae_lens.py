@@ -15,18 +15,28 @@ import torch
 
 pytest.importorskip("sae_lens")
 
-from safetensors.torch import load_file  # noqa: E402
-from sae_lens import SAE, HookedSAETransformer, TrainingSAE, TrainingSAEConfig  # noqa: E402
-from sae_lens.config import SAETrainerConfig  # noqa: E402
-from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY  # noqa: E402
-from sae_lens.saes.sae import SAEConfig, TrainStepInput  # noqa: E402
-from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
+from sae_lens import SAE, HookedSAETransformer, TrainingSAE, TrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import SAEConfig, TrainStepInput
+from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file
 
-import spade_kernels as sk  # noqa: E402
-from spade_kernels.backends import torch_  # noqa: E402
-from spade_kernels.integrations import sae_lens as sl  # noqa: E402
+import spade_kernels as sk
+from spade_kernels.backends import torch_
+from spade_kernels.integrations import sae_lens as sl
 
 D_IN, D_SAE = 16, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # At these tiny shapes intra-op threads only add overhead, and on a busy
+    # 2-core machine a parallel index_add_ waits ~0.1 s per call.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _randomise(sae) -> None:
@@ -113,7 +123,12 @@ def test_config_round_trip():
     for src in (d, cfg.get_inference_sae_cfg_dict()):
         inf = SAEConfig.from_dict(json.loads(json.dumps(src)))
         assert type(inf) is sl.SpaDESAEConfig
-        assert (inf.lambda_init, inf.use_bias, inf.apply_b_dec_to_input, inf.backend) == (0.2, True, True, "torch")
+        assert (inf.lambda_init, inf.use_bias, inf.apply_b_dec_to_input, inf.backend) == (
+            0.2,
+            True,
+            True,
+            "torch",
+        )
         assert inf.normalize_activations == "expected_average_only_in"
         assert not hasattr(inf, "gamma_reg")
     assert cfg.get_inference_sae_cfg_dict()["metadata"]["training_architecture_details"]["gamma_reg"] == 0.3
@@ -267,6 +282,7 @@ def test_hooks_see_and_steer_the_dense_scores():
     sae.reset_hooks()
 
 
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 def test_spliced_into_a_transformer_lens_model():
     from transformer_lens import HookedTransformerConfig
 
@@ -282,9 +298,7 @@ def test_spliced_into_a_transformer_lens_model():
     resid = clean["blocks.0.hook_resid_post"]
     logits, cache = model.run_with_cache_with_saes(tokens, saes=[sae])
     torch.testing.assert_close(cache["blocks.0.hook_resid_post.hook_sae_acts_post"], sae.encode(resid))
-    expected = model.run_with_hooks(
-        tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: sae(t))]
-    )
+    expected = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: sae(t))])
     torch.testing.assert_close(logits, expected)
 
 
@@ -319,7 +333,7 @@ def test_saelens_trainer_trains_saves_and_reloads(tmp_path):
     assert trained is sae and trainer.n_training_steps == steps
     after_loss = loss_on(held_out)
     assert torch.isfinite(torch.tensor(after_loss))
-    assert after_loss < 0.7 * before_loss, (before_loss, after_loss)
+    assert after_loss < 0.5 * before_loss, (before_loss, after_loss)
     after = _params(sae)
     for name in ("spade.prototypes", "spade.W_dec", "spade.lambda_raw"):
         assert not torch.equal(before[name], after[name]), name
@@ -352,7 +366,12 @@ def test_inference_save_and_load_with_bias(tmp_path):
     sae = sl.SpaDETrainingSAE(cfg)
     _randomise(sae)
     sae.save_inference_model(tmp_path)
-    assert set(load_file(tmp_path / "sae_weights.safetensors")) == {"prototypes", "W_dec", "lambda_raw", "b_dec"}
+    assert set(load_file(tmp_path / "sae_weights.safetensors")) == {
+        "prototypes",
+        "W_dec",
+        "lambda_raw",
+        "b_dec",
+    }
     loaded = SAE.load_from_disk(tmp_path)
     assert type(loaded) is sl.SpaDESAE and loaded.cfg.apply_b_dec_to_input
     x = torch.randn(16, D_IN)
