@@ -5,12 +5,13 @@ import torch
 from conftest import pedantic
 
 import spade_kernels as sk
+from spade_kernels import _ext
 
 SHAPES = [(256, 128, 4096), (512, 256, 8192)]
 
 
 @pytest.mark.parametrize("B,d,K", SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch"] + (["cuda"] if _ext.available() else []))
 def test_encode(benchmark, backend, B, d, K):
     x, A = torch.randn(B, d), torch.randn(K, d)
     benchmark.group = f"encode B={B} d={d} K={K}"

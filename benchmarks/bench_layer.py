@@ -5,9 +5,10 @@ import torch
 from conftest import pedantic
 
 import spade_kernels as sk
+from spade_kernels import _ext
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch"] + (["cuda"] if _ext.available() else []))
 def test_layer_train_step(benchmark, backend):
     B, d, K = 256, 128, 4096
     layer = sk.SpaDE(d, K, backend=backend)

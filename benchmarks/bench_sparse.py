@@ -1,9 +1,11 @@
 """pytest-benchmark: products over a support (decoder, regulariser, backward).
 
-Compares the ``torch`` primitives with the Triton kernels, and the two
-Triton sparse-transpose products (fp32 atomics vs latent-sorted segments),
-at the support sizes SpaDE sees (C ≈ 80 of K). Triton variants need a GPU
-and skip on CPU; on a GPU every timed call ends with a synchronize.
+Compares the ``torch`` primitives with the Triton kernels and the C++/CUDA
+extension's ops (``cuda``: its CUDA kernels on a GPU, its C++/OpenMP twins on
+the CPU, always in float32), and the two Triton sparse-transpose products
+(fp32 atomics vs latent-sorted segments), at the support sizes SpaDE sees
+(C ≈ 80 of K). Triton variants need a GPU and skip on CPU; on a GPU every
+timed call ends with a synchronize.
 """
 
 import pytest
@@ -21,6 +23,12 @@ SHAPES = [(4096, 80, 768, 24576), (4096, 80, 2304, 65536)] if CUDA else [(512, 8
 def _impl(name):
     if name == "torch":
         return T
+    if name == "cuda":
+        from spade_kernels import _ext
+
+        if not _ext.available() or (CUDA and not _ext.cuda_kernels()):
+            pytest.skip("spade_kernels._C (with CUDA kernels on a GPU) is not built")
+        return torch.ops.spade
     if not CUDA:
         pytest.skip("Triton kernels are timed on a GPU only")
     from spade_kernels.triton_ import sparse
@@ -51,19 +59,21 @@ def _data(B, C, d, K):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
 def test_gather_matmul(benchmark, impl, shape):
     ops = _impl(impl)
     w, idx, M, _ = _data(*shape)
+    M = M.float() if impl == "cuda" else M  # the extension computes in float32
     benchmark.group = f"gather_matmul {shape}"
     assert pedantic(benchmark, _timed(lambda: ops.gather_matmul(w, idx, M))).shape == (shape[0], shape[2])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("impl", ["torch", "triton-atomic", "triton-sorted"])
+@pytest.mark.parametrize("impl", ["torch", "triton-atomic", "triton-sorted", "cuda"])
 def test_scatter_matmul(benchmark, impl, shape):
     ops = _impl(impl.split("-")[0])
     fn = ops.scatter_matmul_sorted if impl == "triton-sorted" else ops.scatter_matmul
     w, idx, _, X = _data(*shape)
+    X = X.float() if impl == "cuda" else X
     benchmark.group = f"scatter_matmul {shape}"
     assert pedantic(benchmark, _timed(lambda: fn(w, idx, X, shape[3]))).shape == (shape[3], shape[2])

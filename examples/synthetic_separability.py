@@ -83,12 +83,11 @@ def plot(comp: Comparison, path: Path) -> None:
             ax.scatter(x[show][~mine, 0], x[show][~mine, 1], c="0.6", s=1)
             ax.scatter(x[show][mine, 0], x[show][mine, 1], c=[colours[concept]], s=3)
             ax.set(
-                title=f"{name}: latent {k} fires (blue) — best for concept {concept}, F1 {f1:.2f}",
+                title=f"{name}, concept {concept}: best latent ({k}), F1 {f1:.2f}",
                 aspect="equal",
                 xlim=(-lim, lim),
                 ylim=(-lim, lim),
             )
-            ax.title.set_fontsize(9)
 
     width = 0.27
     pos = torch.arange(n_concepts).float()
@@ -97,12 +96,13 @@ def plot(comp: Comparison, path: Path) -> None:
         for i, name in enumerate(MODELS):
             m = res["models"][name]
             ax.bar(pos + (i - 1) * width, m[key], width, label=f"{name} (mean L0 {m['l0']:.2f})")
+        top = 1.0 if key == "top5_f1" else max(max(res["models"][n][key]) for n in MODELS)
         ax.set(xticks=pos.tolist(), xlabel="concept", ylabel=label, title=f"per-concept {label}")
-        if key == "top5_f1":
-            ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, 1.25 * top)
+        ax.legend(fontsize=9, ncols=3, loc="upper center")
     fig.suptitle(
-        f"Separability (2-D, {n_concepts} concepts, K={res['d_sae']}): SpaDE vs TopK vs ReLU SAE at matched L0"
+        f"Separability (2-D, {n_concepts} concepts, K={res['d_sae']}): SpaDE vs TopK vs ReLU SAE at matched L0.  "
+        "Blue: where the concept's best latent fires; coloured dots: the concept's samples"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

@@ -196,7 +196,7 @@ class SpaDEDictionary(Dictionary):
         layer.W_dec.mul_(scale)
         if layer.b_dec is not None:
             layer.b_dec.mul_(scale)
-        lam = torch.nn.functional.softplus(layer.lambda_raw.double()).item() * (scale * scale)
+        lam = torch.nn.functional.softplus(layer.lambda_raw.double()).item() / (scale * scale)
         layer.lambda_raw.fill_(_inverse_softplus(lam))
 
     @classmethod

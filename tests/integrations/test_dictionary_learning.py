@@ -5,8 +5,10 @@ installs it in its own venv); skipped without it.
 """
 
 import copy
+import itertools
 import json
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -30,7 +32,7 @@ D, K, B = 16, 64, 128
 class RecordingTrainer(SpaDETrainer):
     """SpaDETrainer that keeps what trainSAE does not return: itself, per-step losses, λ, lr."""
 
-    instances: list = []
+    instances: ClassVar[list] = []
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -61,7 +63,9 @@ def clustered_batches(n, scale=1.0, seed=0, batch=B):
 
 def run_trainsae(steps, data_scale=1.0, save_dir=None, **trainer_kwargs):
     """Train one RecordingTrainer through dictionary_learning's trainSAE; return it."""
-    run_kwargs = {k: trainer_kwargs.pop(k) for k in ("normalize_activations", "verbose") if k in trainer_kwargs}
+    run_kwargs = {
+        k: trainer_kwargs.pop(k) for k in ("normalize_activations", "verbose") if k in trainer_kwargs
+    }
     cfg = {
         "trainer": RecordingTrainer,
         "steps": steps,
@@ -281,8 +285,8 @@ def test_lr_schedule_warmup_then_cosine():
     assert lam_lrs[warmup - 1] == pytest.approx(1e-2)
     assert lam_lrs[warmup] == pytest.approx(1e-2)
     assert lam_lrs[-1] == pytest.approx(1e-4)
-    assert all(a < b for a, b in zip(lam_lrs[:warmup], lam_lrs[1:warmup]))
-    assert all(a > b for a, b in zip(lam_lrs[warmup:], lam_lrs[warmup + 1 :]))
+    assert all(a < b for a, b in itertools.pairwise(lam_lrs[:warmup]))
+    assert all(a > b for a, b in itertools.pairwise(lam_lrs[warmup:]))
     assert lam_lrs[warmup + (steps - 1 - warmup) // 2] == pytest.approx((1e-2 + 1e-4) / 2)
     # Without match_data_scale both groups follow the same schedule.
     assert all(a == b for a, b in trainer.lrs)

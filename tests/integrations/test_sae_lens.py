@@ -361,6 +361,52 @@ def test_saelens_trainer_trains_saves_and_reloads(tmp_path):
     torch.testing.assert_close(layer(x).x_hat, sae(x), rtol=0, atol=0)
 
 
+# SAELens's own warnings about this tiny set-up (a small dataset, HookedTransformer's deprecation, ...).
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_language_model_training_runner(tmp_path):
+    """SAELens's full runner (activation store, trainer, final save) on a random
+    TransformerLens model and an in-memory token dataset."""
+    from datasets import Dataset
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    model = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=1, d_model=D_IN, n_ctx=16, d_head=4, n_heads=4, d_vocab=32, act_fn="relu", d_mlp=32
+        )
+    )
+    tokens = Dataset.from_dict({"input_ids": torch.randint(0, 32, (64, 16)).tolist()})
+    hook = "blocks.0.hook_resid_post"
+    cfg = LanguageModelSAERunnerConfig(
+        sae=sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE),
+        model_name="random-tiny",
+        hook_name=hook,
+        dataset_path="",
+        is_dataset_tokenized=True,
+        context_size=16,
+        prepend_bos=False,
+        training_tokens=64 * 10,
+        train_batch_size_tokens=64,
+        n_batches_in_buffer=4,
+        store_batch_size_prompts=4,
+        lr=1e-2,
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+        checkpoint_path=str(tmp_path / "checkpoints"),
+        output_path=str(tmp_path / "final"),
+    )
+    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=tokens, override_model=model)
+    initial = _params(runner.sae)
+    sae = runner.run()
+    assert type(sae) is sl.SpaDETrainingSAE
+    assert not torch.equal(initial["spade.prototypes"], sae.prototypes)
+    loaded = SAE.load_from_disk(tmp_path / "final")
+    assert type(loaded) is sl.SpaDESAE and loaded.cfg.metadata.hook_name == hook
+    _, cache = model.run_with_cache(torch.randint(0, 32, (2, 16)))
+    resid = cache[hook]
+    torch.testing.assert_close(loaded(resid), sae(resid), rtol=0, atol=0)
+
+
 def test_inference_save_and_load_with_bias(tmp_path):
     cfg = sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, use_bias=True, apply_b_dec_to_input=True)
     sae = sl.SpaDETrainingSAE(cfg)
