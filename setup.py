@@ -52,7 +52,10 @@ def _extensions():
         ext = CppExtension("spade_kernels._C", cpp, extra_compile_args=args, extra_link_args=openmp)
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "kernels", "*.cu")))
+        cu = sorted(
+            glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
+            + glob.glob(os.path.join("csrc", "kernels", "*.cu"))
+        )
         args["nvcc"] = ["-O3", "-lineinfo"]
         ext = CUDAExtension(
             "spade_kernels._C",

@@ -35,7 +35,9 @@ def _inputs(B, d, K, device, dtype=torch.float32):
     return torch.randn(B, d, device=device, dtype=dtype), torch.randn(K, d, device=device, dtype=dtype)
 
 
-@pytest.mark.parametrize("B,d,K,chunk", [(1, 1, 1, 4096), (7, 3, 5, 2), (129, 16, 1000, 64), (65, 40, 3000, 1000)])
+@pytest.mark.parametrize(
+    "B,d,K,chunk", [(1, 1, 1, 4096), (7, 3, 5, 2), (129, 16, 1000, 64), (65, 40, 3000, 1000)]
+)
 def test_matches_reference_fp32_every_chunking(device, B, d, K, chunk):
     x, A = _inputs(B, d, K, device)
     lam = 1.0 / (2 * d)
@@ -105,7 +107,13 @@ def test_training_step_gradients_match_float64_reference(device, reg_on):
     for p in params:
         p.grad = None
     ref = spade_forward_reference(
-        x, layer.prototypes, layer.W_dec, layer.lam, b_dec=layer.b_dec, gamma_reg=layer.gamma_reg, reg_on=reg_on
+        x,
+        layer.prototypes,
+        layer.W_dec,
+        layer.lam,
+        b_dec=layer.b_dec,
+        gamma_reg=layer.gamma_reg,
+        reg_on=reg_on,
     )
     ref[2].backward()
     for p, g in zip(params, grads):

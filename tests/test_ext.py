@@ -14,7 +14,7 @@ import torch
 from spade_kernels import _ext
 from spade_kernels.backends import BACKENDS
 from spade_kernels.backends import torch_ as T
-from spade_kernels.reference import sparsemax_reference, spade_encode_reference
+from spade_kernels.reference import spade_encode_reference, sparsemax_reference
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"C++ extension unavailable: {_ext.reason}")
 
@@ -154,7 +154,9 @@ def _select(x, A, lam, chunk, cap):
     return torch.ops.spade.select_candidates(x, A, aa, lam, margin, chunk, cap)
 
 
-@pytest.mark.parametrize("B,d,K,chunk", [(1, 1, 1, 1), (7, 16, 129, 50), (40, 8, 1000, 1000), (33, 24, 777, 64)])
+@pytest.mark.parametrize(
+    "B,d,K,chunk", [(1, 1, 1, 1), (7, 16, 129, 50), (40, 8, 1000, 1000), (33, 24, 777, 64)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_select_candidates_contain_the_support(device, B, d, K, chunk, dtype):
     x = torch.randn(B, d, device=device, dtype=dtype)
@@ -214,7 +216,10 @@ def test_opcheck_every_op(device):
         (torch.ops.spade.gather_dot, (X, idx, M)),
         (torch.ops.spade.gather_sq_dist, (X, idx, M)),
         (torch.ops.spade.scatter_matmul, (w, idx, X, 11)),
-        (torch.ops.spade.support_jacobian, (z, w, torch.rand_like(z), None, torch.tensor(0.5, device=device))),
+        (
+            torch.ops.spade.support_jacobian,
+            (z, w, torch.rand_like(z), None, torch.tensor(0.5, device=device)),
+        ),
         (torch.ops.spade.select_candidates, (x, A, aa, 0.1, margin, 4, 256)),
         (torch.ops.spade.exact_codes, (x, A, 0.1, torch.arange(11, device=device).repeat(5, 1))),
     ]
@@ -225,18 +230,60 @@ def test_opcheck_every_op(device):
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.zeros(2, 3).long(), torch.ones(4)), "M must be 2-D"),
-        (lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.zeros(2, 3), torch.ones(4, 5)), "int64"),
-        (lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.full((2, 3), 4), torch.ones(4, 5)), r"in \[0, 4\)"),
-        (lambda: torch.ops.spade.gather_dot(torch.ones(2, 3), torch.zeros(2, 1).long(), torch.ones(4, 5)), "3 columns"),
-        (lambda: torch.ops.spade.gather_dot(torch.ones(2, 5), torch.zeros(2, 1).long(), torch.ones(4, 5).half()), "float32 or float64"),
-        (lambda: torch.ops.spade.scatter_matmul(torch.ones(2, 3), torch.zeros(2, 2).long(), torch.ones(2, 5), 4), "shape"),
-        (lambda: torch.ops.spade.scatter_matmul(torch.ones(2, 1), torch.zeros(2, 1).long(), torch.ones(3, 5), 4), "rows"),
-        (lambda: torch.ops.spade.exact_codes(torch.ones(2, 3), torch.ones(4, 3), 0.0, torch.zeros(2, 1).long()), "lam"),
-        (lambda: torch.ops.spade.exact_codes(torch.ones(2, 3), torch.ones(4, 3).double(), 1.0, torch.zeros(2, 1).long()), "dtype"),
+        (
+            lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.zeros(2, 3).long(), torch.ones(4)),
+            "M must be 2-D",
+        ),
+        (
+            lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.zeros(2, 3), torch.ones(4, 5)),
+            "int64",
+        ),
+        (
+            lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.full((2, 3), 4), torch.ones(4, 5)),
+            r"in \[0, 4\)",
+        ),
+        (
+            lambda: torch.ops.spade.gather_dot(torch.ones(2, 3), torch.zeros(2, 1).long(), torch.ones(4, 5)),
+            "3 columns",
+        ),
+        (
+            lambda: torch.ops.spade.gather_dot(
+                torch.ones(2, 5), torch.zeros(2, 1).long(), torch.ones(4, 5).half()
+            ),
+            "float32 or float64",
+        ),
+        (
+            lambda: torch.ops.spade.scatter_matmul(
+                torch.ones(2, 3), torch.zeros(2, 2).long(), torch.ones(2, 5), 4
+            ),
+            "shape",
+        ),
+        (
+            lambda: torch.ops.spade.scatter_matmul(
+                torch.ones(2, 1), torch.zeros(2, 1).long(), torch.ones(3, 5), 4
+            ),
+            "rows",
+        ),
+        (
+            lambda: torch.ops.spade.exact_codes(
+                torch.ones(2, 3), torch.ones(4, 3), 0.0, torch.zeros(2, 1).long()
+            ),
+            "lam",
+        ),
+        (
+            lambda: torch.ops.spade.exact_codes(
+                torch.ones(2, 3), torch.ones(4, 3).double(), 1.0, torch.zeros(2, 1).long()
+            ),
+            "dtype",
+        ),
         (lambda: _select(torch.ones(2, 3), torch.ones(4, 3), 1.0, 2, 16), "cap must be >= 256"),
         (lambda: _select(torch.ones(2, 3), torch.ones(4, 3), 1.0, 0, 256), "chunk must be >= 1"),
-        (lambda: torch.ops.spade.support_jacobian(torch.ones(2, 3), None, torch.ones(2, 4), None, torch.ones(())), "shape"),
+        (
+            lambda: torch.ops.spade.support_jacobian(
+                torch.ones(2, 3), None, torch.ones(2, 4), None, torch.ones(())
+            ),
+            "shape",
+        ),
     ],
 )
 def test_op_argument_errors(call, match):

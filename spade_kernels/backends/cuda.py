@@ -113,7 +113,11 @@ def encode_forward(
         z_o, idx_o, size_o, D_o = T.exact_codes(x[overflow_rows], A, lam, dense, none)
         width = max(z.shape[1], z_o.shape[1])
         z, idx, D = _pad(z, width), _pad(idx, width), _pad(D, width)
-        z[overflow_rows], idx[overflow_rows], D[overflow_rows] = _pad(z_o, width), _pad(idx_o, width), _pad(D_o, width)
+        z[overflow_rows], idx[overflow_rows], D[overflow_rows] = (
+            _pad(z_o, width),
+            _pad(idx_o, width),
+            _pad(D_o, width),
+        )
         size[overflow_rows] = size_o
     return T.finish_codes(z, idx, size, D, nan_rows)
 
