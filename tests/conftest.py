@@ -23,3 +23,7 @@ def _sparse_path(monkeypatch):
     from spade_kernels.backends import torch_
 
     monkeypatch.setattr(torch_, "DENSE_FRACTION", {})
+    # The torch backend's own PyTorch-op path is the one under test; the
+    # extension's CPU ops it switches to by default are tested as the ``cuda``
+    # backend (and by test_torch_backend_uses_the_extension_on_cpu).
+    monkeypatch.setattr(torch_, "NATIVE_CPU", False)

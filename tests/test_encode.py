@@ -250,3 +250,24 @@ def test_dense_path_matches_sparse_path(monkeypatch):
     torch.testing.assert_close(out.loss, loss)
     for p, q in zip((m.prototypes, m.W_dec, m.lambda_raw), (A, W, raw)):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="C++ extension unavailable")
+def test_torch_backend_uses_the_extension_on_cpu(monkeypatch):
+    from spade_kernels.backends import cuda as Cu
+
+    monkeypatch.setattr(T, "NATIVE_CPU", True)
+    calls = []
+    native_forward = Cu.encode_forward
+    monkeypatch.setattr(Cu, "encode_forward", lambda *a, **k: calls.append(1) or native_forward(*a, **k))
+    x, A, lam = _inputs(33, 24, 1000)
+    assert_codes_match_reference(T.encode(x, A, lam), x, A, lam)
+    assert calls  # the forward went through the extension ...
+    T.encode(x, A, lam, **SMALL)  # ... except with a buffer smaller than its 256-slot minimum
+    assert len(calls) == 1
+    idx = torch.randint(0, 1000, (33, 7))
+    w = torch.rand(33, 7)
+    assert torch.equal(T.gather_matmul(w, idx, A), torch.ops.spade.gather_matmul(w, idx, A))
+    assert torch.equal(T.scatter_matmul(w, idx, x, 1000), torch.ops.spade.scatter_matmul(w, idx, x, 1000))
+    half = A.bfloat16()  # other dtypes keep the PyTorch-op path
+    torch.testing.assert_close(T.gather_matmul(w, idx, half).float(), T.gather_matmul(w, idx, A), atol=0.1, rtol=0.05)

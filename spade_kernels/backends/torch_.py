@@ -66,6 +66,23 @@ _CACHE_BUDGET = 1 << 18
 DENSE_FRACTION: dict[str, float] = {"cpu": 1 / 32}
 
 
+#: On CPU float32/float64 tensors, use the C++ extension's ops (``spade::*``,
+#: C++/OpenMP, the ``cuda`` backend's CPU twins) when it is built: at
+#: (B, d, K, C) = (1024, 768, 16384, 80) on 2 threads they measured 2–5×
+#: faster than these PyTorch-op versions for every product, and about 2× for
+#: the forward's candidate search (benchmarks/NOTES.md).  The PyTorch-op
+#: versions run everywhere else (GPU tensors, half dtypes, no extension).
+NATIVE_CPU = True
+
+
+def _native_cpu(t: torch.Tensor) -> bool:
+    if not NATIVE_CPU or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return False
+    from .. import _ext
+
+    return _ext.available()
+
+
 def _dense(C: int, K: int, device: torch.device) -> bool:
     fraction = DENSE_FRACTION.get(device.type)
     return fraction is not None and C >= fraction * K
@@ -122,6 +139,8 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
     B, C = indices.shape
     if _dense(C, M.shape[0], M.device):
         return _densify(weights, indices, M.shape[0], M.dtype) @ M
+    if _native_cpu(M):
+        return torch.ops.spade.gather_matmul(weights, indices, M)
     out = torch.empty(B, M.shape[1], dtype=M.dtype, device=M.device)
     for rs in _row_blocks(B, C * M.shape[1], _CACHE_BUDGET):
         out[rs] = torch.bmm(weights[rs].unsqueeze(1).to(M.dtype), _gather_rows(M, indices[rs])).squeeze(1)
@@ -133,6 +152,8 @@ def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch
     B, C = indices.shape
     if _dense(C, M.shape[0], M.device):
         return (G.to(M.dtype) @ M.t()).gather(1, indices)
+    if _native_cpu(M):
+        return torch.ops.spade.gather_dot(G, indices, M)
     out = torch.empty(B, C, dtype=M.dtype, device=M.device)
     for rs in _row_blocks(B, C * M.shape[1], _CACHE_BUDGET):
         out[rs] = torch.bmm(_gather_rows(M, indices[rs]), G[rs].unsqueeze(2).to(M.dtype)).squeeze(2)
@@ -150,6 +171,8 @@ def scatter_matmul(
     d = X.shape[1]
     if _dense(C, n_rows, X.device):
         return _densify(weights, indices, n_rows, X.dtype).t() @ X
+    if _native_cpu(X):
+        return torch.ops.spade.scatter_matmul(weights, indices, X, n_rows)
     out = torch.zeros(n_rows, d, dtype=X.dtype, device=X.device)
     for rs in _row_blocks(B, C * d):
         contrib = weights[rs].to(X.dtype).unsqueeze(2) * X[rs].unsqueeze(1)
@@ -160,6 +183,8 @@ def scatter_matmul(
 def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b, j] = ‖x[b] − M[indices[b, j]]‖², computed directly (no cancellation)."""
     B, C = indices.shape
+    if _native_cpu(x) and M.dtype == x.dtype:
+        return torch.ops.spade.gather_sq_dist(x, indices, M)
     out = torch.empty(B, C, dtype=x.dtype, device=x.device)
     # Small row blocks keep the difference tensor in cache between the two passes.
     for rs in _row_blocks(B, C * x.shape[1], _CACHE_BUDGET):
@@ -474,10 +499,16 @@ def encode_forward(x, A, lam, **options):
     """Sparse SpaDE codes of x (B, d) in the compute dtype (no autograd).
 
     ``options``: ``chunk``, ``topk``, ``max_candidates``.  Returns (values,
-    indices, support_size, D_support).
+    indices, support_size, D_support).  On CPU float32/float64 tensors with
+    the extension built (:data:`NATIVE_CPU`), the candidate search and the
+    exact stage are the extension's C++ ops (``topk`` does not apply there).
     """
     if x.shape[0] == 0:
         return empty_codes(x)
+    if _native_cpu(x) and options.get("max_candidates", DEFAULT_MAX_CANDIDATES) >= 256:
+        from .cuda import encode_forward as native_forward
+
+        return native_forward(x, A, lam, **{k: v for k, v in options.items() if k != "topk"})
     x, A, aa, xx, nan_rows = sanitize(x, A)
     margin = score_margin(xx, aa, lam, x.shape[1], torch.finfo(x.dtype).eps)
     with ieee_matmul():
