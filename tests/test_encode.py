@@ -270,4 +270,6 @@ def test_torch_backend_uses_the_extension_on_cpu(monkeypatch):
     assert torch.equal(T.gather_matmul(w, idx, A), torch.ops.spade.gather_matmul(w, idx, A))
     assert torch.equal(T.scatter_matmul(w, idx, x, 1000), torch.ops.spade.scatter_matmul(w, idx, x, 1000))
     half = A.bfloat16()  # other dtypes keep the PyTorch-op path
-    torch.testing.assert_close(T.gather_matmul(w, idx, half).float(), T.gather_matmul(w, idx, A), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(
+        T.gather_matmul(w, idx, half).float(), T.gather_matmul(w, idx, A), atol=0.1, rtol=0.05
+    )
