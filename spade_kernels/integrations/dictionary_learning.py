@@ -313,20 +313,23 @@ class SpaDETrainer(SAETrainer):
     and then decayed by a per-step cosine from ``lr`` to ``lr_final`` at the
     last step; gradient-norm clipping at ``grad_clip``.
 
-    Scale.  ``lr``, ``lambda_init`` (default 1/(2d)) and the N(0, 1)
-    initialisation are the paper's, stated for activations with E‖x‖² = d.
-    With ``match_data_scale`` (default) the first batch's mean squared norm m
-    sets s = √(m/d), and the trainer starts from the equivalent model for that
-    scale (``scale_biases(s)``: prototypes and W_dec ×s, λ ÷s²) and multiplies
-    the learning rate of prototypes, W_dec and b_dec by s (Adam's steps are in
-    the parameters' units).  Training then follows the same course whether
-    trainSAE normalises activations (E‖x‖² = 1) or not; λ's raw parameter and
-    the clipping threshold are not rescaled, so the match is close, not exact.
+    Scale.  ``lr``, ``lambda_init`` (default 1/(2d)), ``grad_clip`` and the
+    N(0, 1) initialisation are the paper's, stated for activations with
+    E‖x‖² = d.  With ``match_data_scale`` (default) the first batch's mean
+    squared norm m sets s = √(m/d), and the trainer starts from the equivalent
+    model for that scale (``scale_biases(s)``: prototypes and W_dec ×s,
+    λ ÷s²), multiplies the learning rate of prototypes, W_dec and b_dec by s
+    (Adam's steps are in the parameters' units) and the clipping threshold by
+    s (the weights' gradients, which dominate the norm, scale by s).  Training
+    then takes nearly the same course whether or not trainSAE normalises the
+    activations (to E‖x‖² = 1, where λ starts at 1/2 for any d).  λ's raw
+    parameter keeps its learning rate: λ = softplus(raw) is scale-free only
+    while λ ≪ 1, so the match is close there and looser when λ grows past ~1.
 
     ``init="data"`` sets prototypes and W_dec to random rows of the first
-    batch instead (rows drawn with replacement, when the batch is smaller than
-    ``dict_size``, get a jitter of 0.1× the per-coordinate RMS so that
-    repeated rows do not stay tied).
+    batch instead.  When the batch is smaller than ``dict_size`` rows repeat,
+    and every prototype gets a jitter of 0.1× the per-coordinate RMS: tied
+    prototypes would get identical gradients and stay tied.
 
     The constructor follows the library's trainers: ``steps``,
     ``activation_dim``, ``dict_size``, ``layer``, ``lm_name`` are required,
@@ -472,7 +475,7 @@ class SpaDETrainer(SAETrainer):
         if not logging:
             return loss
         with torch.no_grad():
-            l2 = (x.reshape(out.x_hat.shape) - out.x_hat).norm(dim=-1).mean()
+            l2 = (x - out.x_hat).norm(dim=-1).mean()
         return LossLog(
             x,
             out.x_hat,

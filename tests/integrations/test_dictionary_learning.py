@@ -19,14 +19,13 @@ training = pytest.importorskip("dictionary_learning.training")
 from dictionary_learning.dictionary import Dictionary  # noqa: E402
 from dictionary_learning.trainers.trainer import SAETrainer  # noqa: E402
 
+import spade_kernels as sk  # noqa: E402
 from spade_kernels.integrations.dictionary_learning import (  # noqa: E402
     LossLog,
     SpaDEDictionary,
     SpaDETrainer,
     load_dictionary,
 )
-
-import spade_kernels as sk  # noqa: E402
 
 D, K, B = 16, 64, 128
 #: Backends that run on CPU tensors here ("cuda" also has C++ CPU twins when the extension is built).

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Test the dictionary_learning integration
+# (spade_kernels/integrations/dictionary_learning.py) in its own virtual
+# environment, .venv-dictionary-learning, kept apart from the main one.
+#
+#   scripts/test_dictionary_learning.sh [pytest args]
+#
+# Why not plain `pip install dictionary-learning`: its only release (0.1.0)
+# requires nnsight>=0.3,<0.4, which requires torchvision, diffusers and
+# accelerate, and with them pip replaces the CPU torch by the newest torch and
+# several GB of CUDA wheels.  So dictionary-learning and nnsight are installed
+# with --no-deps, followed by exactly what the modules the integration uses
+# import when they are imported:
+#   dictionary_learning (package __init__ -> buffer.py): nnsight, einops, tqdm
+#   dictionary_learning.training:                         wandb (+ the above)
+#   nnsight 0.3 at import: pyyaml, pydantic, accelerate, transformers,
+#                          python-socketio[client], pillow
+# torchvision, diffusers, datasets, zstandard, circuitsvis, umap-learn, plotly
+# and pandas are never imported on those paths (they serve model tracing,
+# dataset streaming and interpretability plots), so they are left out.
+# wandb is only imported: the tests run trainSAE with use_wandb=False.
+#
+# A constraints file holds torch at the CPU wheel installed first.  Our
+# package is installed editable with --no-build-isolation, so its C++
+# extension is compiled against the venv's torch (same pin as the main set-up).
+# Re-running reuses the venv; DL_VENV overrides its path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${DL_VENV:-.venv-dictionary-learning}"
+TORCH_PIN="torch==2.13.0"
+DL_SPEC="dictionary-learning==0.1.0"
+NNSIGHT_SPEC="nnsight>=0.3,<0.4"
+IMPORT_DEPS=(einops tqdm wandb pyyaml pydantic accelerate transformers "python-socketio[client]" pillow)
+PY="$VENV/bin/python"
+
+start=$(date +%s)
+[ -x "$PY" ] || python -m venv "$VENV"
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+echo "$TORCH_PIN" >"$constraints"
+
+"$PY" -m pip install -q --upgrade pip setuptools wheel ninja
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q -c "$constraints" "$TORCH_PIN" numpy
+"$PY" -m pip install -q --no-build-isolation -c "$constraints" -e . pytest
+if ! "$PY" -c "import dictionary_learning.training" 2>/dev/null; then
+    # pip then reports their other requirements as "not installed": expected.
+    "$PY" -m pip install -q --no-deps "$DL_SPEC" "$NNSIGHT_SPEC"
+    "$PY" -m pip install -q -c "$constraints" "${IMPORT_DEPS[@]}"
+fi
+"$PY" - <<'PYEOF'
+import importlib.metadata as m
+
+import dictionary_learning.training  # noqa: F401  (fails here, not in pytest, if a dependency is missing)
+
+pkgs = ("torch", "dictionary-learning", "nnsight", "transformers", "accelerate", "wandb")
+print("versions:", ", ".join(f"{p} {m.version(p)}" for p in pkgs))
+PYEOF
+echo "install: $(($(date +%s) - start)) s"
+
+"$PY" -m pytest -q tests/integrations/test_dictionary_learning.py "$@"
