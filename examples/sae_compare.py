@@ -50,10 +50,7 @@ def _reconstruction_mse(reconstruct, x: torch.Tensor, batch_size: int = 4096) ->
 def _scores(encode, reconstruct, ds: SyntheticDataset, x: torch.Tensor) -> dict:
     m = concept_metrics(encode, x, ds.labels, ds.n_concepts)
     with torch.no_grad():
-        fired = torch.zeros(0, dtype=torch.bool)
-        for i in range(0, x.shape[0], 4096):
-            active = (encode(x[i : i + 4096]) > 0).any(0)
-            fired = active if fired.numel() == 0 else fired | active
+        fired = torch.stack([(encode(x[i : i + 4096]) > 0).any(0) for i in range(0, x.shape[0], 4096)]).any(0)
     mse = _reconstruction_mse(reconstruct, x)
     return {
         "l0": float((m["mean_l0"] * m["count"]).sum() / m["count"].sum()),

@@ -88,7 +88,7 @@ def plot(comp: Comparison, path: Path) -> None:
     res, labels = comp.results, comp.dataset.labels
     dims = res["intrinsic_dim"]
     fig, (ax_f1, ax_l0) = plt.subplots(1, 2, figsize=(14, 5.5), layout="constrained")
-    pos = torch.arange(len(dims)).float()
+    pos = torch.arange(len(dims)).float().numpy()  # matplotlib gets NumPy arrays
     width = 0.27
     for i, name in enumerate(MODELS):
         m = res["models"][name]
@@ -106,12 +106,8 @@ def plot(comp: Comparison, path: Path) -> None:
     for name in MODELS:
         m = res["models"][name]
         l0 = _per_sample_l0(comp.encoders[name], comp.x).double()
-        q = torch.stack(
-            [
-                l0[labels == c].quantile(torch.tensor([0.25, 0.75], dtype=torch.float64))
-                for c in range(len(dims))
-            ]
-        )
+        quartiles = torch.tensor([0.25, 0.75], dtype=torch.float64)
+        q = torch.stack([l0[labels == c].quantile(quartiles) for c in range(len(dims))]).numpy()
         fit = m["l0_vs_dim"]
         line = ax_l0.plot(
             dims,
@@ -121,6 +117,7 @@ def plot(comp: Comparison, path: Path) -> None:
         )[0]
         ax_l0.fill_between(dims, q[:, 0], q[:, 1], color=line.get_color(), alpha=0.15)
     ax_l0.set_xscale("log", base=2)
+    ax_l0.set_ylim(bottom=0)
     ax_l0.set(
         xticks=dims,
         xticklabels=[str(k) for k in dims],

