@@ -270,6 +270,9 @@ class SpaDE(nn.Module):
             "gamma_reg": self.gamma_reg,
             "use_bias": self.use_bias,
             "reg_on": self.reg_on,
+            # SAELens reads configs without this key as pre-6.0 ones, whose
+            # default subtracts b_dec from the input; SpaDE never does.
+            "apply_b_dec_to_input": False,
         }
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -313,8 +316,9 @@ class SpaDE(nn.Module):
         layer = cls(
             cfg["d_in"],
             cfg["d_sae"],
-            lambda_init=cfg["lambda_init"],
-            gamma_reg=cfg["gamma_reg"],
+            # SAELens inference checkpoints carry no training-only keys.
+            lambda_init=cfg.get("lambda_init"),
+            gamma_reg=cfg.get("gamma_reg", 0.1),
             use_bias=cfg.get("use_bias", False),
             reg_on=cfg.get("reg_on", "encoder"),
             backend=backend,

@@ -175,6 +175,21 @@ def test_checkpoint_round_trip(tmp_path):
     assert m2.reg_on == "decoder" and m2.backend == "torch"
     x = torch.randn(4, 5)
     torch.testing.assert_close(m(x).loss, m2(x).loss)
+    assert cfg["apply_b_dec_to_input"] is False  # SAELens must not subtract b_dec from x
+
+
+def test_from_pretrained_reads_configs_without_training_keys(tmp_path):
+    # SAELens inference checkpoints store no gamma_reg / lambda_init.
+    m = sk.SpaDE(5, 11)
+    with torch.no_grad():
+        m.lambda_raw.add_(0.5)
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["gamma_reg"], cfg["lambda_init"]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    m2 = sk.SpaDE.from_pretrained(tmp_path)
+    assert m2.gamma_reg == 0.1
+    torch.testing.assert_close(m2.lam, m.lam)
 
 
 def test_from_pretrained_errors(tmp_path):
