@@ -21,17 +21,19 @@ SAE_LENS_SPEC="${SAE_LENS_SPEC:-sae-lens>=6.54,<7}"
 PY="$VENV/bin/python"
 
 start=$(date +%s)
-[ -x "$PY" ] || python -m venv "$VENV"
+if [ ! -x "$PY" ]; then
+    python -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip setuptools wheel
+fi
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "$TORCH_PIN" >"$constraints"
 
-"$PY" -m pip install -q --upgrade pip setuptools wheel
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q -c "$constraints" "$TORCH_PIN" numpy
 if [ "${SAE_LENS_BUILD_EXT:-0}" = 1 ]; then
     "$PY" -m pip install -q ninja
     "$PY" -m pip install -q --no-build-isolation -c "$constraints" -e . pytest
-else
+elif ! "$PY" -c "import importlib.metadata as m; m.version('spade-kernels'); m.version('pytest')" 2>/dev/null; then
     # An isolated build has no torch, so setup.py skips the extension.
     "$PY" -m pip install -q -c "$constraints" -e . pytest
 fi
