@@ -64,7 +64,8 @@ if _LOADED:
     @torch.library.register_fake("spade::sparsemax_rows")
     def _(scores):
         tau_dtype = torch.float32 if scores.device.type == "cuda" else scores.dtype
-        return torch.empty_like(scores), scores.new_empty(scores.shape[:1], dtype=tau_dtype)
+        # new_empty, not empty_like: the ops return contiguous tensors for any input strides.
+        return scores.new_empty(scores.shape), scores.new_empty(scores.shape[:1], dtype=tau_dtype)
 
     @torch.library.register_fake("spade::select_candidates")
     def _(x, A, aa, lam, margin, chunk, cap):
@@ -82,7 +83,7 @@ if _LOADED:
 
     @torch.library.register_fake("spade::support_jacobian")
     def _(z, grad_z, D, grad_D, lam):
-        return torch.empty_like(z), z.new_empty(z.shape[:1])
+        return z.new_empty(z.shape), z.new_empty(z.shape[:1])
 
     @torch.library.register_fake("spade::gather_matmul")
     def _(weights, indices, M):

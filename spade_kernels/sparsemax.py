@@ -39,7 +39,8 @@ def _forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
     cpu_float = input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
     if not sort_based and cpu_float and _ext.available():
         rows = input.movedim(dim, -1)
-        out, _tau = torch.ops.spade.sparsemax_rows(rows.reshape(-1, rows.shape[-1]))
+        # contiguous: the op copies strided input anyway, and compiled graphs then see one layout.
+        out, _tau = torch.ops.spade.sparsemax_rows(rows.reshape(-1, rows.shape[-1]).contiguous())
         return out.reshape(rows.shape).movedim(-1, dim)
     return sparsemax_reference(input, dim=dim)
 

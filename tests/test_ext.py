@@ -289,3 +289,16 @@ def test_opcheck_every_op(device):
 def test_op_argument_errors(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+def test_fakes_match_the_real_layout_for_strided_inputs():
+    # The ops return contiguous outputs for any input strides; so must the fakes.
+    torch.library.opcheck(torch.ops.spade.sparsemax_rows.default, (torch.randn(9, 4).t(),), test_utils=OPCHECKS)
+    z = torch.rand(6, 5).t()
+    args = (z, None, torch.rand(5, 6), None, torch.tensor(0.5))
+    torch.library.opcheck(torch.ops.spade.support_jacobian.default, args, test_utils=OPCHECKS)
+    import spade_kernels as sk
+
+    x = torch.randn(6, 9)
+    compiled = torch.compile(lambda t: sk.sparsemax(t, dim=0), backend="inductor")
+    torch.testing.assert_close(compiled(x), sparsemax_reference(x, dim=0))

@@ -37,6 +37,16 @@ void dispatch_float(at::ScalarType dtype, const char* op, Fn&& fn) {
   }
 }
 
+// Raises unless `bytes` of dynamic shared memory (plus the kernels' small
+// static scratch) fit one block on the current device.
+void check_shared_memory(size_t bytes, const char* op, const char* what, int64_t value) {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes + 1024 <= static_cast<size_t>(optin), "spade::", op, ": ", what, " = ", value, " needs ", bytes,
+              " bytes of shared memory per block; this GPU allows ", optin, " (use a smaller ", what, ")");
+}
+
 std::tuple<at::Tensor, at::Tensor> sparsemax_rows_cuda(const at::Tensor& scores) {
   TORCH_CHECK(scores.dim() == 2, "spade::sparsemax_rows: scores must be 2-D, got ", scores.dim(), "-D");
   const at::ScalarType dtype = scores.scalar_type();
@@ -67,7 +77,14 @@ std::tuple<at::Tensor, at::Tensor> sparsemax_rows_cuda(const at::Tensor& scores)
 std::tuple<at::Tensor, at::Tensor> select_candidates_cuda(const at::Tensor& x, const at::Tensor& A,
                                                           const at::Tensor& aa, double lam, const at::Tensor& margin,
                                                           int64_t chunk, int64_t cap) {
+  // Devices first, so a CPU tensor among CUDA ones gets the named error, not the guard's.
+  spade::binding::check_like(A, x, "select_candidates", "A", "x");
+  spade::binding::check_like(aa, x, "select_candidates", "aa", "x");
+  spade::binding::check_like(margin, x, "select_candidates", "margin", "x");
   const c10::cuda::CUDAGuard guard(x.device());
+  check_shared_memory(x.scalar_type() == at::kDouble ? spade::select_chunk_shared_bytes<double>(cap)
+                                                     : spade::select_chunk_shared_bytes<float>(cap),
+                      "select_candidates", "cap", cap);
   auto chunk_fn = [](const at::Tensor& S, int64_t offset, const at::Tensor& margin, at::Tensor& buf_idx,
                      at::Tensor& buf_val, at::Tensor& count, at::Tensor& bound, int64_t cap) {
     dispatch_float(S.scalar_type(), "select_candidates", [&](auto zero) {
@@ -88,13 +105,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exact_codes_cuda(cons
   std::tie(x, A, cand) = spade::binding::check_exact_codes(x_, A_, lam, cand_);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), d = x.size(1), W = cand.size(1);
+  check_shared_memory(x.scalar_type() == at::kDouble ? spade::exact_codes_shared_bytes<double>(W)
+                                                     : spade::exact_codes_shared_bytes<float>(W),
+                      "exact_codes", "the candidate width", W);
   at::Tensor values = at::empty({B, W}, x.options());
   at::Tensor indices = at::empty({B, W}, cand.options());
   at::Tensor size = at::empty({B}, cand.options());
   at::Tensor dist = at::empty({B, W}, x.options());
   dispatch_float(x.scalar_type(), "exact_codes", [&](auto zero) {
     using T = decltype(zero);
-    C10_CUDA_CHECK(spade::exact_codes<T>(x.data_ptr<T>(), A.data_ptr<T>(), B, d, cand.data_ptr<int64_t>(), W,
+    C10_CUDA_CHECK(spade::exact_codes<T>(x.data_ptr<T>(), A.data_ptr<T>(), B, A.size(0), d, cand.data_ptr<int64_t>(), W,
                                          static_cast<T>(lam), values.data_ptr<T>(), indices.data_ptr<int64_t>(),
                                          size.data_ptr<int64_t>(), dist.data_ptr<T>(), current_stream()));
   });

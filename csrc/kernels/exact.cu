@@ -3,7 +3,7 @@
 
 namespace spade {
 #define SPADE_INSTANTIATE(T)                                                                            \
-  template cudaError_t exact_codes<T>(const T*, const T*, int64_t, int64_t, const int64_t*, int64_t, T, T*, \
+  template cudaError_t exact_codes<T>(const T*, const T*, int64_t, int64_t, int64_t, const int64_t*, int64_t, T, T*, \
                                       int64_t*, int64_t*, T*, cudaStream_t);
 SPADE_INSTANTIATE(float)
 SPADE_INSTANTIATE(double)

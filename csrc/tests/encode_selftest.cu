@@ -1,7 +1,9 @@
 // Self-test of the torch-free SpaDE kernels against float64 host references:
 // select_chunk (over host-computed GEMM-form score chunks) + exact_codes give
-// the exact sparsemax codes; support_jacobian, gather_matmul, gather_reduce
-// and scatter_matmul match their definitions.  Needs a GPU: exits 77
+// the exact sparsemax codes, support sizes and distances, sorted (float and
+// double, including a buffer past 48 KiB of shared memory); rows expected to
+// fit the buffer must not overflow, dense rows must; support_jacobian,
+// gather_matmul, gather_reduce and scatter_matmul match their definitions.  Needs a GPU: exits 77
 // ("skipped", the CTest convention) without one, 1 on a mismatch, 0 on success.
 #include <algorithm>
 #include <cmath>
@@ -54,9 +56,11 @@ std::vector<double> sparsemax_ref(const std::vector<double>& s) {
 }
 
 // The encoder: B rows, K prototypes, d dims, chunks of `chunk`, `cap` slots.
-int run_encode(int B, int d, int K, int chunk, int cap, float lam, std::mt19937& gen) {
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::vector<float> x(size_t(B) * d), A(size_t(K) * d);
+// `dense`: every row is expected to overflow the buffer (else none may).
+template <typename T>
+int run_encode(int B, int d, int K, int chunk, int cap, T lam, bool dense, std::mt19937& gen) {
+  std::normal_distribution<T> normal(T(0), T(1));
+  std::vector<T> x(size_t(B) * d), A(size_t(K) * d);
   for (auto& v : x) v = normal(gen);
   for (auto& v : A) v = normal(gen);
   std::vector<double> aa(K), xx(B);
@@ -65,28 +69,29 @@ int run_encode(int B, int d, int K, int chunk, int cap, float lam, std::mt19937&
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < d; ++i) xx[b] += double(x[size_t(b) * d + i]) * x[size_t(b) * d + i];
   const double amax = *std::max_element(aa.begin(), aa.end());
-  std::vector<float> margin(B);
-  for (int b = 0; b < B; ++b) margin[b] = float(2.0 * (d + 2) * 1.1920929e-7 * lam * (xx[b] + amax));
+  const double eps = sizeof(T) == 4 ? 1.1920929e-7 : 2.220446049250313e-16;
+  std::vector<T> margin(B);
+  for (int b = 0; b < B; ++b) margin[b] = T(2.0 * (d + 2) * eps * lam * (xx[b] + amax));
 
   int32_t* buf_idx = nullptr;
-  float* buf_val = nullptr;
+  T* buf_val = nullptr;
   cudaMalloc(&buf_idx, size_t(B) * cap * sizeof(int32_t));
-  cudaMalloc(&buf_val, size_t(B) * cap * sizeof(float));
+  cudaMalloc(&buf_val, size_t(B) * cap * sizeof(T));
   int32_t* count = to_device(std::vector<int32_t>(B, 0));
-  float* bound = to_device(std::vector<float>(B, -INFINITY));
-  float* d_margin = to_device(margin);
+  T* bound = to_device(std::vector<T>(B, -INFINITY));
+  T* d_margin = to_device(margin);
   for (int c0 = 0; c0 < K; c0 += chunk) {
     const int cols = std::min(K, c0 + chunk) - c0;
-    std::vector<float> S(size_t(B) * cols);  // s' = λ(2·x·a − ‖a‖²), as the GEMM gives it
+    std::vector<T> S(size_t(B) * cols);  // s' = λ(2·x·a − ‖a‖²), as the GEMM gives it
     for (int b = 0; b < B; ++b)
       for (int k = 0; k < cols; ++k) {
         double dot = 0;
         for (int i = 0; i < d; ++i) dot += double(x[size_t(b) * d + i]) * A[size_t(c0 + k) * d + i];
-        S[size_t(b) * cols + k] = float(lam * (2 * dot - aa[c0 + k]));
+        S[size_t(b) * cols + k] = T(lam * (2 * dot - aa[c0 + k]));
       }
-    float* d_S = to_device(S);
-    CHECK_CUDA(spade::select_chunk<float>(d_S, B, cols, cols, c0, d_margin, buf_idx, buf_val, count, bound, cap,
-                                          nullptr));
+    T* d_S = to_device(S);
+    CHECK_CUDA(spade::select_chunk<T>(d_S, B, cols, cols, c0, d_margin, buf_idx, buf_val, count, bound, cap,
+                                      nullptr));
     cudaFree(d_S);
   }
   const auto counts = to_host(count, B);
@@ -97,50 +102,63 @@ int run_encode(int B, int d, int K, int chunk, int cap, float lam, std::mt19937&
   for (int b = 0; b < B; ++b)
     for (int j = 0; j < counts[b]; ++j) cand[size_t(b) * width + j] = idx32[size_t(b) * cap + j];
 
-  float* d_x = to_device(x);
-  float* d_A = to_device(A);
+  T* d_x = to_device(x);
+  T* d_A = to_device(A);
   int64_t* d_cand = to_device(cand);
-  float *d_val, *d_dist;
+  T *d_val, *d_dist;
   int64_t *d_idx, *d_size;
-  cudaMalloc(&d_val, size_t(B) * width * sizeof(float));
-  cudaMalloc(&d_dist, size_t(B) * width * sizeof(float));
+  cudaMalloc(&d_val, size_t(B) * width * sizeof(T));
+  cudaMalloc(&d_dist, size_t(B) * width * sizeof(T));
   cudaMalloc(&d_idx, size_t(B) * width * sizeof(int64_t));
   cudaMalloc(&d_size, size_t(B) * sizeof(int64_t));
-  CHECK_CUDA(spade::exact_codes<float>(d_x, d_A, B, d, d_cand, width, lam, d_val, d_idx, d_size, d_dist, nullptr));
+  CHECK_CUDA(spade::exact_codes<T>(d_x, d_A, B, K, d, d_cand, width, lam, d_val, d_idx, d_size, d_dist, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   const auto val = to_host(d_val, size_t(B) * width);
+  const auto dist = to_host(d_dist, size_t(B) * width);
   const auto idx = to_host(d_idx, size_t(B) * width);
   const auto size = to_host(d_size, B);
   for (void* p : {(void*)buf_idx, (void*)buf_val, (void*)count, (void*)bound, (void*)d_margin, (void*)d_x,
                   (void*)d_A, (void*)d_cand, (void*)d_val, (void*)d_dist, (void*)d_idx, (void*)d_size})
     cudaFree(p);
 
-  double worst = 0, max_s = 0;
-  int overflowed = 0;
+  double worst = 0, worst_D = 0, max_s = 0;
+  int overflowed = 0, bad_layout = 0;
   for (int b = 0; b < B; ++b) {
     if (counts[b] < 0) {  // overflow rows are resolved by the caller's exact path
       ++overflowed;
       continue;
     }
-    std::vector<double> s(K);
+    std::vector<double> s(K), D(K);
     for (int k = 0; k < K; ++k) {
-      double D = 0;
       for (int i = 0; i < d; ++i) {
         const double diff = double(x[size_t(b) * d + i]) - A[size_t(k) * d + i];
-        D += diff * diff;
+        D[k] += diff * diff;
       }
-      s[k] = -lam * D;
+      s[k] = -lam * D[k];
       max_s = std::max(max_s, std::fabs(s[k]));
     }
     const auto z = sparsemax_ref(s);
     std::vector<double> got(K, 0.0);
-    for (int j = 0; j < size[b]; ++j) got[idx[size_t(b) * width + j]] += val[size_t(b) * width + j];
+    int64_t support = 0;
+    for (int k = 0; k < K; ++k) support += z[k] > 0;
+    if (size[b] != support) ++bad_layout;
+    for (int j = 0; j < size[b]; ++j) {
+      const int64_t k = idx[size_t(b) * width + j];
+      const double v = val[size_t(b) * width + j];
+      got[k] += v;
+      if (j > 0 && v > val[size_t(b) * width + j - 1]) ++bad_layout;  // sorted descending
+      worst_D = std::max(worst_D, std::fabs(dist[size_t(b) * width + j] - D[k]) / std::max(1.0, D[k]));
+    }
     for (int k = 0; k < K; ++k) worst = std::max(worst, std::fabs(got[k] - z[k]));
   }
-  const double tol = 1e-5 + 4e-7 * max_s;
-  std::printf("encode B %d d %d K %d chunk %d cap %d lam %g: max error %.3g (tolerance %.3g), %d overflow rows\n",
-              B, d, K, chunk, cap, lam, worst, tol, overflowed);
-  return worst <= tol ? 0 : 1;
+  const double tol = sizeof(T) == 4 ? 1e-5 + 4e-7 * max_s : 1e-10;
+  const double tol_D = sizeof(T) == 4 ? 1e-5 : 1e-12;
+  const bool overflow_ok = dense ? overflowed == B : overflowed == 0;
+  std::printf("encode<%s> B %d d %d K %d chunk %d cap %d lam %g: max error %.3g (tolerance %.3g), D error %.3g, "
+              "%d overflow rows (%s), %d layout errors\n",
+              sizeof(T) == 4 ? "float" : "double", B, d, K, chunk, cap, double(lam), worst, tol, worst_D, overflowed,
+              dense ? "all expected" : "none expected", bad_layout);
+  return worst <= tol && worst_D <= tol_D && overflow_ok && bad_layout == 0 ? 0 : 1;
 }
 
 // The support products against their definitions (float64 on the host).
@@ -171,7 +189,22 @@ int run_products(int B, int C, int d, int K, std::mt19937& gen) {
   CHECK_CUDA((spade::gather_reduce<double, false>(d_X, d_idx, B, C, d_M, K, d, d_dot, nullptr)));
   CHECK_CUDA((spade::gather_reduce<double, true>(d_X, d_idx, B, C, d_M, K, d, d_sq, nullptr)));
   CHECK_CUDA(spade::scatter_matmul<double>(d_w, d_order, d_seg, C, d_X, d, K, d_sc, nullptr));
+  // support_jacobian: z = |w| on about half the slots (the support), grad_z = X's first C columns.
+  std::vector<double> z(size_t(B) * C), gz(size_t(B) * C), Dm(size_t(B) * C), gD(size_t(B) * C);
+  for (size_t e = 0; e < z.size(); ++e) {
+    z[e] = (e % 2 == 0) ? std::fabs(w[e]) + 0.1 : 0.0;
+    gz[e] = normal(gen), Dm[e] = std::fabs(normal(gen)), gD[e] = normal(gen);
+  }
+  const double lam = 0.37;
+  double *d_z = to_device(z), *d_gz = to_device(gz), *d_D = to_device(Dm), *d_gD = to_device(gD);
+  double* d_lam = to_device(std::vector<double>{lam});
+  double *d_G, *d_lr;
+  cudaMalloc(&d_G, size_t(B) * C * sizeof(double));
+  cudaMalloc(&d_lr, size_t(B) * sizeof(double));
+  CHECK_CUDA(spade::support_jacobian<double>(d_z, d_gz, d_D, d_gD, d_lam, B, C, d_G, d_lr, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
+  const auto G = to_host(d_G, size_t(B) * C), lam_rows = to_host(d_lr, B);
+  for (void* p : {(void*)d_z, (void*)d_gz, (void*)d_D, (void*)d_gD, (void*)d_lam, (void*)d_G, (void*)d_lr}) cudaFree(p);
   const auto gm = to_host(d_gm, size_t(B) * d), dot = to_host(d_dot, size_t(B) * C);
   const auto sq = to_host(d_sq, size_t(B) * C), sc = to_host(d_sc, size_t(K) * d);
   for (void* p : {(void*)d_w, (void*)d_X, (void*)d_M, (void*)d_idx, (void*)d_order, (void*)d_seg, (void*)d_gm,
@@ -199,6 +232,20 @@ int run_products(int B, int C, int d, int K, std::mt19937& gen) {
     }
   }
   for (size_t e = 0; e < sc.size(); ++e) worst = std::max(worst, std::fabs(sc[e] - sc_ref[e]));
+  for (int b = 0; b < B; ++b) {  // sparsemax Jacobian on the support, chained through s = −λD
+    double sum = 0, cnt = 0, lam_ref = 0;
+    for (int j = 0; j < C; ++j)
+      if (z[size_t(b) * C + j] > 0) sum += gz[size_t(b) * C + j], cnt += 1;
+    const double mean = sum / std::max(cnt, 1.0);
+    for (int j = 0; j < C; ++j) {
+      const size_t e = size_t(b) * C + j;
+      const bool on = z[e] > 0;
+      const double gs = on ? gz[e] - mean : 0.0;
+      worst = std::max(worst, std::fabs((on ? -lam * gs + gD[e] : 0.0) - G[e]));
+      lam_ref -= gs * Dm[e];
+    }
+    worst = std::max(worst, std::fabs(lam_ref - lam_rows[b]));
+  }
   std::printf("products B %d C %d d %d K %d: max error %.3g\n", B, C, d, K, worst);
   return worst <= 1e-9 ? 0 : 1;
 }
@@ -213,10 +260,12 @@ int main() {
   }
   std::mt19937 gen(0);
   int failures = 0;
-  failures += run_encode(1, 1, 1, 1, 256, 0.5f, gen);
-  failures += run_encode(33, 16, 1000, 300, 256, 1.f / 32, gen);
-  failures += run_encode(64, 64, 5000, 2048, 512, 1.f / 128, gen);
-  failures += run_encode(16, 8, 3000, 700, 256, 1e-4f, gen);  // dense rows: overflow, skipped here
+  failures += run_encode<float>(1, 1, 1, 1, 256, 0.5f, false, gen);
+  failures += run_encode<float>(33, 16, 1000, 300, 256, 1.f / 32, false, gen);
+  failures += run_encode<float>(64, 64, 5000, 2048, 512, 1.f / 128, false, gen);
+  failures += run_encode<double>(33, 16, 1000, 300, 256, 1.0 / 32, false, gen);
+  failures += run_encode<double>(8, 4, 6000, 3000, 4096, 2e-4, false, gen);  // supports ~2k: > 48 KiB of shared memory
+  failures += run_encode<float>(16, 8, 3000, 700, 256, 1e-4f, true, gen);    // dense rows must overflow
   failures += run_products(1, 1, 1, 1, gen);
   failures += run_products(37, 9, 300, 50, gen);
   failures += run_products(200, 80, 70, 5000, gen);

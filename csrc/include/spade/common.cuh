@@ -18,6 +18,12 @@ constexpr int kThreads = 256;
 // the count of values above τ strictly falls every step).
 constexpr int kMichelotMaxIters = 1024;
 
+// Kernels opt in to more than 48 KiB of dynamic shared memory when their
+// dynamic size plus this bound on their static shared memory (≤ 32 values +
+// 32 ints of scratch) passes 48 KiB, the default per-block limit.
+constexpr size_t kStaticSharedBound = 1024;
+constexpr size_t kDefaultSharedLimit = 48 * 1024;
+
 namespace detail {
 
 template <typename T>
@@ -25,15 +31,26 @@ __device__ __forceinline__ T infinity() {
   return static_cast<T>(INFINITY);
 }
 
-template <typename T>
-__device__ __forceinline__ T max_of(T a, T b) {
+// fmax/fmin ignore a NaN operand symmetrically, so a butterfly reduction gives
+// every thread the same result even when some inputs are NaN (a plain
+// a > b ? a : b does not, and threads would then disagree on control flow
+// around __syncthreads).
+__device__ __forceinline__ float max_of(float a, float b) {
+  return fmaxf(a, b);
+}
+__device__ __forceinline__ double max_of(double a, double b) {
+  return fmax(a, b);
+}
+__device__ __forceinline__ float min_of(float a, float b) {
+  return fminf(a, b);
+}
+__device__ __forceinline__ double min_of(double a, double b) {
+  return fmin(a, b);
+}
+__device__ __forceinline__ int max_of(int a, int b) {
   return a > b ? a : b;
 }
 
-template <typename T>
-__device__ __forceinline__ T min_of(T a, T b) {
-  return a < b ? a : b;
-}
 
 // The identity of the reduction: −inf for a maximum, 0 for a sum.
 template <bool kMax, typename T>

@@ -18,15 +18,10 @@
 
 namespace spade {
 
-// Shared memory of exact_codes_kernel for `width` candidates.
-template <typename T>
-inline size_t exact_codes_shared_bytes(int64_t width, int64_t padded) {
-  return static_cast<size_t>(padded) * (sizeof(T) + sizeof(int32_t)) + static_cast<size_t>(width) * sizeof(T);
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    exact_codes_kernel(const T* __restrict__ x, const T* __restrict__ A, int64_t d, const int64_t* __restrict__ cand,
+    exact_codes_kernel(const T* __restrict__ x, const T* __restrict__ A, int64_t n_a, int64_t d,
+                       const int64_t* __restrict__ cand,
                        int64_t width, int padded, T lam, T* __restrict__ values, int64_t* __restrict__ indices,
                        int64_t* __restrict__ support_size, T* __restrict__ dist) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -45,7 +40,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = warp; j < width; j += n_warps) {
     const int64_t k = c[j];
     T acc = T(0);
-    if (k >= 0) {
+    const bool valid = k >= 0 && k < n_a;  // out-of-range slots count as empty
+    if (valid) {
       const T* a = A + k * d;
       for (int64_t i = lane; i < d; i += 32) {
         const T diff = xr[i] - a[i];
@@ -53,7 +49,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     acc = detail::warp_reduce<false>(acc);
-    if (lane == 0) sD[j] = k >= 0 ? acc : detail::infinity<T>();
+    if (lane == 0) sD[j] = valid ? acc : detail::infinity<T>();
   }
   __syncthreads();
 
@@ -86,20 +82,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-cudaError_t exact_codes(const T* x, const T* A, int64_t rows, int64_t d, const int64_t* cand, int64_t width,
+cudaError_t exact_codes(const T* x, const T* A, int64_t rows, int64_t n_a, int64_t d, const int64_t* cand,
+                        int64_t width,
                         T lam, T* values, int64_t* indices, int64_t* support_size, T* dist,
                         cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  int64_t padded = 1;
-  while (padded < width) padded <<= 1;
-  const size_t shared = exact_codes_shared_bytes<T>(width, padded);
-  if (shared > 48 * 1024) {
+  const int64_t padded = pow2_at_least(width);
+  const size_t shared = exact_codes_shared_bytes<T>(width);
+  if (shared + kStaticSharedBound > kDefaultSharedLimit) {
     const cudaError_t err = cudaFuncSetAttribute(exact_codes_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(shared));
     if (err != cudaSuccess) return err;
   }
   exact_codes_kernel<T><<<static_cast<unsigned>(rows), kThreads, shared, stream>>>(
-      x, A, d, cand, width, static_cast<int>(padded), lam, values, indices, support_size, dist);
+      x, A, n_a, d, cand, width, static_cast<int>(padded), lam, values, indices, support_size, dist);
   return cudaGetLastError();
 }
 

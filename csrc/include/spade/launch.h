@@ -15,6 +15,23 @@
 
 namespace spade {
 
+// Shared memory the launchers below request (dynamic, per block), so a
+// binding can check it against the device's limit before launching.
+inline int64_t pow2_at_least(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+template <typename T>
+inline size_t select_chunk_shared_bytes(int64_t cap, int64_t threads = 256) {
+  return static_cast<size_t>(cap + threads) * (sizeof(T) + sizeof(int32_t));
+}
+template <typename T>
+inline size_t exact_codes_shared_bytes(int64_t width) {
+  return static_cast<size_t>(pow2_at_least(width)) * (sizeof(T) + sizeof(int32_t)) +
+         static_cast<size_t>(width) * sizeof(T);
+}
+
 // (sparsemax.cuh) Exact sparsemax of each row of `scores` (rows × cols,
 // leading dimension ld): τ per row into `tau` (float), and the projection
 // into `out` (same layout) when out is non-null.
@@ -35,13 +52,14 @@ cudaError_t select_chunk(const T* scores, int64_t rows, int64_t cols, int64_t ld
                          cudaStream_t stream);
 
 // (exact.cuh) Exact sparsemax codes over candidate sets: for row b and
-// candidate slot j (cand[b, j] ≥ 0, −1 = empty), D = ‖x_b − A[cand]‖²
+// candidate slot j (cand[b, j] in [0, n_a); −1, or any index outside that
+// range, is an empty slot), D = ‖x_b − A[cand]‖²
 // computed directly, s = −λ·(D − min_j D), τ exact; writes the support sorted
 // by value descending into values / indices / dist (rows × width, zero
 // padded) and its size into support_size.
 template <typename T>
-cudaError_t exact_codes(const T* x, const T* A, int64_t rows, int64_t d, const int64_t* cand, int64_t width,
-                        T lam, T* values, int64_t* indices, int64_t* support_size, T* dist,
+cudaError_t exact_codes(const T* x, const T* A, int64_t rows, int64_t n_a, int64_t d, const int64_t* cand,
+                        int64_t width, T lam, T* values, int64_t* indices, int64_t* support_size, T* dist,
                         cudaStream_t stream);
 
 // (sparse.cuh) Backward through sparsemax and s = −λD on each row's support
@@ -66,7 +84,8 @@ cudaError_t gather_reduce(const T* X, const int64_t* idx, int64_t rows, int64_t 
 // (sparse.cuh) The sparse-transpose product out[k] = Σ_{(b, j): idx[b, j] = k}
 // w[b, j] · X[b] (n_out × d), without atomics: `order` lists the flat
 // positions b·width + j sorted by idx, and seg[k] .. seg[k + 1] is latent
-// k's range in it (seg has n_out + 1 entries).  Deterministic.
+// k's range in it (seg has n_out + 1 entries; entries with an index outside
+// [0, n_out) fall in no segment and are dropped).  Deterministic.
 template <typename T>
 cudaError_t scatter_matmul(const T* w, const int64_t* order, const int64_t* seg, int64_t width, const T* X,
                            int64_t d, int64_t n_out, T* out, cudaStream_t stream);

@@ -6,11 +6,11 @@
 // index) and a bound ≤ τ(row) across chunks.  For a chunk it
 //   1. raises the bound to chunk max − 1 (DESIGN.md §2 fact 2);
 //   2. appends every entry above bound − margin, a 256-wide tile at a time,
-//      in order (prefix count);
-//   3. when a tile does not fit, raises the bound to the buffer's own τ
-//      (fact 3: τ of a subset ≤ τ of the row), drops what falls to or below
-//      it, and retries; a row that still does not fit is marked overflowed
-//      (count = −1) and left to the caller's exact path;
+//      in order (prefix count), into a buffer with one tile of headroom;
+//   3. when the buffer then holds more than `cap`, raises the bound to its
+//      own τ (fact 3: τ of a subset ≤ τ of the row) and drops what falls to
+//      or below it; a row that still holds more than `cap` is marked
+//      overflowed (count = −1) and left to the caller's exact path;
 //   4. ends with the same τ-and-compact step, so later chunks prune harder.
 // The margin covers the rounding of the GEMM-form scores (computed by the
 // caller): rounding can only keep extra candidates, never drop a support
@@ -55,21 +55,20 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t base = 0; base < cols; base += blockDim.x) {
     const int64_t k = base + threadIdx.x;
     const T v = k < cols ? s[k] : -detail::infinity<T>();
-    bool keep = v > b - slack;
+    const bool keep = v > b - slack;
     int total;
-    int pos = detail::block_scan(keep, iscratch, total);
-    if (n + total > cap) {
+    const int pos = detail::block_scan(keep, iscratch, total);
+    if (keep) sval[n + pos] = v, sidx[n + pos] = static_cast<int32_t>(k + offset);  // n ≤ cap: fits
+    n += total;
+    if (n > cap) {  // uniform across the block
+      __syncthreads();
       b = detail::max_of(b, detail::shared_tau(sval, n, scratch));
       n = detail::compact_above(sval, sidx, n, b - slack, iscratch);
-      keep = v > b - slack;
-      pos = detail::block_scan(keep, iscratch, total);
-      if (n + total > cap) {
+      if (n > cap) {
         overflow = true;
         break;
       }
     }
-    if (keep) sval[n + pos] = v, sidx[n + pos] = static_cast<int32_t>(k + offset);
-    n += total;
   }
   __syncthreads();
   if (overflow) {
@@ -77,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   if (n > 0) {
-    b = detail::max_of(b, detail::shared_tau(sval, n, scratch));
+    b = detail::max_of(b, detail::shared_tau(sval, n, scratch));  // (synchronised above)
     n = detail::compact_above(sval, sidx, n, b - slack, iscratch);
   }
   for (int j = threadIdx.x; j < n; j += blockDim.x) bv[j] = sval[j], bi[j] = sidx[j];
@@ -89,8 +88,8 @@ cudaError_t select_chunk(const T* scores, int64_t rows, int64_t cols, int64_t ld
                          const T* margin, int32_t* buf_idx, T* buf_val, int32_t* count, T* bound, int cap,
                          cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
-  const size_t shared = static_cast<size_t>(cap) * (sizeof(T) + sizeof(int32_t));
-  if (shared > 48 * 1024) {
+  const size_t shared = select_chunk_shared_bytes<T>(cap, kThreads);
+  if (shared + kStaticSharedBound > kDefaultSharedLimit) {
     const cudaError_t err = cudaFuncSetAttribute(select_chunk_kernel<T>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(shared));

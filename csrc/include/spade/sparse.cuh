@@ -8,8 +8,11 @@
 //   scatter_matmul     out[k] = Σ_{idx[b,j] = k} w[b, j] · X[b]    (∂prototypes, ∂W_dec)
 //
 // The sparse transpose is a segmented sum over the entries sorted by latent
-// (the caller sorts), so it is deterministic and needs no atomics.  Indices
-// outside [0, n_m) give NaN outputs instead of reading out of bounds.
+// (the caller sorts), so it is deterministic and needs no atomics.  The
+// gathers give NaN outputs for indices outside [0, n_m) instead of reading
+// out of bounds; the scatter drops such entries (they fall in no segment).
+// (The CPU ops raise on out-of-range indices instead: checking on the GPU
+// would synchronise.)
 #pragma once
 
 #include <cuda_runtime.h>
