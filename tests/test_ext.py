@@ -293,7 +293,9 @@ def test_op_argument_errors(call, match):
 
 def test_fakes_match_the_real_layout_for_strided_inputs():
     # The ops return contiguous outputs for any input strides; so must the fakes.
-    torch.library.opcheck(torch.ops.spade.sparsemax_rows.default, (torch.randn(9, 4).t(),), test_utils=OPCHECKS)
+    torch.library.opcheck(
+        torch.ops.spade.sparsemax_rows.default, (torch.randn(9, 4).t(),), test_utils=OPCHECKS
+    )
     z = torch.rand(6, 5).t()
     args = (z, None, torch.rand(5, 6), None, torch.tensor(0.5))
     torch.library.opcheck(torch.ops.spade.support_jacobian.default, args, test_utils=OPCHECKS)

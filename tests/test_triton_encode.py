@@ -155,12 +155,18 @@ def test_opcheck_registered_ops():
     margin = T.score_margin(xx, aa, lam, 16, 2.0**-24).float()
     start = torch.full((5,), -math.inf, device=DEVICE)
     sel_args = (x, A, aa.float(), margin, start, lam, 16, 4, "ieee")
-    torch.library.opcheck(torch.ops.spade_triton.encode_fwd_select.default, sel_args, test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(
+        torch.ops.spade_triton.encode_fwd_select.default, sel_args, test_utils=KERNEL_CHECKS
+    )
     slot_val, slot_idx, counts, bound = E.encode_fwd_select(*sel_args)
     merge_args = (slot_val, slot_idx, counts, bound, margin, 16)
-    torch.library.opcheck(torch.ops.spade_triton.encode_fwd_merge.default, merge_args, test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(
+        torch.ops.spade_triton.encode_fwd_merge.default, merge_args, test_utils=KERNEL_CHECKS
+    )
     idx = torch.randint(0, 40, (5, 7), device=DEVICE)
-    torch.library.opcheck(torch.ops.spade_triton.support_sq_dist.default, (x, A, idx), test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(
+        torch.ops.spade_triton.support_sq_dist.default, (x, A, idx), test_utils=KERNEL_CHECKS
+    )
     lam_t = torch.tensor(lam, device=DEVICE, requires_grad=True)
     # The composite op: schema, fake (data-dependent width) and autograd registration.
     torch.library.opcheck(

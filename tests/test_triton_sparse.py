@@ -58,7 +58,9 @@ def test_opcheck_primitives():
     M, X = torch.randn(10, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE)
     torch.library.opcheck(torch.ops.spade_triton.gather_matmul.default, (w, idx, M), test_utils=KERNEL_CHECKS)
     torch.library.opcheck(torch.ops.spade_triton.gather_dot.default, (X, idx, M), test_utils=KERNEL_CHECKS)
-    torch.library.opcheck(torch.ops.spade_triton.scatter_matmul.default, (w, idx, X, 10), test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(
+        torch.ops.spade_triton.scatter_matmul.default, (w, idx, X, 10), test_utils=KERNEL_CHECKS
+    )
 
 
 @pytest.mark.parametrize("reg_on", ["encoder", "decoder"])
