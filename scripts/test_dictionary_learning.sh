@@ -21,8 +21,10 @@
 # wandb is only imported: the tests run trainSAE with use_wandb=False.
 #
 # A constraints file holds torch at the CPU wheel installed first.  Our
-# package is installed editable with --no-build-isolation, so its C++
-# extension is compiled against the venv's torch (same pin as the main set-up).
+# package is installed editable without compiling its C++ extension (an
+# isolated build has no torch, so setup.py skips it): the tree's
+# spade_kernels/_C.so is used when it loads, and is never rebuilt or replaced
+# here; DL_BUILD_EXT=1 compiles it against the venv's torch instead.
 # Re-running reuses the venv; DL_VENV overrides its path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,9 +42,14 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "$TORCH_PIN" >"$constraints"
 
-"$PY" -m pip install -q --upgrade pip setuptools wheel ninja
+"$PY" -m pip install -q --upgrade pip setuptools wheel
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q -c "$constraints" "$TORCH_PIN" numpy
-"$PY" -m pip install -q --no-build-isolation -c "$constraints" -e . pytest
+if [ "${DL_BUILD_EXT:-0}" = 1 ]; then
+    "$PY" -m pip install -q ninja
+    "$PY" -m pip install -q --no-build-isolation -c "$constraints" -e . pytest
+elif ! "$PY" -c "import importlib.metadata as m; m.version('spade-kernels'); m.version('pytest')" 2>/dev/null; then
+    "$PY" -m pip install -q -c "$constraints" -e . pytest
+fi
 if ! "$PY" -c "import dictionary_learning.training" 2>/dev/null; then
     # pip then reports their other requirements as "not installed": expected.
     "$PY" -m pip install -q --no-deps "$DL_SPEC" "$NNSIGHT_SPEC"
