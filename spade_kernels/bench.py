@@ -357,7 +357,7 @@ def run_sweep(
 ) -> tuple[list[Row], dict]:
     """Measure every configuration; returns (rows, environment)."""
     progress = progress or sys.stderr
-    from .backends import backend_status
+    from .backends import BACKENDS, backend_status
 
     env = environment(device)
     status = backend_status()
@@ -394,8 +394,8 @@ def run_sweep(
             reason = "the entmax package is not installed"
         if reason is not None:
             row.status = f"skipped: unavailable ({reason})"
-        elif kind == "backend" and name != "reference" and name != "torch" and device.type != "cuda":
-            row.status = "skipped: needs a CUDA device"
+        elif kind == "backend" and BACKENDS[name].device_reason(device) is not None:
+            row.status = f"skipped: {BACKENDS[name].device_reason(device)}"
         elif need > 0.9 * mem_avail:
             row.status = f"skipped: needs {need / 2**30:.1f} GiB"
         else:
