@@ -396,6 +396,8 @@ def run_sweep(
             row.status = f"skipped: unavailable ({reason})"
         elif kind == "backend" and BACKENDS[name].device_reason(device) is not None:
             row.status = f"skipped: {BACKENDS[name].device_reason(device)}"
+        elif name == "triton" and device.type != "cuda":
+            row.status = "skipped: the Triton interpreter (TRITON_INTERPRET=1) is not timed"
         elif need > 0.9 * mem_avail:
             row.status = f"skipped: needs {need / 2**30:.1f} GiB"
         else:
