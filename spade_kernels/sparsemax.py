@@ -1,9 +1,10 @@
 """``sparsemax(input, dim)``: exact sparsemax with the closed-form backward.
 
-Forward is the sort-free C++ op ``spade::sparsemax_rows`` on CPU float32 /
-float64 tensors when the extension is built (pruning to entries above
-max − 1, then Michelot's iteration), and otherwise the sort-based projection
-of :mod:`spade_kernels.reference`;
+Forward is the sort-free extension op ``spade::sparsemax_rows`` when the
+extension is built — C++ on CPU float32/float64 tensors, the CUDA kernel on
+CUDA float32/bfloat16/float16 tensors (pruning to entries above max − 1, then
+Michelot's iteration) — and otherwise the sort-based projection of
+:mod:`spade_kernels.reference`;
 backward is DESIGN.md §2 fact 5 — on the support S of each row,
 ∂L/∂s = g − mean_{j∈S} g_j, and 0 off the support — instead of autograd
 through a sort.
@@ -32,12 +33,21 @@ def sparsemax_backward(z: torch.Tensor, grad: torch.Tensor, dim: int = -1) -> to
     return torch.where(nan_rows, torch.full_like(out, float("nan")), out)
 
 
-def _forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
-    """Sort-free C++ op for CPU float32/float64 when the extension is built, else sort-based."""
+def _native(input: torch.Tensor) -> bool:
+    """Whether ``spade::sparsemax_rows`` takes this tensor: CPU float32/float64, or
+    CUDA float32/bfloat16/float16 with the extension's CUDA kernels (fp32 math)."""
     from . import _ext
 
-    cpu_float = input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
-    if not sort_based and cpu_float and _ext.available():
+    if input.device.type == "cpu":
+        return input.dtype in (torch.float32, torch.float64) and _ext.available()
+    if input.device.type == "cuda":
+        return input.dtype in (torch.float32, torch.bfloat16, torch.float16) and _ext.cuda_kernels()
+    return False
+
+
+def _forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
+    """The sort-free extension op where it applies (see :func:`_native`), else sort-based."""
+    if not sort_based and input.numel() and _native(input):
         rows = input.movedim(dim, -1)
         # contiguous: the op copies strided input anyway, and compiled graphs then see one layout.
         out, _tau = torch.ops.spade.sparsemax_rows(rows.reshape(-1, rows.shape[-1]).contiguous())
