@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spade_kernels.train import cosine_lr
+
 __all__ = ["ReLUSAE", "TopKSAE", "match_relu_l0", "match_topk_l0", "mean_l0", "train_sae"]
 
 
@@ -121,12 +123,6 @@ class TopKSAE(_LinearSAE):
         self.W_dec.copy_(F.normalize(self.W_dec, dim=1))
 
 
-def _cosine_lr(step: int, total: int, lr: float, lr_final: float) -> float:
-    if total <= 1:
-        return lr
-    return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * step / (total - 1)))
-
-
 def train_sae(
     model: _LinearSAE,
     x: torch.Tensor,
@@ -150,7 +146,7 @@ def train_sae(
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(step, total, lr, lr_final)
+                group["lr"] = cosine_lr(step, total, lr, lr_final)
             _, loss, _ = model(x[order[start : start + batch_size]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -40,7 +40,8 @@ class TrainHistory:
         return len(self.loss)
 
 
-def _cosine_lr(step: int, total: int, lr: float, lr_final: float) -> float:
+def cosine_lr(step: int, total: int, lr: float, lr_final: float) -> float:
+    """The paper's schedule: cosine decay from ``lr`` at step 0 to ``lr_final`` at step ``total − 1``."""
     if total <= 1:
         return lr
     return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * step / (total - 1)))
@@ -137,7 +138,7 @@ def train_spade(
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(x.device)
         for start in range(0, n, batch_size):
-            step_lr = _cosine_lr(step, total, lr, lr_final)
+            step_lr = cosine_lr(step, total, lr, lr_final)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
             out = layer(x[order[start : start + batch_size]].to(device, non_blocking=True))

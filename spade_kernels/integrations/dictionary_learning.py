@@ -48,6 +48,7 @@ from dictionary_learning.trainers.trainer import SAETrainer, get_sparsity_warmup
 
 from ..codes import SparseCodes
 from ..layer import SpaDE, _inverse_softplus
+from ._wrapped import WrappedSpaDE
 
 __all__ = ["SpaDEDictionary", "SpaDETrainer", "load_dictionary"]
 
@@ -66,7 +67,7 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be a torch dtype or its name, got {dtype!r}")
 
 
-class SpaDEDictionary(Dictionary):
+class SpaDEDictionary(WrappedSpaDE, Dictionary):
     """SpaDE as a ``dictionary_learning`` dictionary.
 
     z = sparsemax(−λ·‖x − a_k‖²),   x̂ = z·W_dec (+ b_dec).
@@ -115,26 +116,6 @@ class SpaDEDictionary(Dictionary):
         self.dict_size = dict_size
 
     # -- views of the wrapped layer ------------------------------------------
-
-    @property
-    def prototypes(self) -> torch.nn.Parameter:
-        """Encoder prototypes a_k, shape (dict_size, activation_dim)."""
-        return self.spade.prototypes
-
-    @property
-    def W_dec(self) -> torch.nn.Parameter:
-        """Decoder rows, shape (dict_size, activation_dim)."""
-        return self.spade.W_dec
-
-    @property
-    def b_dec(self) -> torch.nn.Parameter | None:
-        """Decoder bias (None unless ``use_bias``)."""
-        return self.spade.b_dec
-
-    @property
-    def lam(self) -> torch.Tensor:
-        """λ = softplus(lambda_raw), a differentiable 0-d tensor."""
-        return self.spade.lam
 
     @property
     def backend(self) -> str:

@@ -71,6 +71,7 @@ from ..codes import SparseCodes
 from ..layer import SpaDE, _inverse_softplus
 from ..reference import squared_distances
 from ..sparsemax import sparsemax
+from ._wrapped import WrappedSpaDE
 
 __all__ = [
     "ARCHITECTURE",
@@ -227,7 +228,7 @@ def _to_coo(codes: SparseCodes, values: torch.Tensor) -> torch.Tensor:
     )
 
 
-class _SpaDEMixin:
+class _SpaDEMixin(WrappedSpaDE):
     """What :class:`SpaDESAE` and :class:`SpaDETrainingSAE` share.
 
     The weights live in a :class:`spade_kernels.SpaDE` submodule ``spade``;
@@ -252,26 +253,6 @@ class _SpaDEMixin:
             device=self.device,
             dtype=self.dtype,
         )
-
-    @property
-    def prototypes(self) -> torch.nn.Parameter:
-        """Encoder prototypes a_k, (d_sae, d_in)."""
-        return self.spade.prototypes
-
-    @property
-    def W_dec(self) -> torch.nn.Parameter:
-        """Decoder rows, (d_sae, d_in)."""
-        return self.spade.W_dec
-
-    @property
-    def b_dec(self) -> torch.nn.Parameter | None:
-        """Decoder bias (d_in,), or None without ``use_bias``."""
-        return self.spade.b_dec
-
-    @property
-    def lam(self) -> torch.Tensor:
-        """λ = softplus(lambda_raw)."""
-        return self.spade.lam
 
     def get_activation_fn(self):
         return sparsemax
