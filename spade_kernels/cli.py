@@ -109,6 +109,16 @@ def _dist_version(name: str) -> str:
         return "not installed"
 
 
+def _extension_summary() -> str:
+    from . import _ext
+
+    if not _ext.available():
+        return f"not loaded ({_ext.reason})"
+    if _ext.cuda_kernels():
+        return "spade_kernels._C: CPU ops + CUDA kernels"
+    return "spade_kernels._C: CPU ops only (built without CUDA: the cuda backend runs on CPU tensors)"
+
+
 def _info() -> int:
     if torch.cuda.is_available():
         device = (
@@ -123,6 +133,7 @@ def _info() -> int:
         ("numpy", _dist_version("numpy")),
         ("triton", _dist_version("triton")),
         ("device", device),
+        ("extension", _extension_summary()),
     ]
     for key, value in rows:
         print(f"{key:<14} {value}")

@@ -22,6 +22,12 @@ def test_info_lists_every_backend(capsys):
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     for name, reason in backend_status().items():
         assert ("available" if reason is None else reason) in lines[name]
+    from spade_kernels import _ext
+
+    extension = next(line for line in out.splitlines() if line.startswith("extension"))
+    assert (
+        "CUDA kernels" if _ext.cuda_kernels() else "CPU ops only" if _ext.available() else "not loaded"
+    ) in extension
 
 
 def test_module_entry_point():
