@@ -35,6 +35,11 @@ __device__ __forceinline__ float to_float(T v) {
   return static_cast<float>(v);
 }
 
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);
+}
+
 }  // namespace detail
 
 // τ (float) of each row of `scores` (rows × cols, row stride `ld`), written to
@@ -99,7 +104,7 @@ __global__ void __launch_bounds__(kSparsemaxThreads)
     T* orow = out + static_cast<int64_t>(blockIdx.x) * ld;
     for (int64_t k = threadIdx.x; k < cols; k += blockDim.x) {
       const float v = undefined ? NAN : fmaxf(detail::to_float(row[k]) - m - t, 0.f);
-      orow[k] = static_cast<T>(v);
+      orow[k] = detail::from_float<T>(v);
     }
   }
 }
