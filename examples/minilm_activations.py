@@ -193,7 +193,7 @@ def top_tokens(
 ) -> tuple[list[dict], dict]:
     """Top-activating tokens of ``n_latents`` latents drawn at random among those active on ≥ ``min_count`` tokens.
 
-    ``x`` are the activations scaled as in training.  Returns the latents
+    ``x`` are the activations the checkpoint takes (raw).  Returns the latents
     (index, how many tokens they fire on, top tokens with value and context)
     and code statistics (mean L0, live and dead latents).
     """
@@ -265,7 +265,7 @@ def run(
     t0 = time.perf_counter()
     info = json.loads((ckpt / INFO_NAME).read_text())
     sae = spade_kernels.SpaDE.from_pretrained(ckpt)
-    x = load_activations(data_path) * info["scale_factor"]  # the training scale
+    x = load_activations(data_path)  # raw: the CLI folds its training scale into the checkpoint
     latents, stats = top_tokens(sae, x, data, texts, n_latents=n_latents, n_top=n_top, seed=seed)
     timings["inspect_s"] = time.perf_counter() - t0
     for lat in latents:
@@ -285,7 +285,7 @@ def run(
         "steps": info["steps"],
         "nmse": info["mse"] / d,  # data scaled so that E‖x‖² = d
         "train_l0": info["l0"],
-        "lambda": info["lam"],
+        "lambda": info["lam"],  # at the training scale (E‖x‖² = d)
         **stats,
         "timings_s": timings,
         "latents": latents,

@@ -201,6 +201,9 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     final = evaluate(layer, x)
+    concepts = concept_metrics(layer, x, dataset.labels, dataset.n_concepts) if dataset is not None else None
+    # The checkpoint takes raw activations: the training scale is folded into the weights.
+    layer.fold_input_scale(factor)
     layer.save_pretrained(out_dir)
     info = {
         "data": args.dataset or str(args.data),
@@ -212,8 +215,8 @@ def _train(args: argparse.Namespace) -> int:
     }
     (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
 
-    if dataset is not None:
-        _print_concepts(dataset, concept_metrics(layer, x, dataset.labels, dataset.n_concepts))
+    if concepts is not None:
+        _print_concepts(dataset, concepts)
     print(
         f"final over all samples: loss {final['loss']:.4g}  mse {final['mse']:.4g}  "
         f"L0 {final['l0']:.2f}  λ {final['lam']:.4g}"

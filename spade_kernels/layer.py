@@ -134,6 +134,25 @@ class SpaDE(nn.Module):
             self.b_dec.zero_()
 
     @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> SpaDE:
+        """Make a layer trained on ``scale·x`` take ``x`` itself; returns ``self``.
+
+        SpaDE is not scale-homogeneous: ‖s·x − a‖² = s²·‖x − a/s‖², so the
+        prototypes become a/s and λ becomes λ·s² (the codes are unchanged), and
+        W_dec, b_dec become W_dec/s, b_dec/s (the output is x̂/s, in x's units).
+        """
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be finite and > 0, got {scale}")
+        lam = float(self.lam) * scale * scale
+        self.prototypes.div_(scale)
+        self.W_dec.div_(scale)
+        if self.b_dec is not None:
+            self.b_dec.div_(scale)
+        self.lambda_raw.fill_(_inverse_softplus(lam))
+        return self
+
+    @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> SpaDE:
         """Set prototypes and W_dec to random rows of ``x`` (..., d_in).
 
@@ -307,6 +326,20 @@ class SpaDE(nn.Module):
             cfg = json.load(f)
         if cfg.get("architecture") != "spade":
             raise ValueError(f"{cfg_path} describes architecture {cfg.get('architecture')!r}, not 'spade'")
+        # SAELens options this layer does not implement: refuse rather than load a different model.
+        unsupported = {
+            "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input") and cfg.get("use_bias", False),
+            # (SAELens folds an "expected_average_only_in" scale into the weights it saves.)
+            "normalize_activations": cfg.get("normalize_activations")
+            not in (None, "none", "expected_average_only_in"),
+            "reshape_activations": cfg.get("reshape_activations") not in (None, "none"),
+        }
+        for key, bad in unsupported.items():
+            if bad:
+                raise ValueError(
+                    f"{cfg_path} sets {key}={cfg[key]!r}, which SpaDE.from_pretrained does not implement; "
+                    "load it with sae_lens.SAE.load_from_disk (after importing spade_kernels.integrations.sae_lens)"
+                )
         if dtype is None:
             dtype = cfg.get("dtype", "float32")
         if isinstance(dtype, str):

@@ -51,10 +51,15 @@ def test_train_separability_checkpoint(tmp_path, capsys):
     layer = SpaDE.from_pretrained(out_dir)
     assert (layer.d_in, layer.d_sae) == (2, 16)
     info = json.loads((out_dir / "train_info.json").read_text())
-    x, factor = scale_to_unit_norm(make_separability(520, seed=1).x)
+    raw = make_separability(520, seed=1).x
+    _, factor = scale_to_unit_norm(raw)
     assert info["scale_factor"] == pytest.approx(factor) and info["steps"] == 9
-    # The reloaded checkpoint reproduces the metrics recorded at the end of training.
-    assert evaluate(layer, x)["loss"] == pytest.approx(info["loss"], rel=1e-5)
+    # The checkpoint takes raw activations (the training scale is folded in) and
+    # reproduces the metrics recorded at the end of training, in raw units:
+    # the same codes, so L0 is equal, and MSE and ‖x − a‖² shrink by factor².
+    metrics = evaluate(layer, raw)
+    assert metrics["loss"] * factor**2 == pytest.approx(info["loss"], rel=1e-4)
+    assert metrics["l0"] == pytest.approx(info["l0"], rel=1e-6)
 
 
 def test_train_heterogeneity_shows_dimensions(tmp_path, capsys):

@@ -192,6 +192,38 @@ def test_from_pretrained_reads_configs_without_training_keys(tmp_path):
     torch.testing.assert_close(m2.lam, m.lam)
 
 
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("apply_b_dec_to_input", True),
+        ("normalize_activations", "layer_norm"),
+        ("reshape_activations", "hook_z"),
+    ],
+)
+def test_from_pretrained_refuses_sae_lens_options_it_cannot_apply(tmp_path, key, value):
+    sk.SpaDE(5, 11, use_bias=True).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg[key] = value
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"{key}=.*SAE.load_from_disk"):
+        sk.SpaDE.from_pretrained(tmp_path)
+
+
+def test_fold_input_scale():
+    # A layer trained on s·x, folded, takes x: same codes, output x̂/s.
+    m = _layer("torch", use_bias=True)
+    with torch.no_grad():
+        m.b_dec.normal_()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    before = m(3.0 * x)
+    m.fold_input_scale(3.0)
+    after = m(x)
+    torch.testing.assert_close(after.codes.to_dense(), before.codes.to_dense())
+    torch.testing.assert_close(after.x_hat, before.x_hat / 3.0)
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        m.fold_input_scale(0.0)
+
+
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         sk.SpaDE.from_pretrained(tmp_path)
