@@ -257,7 +257,6 @@ def test_trainsae_normalized_run_saves_a_model_of_raw_activations(tmp_path):
     n = torch.stack([b.pow(2).sum(-1).mean() for b in clustered_batches(21, scale)]).mean().sqrt().item()
     # λ was learned on x / n; the saved model has λ / n².
     assert loaded.lam.item() * n**2 == pytest.approx(trainer.lams[-1], rel=1e-4)
-    assert trainer.config["match_data_scale"] is True
 
 
 def test_match_data_scale_makes_training_scale_free():
