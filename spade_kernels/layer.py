@@ -144,7 +144,7 @@ class SpaDE(nn.Module):
         scale = float(scale)
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
-        lam = float(self.lam) * scale * scale
+        lam = F.softplus(self.lambda_raw.double()).item() * scale * scale  # float64: λ·s² may be large
         self.prototypes.div_(scale)
         self.W_dec.div_(scale)
         if self.b_dec is not None:

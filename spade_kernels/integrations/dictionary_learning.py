@@ -47,7 +47,7 @@ from dictionary_learning.dictionary import Dictionary
 from dictionary_learning.trainers.trainer import SAETrainer, get_sparsity_warmup_fn
 
 from ..codes import SparseCodes
-from ..layer import SpaDE, _inverse_softplus
+from ..layer import SpaDE
 from ._wrapped import WrappedSpaDE
 
 __all__ = ["SpaDEDictionary", "SpaDETrainer", "load_dictionary"]
@@ -172,13 +172,8 @@ class SpaDEDictionary(WrappedSpaDE, Dictionary):
             raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
         if scale == 1.0:
             return  # trainSAE's check that the method exists; keep λ bit-exact
-        layer = self.spade
-        layer.prototypes.mul_(scale)
-        layer.W_dec.mul_(scale)
-        if layer.b_dec is not None:
-            layer.b_dec.mul_(scale)
-        lam = torch.nn.functional.softplus(layer.lambda_raw.double()).item() / (scale * scale)
-        layer.lambda_raw.fill_(_inverse_softplus(lam))
+        # The model of scale·x is this model with its input scale 1/scale folded in.
+        self.spade.fold_input_scale(1.0 / scale)
 
     @classmethod
     def from_pretrained(

@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from sae_lens.registry import (
     SAE_CLASS_REGISTRY,
     SAE_TRAINING_CLASS_REGISTRY,
@@ -68,7 +67,7 @@ from typing_extensions import override
 from ..backends import check_backend_name
 from ..backends.torch_ import support_sq_dists
 from ..codes import SparseCodes
-from ..layer import SpaDE, _inverse_softplus
+from ..layer import SpaDE
 from ..reference import squared_distances
 from ..sparsemax import sparsemax
 from ._wrapped import WrappedSpaDE
@@ -340,13 +339,7 @@ class _SpaDEMixin(WrappedSpaDE):
         s = float(scaling_factor)
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"scaling_factor must be a finite float > 0, got {scaling_factor!r}")
-        layer = self.spade
-        layer.prototypes.div_(s)
-        layer.W_dec.div_(s)
-        if layer.b_dec is not None:
-            layer.b_dec.div_(s)
-        lam = F.softplus(layer.lambda_raw.double()).item() * s * s
-        layer.lambda_raw.fill_(_inverse_softplus(lam))
+        self.spade.fold_input_scale(s)
         self.cfg.normalize_activations = "none"
 
     def fold_W_dec_norm(self) -> None:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 import spade_kernels as sk
 from spade_kernels.backends import torch_
 from spade_kernels.integrations import sae_lens as sl
+from spade_kernels.layer import _inverse_softplus
 
 D_IN, D_SAE = 16, 64
 
@@ -475,7 +476,7 @@ def test_fold_activation_norm_scaling_factor(s):
     # Not λ·s (what a homogeneous SAE's encoder would take): the codes differ.
     wrong = copy.deepcopy(folded)
     with torch.no_grad():
-        wrong.spade.lambda_raw.fill_(sl._inverse_softplus(unfolded.lam.item() * s))
+        wrong.spade.lambda_raw.fill_(_inverse_softplus(unfolded.lam.item() * s))
     assert not torch.allclose(wrong.encode(x), unfolded.encode(s * x), atol=1e-3)
     with pytest.raises(ValueError, match="scaling_factor"):
         folded.fold_activation_norm_scaling_factor(0.0)
