@@ -63,16 +63,9 @@ inline void check_lambda(double lam, const char* op) {
 // Smallest candidate buffer: one tile of a 256-thread block must fit.
 constexpr int64_t kMinCap = 256;
 
-// select_candidates: K-chunked GEMM-form scores s' = λ(2·x·aᵀ − ‖a‖²) through
-// at::addmm (a library GEMM: MKL/OpenBLAS on the CPU, cuBLAS on the GPU), each
-// chunk reduced to candidates by `select_chunk(S, offset, margin, buf_idx,
-// buf_val, count, bound, cap)`.  Returns the candidates (B, cap; −1 = empty
-// slot) and the rows that overflowed `cap` (B, bool).  Live memory:
-// O(B·chunk + B·cap).
-template <typename SelectChunk>
-std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const at::Tensor& A, const at::Tensor& aa,
-                                                     double lam, const at::Tensor& margin, int64_t chunk, int64_t cap,
-                                                     SelectChunk&& select_chunk) {
+// Checks of select_candidates (both devices, before anything else runs).
+inline void check_select_candidates(const at::Tensor& x, const at::Tensor& A, const at::Tensor& aa, double lam,
+                                    const at::Tensor& margin, int64_t chunk, int64_t cap) {
   constexpr const char* op = "select_candidates";
   check_matrix(x, op, "x");
   check_matrix(A, op, "A");
@@ -90,6 +83,19 @@ std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const 
               kMinCap, ", got ", cap);
   TORCH_CHECK(A.size(0) <= std::numeric_limits<int32_t>::max(), "spade::", op, ": at most 2^31 - 1 prototypes");
   check_lambda(lam, op);
+}
+
+// select_candidates: K-chunked GEMM-form scores s' = λ(2·x·aᵀ − ‖a‖²) through
+// at::addmm (a library GEMM: MKL/OpenBLAS on the CPU, cuBLAS on the GPU), each
+// chunk reduced to candidates by `select_chunk(S, offset, margin, buf_idx,
+// buf_val, count, bound, cap)`.  Arguments are checked by
+// check_select_candidates first.  Returns the candidates (B, cap; −1 = empty
+// slot) and the rows that overflowed `cap` (B, bool).  Live memory:
+// O(B·chunk + B·cap).
+template <typename SelectChunk>
+std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const at::Tensor& A, const at::Tensor& aa,
+                                                     double lam, const at::Tensor& margin, int64_t chunk, int64_t cap,
+                                                     SelectChunk&& select_chunk) {
   const int64_t B = x.size(0), K = A.size(0);
   const auto opts = x.options();
   at::Tensor buf_idx = at::empty({B, cap}, opts.dtype(at::kInt));

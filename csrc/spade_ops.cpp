@@ -96,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor> sparsemax_rows_cpu(const at::Tensor& scores) 
 std::tuple<at::Tensor, at::Tensor> select_candidates_cpu(const at::Tensor& x, const at::Tensor& A,
                                                          const at::Tensor& aa, double lam, const at::Tensor& margin,
                                                          int64_t chunk, int64_t cap) {
+  spade::binding::check_select_candidates(x, A, aa, lam, margin, chunk, cap);
   auto chunk_fn = [](const at::Tensor& S, int64_t offset, const at::Tensor& margin, at::Tensor& buf_idx,
                      at::Tensor& buf_val, at::Tensor& count, at::Tensor& bound, int64_t cap) {
     const int64_t rows = S.size(0), cols = S.size(1);

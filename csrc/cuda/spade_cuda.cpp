@@ -77,10 +77,8 @@ std::tuple<at::Tensor, at::Tensor> sparsemax_rows_cuda(const at::Tensor& scores)
 std::tuple<at::Tensor, at::Tensor> select_candidates_cuda(const at::Tensor& x, const at::Tensor& A,
                                                           const at::Tensor& aa, double lam, const at::Tensor& margin,
                                                           int64_t chunk, int64_t cap) {
-  // Devices first, so a CPU tensor among CUDA ones gets the named error, not the guard's.
-  spade::binding::check_like(A, x, "select_candidates", "A", "x");
-  spade::binding::check_like(aa, x, "select_candidates", "aa", "x");
-  spade::binding::check_like(margin, x, "select_candidates", "margin", "x");
+  // Checks first, so a CPU tensor among CUDA ones gets the named error, not the guard's.
+  spade::binding::check_select_candidates(x, A, aa, lam, margin, chunk, cap);
   const c10::cuda::CUDAGuard guard(x.device());
   check_shared_memory(x.scalar_type() == at::kDouble ? spade::select_chunk_shared_bytes<double>(cap)
                                                      : spade::select_chunk_shared_bytes<float>(cap),
