@@ -27,3 +27,13 @@ def _sparse_path(monkeypatch):
     # extension's CPU ops it switches to by default are tested as the ``cuda``
     # backend (and by test_torch_backend_uses_the_extension_on_cpu).
     monkeypatch.setattr(torch_, "NATIVE_CPU", False)
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if os.environ.get("SPADE_TEST_GPU") == "1" else []))
+def device(request):
+    """Device of the extension-op tests: the CPU always, CUDA too with SPADE_TEST_GPU=1."""
+    from spade_kernels import _ext
+
+    if request.param == "cuda" and not (torch.cuda.is_available() and _ext.cuda_kernels()):
+        pytest.skip("SPADE_TEST_GPU=1 but no CUDA device or no CUDA kernels in spade_kernels._C")
+    return request.param

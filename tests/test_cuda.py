@@ -7,8 +7,6 @@ include this backend too; these cover its own paths: chunking, the candidate
 buffer's overflow rows, precision, the training step.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -20,15 +18,6 @@ from spade_kernels.reference import spade_encode_reference, spade_forward_refere
 from spade_kernels.testing import assert_codes_match_reference
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"C++ extension unavailable: {_ext.reason}")
-
-DEVICES = ["cpu"] + (["cuda"] if os.environ.get("SPADE_TEST_GPU") == "1" else [])
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    if request.param == "cuda" and not (torch.cuda.is_available() and _ext.cuda_kernels()):
-        pytest.skip("SPADE_TEST_GPU=1 but no CUDA device or no CUDA kernels in spade_kernels._C")
-    return request.param
 
 
 def _inputs(B, d, K, device, dtype=torch.float32):

@@ -6,7 +6,6 @@ extension built with CUDA) against the same float64 references.
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -18,15 +17,7 @@ from spade_kernels.reference import spade_encode_reference, sparsemax_reference
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"C++ extension unavailable: {_ext.reason}")
 
-DEVICES = ["cpu"] + (["cuda"] if os.environ.get("SPADE_TEST_GPU") == "1" else [])
 OPCHECKS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    if request.param == "cuda" and not (torch.cuda.is_available() and _ext.cuda_kernels()):
-        pytest.skip("SPADE_TEST_GPU=1 but no CUDA device or no CUDA kernels in spade_kernels._C")
-    return request.param
 
 
 def _support(B, C, K, device, dtype=torch.float64):
