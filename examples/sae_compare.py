@@ -10,6 +10,7 @@ concept).
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -141,6 +142,25 @@ def print_table(results: dict, *, with_dim: bool, log=print) -> None:
             f"{name:>5}: mean L0 {m['l0']:.2f}  normalised MSE {m['nmse']:.4f}  "
             f"dead latents {m['dead_latents']}/{results['d_sae']}  {knob}  ({m['train_s']:.0f} s)"
         )
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv, doc: str, *, n_samples: int, d_sae: int, batch_size: int) -> argparse.Namespace:
+    """The experiment scripts' shared flags (defaults per experiment); sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--n-samples", type=int, default=n_samples)
+    parser.add_argument("--d-sae", type=int, default=d_sae)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: the shapes are small)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def write_json(results: dict, path: Path) -> None:

@@ -18,17 +18,14 @@ and writes ``examples/results/heterogeneity.json`` and ``heterogeneity.png``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 import torch
-from sae_compare import MODELS, Comparison, compare, print_table, write_json
+from sae_compare import MODELS, Comparison, compare, parse_args, print_table, write_json
 
 from spade_kernels.data import make_heterogeneity
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run(
@@ -135,17 +132,7 @@ def plot(comp: Comparison, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-samples", type=int, default=131072)
-    parser.add_argument("--d-sae", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1: the shapes are small)"
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(argv, __doc__, n_samples=131072, d_sae=512, batch_size=256)
     comp = run(args.n_samples, args.d_sae, args.batch_size, args.seed)
     print_table(comp.results, with_dim=True)
     for name in MODELS:

@@ -16,16 +16,14 @@ It prints per-concept top-5 F1 and mean L0 of the three models and writes
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
-from sae_compare import MODELS, Comparison, compare, print_table, write_json
+from sae_compare import MODELS, Comparison, compare, parse_args, print_table, write_json
 
 from spade_kernels.data import make_separability
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: Concepts whose best latent's receptive field is drawn: the centre and one inner-ring concept.
 SHOWN = (0, 1)
 
@@ -111,17 +109,7 @@ def plot(comp: Comparison, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-samples", type=int, default=65536)
-    parser.add_argument("--d-sae", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1: the shapes are tiny)"
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(argv, __doc__, n_samples=65536, d_sae=128, batch_size=128)
     comp = run(args.n_samples, args.d_sae, args.batch_size, args.seed)
     print_table(comp.results, with_dim=False)
     write_json(comp.results, args.out_dir / "separability.json")
