@@ -53,15 +53,8 @@ void sparsemax_row(const scalar_t* s, scalar_t* out, scalar_t* tau, int64_t cols
     const double v = static_cast<double>(s[k]) - m;
     if (v > -1.0) cand.push_back(v);
   }
-  double t = -1.0;  // relative to m: a lower bound of τ
-  for (;;) {
-    double sum = 0.0, cnt = 0.0;
-    for (double v : cand)
-      if (v > t) sum += v, cnt += 1.0;
-    const double next = (sum - 1.0) / cnt;  // cnt ≥ 1: the maximum is above t
-    if (!(next > t)) break;
-    t = next;
-  }
+  // τ relative to m: Michelot from max − 1, the same iteration as the SpaDE ops' (cand holds the maximum, 0).
+  const double t = spade::cpu::buffer_tau(cand.data(), static_cast<int64_t>(cand.size()));
   *tau = static_cast<scalar_t>(t + m);
   for (int64_t k = 0; k < cols; ++k) {
     const double v = static_cast<double>(s[k]) - m - t;
@@ -136,11 +129,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exact_codes_cpu(const
     int64_t* sp = size.data_ptr<int64_t>();
     scalar_t* dp = dist.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> D;
+      std::vector<scalar_t> D, s;
       std::vector<std::pair<scalar_t, int64_t>> support;
       for (int64_t r = begin; r < end; ++r)
         spade::cpu::exact_codes_row(xp + r * d, ap, d, cp + r * W, W, static_cast<scalar_t>(lam), vp + r * W,
-                                    ip + r * W, sp[r], dp + r * W, D, support);
+                                    ip + r * W, sp[r], dp + r * W, D, s, support);
     });
   });
   return {values, indices, size, dist};

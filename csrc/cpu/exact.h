@@ -16,7 +16,7 @@ namespace spade::cpu {
 
 template <typename T>
 void exact_codes_row(const T* x, const T* A, int64_t d, const int64_t* cand, int64_t width, T lam, T* values,
-                     int64_t* indices, int64_t& support_size, T* dist, std::vector<T>& D,
+                     int64_t* indices, int64_t& support_size, T* dist, std::vector<T>& D, std::vector<T>& s,
                      std::vector<std::pair<T, int64_t>>& support) {
   const T inf = std::numeric_limits<T>::infinity();
   D.assign(width, inf);
@@ -36,7 +36,7 @@ void exact_codes_row(const T* x, const T* A, int64_t d, const int64_t* cand, int
   if (dmin < inf) {
     for (int64_t j = 0; j < width; ++j)
       if (D[j] < inf) support.emplace_back(-lam * (D[j] - dmin), j);
-    std::vector<T> s(support.size());
+    s.resize(support.size());  // (the caller's buffers: no allocation per row)
     for (size_t i = 0; i < support.size(); ++i) s[i] = support[i].first;
     const T tau = buffer_tau(s.data(), static_cast<int64_t>(s.size()));
     support.erase(std::remove_if(support.begin(), support.end(), [&](const auto& p) { return !(p.first > tau); }),
