@@ -54,7 +54,7 @@ class Backend:
             if device.type == "cpu" or (device.type == "cuda" and _ext.cuda_kernels()):
                 return None
             if device.type == "cuda":
-                return "spade_kernels._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time)"
+                return f"the spade CUDA kernels are not available: {_ext.cuda_reason}"
             return f"it runs on CUDA and CPU tensors, got tensors on {device}"
         if device.type == "cuda" or _triton_interpreter():
             return None
@@ -117,8 +117,13 @@ def _triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: Looked up once, at import (without importing triton): ``torch.compile``
+#: traces backend resolution, and torch 2.11's dynamo refuses to trace ``find_spec``.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_status() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "the triton package is not installed (pip install triton)"
     if not (_triton_interpreter() or torch.cuda.is_available()):
         return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter, slowly)"

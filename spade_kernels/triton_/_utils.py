@@ -13,16 +13,21 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
-    """``wrap_triton(kernel)[grid](...)``, safe for fake tensors under the interpreter.
+    """``wrap_triton(kernel)[grid](...)`` on a GPU; the interpreted kernel itself under the interpreter.
 
-    With TRITON_INTERPRET=1, ``wrap_triton`` returns the interpreted kernel
-    itself, which would run on the tracing tensors (FakeTensor, and the
-    FunctionalTensor wrappers of AOT dispatch) that ``triton_op`` uses to
-    derive its fake implementation.  Outputs are already allocated with their
-    final shapes there, so skipping the launch is exactly the fake behaviour.
-    On a GPU ``wrap_triton`` traces the kernel itself and this never triggers.
+    With TRITON_INTERPRET=1 the ops are opaque ``custom_op``s (:func:`kernel_op`),
+    so nothing traces into the kernel and ``wrap_triton`` has no job; it is
+    not called there at all, because what it accepts differs by version
+    (torch 2.13 passes an interpreted kernel through, torch 2.11 with triton
+    3.6 rejects it: "wrap_triton only works on functions annotated with
+    triton.jit", or fails following ``Autotuner.fn``).  On the fake tensors
+    (FakeTensor, and the FunctionalTensor wrappers of AOT dispatch) that the
+    fake implementation runs on, outputs are already allocated with their
+    final shapes, so skipping the launch is exactly the fake behaviour.
     """
-    if _INTERPRET and any(isinstance(a, (FakeTensor, FunctionalTensor)) for a in args):
+    if _INTERPRET:
+        if not any(isinstance(a, (FakeTensor, FunctionalTensor)) for a in args):
+            kernel[grid](*args, **meta)
         return
     wrap_triton(kernel)[grid](*args, **meta)
 
