@@ -13,23 +13,45 @@ import os
 
 import torch
 
-__all__ = ["available", "cuda_kernels", "reason", "require"]
+__all__ = ["available", "cuda_kernels", "cuda_reason", "reason", "require"]
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 reason: str | None = None
+#: Why the CUDA library ``spade_kernels._C_cuda`` is not loaded (``None`` when it is).
+cuda_reason: str | None = None
+
+
+def _library(name: str) -> str | None:
+    libs = sorted(glob.glob(os.path.join(_DIR, f"{name}.so")) + glob.glob(os.path.join(_DIR, f"{name}.*.so")))
+    libs += sorted(glob.glob(os.path.join(_DIR, f"{name}*.pyd")))
+    return libs[0] if libs else None
+
+
+def _load_library(name: str) -> str | None:
+    """Load one library; ``None`` on success, else why not."""
+    path = _library(name)
+    if path is None:
+        return f"spade_kernels.{name} was not built (pip install --no-build-isolation -e . compiles it)"
+    try:
+        torch.ops.load_library(path)
+    except (OSError, RuntimeError) as exc:
+        return f"spade_kernels.{name} failed to load ({type(exc).__name__}: {exc})".splitlines()[0]
+    return None
 
 
 def _load() -> bool:
-    global reason
-    libs = sorted(glob.glob(os.path.join(_DIR, "_C*.so")) + glob.glob(os.path.join(_DIR, "_C*.pyd")))
-    if not libs:
-        reason = "spade_kernels._C was not built (pip install --no-build-isolation -e . compiles it)"
+    global reason, cuda_reason
+    reason = _load_library("_C")
+    if reason is not None:
+        cuda_reason = reason
         return False
-    try:
-        torch.ops.load_library(libs[0])
-    except (OSError, RuntimeError) as exc:
-        reason = f"spade_kernels._C failed to load ({type(exc).__name__}: {exc})".splitlines()[0]
-        return False
+    # The CUDA implementations register into the schemas _C declared (TORCH_LIBRARY_IMPL).
+    cuda_reason = _load_library("_C_cuda")
+    if cuda_reason is not None and _library("_C_cuda") is None:
+        cuda_reason = (
+            "spade_kernels._C_cuda was not built (a CPU-only torch, no nvcc, SPADE_SKIP_CUDA_BUILD, "
+            "or a failed CUDA build at install time: see the install log)"
+        )
     return True
 
 
@@ -52,9 +74,8 @@ def require(device: torch.device) -> None:
         raise RuntimeError(f"the spade C++ ops are not available: {reason}")
     if device.type == "cuda" and not cuda_kernels():
         raise RuntimeError(
-            "spade_kernels._C was built without its CUDA kernels (a CPU-only torch, no nvcc, or "
-            "SPADE_SKIP_CUDA_BUILD at build time); rebuild with a CUDA torch and nvcc: "
-            "pip install --no-build-isolation -e ."
+            f"the spade CUDA kernels are not available: {cuda_reason}; rebuild with a CUDA torch "
+            "and nvcc: pip install --no-build-isolation -e ."
         )
 
 

@@ -115,8 +115,8 @@ def _extension_summary() -> str:
     if not _ext.available():
         return f"not loaded ({_ext.reason})"
     if _ext.cuda_kernels():
-        return "spade_kernels._C: CPU ops + CUDA kernels"
-    return "spade_kernels._C: CPU ops only (built without CUDA: the cuda backend runs on CPU tensors)"
+        return "spade_kernels._C: CPU ops + CUDA kernels (spade_kernels._C_cuda)"
+    return f"spade_kernels._C: CPU ops only (the cuda backend runs on CPU tensors; no CUDA kernels: {_ext.cuda_reason})"
 
 
 def _info() -> int:

@@ -79,9 +79,12 @@ def test_sparsemax_rows_errors_and_registration():
 
 def test_cuda_tensors_need_the_cuda_kernels(monkeypatch):
     monkeypatch.setattr(_ext, "cuda_kernels", lambda: False)
+    monkeypatch.setattr(_ext, "cuda_reason", "spade_kernels._C_cuda was not built (test)")
     reason = BACKENDS["cuda"].device_reason(torch.device("cuda"))
-    assert reason is not None and "without its CUDA kernels" in reason
-    with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
+    assert reason is not None and "CUDA kernels are not available" in reason and "(test)" in reason
+    with pytest.raises(
+        RuntimeError, match=r"CUDA kernels are not available: spade_kernels._C_cuda was not built \(test\)"
+    ):
         _ext.require(torch.device("cuda"))
     assert BACKENDS["cuda"].device_reason(torch.device("cpu")) is None
 
