@@ -8,12 +8,9 @@
 # GPU machine: benchmarks/gpu_check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cuda_home="${CUDA_HOME:-}"
-if [[ -z "$cuda_home" ]]; then
-  for candidate in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
-    if [[ -f "$candidate/include/cuda_runtime.h" ]]; then cuda_home="$candidate" && break; fi
-  done
-fi
+# shellcheck source=scripts/cuda_home.sh
+. scripts/cuda_home.sh
+cuda_home="$(cuda_home)"
 mapfile -t torch_inc < <(python -c "from torch.utils.cpp_extension import include_paths; print('\n'.join(include_paths()))")
 flags=(-std=c++17 -fsyntax-only -Wall -Wextra -Wno-c++20-extensions -Wno-unused-parameter)
 for inc in "${torch_inc[@]}"; do flags+=(-isystem "$inc"); done

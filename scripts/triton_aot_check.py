@@ -4,7 +4,8 @@ For each kernel and configuration this runs Triton's compiler down to a
 cubin for the given target (its bundled ptxas), then reads the cubin's
 resource usage with the bundled cuobjdump, so a CPU-only machine (CI) proves
 that the kernels compile for Ampere and Hopper and records their register,
-spill and shared-memory use.  It says nothing
+spill and shared-memory use and how long each compile takes (what a GPU run
+pays once per configuration before its first launch).  It says nothing
 about speed or numerical results: those need a GPU.
 
 Usage: ``python scripts/triton_aot_check.py [--arch 90 --arch 80]``; exits 1
@@ -19,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("triton_aot_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
@@ -135,17 +137,31 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, action="append", help="compute capability ×10 (default 80 and 90)")
     args = p.parse_args(argv)
     failures = 0
+    cache_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".triton", "cache"
+    )
+    warm = os.path.isdir(cache_dir) and any(os.scandir(cache_dir))
+    cache = f"Triton cache {'warm' if warm else 'cold'} at the start: {cache_dir}"
     for arch in args.arch or [90, 80]:
+        total = 0.0
         for name, fn, types, consts, opts in _kernels():
             try:
                 src = _source(fn, types, consts)
+                t0 = time.perf_counter()
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+                seconds = time.perf_counter() - t0
+                total += seconds
                 shared = compiled.metadata.shared
                 usage = _resource_usage(compiled.asm["cubin"])
-                print(f"sm_{arch} {name}: dynamic shared {shared} B; {usage}", flush=True)
+                print(
+                    f"sm_{arch} {name}: compiled in {seconds:.1f} s; dynamic shared {shared} B; {usage}",
+                    flush=True,
+                )
             except Exception as exc:  # report every failure, not just the first
                 failures += 1
                 print(f"sm_{arch} {name}: FAILED: {type(exc).__name__}: {exc}".splitlines()[0], flush=True)
+        # A GPU run pays these compiles once per configuration it autotunes or launches.
+        print(f"sm_{arch}: {total:.1f} s of compilation for all configurations ({cache})", flush=True)
     print(f"{failures} kernel configuration(s) failed to compile" if failures else "all kernels compiled")
     return 1 if failures else 0
 
