@@ -354,8 +354,17 @@ def run_sweep(
     warmup: int,
     progress=None,
     timeout: float = 600.0,
+    deadline: float | None = None,
+    on_row=None,
 ) -> tuple[list[Row], dict]:
-    """Measure every configuration; returns (rows, environment)."""
+    """Measure every configuration; returns (rows, environment).
+
+    ``deadline``: seconds after the start past which no further configuration
+    is started (the rest are recorded as ``skipped: deadline``; the first
+    always runs).  ``on_row(rows,
+    env)`` is called after every configuration, so a caller can save partial
+    results (an interrupted run keeps what it finished).
+    """
     progress = progress or sys.stderr
     from .backends import BACKENDS, backend_status
 
@@ -400,6 +409,8 @@ def run_sweep(
             row.status = "skipped: the Triton interpreter (TRITON_INTERPRET=1) is not timed"
         elif need > 0.9 * mem_avail:
             row.status = f"skipped: needs {need / 2**30:.1f} GiB"
+        elif deadline is not None and rows and time.perf_counter() - t_start > deadline:
+            row.status = f"skipped: deadline ({deadline:.0f} s) passed"
         else:
             args = {"name": name, "mode": mode, "B": B, "d": d, "K": K, "dtype": dtype_name}
             args.update(device=str(device), repeats=repeats, warmup=warmup)
@@ -430,6 +441,9 @@ def run_sweep(
             file=progress,
             flush=True,
         )
+        if on_row is not None:
+            _fill_ratios(rows)
+            on_row(rows, env)
     _fill_ratios(rows)
     return rows, env
 
@@ -456,12 +470,23 @@ def _fill_ratios(rows: list[Row]) -> None:
 CSV_FIELDS = [f for f in Row.__dataclass_fields__ if f != "meta"] + ["commit", "torch", "triton"]
 
 
-def write_results(rows: list[Row], env: dict, out_dir: str, plots: bool = True) -> list[str]:
-    """Write results.json, results.csv and (unless ``plots=False``) the plots; returns the paths."""
+def write_results(
+    rows: list[Row], env: dict, out_dir: str, plots: bool = True, csv_file: bool = True
+) -> list[str]:
+    """Write results.json, results.csv and (unless ``plots=False``) the plots; returns the paths.
+
+    results.json is written to a temporary name and renamed, so a reader (or
+    an interrupted run) never sees half a file.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
-    with open(paths[0], "w") as f:
+    paths = [os.path.join(out_dir, "results.json")]
+    tmp = paths[0] + ".tmp"
+    with open(tmp, "w") as f:
         json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    os.replace(tmp, paths[0])
+    if not csv_file:
+        return paths
+    paths.append(os.path.join(out_dir, "results.csv"))
     with open(paths[1], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
@@ -575,6 +600,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="directory for results.json, results.csv and plots")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per CPU configuration")
     p.add_argument("--no-plots", action="store_true", help="write results.json and results.csv only")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds after which no new configuration starts (the rest are recorded as skipped); "
+        "with --out, results.json is rewritten after every configuration",
+    )
 
 
 def _split(text: str | None, allowed, what: str) -> list[str]:
@@ -608,9 +640,15 @@ def run_from_args(args: argparse.Namespace, stream=None) -> int:
     default_dtype = "bfloat16" if device.type == "cuda" else "float32"
     dtypes = _split(args.dtypes or default_dtype, _DTYPES, "dtypes")
     modes = _split(args.modes, MODES, "modes")
+
+    def save_partial(rows, env):
+        if args.out:
+            write_results(rows, env, args.out, plots=False, csv_file=False)
+
     rows, env = run_sweep(
-        shapes, backends, baselines, dtypes, modes, device, repeats, warmup, timeout=args.timeout
-    )
+        shapes, backends, baselines, dtypes, modes, device, repeats, warmup,
+        timeout=args.timeout, deadline=args.deadline, on_row=save_partial,
+    )  # fmt: skip
     print(format_table([asdict(r) for r in rows]), file=stream)
     print(
         f"\n{env['device_name']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}",

@@ -58,3 +58,21 @@ def test_shape_parsing_and_bad_names():
         bench._parse_shape("4,5")
     with pytest.raises(SystemExit, match="unknown modes"):
         bench.main(["--modes", "sprint", "--shape", "4,4,4"])
+
+
+def test_deadline_skips_the_rest_and_partial_results_are_saved(tmp_path):
+    saved = []
+
+    def on_row(rows, env):
+        path = bench.write_results(rows, env, str(tmp_path), plots=False, csv_file=False)[0]
+        saved.append(len(json.loads(open(path).read())["rows"]))
+
+    rows, _ = bench.run_sweep(
+        [("tiny", (8, 4, 16))], ["reference", "torch"], ["floor"], ["float32"], ["encode"],
+        torch.device("cpu"), repeats=1, warmup=0, deadline=0.0, on_row=on_row,
+    )  # fmt: skip
+    # The first configuration starts at t = 0 (not past the deadline); none after it does.
+    assert rows[0].status == "ok" and rows[0].median_ms is not None
+    assert [r.status for r in rows[1:]] == ["skipped: deadline (0 s) passed"] * 2
+    assert saved == [1, 2, 3]  # results.json rewritten after every configuration
+    assert not (tmp_path / "results.json.tmp").exists()
