@@ -1,14 +1,15 @@
 """Build script: the Python package and its two native libraries.
 
-``spade_kernels._C`` holds the op schemas (``TORCH_LIBRARY(spade)``) and their
-CPU implementations (``csrc/*.cpp``, C++/OpenMP); it is built whenever torch
-is importable.  ``spade_kernels._C_cuda`` holds the CUDA implementations
-(``csrc/cuda/*.cpp``, the binding, and ``csrc/kernels/*.cu``, the kernels)
-and is built only when a CUDA-enabled torch and nvcc are present and
+``spade_kernels._C`` holds the CPU implementations of the spade ops
+(``csrc/ops_cpu.cpp``: C++/OpenMP); it is built whenever torch is importable.
+``spade_kernels._C_cuda`` holds their CUDA implementations
+(``csrc/ops_cuda.cu``) and is built only when a CUDA-enabled torch and nvcc are present and
 ``SPADE_SKIP_CUDA_BUILD`` is not set.  Its build is optional: if it fails
 (a compiler or toolkit mismatch, say), the CPU ops still install and one line
 says why CUDA was skipped.  The package imports without either library
-(``spade_kernels._ext`` reports why one is missing).
+(``spade_kernels._ext`` reports why one is missing).  The op schemas are
+declared in Python (``spade_kernels/ops.py``); csrc/README.md lists what an
+op touches.
 
 Knobs (README, "Build options"): SPADE_SKIP_CUDA_BUILD, TORCH_CUDA_ARCH_LIST,
 MAX_JOBS.  Supported setuptools: >= 66.1 (the oldest that runs on Python
@@ -18,7 +19,6 @@ MAX_JOBS.  Supported setuptools: >= 66.1 (the oldest that runs on Python
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import sys
@@ -27,8 +27,9 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_EXT = "spade_kernels._C_cuda"
-#: Default GPU targets of the CUDA library (Ampere and Hopper).
-DEFAULT_ARCH_LIST = "8.0;9.0"
+#: Default GPU targets of the CUDA library, shared with CMakeLists.txt.
+with open(os.path.join(ROOT, "csrc", "cuda_arch_list")) as _f:
+    DEFAULT_ARCH_LIST = _f.read().strip()
 
 
 def _cuda_skip_reason() -> str | None:
@@ -78,12 +79,13 @@ def _extensions():
         print("spade_kernels: skipping the C++ extension: torch is not installed in the build environment")
         return [], {}
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-DAT_PARALLEL_OPENMP=1", *openmp]
+    include = [os.path.join(ROOT, "csrc", "include")]
     exts = [
         CppExtension(
             "spade_kernels._C",
-            sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
-            extra_compile_args={"cxx": cxx},
+            [os.path.join("csrc", "ops_cpu.cpp")],
+            include_dirs=include,
+            extra_compile_args={"cxx": ["-O3", "-DAT_PARALLEL_OPENMP=1", *openmp]},
             extra_link_args=openmp,
         )
     ]
@@ -92,16 +94,13 @@ def _extensions():
         print(f"spade_kernels: building the CPU ops only, skipping CUDA: {reason}")
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-        cu = sorted(
-            glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
-            + glob.glob(os.path.join("csrc", "kernels", "*.cu"))
-        )
         exts.append(
             CUDAExtension(
                 CUDA_EXT,
-                cu,
-                include_dirs=[os.path.join(ROOT, "csrc", "include")],
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+                [os.path.join("csrc", "ops_cuda.cu")],
+                include_dirs=include,
+                # -Xptxas=-v: each kernel's registers, spills and shared memory in the build log.
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v"]},
             )
         )
     build_ext = _optional_cuda_build_ext(BuildExtension).with_options(no_python_abi_suffix=True)

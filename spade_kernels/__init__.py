@@ -1,6 +1,6 @@
 """spade_kernels: fast, exact SpaDE (Sparsemax Distance Encoder) for PyTorch.
 
-Public API (DESIGN.md §3)::
+Public API (docs/design.md, "Public API")::
 
     sk.sparsemax(input, dim=-1)
     sk.spade_encode(x, prototypes, lam, *, backend="auto") -> sk.SparseCodes

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_tensor
-from .backends import check_backend_name, reference_codes_and_distances, resolve_backend
-from .backends.torch_ import sparse_decode, support_sq_dists
+from .backends import canonical_name, resolve_backend
 from .codes import SparseCodes
+from .encode import encode_sparse
+from .pipeline import gather_sq_dist, sparse_decode
+from .pipeline.dense import dense_codes
 from .reference import squared_distances
 
 __all__ = ["SpaDE", "SpaDEOutput"]
@@ -103,7 +105,7 @@ class SpaDE(nn.Module):
         # Fail early on unknown names; availability depends on the tensors'
         # device and is checked per call (a layer may be built on the CPU and
         # moved to a GPU afterwards).
-        check_backend_name(backend)
+        backend = canonical_name(backend)
         self.d_in, self.d_sae = d_in, d_sae
         self.lambda_init = float(lambda_init)
         self.gamma_reg = float(gamma_reg)
@@ -194,26 +196,33 @@ class SpaDE(nn.Module):
             raise ValueError(f"x must have shape (..., {self.d_in}), got {tuple(x.shape)}")
         self._check_device("x", x)
 
-    def _backend(self, x: torch.Tensor):
-        return resolve_backend(self.backend, x.device)
+    def _backend(self, x: torch.Tensor, dtype: torch.dtype):
+        return resolve_backend(self.backend, x.device, dtype)
 
     def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x flattened to (B, d_in) and the prototypes, both in their common dtype."""
         dtype = torch.promote_types(x.dtype, self.prototypes.dtype)
         return x.reshape(-1, self.d_in).to(dtype), self.prototypes.to(dtype)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense codes (..., d_sae)."""
+    def _codes(self, x: torch.Tensor):
+        """The codes of x flattened: dense (B, d_sae) from ``reference``, :class:`SparseCodes` otherwise."""
         self._check_input(x)
         flat, A = self._operands(x)
-        z = self._backend(x).encode_dense(flat, A, self.lam)
-        return z.reshape(*x.shape[:-1], self.d_sae)
+        backend = self._backend(x, flat.dtype)
+        if backend.dense:
+            return dense_codes(flat, A, self.lam)[0]
+        return encode_sparse(backend.name, flat, A, self.lam)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes (..., d_sae)."""
+        codes = self._codes(x)
+        dense = codes.to_dense() if isinstance(codes, SparseCodes) else codes
+        return dense.reshape(*x.shape[:-1], self.d_sae)
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
         """Sparse codes, indices/values of shape (..., C)."""
-        self._check_input(x)
-        flat, A = self._operands(x)
-        codes = self._backend(x).encode(flat, A, self.lam)
+        codes = self._codes(x)
+        codes = codes if isinstance(codes, SparseCodes) else SparseCodes.from_dense(codes)
         return codes.reshape_batch(x.shape[:-1])
 
     def decode(self, z) -> torch.Tensor:
@@ -230,8 +239,7 @@ class SpaDE(nn.Module):
                 raise ValueError(
                     f"codes.indices must lie in [0, {self.d_sae}), got values outside that range"
                 )
-            ops = resolve_backend(self.backend, z.device).sparse_ops()
-            return sparse_decode(z, self.W_dec, self.b_dec, ops)
+            return sparse_decode(self._primitives(z.values), z, self.W_dec, self.b_dec)
         check_tensor("z", z, min_ndim=1)
         if z.shape[-1] != self.d_sae:
             raise ValueError(f"z must have shape (..., {self.d_sae}), got {tuple(z.shape)}")
@@ -239,30 +247,34 @@ class SpaDE(nn.Module):
         out = z.to(self.W_dec.dtype) @ self.W_dec
         return out + self.b_dec if self.b_dec is not None else out
 
+    def _primitives(self, t: torch.Tensor):
+        """The primitives of the sparse backend that decodes ``t``'s codes (``torch``'s for ``reference``)."""
+        backend = self._backend(t, t.dtype)
+        return resolve_backend("torch", t.device).primitives() if backend.dense else backend.primitives()
+
     def forward(self, x: torch.Tensor) -> SpaDEOutput:
-        """Encode, decode and compute the SpaDE loss (DESIGN.md §2)."""
+        """Encode, decode and compute the SpaDE loss (docs/design.md, "Mathematics")."""
         self._check_input(x)
-        backend = self._backend(x)
         flat, A = self._operands(x)
+        backend = self._backend(x, flat.dtype)
         lam = self.lam
-        reg_rows = self.prototypes if self.reg_on == "encoder" else self.W_dec
         if backend.dense:
-            z, D = reference_codes_and_distances(flat, A, lam)
+            z, D = dense_codes(flat, A, lam)
             x_hat = self.decode(z)
             W = self.W_dec.to(flat.dtype)
             D_reg = D if self.reg_on == "encoder" else squared_distances(flat, W, naive=False)
             reg = (z * D_reg).sum(-1).mean()
             codes = SparseCodes.from_dense(z)
         else:
-            ops = backend.sparse_ops()
-            codes = backend.encode(flat, A, lam)
-            x_hat = sparse_decode(codes, self.W_dec, self.b_dec, ops)
-            if self.reg_on == "encoder" and codes.distances is not None:
+            prims = backend.primitives()
+            codes = encode_sparse(backend.name, flat, A, lam)
+            x_hat = sparse_decode(prims, codes, self.W_dec, self.b_dec)
+            if self.reg_on == "encoder":
                 # The encoder's exact support distances: the regulariser's
                 # gradient joins the encoder's backward pass.
                 D_reg = codes.distances
             else:
-                D_reg = support_sq_dists(flat, reg_rows, codes.indices, ops)
+                D_reg = gather_sq_dist(prims, flat, self.W_dec, codes.indices)
             reg = (codes.values * D_reg).sum(-1).mean()
         mse = ((flat - x_hat) ** 2).sum(-1).mean()
         loss = mse + self.gamma_reg * reg

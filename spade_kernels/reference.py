@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracle for SpaDE (DESIGN.md §2).
+"""Plain-PyTorch oracle for SpaDE (docs/design.md, "Mathematics").
 
 Everything here is written for clarity, not speed: sort-based sparsemax, dense
 B×K scores and the paper's naive B×K×d distance tensor.  Every fast backend is
@@ -8,6 +8,8 @@ tested against these functions run in float64.
 from __future__ import annotations
 
 import torch
+
+from .numerics import sorted_threshold
 
 __all__ = [
     "spade_encode_reference",
@@ -26,7 +28,7 @@ def _low_precision(dtype: torch.dtype) -> bool:
 def _shift_to_row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores − m, m) with m each row's finite maximum (0 where it is not finite).
 
-    Sparsemax is shift-invariant (fact 1); working relative to the maximum
+    Sparsemax is shift-invariant (docs/design.md, fact 1); working relative to the maximum
     keeps cumulative sums and s − τ accurate for large |s|.
     """
     top = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.sum(-1, keepdim=True)
@@ -35,21 +37,15 @@ def _shift_to_row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _shifted_threshold(rel: torch.Tensor) -> torch.Tensor:
-    """Sort-based τ of rows already shifted by :func:`_shift_to_row_max`; NaN where undefined."""
-    s_sorted, _ = torch.sort(rel, dim=-1, descending=True)
-    # −inf entries are zeroed before the cumulative sum so that it stays
-    # finite; they never pass the support test (masked by ``finite``) and they
-    # sort last, so the support stays a prefix of the sorted row.
-    finite = torch.isfinite(s_sorted)
-    s_fin = torch.where(finite, s_sorted, torch.zeros_like(s_sorted))
-    csum = torch.cumsum(s_fin, dim=-1)
-    j = torch.arange(1, rel.shape[-1] + 1, device=rel.device, dtype=rel.dtype)
-    in_support = (1 + j * s_sorted > csum) & finite
-    k = in_support.sum(dim=-1, keepdim=True)  # support is a prefix of the sorted row
-    c_k = csum.gather(-1, (k - 1).clamp_min(0))
-    tau = (c_k - 1) / k.to(rel.dtype)
+    """Sort-based τ of rows already shifted by :func:`_shift_to_row_max`; NaN where undefined.
+
+    The threshold itself is :func:`spade_kernels.numerics.sorted_threshold`
+    (the one sort-based τ of the package); rows with a NaN or +inf entry, and
+    rows that are all −inf, have no sparsemax.
+    """
+    tau = sorted_threshold(torch.sort(rel, dim=-1, descending=True).values).unsqueeze(-1)
     bad = torch.isnan(rel).any(dim=-1, keepdim=True) | (rel == float("inf")).any(dim=-1, keepdim=True)
-    return torch.where(bad | (k == 0), torch.full_like(tau, float("nan")), tau)
+    return torch.where(bad | torch.isinf(tau), torch.full_like(tau, float("nan")), tau)
 
 
 def sparsemax_threshold(scores: torch.Tensor) -> torch.Tensor:
@@ -100,7 +96,7 @@ def squared_distances(x: torch.Tensor, prototypes: torch.Tensor, *, naive: bool 
 
 
 def spade_scores(x: torch.Tensor, prototypes: torch.Tensor, lam, *, naive: bool = True) -> torch.Tensor:
-    """SpaDE encoder scores s = −λ·D (DESIGN.md §2)."""
+    """SpaDE encoder scores s = −λ·D (docs/design.md, "Mathematics")."""
     return -lam * squared_distances(x, prototypes, naive=naive)
 
 

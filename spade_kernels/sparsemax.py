@@ -5,7 +5,7 @@ extension is built — C++ on CPU float32/float64 tensors, the CUDA kernel on
 CUDA float32/bfloat16/float16 tensors (pruning to entries above max − 1, then
 Michelot's iteration) — and otherwise the sort-based projection of
 :mod:`spade_kernels.reference`;
-backward is DESIGN.md §2 fact 5 — on the support S of each row,
+backward is docs/design.md fact 5 — on the support S of each row,
 ∂L/∂s = g − mean_{j∈S} g_j, and 0 off the support — instead of autograd
 through a sort.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .reference import sparsemax_reference
 
 __all__ = ["sparsemax", "sparsemax_backward", "sparsemax_sort"]
@@ -50,7 +51,7 @@ def _forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
     if not sort_based and input.numel() and _native(input):
         rows = input.movedim(dim, -1)
         # contiguous: the op copies strided input anyway, and compiled graphs then see one layout.
-        out, _tau = torch.ops.spade.sparsemax_rows(rows.reshape(-1, rows.shape[-1]).contiguous())
+        out, _tau = ops.sparsemax_rows(rows.reshape(-1, rows.shape[-1]).contiguous())
         return out.reshape(rows.shape).movedim(-1, dim)
     return sparsemax_reference(input, dim=dim)
 

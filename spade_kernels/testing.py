@@ -1,4 +1,4 @@
-"""Helpers that check codes against the float64 oracle (DESIGN.md §4).
+"""Helpers that check codes against the float64 oracle (docs/design.md, "Precision contract").
 
 Used by this package's tests and usable by anyone adding a backend.
 """
@@ -16,7 +16,7 @@ _LOW = (torch.float16, torch.bfloat16)
 
 
 def codes_tolerance(x: torch.Tensor, prototypes: torch.Tensor, lam: float) -> float:
-    """DESIGN.md §4 float32 tolerance: 1e-5 + 4e-7·max|s| (s in float64)."""
+    """The precision contract's float32 tolerance: 1e-5 + 4e-7·max|s| (s in float64)."""
     s = spade_scores(x.double().reshape(-1, x.shape[-1]), prototypes.double(), float(lam), naive=False)
     return 1e-5 + 4e-7 * float(s.abs().max())
 

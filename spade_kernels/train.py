@@ -1,6 +1,6 @@
 """A minimal SpaDE trainer (the paper's recipe) and metrics for the synthetic sets.
 
-Recipe (DESIGN.md §2): Adam with lr 1e-2 decayed per step by a cosine to 1e-4,
+Recipe (docs/design.md, "Mathematics"): Adam with lr 1e-2 decayed per step by a cosine to 1e-4,
 gradient-norm clipping at 1.0, shuffled mini-batches, one pass over data that
 was scaled so that E‖x‖² = d (:func:`spade_kernels.data.scale_to_unit_norm`).
 """

@@ -15,25 +15,20 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _sparse_path(monkeypatch):
-    # Test shapes are tiny, so supports are a large fraction of K and the
-    # torch primitives would take their dense-GEMM path everywhere; the sparse
-    # path is the one under test unless a test enables the dense one.
-    from spade_kernels.backends import torch_
+@pytest.fixture(params=["dense-route", "sparse-route"])
+def product_route(request):
+    """Both routes of the pipeline's support products (the shipped one at test sizes is mostly dense)."""
+    from spade_kernels.pipeline import dense_products
 
-    monkeypatch.setattr(torch_, "DENSE_FRACTION", {})
-    # The torch backend's own PyTorch-op path is the one under test; the
-    # extension's CPU ops it switches to by default are tested as the ``cuda``
-    # backend (and by test_torch_backend_uses_the_extension_on_cpu).
-    monkeypatch.setattr(torch_, "NATIVE_CPU", False)
+    with dense_products(request.param == "dense-route"):
+        yield request.param
 
 
 @pytest.fixture(params=["cpu"] + (["cuda"] if os.environ.get("SPADE_TEST_GPU") == "1" else []))
 def device(request):
-    """Device of the extension-op tests: the CPU always, CUDA too with SPADE_TEST_GPU=1."""
+    """Device of the native-op tests: the CPU always, CUDA too with SPADE_TEST_GPU=1."""
     from spade_kernels import _ext
 
     if request.param == "cuda" and not (torch.cuda.is_available() and _ext.cuda_kernels()):
-        pytest.skip("SPADE_TEST_GPU=1 but no CUDA device or no CUDA kernels in spade_kernels._C")
+        pytest.skip(f"SPADE_TEST_GPU=1 but no CUDA device or no CUDA kernels ({_ext.cuda_reason})")
     return request.param

@@ -4,17 +4,21 @@ import pytest
 import torch
 
 import spade_kernels as sk
-from spade_kernels import _ext
-from spade_kernels.backends import BACKENDS, backend_status, resolve_backend
+from spade_kernels import _ext, pipeline
+from spade_kernels.backends import BACKENDS, auto_backend, backend_status, resolve_backend
 from spade_kernels.backends import torch_ as T
 from spade_kernels.reference import spade_encode_reference, squared_distances
 from spade_kernels.testing import assert_codes_match_reference
 
-# "cuda" runs its C++/OpenMP twins on CPU tensors when the extension is built.
-CPU_BACKENDS = ["reference", "torch"] + (["cuda"] if _ext.available() else [])
+# "native" runs its C++/OpenMP kernels on CPU tensors when the extension is built.
+CPU_BACKENDS = ["reference", "torch"] + (["native"] if _ext.available() else [])
 # Small chunk / top-k / buffer settings make every code path of the torch
 # backend (k-doubling, buffer merges, overflow rows) run at test sizes.
 SMALL = {"chunk": 16, "topk": 2, "max_candidates": 8}
+
+
+def _torch_codes(x, A, lam, **options):
+    return sk.spade_encode(x, A, lam, backend="torch", **options)
 
 
 def _inputs(B, d, K, dtype=torch.float32, lam=None):
@@ -33,7 +37,7 @@ def test_matches_reference_fp32(backend, B, d, K):
 @pytest.mark.parametrize("B,d,K", [(7, 3, 5), (50, 8, 300), (20, 16, 1000)])
 def test_torch_backend_every_path_float64_exact(B, d, K):
     x, A, lam = _inputs(B, d, K, torch.float64)
-    codes = T.encode(x, A, lam, **SMALL)
+    codes = _torch_codes(x, A, lam, **SMALL)
     torch.testing.assert_close(codes.to_dense(), spade_encode_reference(x, A, lam), atol=1e-12, rtol=0)
 
 
@@ -42,7 +46,7 @@ def test_overflow_and_dense_rows_exact(lam):
     # Tiny λ makes supports dense (K-wide): far past max_candidates, so these
     # rows take the exact dense path.  Large λ makes them one-hot.
     x, A, _ = _inputs(40, 6, 200, torch.float64)
-    codes = T.encode(x, A, lam, **SMALL)
+    codes = _torch_codes(x, A, lam, **SMALL)
     ref = spade_encode_reference(x, A, lam)
     torch.testing.assert_close(codes.to_dense(), ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(codes.support_size, (ref > 0).sum(-1))
@@ -53,7 +57,7 @@ def test_mixed_overflow_rows():
     x, A, lam = _inputs(30, 4, 150, torch.float64, lam=0.05)
     x[::2] = A[torch.arange(15)] + 1e-3 * torch.randn(15, 4, dtype=torch.float64)
     x[1::2] *= 0.01
-    codes = T.encode(x, A, lam, chunk=32, topk=2, max_candidates=4)
+    codes = _torch_codes(x, A, lam, chunk=32, topk=2, max_candidates=4)
     torch.testing.assert_close(codes.to_dense(), spade_encode_reference(x, A, lam), atol=1e-12, rtol=0)
 
 
@@ -143,7 +147,7 @@ def test_gradcheck_torch_backend():
     w = torch.randn(5, 30, dtype=torch.float64)
 
     def f(x, A, lam):
-        return (T.encode(x, A, lam, **SMALL).to_dense() * w).sum()
+        return (_torch_codes(x, A, lam, **SMALL).to_dense() * w).sum()
 
     assert torch.autograd.gradcheck(f, (x, A, lam))
 
@@ -167,17 +171,18 @@ def test_torch_backend_gradients_match_reference_autograd():
             torch.testing.assert_close(a, b)
 
 
-def test_support_sq_dists_and_sparse_decode_gradcheck():
+def test_gather_sq_dist_and_sparse_decode_gradcheck(product_route):
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     M = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     v = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 9, (4, 5))
-    assert torch.autograd.gradcheck(lambda x, M: T.support_sq_dists(x, M, idx), (x, M))
+    P = T.PRIMITIVES
+    assert torch.autograd.gradcheck(lambda x, M: pipeline.gather_sq_dist(P, x, M, idx), (x, M))
     codes = lambda v: sk.SparseCodes(idx, v, torch.full((4,), 5), 9)  # noqa: E731
-    assert torch.autograd.gradcheck(lambda v, M, b: T.sparse_decode(codes(v), M, b), (v, M, b))
+    assert torch.autograd.gradcheck(lambda v, M, b: pipeline.sparse_decode(P, codes(v), M, b), (v, M, b))
     D = squared_distances(x.detach(), M.detach())
-    torch.testing.assert_close(T.support_sq_dists(x, M, idx), D.gather(1, idx))
+    torch.testing.assert_close(pipeline.gather_sq_dist(P, x, M, idx), D.gather(1, idx))
 
 
 # ---------------------------------------------------------------- errors
@@ -210,7 +215,7 @@ def test_backend_errors_and_registry():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         sk.spade_encode(x, A, 0.1, backend="nope")
     status = backend_status()
-    assert set(status) == set(BACKENDS) == {"reference", "torch", "triton", "cuda"}
+    assert set(status) == set(BACKENDS) == {"reference", "torch", "native", "triton"}
     assert sk.available_backends() == [n for n, r in status.items() if r is None]
     assert {"reference", "torch"} <= set(sk.available_backends())
     for name, reason in status.items():
@@ -218,7 +223,24 @@ def test_backend_errors_and_registry():
             assert isinstance(reason, str) and reason
             with pytest.raises(ValueError, match=f"backend '{name}' is not available"):
                 sk.spade_encode(x, A, 0.1, backend=name)
-    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+    want = "native" if _ext.available() else "torch"
+    assert resolve_backend("auto", torch.device("cpu")).name == auto_backend(torch.device("cpu"))[0] == want
+    with pytest.raises(
+        TypeError, match=r"backend 'torch' takes the options \['chunk', 'max_candidates', 'topk'\]"
+    ):
+        sk.spade_encode(x, A, 0.1, backend="torch", cap=4)
+    with pytest.raises(TypeError, match="takes no options"):
+        sk.spade_encode(x, A, 0.1, backend="reference", chunk=4)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="C++ extension unavailable")
+def test_former_backend_name_cuda_means_native():
+    x, A = torch.randn(5, 3), torch.randn(9, 3)
+    with pytest.warns(DeprecationWarning, match="'cuda' is now called 'native'"):
+        codes = sk.spade_encode(x, A, 0.1, backend="cuda")
+    assert torch.equal(codes.indices, sk.spade_encode(x, A, 0.1, backend="native").indices)
+    with pytest.warns(DeprecationWarning):
+        assert sk.SpaDE(3, 9, backend="cuda").backend == "native"
 
 
 def test_mixed_dtypes_promote():
@@ -228,48 +250,44 @@ def test_mixed_dtypes_promote():
     assert_codes_match_reference(codes, x.float(), A, 0.1)
 
 
-def test_dense_path_matches_sparse_path(monkeypatch):
+def test_dense_route_matches_sparse_route():
     B, C, d, K = 9, 12, 10, 40
     idx = torch.randint(0, K, (B, C))
     w, G, M, X = torch.randn(B, C), torch.randn(B, d), torch.randn(K, d), torch.randn(B, d)
-    sparse = (T.gather_matmul(w, idx, M), T.gather_dot(G, idx, M), T.scatter_matmul(w, idx, X, K))
-    monkeypatch.setattr(T, "DENSE_FRACTION", {"cpu": 0.0})
-    dense = (T.gather_matmul(w, idx, M), T.gather_dot(G, idx, M), T.scatter_matmul(w, idx, X, K))
-    for a, b in zip(sparse, dense):
+    P = T.PRIMITIVES
+    results = []
+    for dense in (False, True):
+        with pipeline.dense_products(dense):
+            results.append(
+                (
+                    pipeline.product(P, "gather_matmul", w, idx, M),
+                    pipeline.product(P, "gather_dot", G, idx, M),
+                    pipeline.product(P, "scatter_matmul", w, idx, X, K),
+                )
+            )
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    # And a whole training step through the dense path against the float64 reference.
-    m = sk.SpaDE(6, 30, backend="torch", dtype=torch.float64, lambda_init=0.02)
-    x = torch.randn(8, 6, dtype=torch.float64)
-    out = m(x)
-    out.loss.backward()
-    from spade_kernels.reference import spade_forward_reference
+    # C/K = 0.3 takes the dense route on the CPU by default, none below the measured crossover.
+    assert pipeline.sparse._dense_route(C, K, torch.device("cpu"))
+    assert not pipeline.sparse._dense_route(1, K, torch.device("cpu"))
 
-    A, W, raw = (p.detach().clone().requires_grad_() for p in (m.prototypes, m.W_dec, m.lambda_raw))
-    loss = spade_forward_reference(x, A, W, torch.nn.functional.softplus(raw))[2]
-    loss.backward()
-    torch.testing.assert_close(out.loss, loss)
-    for p, q in zip((m.prototypes, m.W_dec, m.lambda_raw), (A, W, raw)):
-        torch.testing.assert_close(p.grad, q.grad)
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_torch_and_reference_backends_run_no_compiled_op(backend):
+    # "torch" is PyTorch ops only: its forward and backward call no spade:: kernel.
+    m = sk.SpaDE(16, 300, backend=backend)
+    x = torch.randn(64, 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        m(x).loss.backward()
+    names = {e.name for e in prof.events()}
+    assert not [n for n in names if n.startswith("spade::")], sorted(n for n in names if "spade" in n)
+    assert "spade_kernels::encode" in names or backend == "reference"
 
 
 @pytest.mark.skipif(not _ext.available(), reason="C++ extension unavailable")
-def test_torch_backend_uses_the_extension_on_cpu(monkeypatch):
-    from spade_kernels.backends import cuda as Cu
-
-    monkeypatch.setattr(T, "NATIVE_CPU", True)
-    calls = []
-    native_forward = Cu.encode_forward
-    monkeypatch.setattr(Cu, "encode_forward", lambda *a, **k: calls.append(1) or native_forward(*a, **k))
-    x, A, lam = _inputs(33, 24, 1000)
-    assert_codes_match_reference(T.encode(x, A, lam), x, A, lam)
-    assert calls  # the forward went through the extension ...
-    T.encode(x, A, lam, **SMALL)  # ... except with a buffer smaller than its 256-slot minimum
-    assert len(calls) == 1
-    idx = torch.randint(0, 1000, (33, 7))
-    w = torch.rand(33, 7)
-    assert torch.equal(T.gather_matmul(w, idx, A), torch.ops.spade.gather_matmul(w, idx, A))
-    assert torch.equal(T.scatter_matmul(w, idx, x, 1000), torch.ops.spade.scatter_matmul(w, idx, x, 1000))
-    half = A.bfloat16()  # other dtypes keep the PyTorch-op path
-    torch.testing.assert_close(
-        T.gather_matmul(w, idx, half).float(), T.gather_matmul(w, idx, A), atol=0.1, rtol=0.05
-    )
+def test_native_backend_runs_the_compiled_ops():
+    m = sk.SpaDE(16, 300, backend="native")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        m(torch.randn(64, 16)).loss.backward()
+    names = {e.name for e in prof.events()}
+    assert {"spade::select_candidates", "spade::exact_codes", "spade::support_jacobian"} <= names

@@ -8,8 +8,8 @@ import spade_kernels as sk
 from spade_kernels import _ext
 from spade_kernels.reference import spade_forward_reference
 
-# "cuda" runs its C++/OpenMP twins on CPU tensors when the extension is built.
-CPU_BACKENDS = ["reference", "torch"] + (["cuda"] if _ext.available() else [])
+# "native" runs its C++/OpenMP kernels on CPU tensors when the extension is built.
+CPU_BACKENDS = ["reference", "torch"] + (["native"] if _ext.available() else [])
 
 
 def _layer(backend, d=6, K=40, dtype=torch.float64, **kw):
@@ -307,8 +307,8 @@ def test_backend_is_checked_by_name_at_construction(monkeypatch):
     # checked up front; availability is checked on the first call.
     monkeypatch.setattr(_ext, "_LOADED", False)
     monkeypatch.setattr(_ext, "reason", "spade_kernels._C was not built")
-    m = sk.SpaDE(4, 8, backend="cuda")
-    with pytest.raises(ValueError, match="backend 'cuda' is not available: spade_kernels._C was not built"):
+    m = sk.SpaDE(4, 8, backend="native")
+    with pytest.raises(ValueError, match="backend 'native' is not available: spade_kernels._C was not built"):
         m(torch.randn(2, 4))
 
 

@@ -9,7 +9,9 @@ import torch
 pytest.importorskip("triton")
 
 import spade_kernels as sk
-from spade_kernels.backends import torch_ as T
+from spade_kernels import pipeline
+from spade_kernels.backends import triton_ as TR
+from spade_kernels.numerics import sanitize, score_margin, sorted_threshold
 from spade_kernels.reference import spade_encode_reference
 from spade_kernels.testing import assert_codes_match_reference
 from spade_kernels.triton_ import encode as E
@@ -32,7 +34,7 @@ def _inputs(B, d, K, dtype=torch.float32, lam=None):
 
 
 def _codes(x, A, lam, **opts):
-    z, idx, size, _ = E.encode_forward(x, A, lam, **opts)
+    z, idx, size, _ = pipeline.encode_forward(TR.PRIMITIVES, x, A, lam, opts)
     return sk.SparseCodes(idx, z, size, A.shape[0])
 
 
@@ -85,12 +87,12 @@ def test_mixed_overflow_and_clean_rows():
 
 def test_select_kernel_slots_hold_every_survivor():
     x, A, lam = _inputs(9, 12, 64)
-    _, _, aa, xx, _ = T.sanitize(x, A)
-    margin = T.score_margin(xx, aa, lam, 12, 2.0**-24).float()
+    _, _, aa, xx, _ = sanitize(x, A)
+    margin = score_margin(xx, aa, lam, 12, 2.0**-24).float()
     start = torch.full((9,), -math.inf, device=DEVICE)
     _, slot_idx, counts, bound = E.encode_fwd_select(x, A, aa.float(), margin, start, lam, 16, 16, "ieee")
     s = lam * (2 * x @ A.t() - aa)  # GEMM-form scores, for checking only
-    tau = T._sorted_threshold(torch.sort(s, dim=1, descending=True).values)
+    tau = sorted_threshold(torch.sort(s, dim=1, descending=True).values)
     assert (bound <= tau + 1e-5).all(), "the published bound must stay below τ"
     for b in range(9):
         stored = set()
@@ -111,9 +113,9 @@ def test_nan_rows_isolated_and_non_contiguous():
 
 
 def test_float64_is_exact():
+    # The kernels have no float64 instantiation: the pipeline takes the torch backend's search.
     x, A, lam = _inputs(5, 7, 40, torch.float64)
-    z, idx, size, _ = E.encode_forward(x, A, lam)
-    codes = sk.SparseCodes(idx, z, size, 40)
+    codes = _codes(x, A, lam)
     torch.testing.assert_close(codes.to_dense(), spade_encode_reference(x, A, lam), atol=1e-12, rtol=0)
 
 
@@ -151,8 +153,8 @@ KERNEL_CHECKS = ("test_schema", "test_faketensor", "test_autograd_registration",
 
 def test_opcheck_registered_ops():
     x, A, lam = _inputs(5, 16, 40)
-    _, _, aa, xx, _ = T.sanitize(x, A)
-    margin = T.score_margin(xx, aa, lam, 16, 2.0**-24).float()
+    _, _, aa, xx, _ = sanitize(x, A)
+    margin = score_margin(xx, aa, lam, 16, 2.0**-24).float()
     start = torch.full((5,), -math.inf, device=DEVICE)
     sel_args = (x, A, aa.float(), margin, start, lam, 16, 4, "ieee")
     torch.library.opcheck(
@@ -165,13 +167,13 @@ def test_opcheck_registered_ops():
     )
     idx = torch.randint(0, 40, (5, 7), device=DEVICE)
     torch.library.opcheck(
-        torch.ops.spade_triton.support_sq_dist.default, (x, A, idx), test_utils=KERNEL_CHECKS
+        torch.ops.spade_triton.gather_sq_dist.default, (x, idx, A), test_utils=KERNEL_CHECKS
     )
     lam_t = torch.tensor(lam, device=DEVICE, requires_grad=True)
-    # The composite op: schema, fake (data-dependent width) and autograd registration.
+    # The pipeline's op: schema, fake (data-dependent width) and autograd registration.
     torch.library.opcheck(
-        torch.ops.spade_triton.encode.default,
-        (x.requires_grad_(), A, lam_t, "ieee"),
+        torch.ops.spade_kernels.encode.default,
+        (x.requires_grad_(), A, lam_t, "triton", "precision=ieee"),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 

@@ -8,7 +8,9 @@ import torch
 pytest.importorskip("triton")
 
 import spade_kernels as sk
+from spade_kernels import pipeline
 from spade_kernels.backends import torch_ as T
+from spade_kernels.backends import triton_ as TR
 from spade_kernels.reference import spade_forward_reference
 from spade_kernels.triton_ import sparse as S
 
@@ -148,16 +150,14 @@ def test_support_jacobian_matches_torch(with_grad_d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sorted_scatter_matches_atomic_and_torch(dtype):
+def test_atomic_scatter_with_a_popular_latent(dtype):
     w, idx = _support(11, 9, 13)
-    idx[:, 0] = 4  # a popular latent (a long segment)
+    idx[:, 0] = 4  # a popular latent: many atomics to one row
     X = torch.randn(11, 24, device=DEVICE).to(dtype)
     ref = T.scatter_matmul(w, idx, X.float(), 13)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(S.scatter_matmul_sorted(w, idx, X, 13).float(), ref, **tol)
     torch.testing.assert_close(S.scatter_matmul(w, idx, X, 13).float(), ref, **tol)
-    empty = torch.zeros_like(w)  # no live entry at all
-    assert (S.scatter_matmul_sorted(empty, idx, X, 13) == 0).all()
+    assert (S.scatter_matmul(torch.zeros_like(w), idx, X, 13) == 0).all()  # no live entry at all
 
 
 def test_bfloat16_gradients_against_float64_reference():
@@ -183,14 +183,14 @@ def test_bfloat16_gradients_against_float64_reference():
         assert ((ours - theirs).abs().max() / scale) < 3e-2, n
 
 
-def test_triton_ops_take_the_dense_path_when_enabled(monkeypatch):
+def test_pipeline_routes_triton_products():
+    # Sparse route: the kernels; float64 matrices: the torch backend's products.
     w, idx = _support(6, 9, 20)
-    M, X = torch.randn(20, 12, device=DEVICE), torch.randn(6, 12, device=DEVICE)
-    sparse = [S.TRITON_OPS.gather_matmul(w, idx, M), S.TRITON_OPS.scatter_matmul(w, idx, X, 20)]
-    calls = []
-    monkeypatch.setattr(T, "DENSE_FRACTION", {DEVICE: 0.0})
-    monkeypatch.setattr(T, "_densify", lambda *a, _f=T._densify: calls.append(1) or _f(*a))
-    dense = [S.TRITON_OPS.gather_matmul(w, idx, M), S.TRITON_OPS.scatter_matmul(w, idx, X, 20)]
-    assert len(calls) == 2  # both went through the dense GEMM path
-    for a, b in zip(sparse, dense):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    M = torch.randn(20, 12, device=DEVICE)
+    with pipeline.dense_products(False):
+        torch.testing.assert_close(
+            pipeline.product(TR.PRIMITIVES, "gather_matmul", w, idx, M), S.gather_matmul(w, idx, M)
+        )
+        got = pipeline.product(TR.PRIMITIVES, "gather_matmul", w.double(), idx, M.double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, T.gather_matmul(w.double(), idx, M.double()))

@@ -1,116 +1,45 @@
-"""Backend registry: which implementations exist, which are usable, and why not.
+"""Backend registry: which backends exist, which are usable here and why not, and what ``auto`` picks.
 
-A backend turns (x, prototypes, λ) into codes.  ``reference`` computes dense
-codes (the oracle); the others compute :class:`~spade_kernels.SparseCodes`
-directly.  Nothing here touches a GPU at import time.
+A backend's name says what runs:
+
+* ``reference`` — plain PyTorch, dense B×K distances and a sort-based
+  sparsemax: the oracle;
+* ``torch`` — the fast algorithm in PyTorch ops only, on any device;
+* ``native`` — the compiled extension, whose ops dispatch by device: C++/OpenMP
+  kernels for CPU tensors, CUDA kernels for CUDA tensors;
+* ``triton`` — fused Triton kernels (CUDA, or the CPU interpreter with
+  ``TRITON_INTERPRET=1``).
+
+The sparse backends are :class:`~spade_kernels.backends.interface.Primitives`
+values, composed by :mod:`spade_kernels.pipeline`; this module only
+imports them when they are used (nothing touches a GPU or imports triton at
+import time).  ``auto`` is decided here and nowhere else (:func:`auto_backend`).
+``cuda`` is the former name of ``native`` and still accepted, with a
+``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..codes import SparseCodes
-
 __all__ = [
     "BACKENDS",
     "Backend",
+    "auto_backend",
     "available_backends",
     "backend_status",
+    "canonical_name",
     "check_backend_name",
     "resolve_backend",
 ]
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One implementation of the SpaDE encoder.
-
-    ``dense`` backends return dense codes from :meth:`encode_dense` and are
-    decoded densely; sparse backends return :class:`SparseCodes`.
-    """
-
-    name: str
-    description: str
-    dense: bool
-    _status: Callable[[], str | None]
-    _encode: Callable[..., object]
-
-    def unavailable_reason(self) -> str | None:
-        """``None`` when usable here, else why not."""
-        return self._status()
-
-    def device_reason(self, device: torch.device) -> str | None:
-        """``None`` when this backend runs on tensors on ``device``, else why not."""
-        if self.name in ("reference", "torch"):
-            return None
-        if self.name == "cuda":
-            from .. import _ext
-
-            if device.type == "cpu" or (device.type == "cuda" and _ext.cuda_kernels()):
-                return None
-            if device.type == "cuda":
-                return f"the spade CUDA kernels are not available: {_ext.cuda_reason}"
-            return f"it runs on CUDA and CPU tensors, got tensors on {device}"
-        if device.type == "cuda" or _triton_interpreter():
-            return None
-        return f"it needs CUDA tensors, got tensors on {device}"
-
-    def supports(self, device: torch.device) -> bool:
-        return self.device_reason(device) is None
-
-    def sparse_ops(self):
-        """The products over a support (decoder, regulariser, backward) this backend runs on."""
-        if self.name == "triton":
-            from ..triton_.sparse import TRITON_OPS
-
-            return TRITON_OPS
-        if self.name == "cuda":
-            from .cuda import NATIVE_OPS
-
-            return NATIVE_OPS
-        from .torch_ import TORCH_OPS
-
-        return TORCH_OPS
-
-    def encode_dense(self, x: torch.Tensor, prototypes: torch.Tensor, lam) -> torch.Tensor:
-        if self.dense:
-            return self._encode(x, prototypes, lam)
-        return self._encode(x, prototypes, lam).to_dense()
-
-    def encode(self, x: torch.Tensor, prototypes: torch.Tensor, lam) -> SparseCodes:
-        if self.dense:
-            return SparseCodes.from_dense(self._encode(x, prototypes, lam))
-        return self._encode(x, prototypes, lam)
-
-
-def _always() -> str | None:
-    return None
-
-
-def reference_codes_and_distances(x, prototypes, lam):
-    """Dense codes z and distances D of the ``reference`` backend (B×K each)."""
-    from ..reference import squared_distances
-    from ..sparsemax import sparsemax_sort
-
-    # Distances in the input dtype (the paper's low-precision path), the
-    # projection in float32 at least: codes of half inputs stay float32.
-    D = squared_distances(x, prototypes, naive=False)
-    return sparsemax_sort((-lam * D).to(torch.promote_types(D.dtype, torch.float32)), dim=-1), D
-
-
-def _reference_encode(x, prototypes, lam):
-    return reference_codes_and_distances(x, prototypes, lam)[0]
-
-
-def _torch_encode(x, prototypes, lam):
-    from . import torch_
-
-    return torch_.encode(x, prototypes, lam)
 
 
 def _triton_interpreter() -> bool:
@@ -122,6 +51,30 @@ def _triton_interpreter() -> bool:
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+def _always() -> str | None:
+    return None
+
+
+def _anywhere(device: torch.device) -> str | None:
+    return None
+
+
+def _native_status() -> str | None:
+    from .. import _ext
+
+    return None if _ext.available() else _ext.reason
+
+
+def _native_device(device: torch.device) -> str | None:
+    from .. import _ext
+
+    if device.type == "cpu" or (device.type == "cuda" and _ext.cuda_kernels()):
+        return None
+    if device.type == "cuda":
+        return f"the spade CUDA kernels are not available: {_ext.cuda_reason}"
+    return f"it runs on CPU and CUDA tensors, got tensors on {device}"
+
+
 def _triton_status() -> str | None:
     if not _TRITON_INSTALLED:
         return "the triton package is not installed (pip install triton)"
@@ -130,22 +83,48 @@ def _triton_status() -> str | None:
     return None
 
 
-def _triton_encode(x, prototypes, lam):
-    from ..triton_ import encode
-
-    return encode.encode(x, prototypes, lam)
-
-
-def _cuda_status() -> str | None:
-    from .. import _ext
-
-    return None if _ext.available() else _ext.reason
+def _triton_device(device: torch.device) -> str | None:
+    if device.type == "cuda" or _triton_interpreter():
+        return None
+    return f"it needs CUDA tensors, got tensors on {device}"
 
 
-def _cuda_encode(x, prototypes, lam):
-    from . import cuda
+@dataclass(frozen=True)
+class Backend:
+    """One backend: its name, what it runs, where, and (sparse backends) its primitives.
 
-    return cuda.encode(x, prototypes, lam)
+    ``dense`` is true for ``reference`` only, which computes dense codes and
+    has no primitives; the others are composed by the pipeline from
+    :meth:`primitives`.
+    """
+
+    name: str
+    description: str
+    dense: bool
+    _status: Callable[[], str | None]
+    _device: Callable[[torch.device], str | None]
+    _module: str | None = None
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` when usable in this environment, else why not."""
+        return self._status()
+
+    def device_reason(self, device: torch.device) -> str | None:
+        """``None`` when this backend runs on tensors on ``device``, else why not."""
+        return self._device(device)
+
+    def supports(self, device: torch.device) -> bool:
+        return self.unavailable_reason() is None and self.device_reason(device) is None
+
+    def primitives(self):
+        """The backend's :class:`~spade_kernels.backends.interface.Primitives` (imports its module once)."""
+        if self._module is None:
+            raise TypeError(f"backend {self.name!r} is dense: it has no primitives")
+        # sys.modules first: torch.compile traces this, and dynamo will not trace an import.
+        module = sys.modules.get(f"{__name__}{self._module}")
+        if module is None:
+            module = importlib.import_module(self._module, __name__)
+        return module.PRIMITIVES
 
 
 BACKENDS: dict[str, Backend] = {
@@ -154,33 +133,62 @@ BACKENDS: dict[str, Backend] = {
         "plain PyTorch: dense B×K distances + sort-based sparsemax (the oracle)",
         True,
         _always,
-        _reference_encode,
+        _anywhere,
     ),
     "torch": Backend(
         "torch",
-        "chunked GEMM-form scores, per-chunk pruning, exact τ over survivors, sparse backward",
+        "PyTorch ops only, any device: chunked GEMM-form scores, per-chunk pruning, exact τ over survivors, sparse backward",
         False,
         _always,
-        _torch_encode,
+        _anywhere,
+        ".torch_",
+    ),
+    "native": Backend(
+        "native",
+        "the compiled extension: C++/OpenMP kernels on CPU tensors, CUDA kernels on CUDA tensors",
+        False,
+        _native_status,
+        _native_device,
+        ".native",
     ),
     "triton": Backend(
         "triton",
-        "fused Triton kernels: tiled distance GEMM + in-register pruning, per-row exact merge",
+        "fused Triton kernels: tiled score GEMM + in-register pruning, per-row exact merge, sparse backward",
         False,
         _triton_status,
-        _triton_encode,
-    ),
-    "cuda": Backend(
-        "cuda",
-        "C++/CUDA extension: cuBLAS chunks + selection epilogue, exact merge, sparse backward (C++/OpenMP twins on CPU tensors)",
-        False,
-        _cuda_status,
-        _cuda_encode,
+        _triton_device,
+        ".triton_",
     ),
 }
 
-#: Preference order of ``backend="auto"`` per device type.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+#: Former names, still accepted with a DeprecationWarning.
+ALIASES = {"cuda": "native"}
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """What ``backend="auto"`` runs for tensors on ``device`` of ``dtype``: (name, why).
+
+    The one place the choice is made.  CPU: ``native`` (its C++ ops measured
+    1.4–1.9× faster than the ``torch`` backend's PyTorch ops for the encoder
+    and 2–5× for the support products at (1024, 768, 16384), benchmarks/NOTES.md),
+    else ``torch``.  CUDA: ``triton`` for float32/bfloat16/float16, then
+    ``native``, then ``torch`` — an order by design, not yet measured on a GPU
+    (float64 skips ``triton``, which has no float64 kernels).
+    """
+    if device.type == "cpu":
+        order = ("native", "torch")
+        basis = "measured on CPU: native's C++ ops beat the PyTorch ops"
+    elif device.type == "cuda":
+        order = ("native", "torch") if dtype == torch.float64 else ("triton", "native", "torch")
+        basis = "CUDA order by design (not yet measured on a GPU)"
+    else:
+        order, basis = ("torch",), f"only the torch backend runs on {device.type} tensors"
+    for name in order:
+        if BACKENDS[name].supports(device):
+            skipped = [n for n in order[: order.index(name)]]
+            why = basis + (f"; {', '.join(skipped)} not usable here" if skipped else "")
+            return name, why
+    return "torch", basis
 
 
 def backend_status() -> dict[str, str | None]:
@@ -192,27 +200,38 @@ def available_backends() -> list[str]:
     """Names of the backends usable in this environment.
 
     See :func:`backend_status` (or ``spade-kernels info``) for why the others
-    are not.
+    are not, and :func:`auto_backend` for what ``auto`` picks.
     """
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def check_backend_name(name) -> None:
-    """Raise unless ``name`` is ``"auto"`` or a known backend (availability is checked per call)."""
+def canonical_name(name) -> str:
+    """``name`` checked (``"auto"`` or a backend) and with a former name replaced, with a DeprecationWarning."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name in ALIASES:
+        warnings.warn(
+            f"backend {name!r} is now called {ALIASES[name]!r} (it runs C++ kernels on CPU tensors "
+            "and CUDA kernels on CUDA tensors)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return ALIASES[name]
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {['auto', *BACKENDS]}")
+    return name
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """The backend object for ``name`` (``"auto"`` picks the fastest usable one)."""
-    check_backend_name(name)
+def check_backend_name(name) -> None:
+    """Raise unless ``name`` is ``"auto"``, a backend or a former name (availability is checked per call)."""
+    canonical_name(name)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Backend:
+    """The backend object for ``name`` on tensors of ``device`` and ``dtype`` (``"auto"``: :func:`auto_backend`)."""
+    name = canonical_name(name)
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            backend = BACKENDS[candidate]
-            if backend.unavailable_reason() is None and backend.supports(device):
-                return backend
+        return BACKENDS[auto_backend(device, dtype)[0]]
     backend = BACKENDS[name]
     reason = backend.unavailable_reason()
     if reason is not None:

@@ -1,6 +1,7 @@
-"""Fused SpaDE encoder forward in Triton (DESIGN.md §2 facts 1–4, §4).
+"""Triton kernels of the encoder forward: the candidate search and the support distances.
 
-Pipeline for x (B, d), prototypes A (K, d), λ:
+For x (B, d), prototypes A (K, d), λ (docs/design.md, "The pipeline"; the
+``triton`` backend's ``select_candidates`` is :func:`select_candidates`):
 
 0. ``bound`` — a per-row lower bound of τ: the sparsemax threshold of the
    GEMM-form scores of the first ``prepass`` prototypes (subset bound, fact 3).
@@ -16,19 +17,15 @@ Pipeline for x (B, d), prototypes A (K, d), λ:
 2. ``_encode_fwd_merge_kernel`` — one program per row: Michelot over the row's
    slots from the final bound gives the exact τ of the GEMM-form scores; the
    entries above ``τ − margin`` are compacted into ≤ ``cap`` candidates.
-3. ``_support_sq_dist_kernel`` — D = ‖x − a‖² recomputed directly (fp32) on
-   the candidates; the exact τ and codes follow from those (a sort of a few
-   dozen values per row, shared with the ``torch`` backend).
+3. ``_gather_sq_dist_kernel`` — D = ‖x − a‖² recomputed directly on the
+   candidates (the backend's ``gather_sq_dist``; the exact τ follows in the
+   pipeline's exact stage).
 
-Rows whose survivors overflow a slot or the candidate cap are resolved exactly
-by the ``torch`` backend's candidate search for just those rows — never a
-wrong answer, never a silent cap.  No B×K tensor exists at any point: extra
-memory is B·(K/block_n)·slots·8 bytes of slots plus B·prepass floats.
-
-The three kernels are registered with ``torch.library.triton_op`` (so
-``torch.compile`` sees them and ``opcheck`` tests them); ``encode`` composes
-them in a ``torch.library.custom_op`` with a data-dependent-width fake
-implementation and a sparse autograd formula.
+Rows whose survivors overflow a slot or the cap are flagged; the pipeline
+resolves them exactly.  No B×K tensor exists at any point: extra memory is
+B·(K/block_n)·slots·8 bytes of slots plus B·prepass floats.  The kernels are
+registered with ``torch.library.triton_op`` (so ``torch.compile`` sees them
+and ``opcheck`` tests them).
 """
 
 from __future__ import annotations
@@ -39,15 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import torch_ as T
-from ..codes import SparseCodes
+from ..numerics import ieee_matmul, sorted_threshold
 from ._utils import _INTERPRET, _launch, kernel_op
 
-__all__ = ["DEFAULTS", "encode", "encode_forward"]
+__all__ = ["OPTIONS", "encode_fwd_merge", "encode_fwd_select", "gather_sq_dist", "select_candidates"]
 
 
-#: Launch parameters (tests shrink them to exercise every path at tiny sizes).
-DEFAULTS = {
+#: Options of :func:`select_candidates` and their defaults (tests shrink them
+#: to exercise every path at tiny sizes).
+OPTIONS = {
     "block_n": 256,  # prototypes per tile (slot layout depends on it, so not autotuned)
     "slots": 8,  # survivors stored per (row, tile)
     "cap": 512,  # candidates per row handed to the exact stage
@@ -56,13 +53,23 @@ DEFAULTS = {
 }
 #: Rounding unit of the scores' dot products per input precision (for the margin):
 #: fp32 accumulation (2^-23 also covers truncating accumulators), tf32 inputs.
-_DOT_EPS = {"ieee": 2.0**-23, "tf32": 2.0**-11}
+DOT_EPS = {"ieee": 2.0**-23, "tf32": 2.0**-11}
 _MICHELOT_TILE_ITERS = 4
 
 
 # --------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------
+
+
+@triton.jit
+def _michelot_update(tau, total, count):
+    """One step of Michelot's iteration (design fact 4), the one copy both kernels use.
+
+    ``total`` and ``count`` are the sum and number of the values above ``tau``
+    (all relative to a common reference); the iterate never decreases.
+    """
+    return tl.maximum(tau, (total - 1.0) / tl.maximum(count, 1.0))
 
 
 def _select_configs():
@@ -140,7 +147,7 @@ def _encode_fwd_select_kernel(
         above = rel > tau_rel[:, None]
         cnt = tl.sum(above.to(tl.float32), axis=1)
         tot = tl.sum(tl.where(above, rel, 0.0), axis=1)
-        tau_rel = tl.maximum(tau_rel, (tot - 1.0) / tl.maximum(cnt, 1.0))
+        tau_rel = _michelot_update(tau_rel, tot, cnt)
     tau = tau_rel + top
     bound = tl.load(bound_ptr + rows, mask=row_ok, other=float("-inf"))
     tau = tl.maximum(tau, bound)
@@ -199,7 +206,7 @@ def _encode_fwd_merge_kernel(
             tot += tl.where(above, v, 0.0)
             cnt += above.to(tl.float32)
         n = tl.sum(cnt, axis=0)
-        tau = tl.maximum(prev, (tl.sum(tot, axis=0) - 1.0) / tl.maximum(n, 1.0))
+        tau = _michelot_update(prev, tl.sum(tot, axis=0), n)
         it += 1
 
     # Candidates for the exact stage: GEMM-form score above τ − margin.
@@ -219,7 +226,7 @@ def _encode_fwd_merge_kernel(
 
 
 @triton.jit
-def _support_sq_dist_kernel(
+def _gather_sq_dist_kernel(
     x_ptr, a_ptr, idx_ptr, out_ptr,
     W, D,
     stride_xb, stride_xd, stride_ak, stride_ad, stride_ib, stride_ic,
@@ -309,11 +316,12 @@ def encode_fwd_merge(
     return cand, cand_count
 
 
-@kernel_op("spade_triton::support_sq_dist")
-def support_sq_dist(x: torch.Tensor, prototypes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+@kernel_op("spade_triton::gather_sq_dist")
+def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Kernel 3: D[b, j] = ‖x_b − prototypes[indices[b, j]]‖², computed directly.
 
-    Accumulates in float32 (float64 for float64 inputs).
+    Accumulates in float32 (float64 for float64 inputs).  The argument order
+    of every backend's ``gather_sq_dist``.
     """
     B, W = indices.shape
     d = x.shape[1]
@@ -323,7 +331,7 @@ def support_sq_dist(x: torch.Tensor, prototypes: torch.Tensor, indices: torch.Te
     block_d = 16 if _INTERPRET else min(128, triton.next_power_of_2(d))
     grid = (B, triton.cdiv(W, block_c))
     _launch(
-        _support_sq_dist_kernel, grid,
+        _gather_sq_dist_kernel, grid,
         x, prototypes, indices, out, W, d,
         x.stride(0), x.stride(1), prototypes.stride(0), prototypes.stride(1),
         indices.stride(0), indices.stride(1),
@@ -333,117 +341,35 @@ def support_sq_dist(x: torch.Tensor, prototypes: torch.Tensor, indices: torch.Te
 
 
 # --------------------------------------------------------------------------
-# composition
+# composition: the backend's candidate search
 # --------------------------------------------------------------------------
 
 
 def _prepass_bound(x, A, aa, lam, n):
     """τ of the GEMM-form scores of the first n prototypes: a lower bound of τ(row)."""
     n = min(n, A.shape[0])
-    with T.ieee_matmul():
+    with ieee_matmul():
         s = torch.addmm(aa[:n], x.to(aa.dtype), A[:n].t().to(aa.dtype), beta=-lam, alpha=2 * lam)
-    return T._sorted_threshold(torch.sort(s, dim=1, descending=True).values)
+    return sorted_threshold(torch.sort(s, dim=1, descending=True).values)
 
 
-@torch.no_grad()
-def encode_forward(x: torch.Tensor, A: torch.Tensor, lam: float, **options):
-    """Sparse codes of x (B, d) through the Triton kernels (no autograd).
+def select_candidates(x, A, aa, lam: float, margin, *, block_n, slots, cap, prepass, precision):
+    """Candidates of every row's support through kernels 1 and 2: (cand, overflow).
 
-    Returns (values, indices, support_size, D_support) like
-    :func:`spade_kernels.backends.torch_.encode_forward`.
+    ``x``, ``A`` float32/bfloat16/float16 (one dtype); ``aa`` and ``margin``
+    float32.  cand (B, W) int64 with each row's candidates first, then −1;
+    overflow (B,) marks the rows whose survivors overflowed a slot or ``cap``.
     """
-    opts = {**DEFAULTS, **options}
-    if opts["precision"] not in _DOT_EPS:
-        raise ValueError(f"precision must be one of {sorted(_DOT_EPS)}, got {opts['precision']!r}")
-    if x.dtype == torch.float64:
-        # tl.dot has no float64 tensor-core path; float64 keeps the exact torch algorithm.
-        return T.encode_forward(x, A, lam)
-    if x.shape[0] == 0:
-        return T.encode_forward(x, A, lam)
-    x, A, aa, xx, nan_rows = T.sanitize(x, A)
-    tf32 = opts["precision"] == "tf32" and x.dtype == torch.float32
-    eps = _DOT_EPS["tf32"] if tf32 else _DOT_EPS["ieee"]
-    margin = T.score_margin(xx, aa, lam, x.shape[1], eps, worst_case=not tf32)
-    bound = _prepass_bound(x, A, aa, lam, opts["prepass"]).float()
+    if precision not in DOT_EPS:
+        raise ValueError(f"precision must be one of {sorted(DOT_EPS)}, got {precision!r}")
+    dtype = torch.promote_types(x.dtype, A.dtype)  # tl.dot needs one dtype
+    x, A = x.to(dtype), A.to(dtype)
+    bound = _prepass_bound(x, A, aa, lam, prepass).float()
+    margin = margin.float()
     slot_val, slot_idx, counts, bound = encode_fwd_select(
-        x, A, aa.float(), margin.float(), bound, float(lam), opts["block_n"], opts["slots"], opts["precision"]
+        x, A, aa.float(), margin, bound, float(lam), block_n, slots, precision
     )
-    cand, cand_count = encode_fwd_merge(slot_val, slot_idx, counts, bound, margin.float(), opts["cap"])
-    overflow = (counts > opts["slots"]).any(1) | (cand_count > opts["cap"])
-    overflow &= ~nan_rows
-    width = max(int(cand_count.clamp_max(opts["cap"]).max()) if cand_count.numel() else 0, 1)
-    cand = cand[:, :width]
-    if overflow.any():
-        # Exact for just those rows: the torch backend's bounded candidate search.
-        rows = overflow.nonzero().squeeze(1)
-        xr = x[rows].to(aa.dtype)
-        with T.ieee_matmul():
-            cand = T.replace_rows(cand, rows, T.candidates(xr, A, aa, lam, margin[rows]))
-    return T.exact_codes(x, A, lam, cand, nan_rows, sq_dist=_gather_sq_dist)
-
-
-def _gather_sq_dist(x, indices, A):
-    """:func:`support_sq_dist` with the argument order of the ``torch`` backend's ``gather_sq_dist``."""
-    return support_sq_dist(x, A, indices)
-
-
-# --------------------------------------------------------------------------
-# differentiable op
-# --------------------------------------------------------------------------
-
-
-@torch.library.custom_op("spade_triton::encode", mutates_args=())
-def _triton_encode_op(
-    x: torch.Tensor, prototypes: torch.Tensor, lam: torch.Tensor, precision: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    z, idx, size, D = encode_forward(x, prototypes, float(lam), precision=precision)
-    return z, idx, size, D
-
-
-@_triton_encode_op.register_fake
-def _(x, prototypes, lam, precision):
-    # The padded width C (largest support in the batch) is data-dependent.
-    C = torch.library.get_ctx().new_dynamic_size()
-    B = x.shape[0]
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (
-        x.new_empty((B, C), dtype=cd),
-        x.new_empty((B, C), dtype=torch.int64),
-        x.new_empty((B,), dtype=torch.int64),
-        x.new_empty((B, C), dtype=cd),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, prototypes, lam, _ = inputs
-    z, idx, size, D = output
-    ctx.save_for_backward(x, prototypes, lam, z, idx, D)
-    ctx.mark_non_differentiable(idx, size)
-
-
-def _backward(ctx, grad_z, _gi, _gs, grad_D):
-    from .sparse import TRITON_OPS
-
-    x, prototypes, lam, z, idx, D = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    gx, gA, glam = T.encode_backward(x, prototypes, lam, z, idx, D, grad_z, grad_D, needs, ops=TRITON_OPS)
-    return gx, gA, glam, None
-
-
-_triton_encode_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def encode(x: torch.Tensor, prototypes: torch.Tensor, lam, *, precision: str = "ieee") -> SparseCodes:
-    """Differentiable sparse SpaDE codes through the Triton kernels.
-
-    The backward is the sparse formula of :func:`spade_kernels.backends.torch_.encode_backward`
-    run on Triton kernels (:mod:`spade_kernels.triton_.sparse`); gradients reach
-    x, prototypes, λ, and through ``codes.distances`` the regulariser's direct
-    term joins the same pass.  float16/bfloat16 inputs give float32 codes (as
-    every backend does).
-    """
-    dtype = torch.promote_types(x.dtype, prototypes.dtype)  # tl.dot needs one dtype
-    x, prototypes = x.to(dtype), prototypes.to(dtype)
-    lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), device=x.device)
-    z, idx, size, D = _triton_encode_op(x, prototypes, lam_t.reshape(()), precision)
-    return SparseCodes(idx, z, size, prototypes.shape[0], distances=D)
+    cand, cand_count = encode_fwd_merge(slot_val, slot_idx, counts, bound, margin, cap)
+    overflow = (counts > slots).any(1) | (cand_count > cap)
+    cand = torch.where(overflow.unsqueeze(1), torch.full_like(cand, -1), cand)
+    return cand, overflow

@@ -1,7 +1,7 @@
 """Triton kernels for products with sparse codes (the backward and the decoder).
 
 Every term of SpaDE's backward and of its sparse decoder is one of three
-products over the padded support ``indices`` (B, C) (DESIGN.md §2 fact 6):
+products over the padded support ``indices`` (B, C) (docs/design.md, fact 6):
 
 * ``gather_matmul(w, idx, M)``   out[b]    = Σ_j w[b,j] · M[idx[b,j]]      (B, d)
   — the decoder x̂ = z·W_dec, and the Σ_j G·a part of ∂L/∂x;
@@ -16,11 +16,11 @@ of ∂L/∂λ in one pass.
 
 They have the same names and semantics as the ``torch`` backend's functions
 in :mod:`spade_kernels.backends.torch_`, which the tests compare them with.
-All cost O(B·C·d); none forms a B×K tensor. ``scatter_matmul`` accumulates
-with fp32 atomics (one program per (row, d-block) adds its C rows);
-``scatter_matmul_sorted`` sorts the support by latent and sums segments
-without atomics. The backend uses the atomic one until a GPU measurement
-(``benchmarks/bench_sparse.py``) says otherwise.
+All cost O(B·C·d); none forms a B×K tensor.  They take float32, bfloat16 and
+float16 matrices (the pipeline sends float64 to the ``torch`` backend) and
+accumulate in float32.  ``scatter_matmul`` accumulates with fp32 atomics (one
+program per (row, d-block) adds its C rows), so its sums are not
+bit-reproducible across runs; the ``native`` backend's is.
 """
 
 from __future__ import annotations
@@ -29,19 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import torch_ as T
-from ..backends.torch_ import SparseOps
 from ._utils import _INTERPRET, _launch, kernel_op
-from .encode import _gather_sq_dist
 
-__all__ = [
-    "TRITON_OPS",
-    "gather_dot",
-    "gather_matmul",
-    "scatter_matmul",
-    "scatter_matmul_sorted",
-    "support_jacobian",
-]
+__all__ = ["gather_dot", "gather_matmul", "scatter_matmul", "support_jacobian"]
 
 
 def _blocks(d: int) -> tuple[int, int]:
@@ -118,32 +108,6 @@ def _scatter_matmul_kernel(
             w[:, None] * xv[None, :],
             mask=live[:, None] & d_ok[None, :],
         )
-
-
-@triton.jit
-def _scatter_matmul_sorted_kernel(
-    latents_ptr, seg_ptr, rows_ptr, w_ptr, x_ptr, out_ptr,
-    D, stride_xb, stride_ok,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    # One program per (active latent, d-block): sums its entries, no atomics.
-    pid = tl.program_id(0)
-    k = tl.load(latents_ptr + pid).to(tl.int64)
-    start = tl.load(seg_ptr + pid)
-    end = tl.load(seg_ptr + pid + 1)
-    offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        offs_e = e0 + tl.arange(0, BLOCK_E)
-        e_ok = offs_e < end
-        b = tl.load(rows_ptr + offs_e, mask=e_ok, other=0).to(tl.int64)
-        w = tl.load(w_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-        xv = tl.load(
-            x_ptr + b[:, None] * stride_xb + offs_d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        acc += tl.sum(w[:, None] * xv.to(tl.float32), axis=0)
-    tl.store(out_ptr + k * stride_ok + offs_d, acc, mask=d_ok)
 
 
 @triton.jit
@@ -236,9 +200,8 @@ def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
     """Triton version of :func:`spade_kernels.backends.torch_.support_jacobian` (G, λ-grad rows).
 
     ``lam`` is a 0-d tensor (read by the kernel, so tracing needs no value).
+    G and the rows come out in float32 (the kernel's arithmetic).
     """
-    if z.dtype == torch.float64:
-        return T.support_jacobian(z, grad_z, D, grad_D, lam)
     lam = lam.detach().reshape(()).to(device=z.device, dtype=torch.float32)
     return _support_jacobian_op(z, grad_z, D, grad_D, lam)
 
@@ -246,8 +209,6 @@ def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
 @kernel_op("spade_triton::gather_matmul")
 def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b] = Σ_j weights[b, j] · M[indices[b, j]] (float32 accumulation, M's dtype out)."""
-    if M.dtype == torch.float64:  # the kernels accumulate in float32
-        return T.gather_matmul(weights, indices, M)
     out = torch.empty((indices.shape[0], M.shape[1]), dtype=torch.float32, device=M.device)
     _launch_product(_gather_matmul_kernel, weights, indices, M, out, over_support=False)
     return out.to(M.dtype)
@@ -256,8 +217,6 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
 @kernel_op("spade_triton::gather_dot")
 def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b, j] = ⟨G[b], M[indices[b, j]]⟩ (float32 accumulation, M's dtype out)."""
-    if M.dtype == torch.float64:
-        return T.gather_dot(G, indices, M)
     out = torch.empty(indices.shape, dtype=torch.float32, device=M.device)
     _launch_product(_gather_dot_kernel, G, indices, M, out, over_support=True)
     return out.to(M.dtype)
@@ -268,63 +227,6 @@ def scatter_matmul(
     weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
 ) -> torch.Tensor:
     """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b] (float32 atomics, X's dtype out)."""
-    if X.dtype == torch.float64:
-        return T.scatter_matmul(weights, indices, X, n_rows)
     out = torch.zeros((n_rows, X.shape[1]), dtype=torch.float32, device=X.device)
     _launch_product(_scatter_matmul_kernel, weights, indices, X, out, over_support=False)
     return out.to(X.dtype)
-
-
-@kernel_op("spade_triton::scatter_matmul_sorted")
-def _scatter_matmul_sorted_op(
-    latents: torch.Tensor,
-    seg: torch.Tensor,
-    rows: torch.Tensor,
-    w: torch.Tensor,
-    X: torch.Tensor,
-    n_rows: int,
-) -> torch.Tensor:
-    X = _contiguous_rows(X)
-    d = X.shape[1]
-    out = torch.zeros((n_rows, d), dtype=torch.float32, device=X.device)
-    block_e, block_d = _blocks(d)
-    _launch(
-        _scatter_matmul_sorted_kernel, (latents.shape[0], triton.cdiv(d, block_d)),
-        latents, seg, rows, w, X, out, d, X.stride(0), out.stride(0),
-        BLOCK_E=block_e, BLOCK_D=block_d,
-    )  # fmt: skip
-    return out.to(X.dtype)
-
-
-def scatter_matmul_sorted(
-    weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
-) -> torch.Tensor:
-    """:func:`scatter_matmul` by latent-sorted segments instead of atomics (deterministic).
-
-    The support entries are sorted by latent (one ``argsort`` of B·C int64),
-    then one program per (active latent, d-block) sums its segment.  Which of
-    the two is faster depends on the GPU and on how skewed latent usage is;
-    ``benchmarks/bench_sparse.py`` times both.
-    """
-    if X.dtype == torch.float64:
-        return T.scatter_matmul(weights, indices, X, n_rows)
-    B, C = indices.shape
-    w = weights.reshape(-1)
-    live = w != 0  # padding slots carry weight 0
-    flat = indices.reshape(-1)[live]
-    order = torch.argsort(flat, stable=True)
-    rows = torch.arange(B, device=X.device).repeat_interleave(C)[live][order]
-    latents, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    seg = torch.zeros(latents.shape[0] + 1, dtype=torch.int64, device=X.device)
-    torch.cumsum(counts, 0, out=seg[1:])
-    return _scatter_matmul_sorted_op(latents, seg, rows, w[live][order].contiguous(), X, n_rows)
-
-
-#: The Triton kernels in the shape the shared sparse formulas expect.
-TRITON_OPS = SparseOps(
-    T.dense_or(gather_matmul, T.gather_matmul, 2),
-    T.dense_or(gather_dot, T.gather_dot, 2),
-    T.dense_or(scatter_matmul, T.scatter_matmul, 3),
-    _gather_sq_dist,
-    support_jacobian,
-)

@@ -1,28 +1,17 @@
-// Block-level building blocks shared by the spade kernels: reductions, a
-// prefix count for order-preserving compaction, Michelot's threshold over a
-// shared-memory array, and a bitonic sort.  Every helper is called by all
-// threads of a block (they synchronise), with blockDim.x a multiple of 32.
-//
-// Raw CUDA only: no torch headers (STYLE.md).
+// Block-level building blocks of the CUDA kernels: reductions, a prefix
+// count for order-preserving compaction, the threshold of a shared-memory
+// array (Michelot, spade/common.h), and a bitonic sort.  Every helper is
+// called by all threads of a block (they synchronise), with blockDim.x a
+// multiple of 32.  CUDA only; no torch headers.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "spade/common.h"
+
 namespace spade {
-
-// Threads per block of every kernel in this directory.
-constexpr int kThreads = 256;
-// Safety cap on Michelot's iteration (it converges in a handful of steps;
-// the count of values above τ strictly falls every step).
-constexpr int kMichelotMaxIters = 1024;
-
-// Kernels opt in to more than 48 KiB of dynamic shared memory when their
-// dynamic size plus this bound on their static shared memory (≤ 32 values +
-// 32 ints of scratch) passes 48 KiB, the default per-block limit.
-constexpr size_t kStaticSharedBound = 1024;
-constexpr size_t kDefaultSharedLimit = 48 * 1024;
 
 namespace detail {
 
@@ -135,28 +124,21 @@ __device__ int compact_above(T* vals, int32_t* idx, int n, T thr, int* scratch) 
   return out;
 }
 
-// Sparsemax threshold τ of vals[0, n) (n ≥ 1, finite or −inf), computed
-// relative to the array's maximum so the sums stay accurate for large
-// values: Michelot's iteration from max − 1 ≤ τ (DESIGN.md §2 facts 2, 4).
+// Sparsemax threshold τ of vals[0, n) (n ≥ 1, finite or −inf) in shared
+// memory: the block's maximum, then spade::michelot_tau with block sums.
 template <typename T>
 __device__ T shared_tau(const T* vals, int n, T* scratch) {
   T m = -infinity<T>();
   for (int j = threadIdx.x; j < n; j += blockDim.x) m = max_of(m, vals[j]);
   m = block_reduce<true>(m, scratch);
-  T t = T(-1);
-  for (int it = 0; it < kMichelotMaxIters; ++it) {
-    T sum = T(0), cnt = T(0);
+  return michelot_tau(m, [&](T t, T& sum, T& cnt) {
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
       const T v = vals[j] - m;
       if (v > t) sum += v, cnt += T(1);
     }
-    sum = block_reduce<false>(sum, scratch);
+    sum = block_reduce<false>(sum, scratch);  // uniform across the block
     cnt = block_reduce<false>(cnt, scratch);
-    const T next = (sum - T(1)) / max_of(cnt, T(1));
-    if (!(next > t)) break;  // converged; uniform across the block
-    t = next;
-  }
-  return t + m;
+  });
 }
 
 // Sorts (key, val)[0, n) by key, descending; n is a power of two.

@@ -1,6 +1,6 @@
-"""The ``cuda`` backend (backends/cuda.py) end to end.
+"""The ``native`` backend (backends/native.py) end to end.
 
-Runs its C++/OpenMP twins on CPU tensors; with SPADE_TEST_GPU=1 (and an
+Runs its C++/OpenMP kernels on CPU tensors; with SPADE_TEST_GPU=1 (and an
 extension built with CUDA) the same tests also run the CUDA kernels.  The
 generic parity tests of test_encode.py / test_layer.py / test_robustness.py
 include this backend too; these cover its own paths: chunking, the candidate
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import spade_kernels as sk
-from spade_kernels import _ext
-from spade_kernels.backends import cuda as Cu
+from spade_kernels import _ext, pipeline
+from spade_kernels.backends import native as N
 from spade_kernels.backends import torch_ as T
 from spade_kernels.reference import spade_encode_reference, spade_forward_reference
 from spade_kernels.testing import assert_codes_match_reference
@@ -30,7 +30,7 @@ def _inputs(B, d, K, device, dtype=torch.float32):
 def test_matches_reference_fp32_every_chunking(device, B, d, K, chunk):
     x, A = _inputs(B, d, K, device)
     lam = 1.0 / (2 * d)
-    z, idx, size, _ = Cu.encode_forward(x, A, lam, chunk=chunk)
+    z, idx, size, _ = pipeline.encode_forward(N.PRIMITIVES, x, A, lam, {"chunk": chunk})
     codes = sk.SparseCodes(idx, z, size, K)
     assert_codes_match_reference(codes, x.cpu(), A.cpu(), lam)
 
@@ -40,7 +40,7 @@ def test_overflow_and_dense_rows_exact_float64(device, lam):
     # Tiny λ: supports thousands wide, past the 256-slot buffer, so rows take the
     # exact dense path; large λ: one-hot rows.
     x, A = _inputs(30, 6, 2000, device, torch.float64)
-    z, idx, size, D = Cu.encode_forward(x, A, lam, chunk=300, max_candidates=256)
+    z, idx, size, D = pipeline.encode_forward(N.PRIMITIVES, x, A, lam, {"chunk": 300, "max_candidates": 256})
     ref = spade_encode_reference(x, A, lam)
     torch.testing.assert_close(sk.SparseCodes(idx, z, size, 2000).to_dense(), ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(size, (ref > 0).sum(-1))
@@ -56,7 +56,7 @@ def test_mixed_overflow_rows(device):
     A[1000:] = 10 + 3 * A[1000:]
     x[::2] = A[1000:1015] + 1e-3 * torch.randn(15, 4, device=device, dtype=torch.float64)
     x[1::2] *= 0.01
-    z, idx, size, _ = Cu.encode_forward(x, A, 0.05, chunk=256, max_candidates=256)
+    z, idx, size, _ = pipeline.encode_forward(N.PRIMITIVES, x, A, 0.05, {"chunk": 256, "max_candidates": 256})
     ref = spade_encode_reference(x, A, 0.05)
     torch.testing.assert_close(sk.SparseCodes(idx, z, size, 1500).to_dense(), ref, atol=1e-12, rtol=0)
     assert (size[::2] < 64).all() and (size[1::2] > 256).all()
@@ -65,7 +65,7 @@ def test_mixed_overflow_rows(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(device, dtype):
     x, A = _inputs(37, 16, 300, device, dtype)
-    codes = sk.spade_encode(x, A, 1 / 32, backend="cuda")
+    codes = sk.spade_encode(x, A, 1 / 32, backend="native")
     assert codes.dtype == torch.float32
     baseline = sk.spade_encode(x.cpu(), A.cpu(), 1 / 32, backend="reference").to_dense()
     assert_codes_match_reference(codes.to("cpu"), x.cpu(), A.cpu(), 1 / 32, low_precision_baseline=baseline)
@@ -77,7 +77,7 @@ def test_tf32_setting_is_ignored(device):
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.set_float32_matmul_precision("medium")
-        codes = sk.spade_encode(x, A, 1 / 128, backend="cuda")
+        codes = sk.spade_encode(x, A, 1 / 128, backend="native")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.set_float32_matmul_precision("highest")
@@ -87,7 +87,9 @@ def test_tf32_setting_is_ignored(device):
 @pytest.mark.parametrize("reg_on", ["encoder", "decoder"])
 def test_training_step_gradients_match_float64_reference(device, reg_on):
     torch.manual_seed(3)
-    layer = sk.SpaDE(12, 90, backend="cuda", dtype=torch.float64, device=device, reg_on=reg_on, use_bias=True)
+    layer = sk.SpaDE(
+        12, 90, backend="native", dtype=torch.float64, device=device, reg_on=reg_on, use_bias=True
+    )
     x = torch.randn(17, 12, device=device, dtype=torch.float64)
     out = layer(x)
     out.loss.backward()
@@ -109,9 +111,9 @@ def test_training_step_gradients_match_float64_reference(device, reg_on):
         torch.testing.assert_close(g, p.grad, atol=1e-10, rtol=1e-8)
 
 
-def test_cuda_and_torch_backends_train_step_for_step(device):
+def test_native_and_torch_backends_train_step_for_step(device):
     torch.manual_seed(0)
-    layers = [sk.SpaDE(10, 64, backend=b, device=device) for b in ("cuda", "torch")]
+    layers = [sk.SpaDE(10, 64, backend=b, device=device) for b in ("native", "torch")]
     layers[1].load_state_dict(layers[0].state_dict())
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in layers]
     data = torch.randn(5, 32, 10, device=device)
@@ -124,33 +126,37 @@ def test_cuda_and_torch_backends_train_step_for_step(device):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
 
 
-def test_native_products_cover_half_precision_decoders():
-    # The kernels compute in float32/float64; bfloat16 decoder weights fall back
-    # to the torch primitives rather than failing.
+def test_half_precision_decoders_take_the_torch_products():
+    # The kernels compute in float32/float64; the pipeline routes bfloat16
+    # decoder weights to the torch backend's products rather than failing.
     w = torch.rand(4, 3)
     idx = torch.randint(0, 9, (4, 3))
     W = torch.randn(9, 5).bfloat16()
-    torch.testing.assert_close(Cu.NATIVE_OPS.gather_matmul(w, idx, W), T.gather_matmul(w, idx, W))
+    with pipeline.dense_products(False):
+        torch.testing.assert_close(
+            pipeline.product(N.PRIMITIVES, "gather_matmul", w, idx, W), T.gather_matmul(w, idx, W)
+        )
 
 
-def test_dense_path_switch_is_consulted(monkeypatch):
-    def no_native(device):
-        raise AssertionError("the extension op was called")
-
-    monkeypatch.setattr(_ext, "require", no_native)
+def test_products_route_through_the_kernels_unless_dense():
+    calls = []
+    prims = N.PRIMITIVES._replace(gather_matmul=lambda *a: calls.append(1) or T.gather_matmul(*a))
     w, idx, M = torch.rand(4, 3), torch.randint(0, 9, (4, 3)), torch.randn(9, 5)
-    monkeypatch.setattr(T, "DENSE_FRACTION", {"cpu": 0.0})  # every support counts as wide
-    torch.testing.assert_close(Cu.NATIVE_OPS.gather_matmul(w, idx, M), T.gather_matmul(w, idx, M))
-    monkeypatch.setattr(T, "DENSE_FRACTION", {})
-    with pytest.raises(AssertionError, match="extension op was called"):
-        Cu.NATIVE_OPS.gather_matmul(w, idx, M)
+    with pipeline.dense_products(True):  # C/K = 1/3 is past the CPU crossover: the dense GEMM
+        torch.testing.assert_close(
+            pipeline.product(prims, "gather_matmul", w, idx, M), T.gather_matmul(w, idx, M)
+        )
+    assert not calls
+    with pipeline.dense_products(False):
+        pipeline.product(prims, "gather_matmul", w, idx, M)
+    assert calls == [1]
 
 
 def test_torch_compile_matches_eager(device):
     # The candidate widths are data-dependent host values, so the forward graph
     # breaks there; the ops themselves trace through their fake implementations.
     torch.manual_seed(0)
-    layer = sk.SpaDE(16, 200, backend="cuda", device=device)
+    layer = sk.SpaDE(16, 200, backend="native", device=device)
     x = torch.randn(32, 16, device=device)
     eager = layer(x).loss
     eager.backward()

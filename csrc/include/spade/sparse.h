@@ -1,6 +1,6 @@
 // Products over a support: the sparse backward of the encoder and the sparse
-// decoder (DESIGN.md §2 facts 5–6).  Every kernel costs O(B·C·d) for a
-// support of width C, never O(B·K·d).
+// decoder (docs/design.md, facts 5–6).  Each costs O(B·C·d) for a support of
+// width C, never O(B·K·d).
 //
 //   support_jacobian   sparsemax Jacobian + chain through s = −λD: G and ∂λ rows
 //   gather_matmul      out[b] = Σ_j w[b, j] · M[idx[b, j]]        (decoder, ∂x)
@@ -8,22 +8,105 @@
 //   scatter_matmul     out[k] = Σ_{idx[b,j] = k} w[b, j] · X[b]    (∂prototypes, ∂W_dec)
 //
 // The sparse transpose is a segmented sum over the entries sorted by latent
-// (the caller sorts), so it is deterministic and needs no atomics.  The
-// gathers give NaN outputs for indices outside [0, n_m) instead of reading
-// out of bounds; the scatter drops such entries (they fall in no segment).
-// (The CPU ops raise on out-of-range indices instead: checking on the GPU
-// would synchronise.)
+// (the binding sorts), so it is deterministic and needs no atomics.  On both
+// devices an index outside [0, n_m) makes the gathers' output NaN where it is
+// used (instead of reading out of bounds) and falls in no segment of the
+// scatter (dropped); no check synchronises the GPU.
+//
+// Host: cpu::*_row, one output row (the binding runs rows in parallel); the
+// reductions of gather_reduce accumulate in float64.  Device (nvcc): the
+// kernels and launchers below.
 #pragma once
 
+#include <cstdint>
+#include <limits>
+
+#include "spade/common.h"
+
+#ifdef __CUDACC__
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <cstdint>
 
-#include "spade/common.cuh"
-#include "spade/launch.h"
+#include "spade/block.cuh"
+#endif
 
 namespace spade {
+namespace cpu {
+
+// G and the ∂λ share of one row (see support_jacobian_kernel).
+template <typename T>
+void support_jacobian_row(const T* z, const T* grad_z, const T* D, const T* grad_D, T lam, int64_t width, T* G,
+                          T& lam_row) {
+  T sum = T(0), cnt = T(0);
+  for (int64_t j = 0; j < width; ++j)
+    if (z[j] > T(0)) sum += grad_z != nullptr ? grad_z[j] : T(0), cnt += T(1);
+  const T mean = sum / (cnt > T(1) ? cnt : T(1));
+  T acc = T(0);
+  for (int64_t j = 0; j < width; ++j) {
+    const bool on = z[j] > T(0);  // false for NaN rows
+    const T gs = on ? (grad_z != nullptr ? grad_z[j] : T(0)) - mean : T(0);
+    G[j] = on ? -lam * gs + (grad_D != nullptr ? grad_D[j] : T(0)) : T(0);
+    acc += on ? gs * D[j] : T(0);  // a select: D is NaN on NaN rows
+  }
+  lam_row = -acc;
+}
+
+// out[0, d) = Σ_j w[j] · M[idx[j]]; an index outside [0, n_m) gives NaN.
+template <typename T>
+void gather_matmul_row(const T* w, const int64_t* idx, int64_t width, const T* M, int64_t n_m, int64_t d, T* out) {
+  for (int64_t i = 0; i < d; ++i) out[i] = T(0);
+  for (int64_t j = 0; j < width; ++j) {
+    if (idx[j] < 0 || idx[j] >= n_m) {
+      for (int64_t i = 0; i < d; ++i) out[i] = std::numeric_limits<T>::quiet_NaN();
+      continue;
+    }
+    const T wj = w[j];
+    const T* m = M + idx[j] * d;
+    for (int64_t i = 0; i < d; ++i) out[i] += wj * m[i];
+  }
+}
+
+// out[j] = ⟨x, M[idx[j]]⟩ or ‖x − M[idx[j]]‖² (float64 accumulation); NaN for
+// an index outside [0, n_m).
+template <typename T, bool kSqDist>
+void gather_reduce_row(const T* x, const int64_t* idx, int64_t width, const T* M, int64_t n_m, int64_t d, T* out) {
+  for (int64_t j = 0; j < width; ++j) {
+    if (idx[j] < 0 || idx[j] >= n_m) {
+      out[j] = std::numeric_limits<T>::quiet_NaN();
+      continue;
+    }
+    const T* m = M + idx[j] * d;
+    double acc = 0.0;
+    for (int64_t i = 0; i < d; ++i) {
+      if constexpr (kSqDist) {
+        const double diff = static_cast<double>(x[i]) - static_cast<double>(m[i]);
+        acc += diff * diff;
+      } else {
+        acc += static_cast<double>(x[i]) * static_cast<double>(m[i]);
+      }
+    }
+    out[j] = static_cast<T>(acc);
+  }
+}
+
+// out[0, d) = Σ_{e ∈ [begin, end)} w[order[e]] · X[order[e] / width]: one
+// latent's segment of the entries sorted by latent.
+template <typename T>
+void scatter_matmul_row(const T* w, const int64_t* order, int64_t begin, int64_t end, int64_t width, const T* X,
+                        int64_t d, T* out) {
+  for (int64_t i = 0; i < d; ++i) out[i] = T(0);
+  for (int64_t e = begin; e < end; ++e) {
+    const int64_t flat = order[e];
+    const T we = w[flat];
+    const T* xr = X + (flat / width) * d;
+    for (int64_t i = 0; i < d; ++i) out[i] += we * xr[i];
+  }
+}
+
+}  // namespace cpu
+
+#ifdef __CUDACC__
 
 namespace detail {
 
@@ -176,5 +259,7 @@ cudaError_t scatter_matmul(const T* w, const int64_t* order, const int64_t* seg,
   scatter_matmul_kernel<T><<<grid, kThreads, 0, stream>>>(w, order, seg, width, X, d, out);
   return cudaGetLastError();
 }
+
+#endif  // __CUDACC__
 
 }  // namespace spade

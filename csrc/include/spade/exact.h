@@ -1,22 +1,79 @@
-// The per-row merge and exact τ: exact sparsemax codes over candidate sets.
+// Exact sparsemax codes over candidate sets (the per-row merge).
 //
-// One block per row.  The candidates (a superset of the support, from the
-// selection epilogue) get their distances recomputed directly,
-// D = Σ_i (x_i − a_i)² (a warp per candidate, no cancellation: DESIGN.md §4),
-// then scores s = −λ·(D − min D) relative to the nearest candidate (shift
-// invariance, fact 1: the codes s − τ never subtract two large numbers), the
-// exact τ by Michelot's iteration (fact 4), and the support, sorted by value
-// descending with a bitonic sort in shared memory.
+// The candidates (a superset of the support, from the selection) get their
+// distances recomputed directly, D = Σ_i (x_i − a_i)² (no cancellation:
+// docs/design.md, "Precision contract"), then scores s = −λ·(D − min D)
+// relative to the nearest candidate (shift invariance, fact 1: the codes
+// s − τ never subtract two large numbers), the exact τ (Michelot, fact 4), and
+// the support sorted by value descending, zero padded to the row's width.  A
+// candidate index outside [0, n_a) — −1 in particular — is an empty slot, on
+// both devices.
+//
+// Host: cpu::exact_codes_row (float64 accumulation of D), one row.  Device
+// (nvcc): a block per row, a warp per candidate, a bitonic sort in shared
+// memory.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "spade/common.h"
+
+#ifdef __CUDACC__
 #include <cuda_runtime.h>
 
-#include <cstdint>
-
-#include "spade/common.cuh"
-#include "spade/launch.h"
+#include "spade/block.cuh"
+#endif
 
 namespace spade {
+namespace cpu {
+
+// One row; D, s and support are the caller's scratch (no allocation per row).
+template <typename T>
+void exact_codes_row(const T* x, const T* A, int64_t n_a, int64_t d, const int64_t* cand, int64_t width, T lam,
+                     T* values, int64_t* indices, int64_t& support_size, T* dist, std::vector<T>& D,
+                     std::vector<T>& s, std::vector<std::pair<T, int64_t>>& support) {
+  const T inf = std::numeric_limits<T>::infinity();
+  D.assign(width, inf);
+  T dmin = inf;
+  for (int64_t j = 0; j < width; ++j) {
+    if (cand[j] < 0 || cand[j] >= n_a) continue;  // an empty slot
+    const T* a = A + cand[j] * d;
+    double acc = 0.0;
+    for (int64_t i = 0; i < d; ++i) {
+      const double diff = static_cast<double>(x[i]) - static_cast<double>(a[i]);
+      acc += diff * diff;
+    }
+    D[j] = static_cast<T>(acc);
+    dmin = std::min(dmin, D[j]);
+  }
+  support.clear();
+  if (dmin < inf) {
+    for (int64_t j = 0; j < width; ++j)
+      if (D[j] < inf) support.emplace_back(-lam * (D[j] - dmin), j);
+    s.resize(support.size());
+    for (size_t i = 0; i < support.size(); ++i) s[i] = support[i].first;
+    const T tau = host_tau(s.data(), static_cast<int64_t>(s.size()));
+    support.erase(std::remove_if(support.begin(), support.end(), [&](const auto& p) { return !(p.first > tau); }),
+                  support.end());
+    for (auto& p : support) p.first -= tau;
+    std::sort(support.begin(), support.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  }
+  support_size = static_cast<int64_t>(support.size());
+  for (int64_t r = 0; r < width; ++r) {
+    const bool in = r < support_size;
+    values[r] = in ? support[r].first : T(0);
+    indices[r] = in ? cand[support[r].second] : 0;
+    dist[r] = in ? D[support[r].second] : T(0);
+  }
+}
+
+}  // namespace cpu
+
+#ifdef __CUDACC__
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -98,5 +155,7 @@ cudaError_t exact_codes(const T* x, const T* A, int64_t rows, int64_t n_a, int64
       x, A, n_a, d, cand, width, static_cast<int>(padded), lam, values, indices, support_size, dist);
   return cudaGetLastError();
 }
+
+#endif  // __CUDACC__
 
 }  // namespace spade

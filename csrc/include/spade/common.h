@@ -1,0 +1,86 @@
+// Shared by every kernel of csrc/include/spade, on the host (the C++/OpenMP
+// implementations) and on the device (the CUDA kernels): the constants, and
+// Michelot's threshold iteration, written once.  Raw C++, no torch headers.
+//
+// Each op's header (sparsemax.h, select.h, exact.h, sparse.h) holds its CPU
+// implementation (one row at a time; the binding runs rows in parallel) and,
+// when compiled by nvcc, its CUDA kernel and launcher: the two versions of
+// one algorithm side by side.  The mathematics is docs/design.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#ifdef __CUDACC__
+#define SPADE_HD __host__ __device__ __forceinline__
+#else
+#define SPADE_HD inline
+#endif
+
+namespace spade {
+
+// Threads per block of every CUDA kernel, and the tile width of the
+// candidate selection on both devices (a tile is appended to the buffer
+// before it is compacted, so both devices overflow at the same point).
+constexpr int kThreads = 256;
+// Safety cap on Michelot's iteration (it converges in a handful of steps:
+// the count of values above τ strictly falls every step).
+constexpr int kMichelotMaxIters = 1024;
+// CUDA kernels opt in to more than 48 KiB of dynamic shared memory when their
+// dynamic size plus this bound on their static shared memory (≤ 32 values +
+// 32 ints of scratch) passes 48 KiB, the default per-block limit.
+constexpr size_t kStaticSharedBound = 1024;
+constexpr size_t kDefaultSharedLimit = 48 * 1024;
+
+SPADE_HD int64_t pow2_at_least(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// Dynamic shared memory of the CUDA select and exact kernels (the binding
+// checks it against the device's limit before launching).
+template <typename T>
+inline size_t select_chunk_shared_bytes(int64_t cap) {
+  return static_cast<size_t>(cap + kThreads) * (sizeof(T) + sizeof(int32_t));
+}
+template <typename T>
+inline size_t exact_codes_shared_bytes(int64_t width) {
+  return static_cast<size_t>(pow2_at_least(width)) * (sizeof(T) + sizeof(int32_t)) +
+         static_cast<size_t>(width) * sizeof(T);
+}
+
+// The sparsemax threshold τ of a set of values whose maximum is m, by
+// Michelot's iteration from max − 1 ≤ τ (design facts 2 and 4): relative to
+// m, t ← (Σ_{v−m>t} (v − m) − 1) / #{v − m > t}, which rises monotonically to
+// the exact τ − m.  `sum_above(t, sum, cnt)` adds Σ (v − m) and the count over
+// the values with v − m > t: a loop on the host, a block reduction on the
+// device (every thread of the block calls this, and gets the same t).
+template <typename T, typename SumAbove>
+SPADE_HD T michelot_tau(T m, SumAbove&& sum_above) {
+  T t = T(-1);
+  for (int it = 0; it < kMichelotMaxIters; ++it) {
+    T sum = T(0), cnt = T(0);
+    sum_above(t, sum, cnt);
+    const T next = (sum - T(1)) / (cnt > T(1) ? cnt : T(1));
+    if (!(next > t)) break;  // converged
+    t = next;
+  }
+  return t + m;
+}
+
+// τ of v[0, n) (n ≥ 1) on the host.
+template <typename T>
+inline T host_tau(const T* v, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = v[j] > m ? v[j] : m;
+  return michelot_tau(m, [&](T t, T& sum, T& cnt) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T r = v[j] - m;
+      if (r > t) sum += r, cnt += T(1);
+    }
+  });
+}
+
+}  // namespace spade

@@ -1,0 +1,78 @@
+"""The backend interface: the primitives a backend provides to the pipeline (:mod:`spade_kernels.pipeline`).
+
+A backend is a :class:`Primitives` value (docs/design.md, "The backend
+interface").  The pipeline (:mod:`spade_kernels.pipeline`) composes them into
+the encoder and the sparse autograd; a backend never composes them itself,
+and no backend module imports another.  Work a backend does not take (inputs
+outside ``select_dtypes``, matrices outside ``product_dtypes``, rows whose
+candidates overflowed) goes to the ``torch`` backend's PyTorch primitives,
+chosen by the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["Primitives", "default_margin_eps", "resolve_options"]
+
+
+def default_margin_eps(dtype: torch.dtype, options: Mapping) -> tuple[float, bool]:
+    """Rounding unit of the score GEMM (IEEE, in the compute dtype) and whether the margin is worst-case."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps, True
+
+
+class Primitives(NamedTuple):
+    """What a backend computes; the pipeline does the rest.
+
+    Candidate selection and exact codes (forward):
+
+    ``select_candidates(x, A, aa, lam, margin, **options) -> (cand, overflow)``
+        x (B, d), A (K, d) in the inputs' (promoted) dtype; aa (K,) = ‖a_k‖²
+        and margin (B,) in the compute dtype (float32, or float64 for float64
+        inputs); lam a float.  cand (B, W) int64 holds each row's candidates
+        first, then −1; it must contain the row's whole support unless the
+        row is flagged in overflow (B,) bool.
+    ``exact_codes(x, A, lam, cand) -> (values, indices, support_size, D)``
+        the exact codes over the candidates (D = ‖x − a‖² recomputed
+        directly), each row's support sorted by value descending, zero padded
+        to cand's width, values and D in the compute dtype.  ``None``: the
+        pipeline's exact stage (the ``torch`` backend's) on the backend's
+        ``gather_sq_dist``.
+
+    Products over a support (backward, decoder, regulariser), the semantics of
+    the ``torch`` backend's functions of the same names:
+    ``gather_matmul(w, idx, M)``, ``gather_dot(G, idx, M)``,
+    ``scatter_matmul(w, idx, X, n_rows)``, ``gather_sq_dist(x, idx, M)``,
+    ``support_jacobian(z, grad_z, D, grad_D, lam_tensor)``.
+
+    ``options`` are the defaults of the backend's ``select_candidates``
+    options (the only ones it accepts); ``margin_eps(dtype, options)`` gives
+    the rounding unit of its score GEMM and whether the margin is the
+    worst-case bound.
+    """
+
+    name: str
+    options: Mapping[str, object]
+    select_candidates: Callable
+    exact_codes: Callable | None
+    gather_matmul: Callable
+    gather_dot: Callable
+    scatter_matmul: Callable
+    gather_sq_dist: Callable
+    support_jacobian: Callable
+    select_dtypes: frozenset
+    product_dtypes: frozenset
+    margin_eps: Callable = default_margin_eps
+
+
+def resolve_options(prims: Primitives, options: Mapping) -> dict:
+    """The backend's defaults updated with ``options``; unknown names raise a TypeError naming the allowed ones."""
+    unknown = sorted(set(options) - set(prims.options))
+    if unknown:
+        raise TypeError(
+            f"backend {prims.name!r} takes the options {sorted(prims.options)}, got unknown option(s) {unknown}"
+        )
+    return {**prims.options, **options}

@@ -1,0 +1,67 @@
+"""The ``native`` backend: the compiled extension's ops, which dispatch by device.
+
+CPU tensors run the C++/OpenMP implementations (``spade_kernels._C``), CUDA
+tensors the CUDA kernels (``spade_kernels._C_cuda``); both follow one
+algorithm per op (csrc/include/spade, one header each) and the same
+candidate-buffer policy, so the CPU tests hit the GPU's overflow boundaries.
+The ops and their contracts are :mod:`spade_kernels.ops`:
+
+* ``select_candidates`` — the score GEMM ``chunk`` prototypes at a time
+  (the CPU BLAS / cuBLAS) and the selection epilogue, a per-row buffer of
+  ``max_candidates`` slots and a running bound ≤ τ;
+* ``exact_codes`` — D recomputed directly on the candidates, the exact τ,
+  the sorted support;
+* the products over a support, deterministic (the sparse transpose sums
+  latent-sorted segments, no atomics).
+
+The kernels compute in float32 or float64; the pipeline hands them inputs in
+the compute dtype and sends half-precision decoder weights to the ``torch``
+backend's products (``product_dtypes``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..numerics import compute_dtype
+from .interface import Primitives
+
+__all__ = ["OPTIONS", "PRIMITIVES", "exact_codes", "select_candidates"]
+
+#: Options of :func:`select_candidates` and their defaults.
+OPTIONS = {
+    "chunk": 4096,  # prototypes per score chunk: the live score block is B × chunk
+    "max_candidates": 2048,  # candidate slots per row; rows with more overflow
+}
+
+_KERNEL_DTYPES = frozenset({torch.float32, torch.float64})
+
+
+def select_candidates(x, A, aa, lam: float, margin, *, chunk: int, max_candidates: int):
+    """``spade::select_candidates`` on inputs in the compute dtype (see :mod:`spade_kernels.ops`)."""
+    cd = aa.dtype
+    chunk = max(1, min(chunk, A.shape[0]))
+    return ops.select_candidates(x.to(cd), A.to(cd), aa, lam, margin.to(cd), chunk, max_candidates)
+
+
+def exact_codes(x, A, lam: float, cand):
+    """``spade::exact_codes`` on inputs in the compute dtype."""
+    cd = compute_dtype(torch.promote_types(x.dtype, A.dtype))
+    return ops.exact_codes(x.to(cd), A.to(cd), lam, cand)
+
+
+#: The ``native`` backend as the pipeline sees it.
+PRIMITIVES = Primitives(
+    name="native",
+    options=OPTIONS,
+    select_candidates=select_candidates,
+    exact_codes=exact_codes,
+    gather_matmul=ops.gather_matmul,
+    gather_dot=ops.gather_dot,
+    scatter_matmul=ops.scatter_matmul,
+    gather_sq_dist=ops.gather_sq_dist,
+    support_jacobian=ops.support_jacobian,
+    select_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+    product_dtypes=_KERNEL_DTYPES,
+)

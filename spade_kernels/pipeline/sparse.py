@@ -1,0 +1,193 @@
+"""The sparse autograd, written once for every sparse backend (docs/design.md, "The pipeline").
+
+* :func:`encode_backward` — the encoder's backward in one pass over the
+  support: the sparsemax Jacobian chained through s = −λD (design fact 5),
+  then ∂x, ∂prototypes, ∂λ (fact 6), with the regulariser's direct gradient
+  on D folded in;
+* :func:`sparse_decode` — x̂ = z·W_dec (+ b) as a gather-matmul over the
+  support, with a sparse backward (∂z on the support, ∂W_dec by the sparse
+  transpose);
+* :func:`gather_sq_dist` — ‖x_b − M[idx]‖² on a support, differentiable
+  (the regulariser on the decoder rows).
+
+Every product goes through :func:`product`, the one place that routes it:
+to the backend's kernel, to the ``torch`` backend's PyTorch op for a dtype
+the kernel does not take, or to a dense GEMM when the support is a large
+fraction of K (:data:`DENSE_FRACTION`).  All cost O(B·C·d), no B×K tensor,
+except the dense route, which is only taken where it measured faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+from ..backends import torch_ as T
+from ..backends.interface import Primitives
+from ..codes import SparseCodes
+from ..numerics import compute_dtype
+
+__all__ = [
+    "DENSE_FRACTION",
+    "dense_products",
+    "encode_backward",
+    "gather_sq_dist",
+    "product",
+    "sparse_decode",
+]
+
+#: Support width, as a fraction of K, from which dense GEMMs beat the sparse
+#: products, per device type.  CPU: measured at (B, d, K) = (1024, 768,
+#: 16384) float32 on 2 threads — crossovers at C/K ≈ 0.023 (scatter), 0.028
+#: (gather-matmul), 0.04 (gather-dot); benchmarks/NOTES.md.  Devices without
+#: a measured crossover always take the sparse products.
+DENSE_FRACTION: dict[str, float] = {"cpu": 1 / 32}
+_dense_enabled = True
+
+
+@contextlib.contextmanager
+def dense_products(enabled: bool):
+    """Enable or disable the dense route of :func:`product` inside a block (tests, benchmarks)."""
+    global _dense_enabled
+    before, _dense_enabled = _dense_enabled, enabled
+    try:
+        yield
+    finally:
+        _dense_enabled = before
+
+
+def _densify(weights: torch.Tensor, indices: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    dense = torch.zeros(indices.shape[0], K, dtype=dtype, device=indices.device)
+    return dense.scatter_add_(1, indices, weights.to(dtype))
+
+
+def _dense_route(C, K: int, device: torch.device) -> bool:
+    fraction = DENSE_FRACTION.get(device.type)
+    if not _dense_enabled or fraction is None:
+        return False
+    # Under torch.compile the width C is data-dependent (an unbacked size):
+    # guard_or_false takes the sparse route there instead of guarding on it.
+    return guard_or_false(C >= fraction * K)
+
+
+_DENSE = {
+    "gather_matmul": lambda w, idx, M: _densify(w, idx, M.shape[0], M.dtype) @ M,
+    "gather_dot": lambda G, idx, M: (G.to(M.dtype) @ M.t()).gather(1, idx),
+    "scatter_matmul": lambda w, idx, X, n: _densify(w, idx, n, X.dtype).t() @ X,
+}
+
+
+def product(prims: Primitives, name: str, first, indices, second, *rest):
+    """The product ``name`` (gather_matmul, gather_dot, scatter_matmul, gather_sq_dist) through its route."""
+    matrix = second
+    n_latents = rest[0] if name == "scatter_matmul" else second.shape[0]
+    if name in _DENSE and _dense_route(indices.shape[1], n_latents, indices.device):
+        return _DENSE[name](first, indices, second, *rest)
+    if matrix.dtype not in prims.product_dtypes:
+        return getattr(T, name)(first, indices, second, *rest)
+    return getattr(prims, name)(first, indices, second, *rest)
+
+
+def _sq_dist_backward(prims: Primitives, x, M, indices, G):
+    """Gradients of Σ G[b,j]·‖x_b − M[idx[b,j]]‖² with respect to x and M."""
+    grad_x = 2 * (G.sum(1, keepdim=True) * x - product(prims, "gather_matmul", G, indices, M))
+    grad_M = product(prims, "scatter_matmul", -2 * G, indices, x, M.shape[0])
+    row_w = torch.zeros(M.shape[0], dtype=G.dtype, device=G.device)
+    row_w.index_add_(0, indices.reshape(-1), G.reshape(-1))
+    grad_M += 2 * row_w.unsqueeze(1) * M
+    return grad_x, grad_M
+
+
+def encode_backward(prims: Primitives, x, A, lam, z, idx, D, grad_z, grad_D=None, needs=(True, True, True)):
+    """Sparse backward of the encoder (design facts 5–6), one pass over the support.
+
+    ``z``, ``idx``, ``D`` are the forward's values, indices and support
+    distances (compute dtype); ``lam`` is the λ tensor.  ``grad_D`` is a direct
+    gradient on D (the distance-weighted regulariser's γ/B·z), folded into
+    the same pass.  Returns (∂x, ∂prototypes, ∂λ) in the dtypes of x, A, λ,
+    or None where ``needs`` says not needed.  Cost O(B·C·d), no B×K tensor.
+    """
+    cd = z.dtype
+    # λ stays a tensor: a Python float here would stop torch.compile's tracing.
+    jacobian = prims.support_jacobian if cd in prims.product_dtypes else T.support_jacobian
+    G, lam_rows = jacobian(z, grad_z, D, grad_D, lam)
+    grad_x = grad_A = grad_lam = None
+    if needs[2]:
+        grad_lam = lam_rows.sum().to(lam.dtype).reshape(lam.shape)
+    if needs[0] or needs[1]:
+        # 0·NaN would leak NaN input rows into ∂prototypes; branch-free so
+        # that torch.compile can trace the backward.
+        nan_rows = torch.isnan(z).any(1, keepdim=True)
+        xc = torch.where(nan_rows, torch.zeros((), dtype=cd, device=x.device), x.to(cd))
+        gx, gA = _sq_dist_backward(prims, xc, A.to(cd), idx, G.to(cd))
+        grad_x, grad_A = gx.to(x.dtype), gA.to(A.dtype)
+    return grad_x, grad_A, grad_lam
+
+
+class _GatherSqDistFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, M, indices, prims):
+        cd = compute_dtype(torch.promote_types(x.dtype, M.dtype))
+        xc, Mc = x.to(cd), M.to(cd)
+        ctx.save_for_backward(xc, Mc, indices)
+        ctx.x_dtype, ctx.M_dtype, ctx.prims = x.dtype, M.dtype, prims
+        ctx.mark_non_differentiable(indices)
+        return product(prims, "gather_sq_dist", xc, indices, Mc).to(torch.promote_types(x.dtype, M.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, Mc, indices = ctx.saved_tensors
+        gx, gM = _sq_dist_backward(ctx.prims, xc, Mc, indices, grad.to(xc.dtype))
+        return gx.to(ctx.x_dtype), gM.to(ctx.M_dtype), None, None
+
+
+def gather_sq_dist(
+    prims: Primitives, x: torch.Tensor, M: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """‖x_b − M[indices[b, j]]‖² on the given support, computed directly; sparse backward."""
+    return _GatherSqDistFn.apply(x, M, indices, prims)
+
+
+class _SparseDecodeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W, bias, prims):
+        out = product(prims, "gather_matmul", values, indices, W)
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(values, indices, W)
+        ctx.has_bias, ctx.prims = bias is not None, prims
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, W = ctx.saved_tensors
+        grad_v = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # ∂L/∂z only on the stored support: gathered dot products.
+            grad_v = product(ctx.prims, "gather_dot", grad, indices, W).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            # Rows whose input was NaN have NaN values in their padding slots
+            # (index 0): keep 0·NaN out of W_dec's gradient.
+            clean = torch.where(
+                torch.isnan(values), torch.zeros((), dtype=values.dtype, device=values.device), values
+            )
+            grad_W = product(ctx.prims, "scatter_matmul", clean, indices, grad.to(W.dtype), W.shape[0])
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad.sum(0)
+        return grad_v, None, grad_W, grad_b, None
+
+
+def sparse_decode(
+    prims: Primitives, codes: SparseCodes, W: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x̂ = codes · W (+ bias) as a gather-matmul over the support; sparse backward.
+
+    codes may have leading dimensions (..., C); the output is (..., d).
+    """
+    lead = codes.indices.shape[:-1]
+    idx = codes.indices.reshape(-1, codes.width)
+    val = codes.values.reshape(-1, codes.width)
+    out = _SparseDecodeFn.apply(val, idx, W, bias, prims)
+    return out.reshape(*lead, W.shape[1])
