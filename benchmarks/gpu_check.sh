@@ -28,7 +28,7 @@
 #   gpu tests rest   pytest -n 8 when pytest-xdist is there (the GPU image has it): Triton
 #                    compiles dominate (sm_90, triton 3.6: 15–37 s per fp32 select config,
 #                    3–4 s per bf16 one, < 1 s for every other kernel; scripts/triton_aot_check.py)
-#   encode    170 s  S1–S3 bf16, reference/torch/triton/cuda + floor, 10 repeats after 3 warm-ups;
+#   encode    170 s  S1–S3 bf16, reference/torch/triton/native + floor, 10 repeats after 3 warm-ups;
 #                    the select kernel's autotuning compiles its 4 bf16 configs once (~15 s)
 #   train     150 s  S1/S2 bf16, the same implementations
 #   sparse    rest   benchmarks/bench_sparse.py (support products, torch vs Triton vs CUDA)
@@ -60,8 +60,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STAGE1_DEADLINE="${STAGE1_DEADLINE:-300}"
 STAGE2_DEADLINE="${STAGE2_DEADLINE:-390}"
 
-GPU_TESTS=(tests/test_triton_encode.py tests/test_triton_sparse.py tests/test_ext.py tests/test_cuda.py)
-BENCH_COMMON=(--dtypes bfloat16 --backends reference,torch,triton,cuda --baselines floor --no-plots)
+GPU_TESTS=(tests/test_triton_encode.py tests/test_triton_sparse.py tests/test_ops.py tests/test_native.py)
+BENCH_COMMON=(--dtypes bfloat16 --backends reference,torch,triton,native --baselines floor --no-plots)
 ENCODE=(--modes encode --shape S1 --shape S2 --shape S3)
 TRAIN=(--modes train --shape S1 --shape S2)
 BENCH_RUNS=(--repeats 10 --warmup 3)

@@ -60,7 +60,7 @@ def _kernels():
     for cfg in select.configs:
         for dt in ("bf16", "fp32"):  # fp16 compiles like bf16
             types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", **common, "stride_xb": "i64", "stride_ak": "i64"}
-            consts = {"BLOCK_N": E.DEFAULTS["block_n"], "SLOTS": E.DEFAULTS["slots"], "PRECISION": "ieee"}
+            consts = {"BLOCK_N": E.OPTIONS["block_n"], "SLOTS": E.OPTIONS["slots"], "PRECISION": "ieee"}
             consts |= {"MICHELOT_ITERS": E._MICHELOT_TILE_ITERS, "DOT_UPCAST": False, **cfg.kwargs}
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             yield (
@@ -72,12 +72,12 @@ def _kernels():
             )
     merge_types = {"slot_val_ptr": "*fp32", "slot_idx_ptr": "*i32", "count_ptr": "*i32", "bound_ptr": "*fp32"}
     merge_types |= {"margin_ptr": "*fp32", "cand_ptr": "*i64", "cand_count_ptr": "*i32"}
-    consts = {"SLOTS": E.DEFAULTS["slots"], "BLOCK_T": 1024, "MAX_ITERS": 256}
+    consts = {"SLOTS": E.OPTIONS["slots"], "BLOCK_T": 1024, "MAX_ITERS": 256}
     yield "merge", E._encode_fwd_merge_kernel, merge_types, consts, {"num_warps": 4}
     for dt in ("bf16", "fp32"):
         types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": "*fp32"}
         types |= {"stride_xb": "i64", "stride_ak": "i64", "stride_ib": "i64"}
-        yield f"support_sq_dist[{dt}]", E._support_sq_dist_kernel, types, {"BLOCK_C": 32, "BLOCK_D": 128}, {}
+        yield f"gather_sq_dist[{dt}]", E._gather_sq_dist_kernel, types, {"BLOCK_C": 32, "BLOCK_D": 128}, {}
     # Products over a support (decoder, regulariser, backward): weights fp32, matrices bf16/fp32.
     strides = {"stride_wb": "i64", "stride_ib": "i64", "stride_mk": "i64", "stride_ob": "i64"}
     strides |= {"stride_gb": "i64", "stride_xb": "i64", "stride_ok": "i64"}
@@ -93,10 +93,6 @@ def _kernels():
             {},
         )
         yield f"scatter_matmul[{dt}]", S._scatter_matmul_kernel, {**base, "x_ptr": f"*{dt}"}, blocks, {}
-        sorted_types = {"latents_ptr": "*i64", "seg_ptr": "*i64", "rows_ptr": "*i64", "w_ptr": "*fp32"}
-        sorted_types |= {"x_ptr": f"*{dt}", "out_ptr": "*fp32", "stride_xb": "i64", "stride_ok": "i64"}
-        sorted_blocks = {"BLOCK_E": 32, "BLOCK_D": 128}
-        yield f"scatter_matmul_sorted[{dt}]", S._scatter_matmul_sorted_kernel, sorted_types, sorted_blocks, {}
     jac_types = {
         n: "*fp32" for n in ("z_ptr", "gz_ptr", "d_ptr", "gd_ptr", "lam_ptr", "g_out_ptr", "lam_rows_ptr")
     }

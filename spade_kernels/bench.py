@@ -35,14 +35,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 MODES = ("encode", "forward", "train")
-BACKEND_NAMES = ("reference", "torch", "triton", "cuda")
+BACKEND_NAMES = ("reference", "torch", "triton", "native")
 BASELINES = ("floor", "entmax")
 GPU_SHAPES = {"S1": (4096, 768, 24576), "S2": (4096, 2304, 65536), "S3": (4096, 4096, 131072)}
 CPU_SHAPES = {"C1": (1024, 768, 16384)}
 QUICK_SHAPES = {"Q1": (256, 128, 1024), "Q2": (256, 128, 4096), "Q3": (256, 128, 16384)}
 
 #: One colour per implementation across every plot.
-_COLORS = {"reference": "C0", "torch": "C1", "triton": "C2", "cuda": "C3", "floor": "C7", "entmax": "C4"}
+_COLORS = {"reference": "C0", "torch": "C1", "triton": "C2", "native": "C3", "cuda": "C3", "floor": "C7", "entmax": "C4"}
 _DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
