@@ -1,28 +1,23 @@
-"""pytest-benchmark: ``spade_encode`` per backend at CPU sizes, with the floor."""
+"""pytest-benchmark: ``spade_encode`` per backend, with the floor — the harness's own cases."""
 
 import pytest
 import torch
-from conftest import pedantic
+from conftest import BACKENDS, DEVICE, DTYPE, pedantic, skip_unless_timed
 
-import spade_kernels as sk
-from spade_kernels import _ext
+from spade_kernels.bench import make_case
 
-SHAPES = [(256, 128, 4096), (512, 256, 8192)]
-
-
-@pytest.mark.parametrize("B,d,K", SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("backend", ["reference", "torch"] + (["cuda"] if _ext.available() else []))
-def test_encode(benchmark, backend, B, d, K):
-    x, A = torch.randn(B, d), torch.randn(K, d)
-    benchmark.group = f"encode B={B} d={d} K={K}"
-    with torch.no_grad():
-        codes = pedantic(benchmark, lambda: sk.spade_encode(x, A, 1 / (2 * d), backend=backend))
-    assert codes.n_latents == K
+SHAPES = [(256, 128, 4096), (512, 256, 8192)] if DEVICE.type == "cpu" else [(4096, 768, 24576)]
 
 
 @pytest.mark.parametrize("B,d,K", SHAPES, ids=lambda v: str(v))
-def test_floor_mm(benchmark, B, d, K):
-    x, A = torch.randn(B, d), torch.randn(K, d)
+@pytest.mark.parametrize("name", ["floor", *BACKENDS])
+def test_encode(benchmark, name, B, d, K):
+    skip_unless_timed(name)
+    fn, state = make_case(name, "encode", B, d, K, DTYPE, DEVICE)
     benchmark.group = f"encode B={B} d={d} K={K}"
-    out = pedantic(benchmark, lambda: torch.mm(x, A.t()))
-    assert out.shape == (B, K)
+    pedantic(benchmark, fn)
+    if name != "floor":
+        assert state["codes"].n_latents == K
+        torch.testing.assert_close(
+            state["codes"].values.float().sum(-1), torch.ones(B, device=DEVICE), atol=1e-3, rtol=0
+        )

@@ -1,25 +1,18 @@
-"""pytest-benchmark: one SpaDE training step (forward + loss + backward)."""
+"""pytest-benchmark: one SpaDE training step (forward + loss + backward) — the harness's own cases."""
 
 import pytest
 import torch
-from conftest import pedantic
+from conftest import BACKENDS, DEVICE, DTYPE, pedantic, skip_unless_timed
 
-import spade_kernels as sk
-from spade_kernels import _ext
+from spade_kernels.bench import make_case
+
+B, D, K = (256, 128, 4096) if DEVICE.type == "cpu" else (4096, 768, 24576)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"] + (["cuda"] if _ext.available() else []))
-def test_layer_train_step(benchmark, backend):
-    B, d, K = 256, 128, 4096
-    layer = sk.SpaDE(d, K, backend=backend)
-    x = torch.randn(B, d)
-    benchmark.group = f"train step B={B} d={d} K={K}"
-
-    def step():
-        layer.zero_grad(set_to_none=True)
-        out = layer(x)
-        out.loss.backward()
-        return out
-
-    out = pedantic(benchmark, step)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_layer_train_step(benchmark, name):
+    skip_unless_timed(name)
+    fn, _ = make_case(name, "train", B, D, K, DTYPE, DEVICE)
+    benchmark.group = f"train step B={B} d={D} K={K}"
+    out = pedantic(benchmark, fn)
     assert torch.isfinite(out.loss)

@@ -1,55 +1,27 @@
-"""pytest-benchmark: products over a support (decoder, regulariser, backward).
+"""pytest-benchmark: the products over a support (decoder, regulariser, backward), every sparse backend.
 
-Compares the ``torch`` primitives with the Triton kernels and the C++/CUDA
-extension's ops (``cuda``: its CUDA kernels on a GPU, its C++/OpenMP twins on
-the CPU, always in float32), and the two Triton sparse-transpose products
-(fp32 atomics vs latent-sorted segments), at the support sizes SpaDE sees
-(C ≈ 80 of K). Triton variants need a GPU and skip on CPU; on a GPU every
-timed call ends with a synchronize.
+Each backend's own primitive (``torch``: PyTorch ops; ``native``: the
+extension's C++ kernels on the CPU, CUDA kernels on a GPU, float32; ``triton``:
+the Triton kernels, on a GPU only) at the support sizes SpaDE sees (C ≈ 80).
+The sparse route is timed: the pipeline's dense GEMM route is a matmul.
 """
 
 import pytest
 import torch
-from conftest import pedantic
+from conftest import DEVICE, pedantic, skip_unless_timed
 
-from spade_kernels.backends import torch_ as T
+from spade_kernels.backends import BACKENDS
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 # (B, C, d, K): S1-like and S2-like on a GPU, small on CPU.
-SHAPES = [(4096, 80, 768, 24576), (4096, 80, 2304, 65536)] if CUDA else [(512, 80, 256, 8192)]
+SHAPES = (
+    [(4096, 80, 768, 24576), (4096, 80, 2304, 65536)] if DEVICE.type == "cuda" else [(512, 80, 256, 8192)]
+)
+SPARSE = [name for name, b in BACKENDS.items() if not b.dense]
 
 
-def _impl(name):
-    if name == "torch":
-        return T
-    if name == "cuda":
-        from spade_kernels import _ext
-
-        if not _ext.available() or (CUDA and not _ext.cuda_kernels()):
-            pytest.skip("spade_kernels._C (with CUDA kernels on a GPU) is not built")
-        return torch.ops.spade
-    if not CUDA:
-        pytest.skip("Triton kernels are timed on a GPU only")
-    from spade_kernels.triton_ import sparse
-
-    return sparse
-
-
-def _timed(fn):
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-def _data(B, C, d, K):
+def _data(B, C, d, K, dtype):
     idx = torch.randint(0, K, (B, C), device=DEVICE)
     w = torch.rand(B, C, device=DEVICE)
-    dtype = torch.bfloat16 if CUDA else torch.float32
     return (
         w,
         idx,
@@ -58,22 +30,38 @@ def _data(B, C, d, K):
     )
 
 
+def _prims(name):
+    skip_unless_timed(name)
+    prims = BACKENDS[name].primitives()
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    return prims, dtype if dtype in prims.product_dtypes else torch.float32
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
-def test_gather_matmul(benchmark, impl, shape):
-    ops = _impl(impl)
-    w, idx, M, _ = _data(*shape)
-    M = M.float() if impl == "cuda" else M  # the extension computes in float32
+@pytest.mark.parametrize("name", SPARSE)
+def test_gather_matmul(benchmark, name, shape):
+    prims, dtype = _prims(name)
+    w, idx, M, _ = _data(*shape, dtype)
     benchmark.group = f"gather_matmul {shape}"
-    assert pedantic(benchmark, _timed(lambda: ops.gather_matmul(w, idx, M))).shape == (shape[0], shape[2])
+    assert pedantic(benchmark, lambda: prims.gather_matmul(w, idx, M)).shape == (shape[0], shape[2])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("impl", ["torch", "triton-atomic", "triton-sorted", "cuda"])
-def test_scatter_matmul(benchmark, impl, shape):
-    ops = _impl(impl.split("-")[0])
-    fn = ops.scatter_matmul_sorted if impl == "triton-sorted" else ops.scatter_matmul
-    w, idx, _, X = _data(*shape)
-    X = X.float() if impl == "cuda" else X
+@pytest.mark.parametrize("name", SPARSE)
+def test_gather_dot(benchmark, name, shape):
+    prims, dtype = _prims(name)
+    _, idx, M, X = _data(*shape, dtype)
+    benchmark.group = f"gather_dot {shape}"
+    assert pedantic(benchmark, lambda: prims.gather_dot(X, idx, M)).shape == (shape[0], shape[1])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", SPARSE)
+def test_scatter_matmul(benchmark, name, shape):
+    prims, dtype = _prims(name)
+    w, idx, _, X = _data(*shape, dtype)
     benchmark.group = f"scatter_matmul {shape}"
-    assert pedantic(benchmark, _timed(lambda: fn(w, idx, X, shape[3]))).shape == (shape[3], shape[2])
+    assert pedantic(benchmark, lambda: prims.scatter_matmul(w, idx, X, shape[3])).shape == (
+        shape[3],
+        shape[2],
+    )

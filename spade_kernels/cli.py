@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .backends import BACKENDS, backend_status, resolve_backend
+from .backends import BACKENDS, auto_backend, backend_status, resolve_backend
 
 __all__ = ["main"]
 
@@ -116,7 +116,7 @@ def _extension_summary() -> str:
         return f"not loaded ({_ext.reason})"
     if _ext.cuda_kernels():
         return "spade_kernels._C: CPU ops + CUDA kernels (spade_kernels._C_cuda)"
-    return f"spade_kernels._C: CPU ops only (the cuda backend runs on CPU tensors; no CUDA kernels: {_ext.cuda_reason})"
+    return f"spade_kernels._C: CPU ops only (the native backend runs on CPU tensors; no CUDA kernels: {_ext.cuda_reason})"
 
 
 def _info() -> int:
@@ -140,6 +140,12 @@ def _info() -> int:
     print("backends")
     for name, reason in backend_status().items():
         print(f"  {name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
+    print("auto")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            name, why = auto_backend(dev, dtype)
+            print(f"  {dev.type} {str(dtype).removeprefix('torch.'):<9} -> {name} ({why})")
     return 0
 
 

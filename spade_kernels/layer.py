@@ -92,39 +92,75 @@ class SpaDE(nn.Module):
         for name, value in (("d_in", d_in), ("d_sae", d_sae)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if lambda_init is None:
-            lambda_init = 1.0 / (2 * d_in)
-        if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
-            raise TypeError(f"lambda_init must be a float, got {type(lambda_init).__name__}")
-        if not (math.isfinite(lambda_init) and lambda_init > 0):
-            raise ValueError(f"lambda_init must be a finite float > 0, got {lambda_init!r}")
-        if not (isinstance(gamma_reg, (int, float)) and gamma_reg >= 0):
-            raise ValueError(f"gamma_reg must be a float >= 0, got {gamma_reg!r}")
-        if reg_on not in ("encoder", "decoder"):
-            raise ValueError(f"reg_on must be 'encoder' or 'decoder', got {reg_on!r}")
-        # Fail early on unknown names; availability depends on the tensors'
-        # device and is checked per call (a layer may be built on the CPU and
-        # moved to a GPU afterwards).
-        backend = canonical_name(backend)
+        settings = self.validate_settings(
+            d_in, lambda_init=lambda_init, gamma_reg=gamma_reg, reg_on=reg_on, backend=backend
+        )
         self.d_in, self.d_sae = d_in, d_sae
-        self.lambda_init = float(lambda_init)
-        self.gamma_reg = float(gamma_reg)
+        self.lambda_init = settings["lambda_init"]
+        self.gamma_reg = settings["gamma_reg"]
+        backend, reg_on = settings["backend"], settings["reg_on"]
         self.use_bias = use_bias
         self.reg_on = reg_on
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.prototypes = nn.Parameter(torch.empty(d_sae, d_in, **factory))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
-        # λ's raw parameter is at least float32 whatever ``dtype`` is: at
-        # λ ≈ 1/(2d) it is ≈ −7, where bfloat16's step (0.0625) would swallow
-        # every optimizer update.  (``.to(dtype)`` on the module converts it
-        # like any parameter; pass ``dtype`` to the constructor instead.)
+        # λ's raw parameter is at least float32 whatever ``dtype`` is (see _apply).
         raw_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         self.lambda_raw = nn.Parameter(torch.empty((), device=device, dtype=raw_dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory)) if use_bias else None
         self.reset_parameters()
 
+    @staticmethod
+    def validate_settings(
+        d_in: int,
+        *,
+        lambda_init: float | None = None,
+        gamma_reg: float = 0.1,
+        reg_on: str = "encoder",
+        backend: str = "auto",
+    ) -> dict:
+        """The layer's settings checked and normalised, as the constructor takes them.
+
+        Returns ``{"lambda_init", "gamma_reg", "reg_on", "backend"}`` with λ's
+        default 1/(2·d_in) filled in and the backend's canonical name; raises
+        a ``TypeError``/``ValueError`` naming the setting otherwise.  Adapters
+        that hold their own configuration (SAELens, dictionary_learning) call
+        this, so every entry point accepts the same values.
+        """
+        if lambda_init is None:
+            lambda_init = 1.0 / (2 * d_in)
+        if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
+            raise TypeError(f"lambda_init must be a float, got {type(lambda_init).__name__}")
+        if not (math.isfinite(lambda_init) and lambda_init > 0):
+            raise ValueError(f"lambda_init must be a finite float > 0, got {lambda_init!r}")
+        if isinstance(gamma_reg, bool) or not (isinstance(gamma_reg, (int, float)) and gamma_reg >= 0):
+            raise ValueError(f"gamma_reg must be a float >= 0, got {gamma_reg!r}")
+        if reg_on not in ("encoder", "decoder"):
+            raise ValueError(f"reg_on must be 'encoder' or 'decoder', got {reg_on!r}")
+        # Fail early on unknown names; availability depends on the tensors'
+        # device and is checked per call (a layer may be built on the CPU and
+        # moved to a GPU afterwards).
+        return {
+            "lambda_init": float(lambda_init),
+            "gamma_reg": float(gamma_reg),
+            "reg_on": reg_on,
+            "backend": canonical_name(backend),
+        }
+
     # -- parameters ---------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        # λ's raw parameter stays at least float32 through .to(dtype) and
+        # .half()/.bfloat16() (and keeps its value: no round trip through the
+        # half type): at λ ≈ 1/(2d) it is ≈ −7, where bfloat16's step (0.0625)
+        # would swallow every optimizer update.
+        before = self.lambda_raw.detach().clone()
+        out = super()._apply(fn, recurse)
+        raw = self.lambda_raw
+        if raw.dtype != torch.promote_types(raw.dtype, torch.float32):
+            raw.data = before.to(device=raw.device, dtype=torch.float32)
+        return out
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -203,6 +239,39 @@ class SpaDE(nn.Module):
         """x flattened to (B, d_in) and the prototypes, both in their common dtype."""
         dtype = torch.promote_types(x.dtype, self.prototypes.dtype)
         return x.reshape(-1, self.d_in).to(dtype), self.prototypes.to(dtype)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense encoder scores −λ·‖x − a_k‖², shape (..., d_sae): B×K memory.
+
+        What sparsemax projects (``sparsemax(layer.scores(x))`` equals
+        ``layer.encode(x)``); for hooks and analyses that need the dense
+        pre-activations.  Differentiable by autograd.
+        """
+        return -self.lam * self.distances(x)
+
+    def distances(
+        self, x: torch.Tensor, *, to: str = "encoder", codes: SparseCodes | None = None
+    ) -> torch.Tensor:
+        """Squared distances ‖x − r_k‖² to the prototypes (``to="encoder"``) or the decoder rows.
+
+        Without ``codes``: dense, shape (..., d_sae) (B×K memory).  With
+        ``codes`` (of this ``x``): only on their support, shape (..., C),
+        computed directly, with a sparse backward; padding slots hold the
+        distance to latent 0, and their code is 0.  The regulariser of
+        :meth:`forward` is Σ z·D with these distances.
+        """
+        self._check_input(x)
+        if to not in ("encoder", "decoder"):
+            raise ValueError(f"to must be 'encoder' or 'decoder', got {to!r}")
+        flat, A = self._operands(x)
+        rows = A if to == "encoder" else self.W_dec.to(flat.dtype)
+        if codes is None:
+            return squared_distances(flat, rows, naive=False).reshape(*x.shape[:-1], self.d_sae)
+        idx = codes.indices.reshape(-1, codes.width)
+        if idx.shape[0] != flat.shape[0]:
+            raise ValueError(f"codes hold {idx.shape[0]} rows but x has {flat.shape[0]}")
+        D = gather_sq_dist(self._primitives(flat), flat, rows, idx)
+        return D.reshape(codes.indices.shape)
 
     def _codes(self, x: torch.Tensor):
         """The codes of x flattened: dense (B, d_sae) from ``reference``, :class:`SparseCodes` otherwise."""

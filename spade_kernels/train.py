@@ -19,7 +19,7 @@ import torch
 from .codes import SparseCodes
 from .layer import SpaDE
 
-__all__ = ["TrainHistory", "concept_metrics", "evaluate", "train_spade"]
+__all__ = ["TrainHistory", "concept_metrics", "cosine_lr", "evaluate", "lr_schedule", "train_spade"]
 
 #: Seconds between redraws of the TTY progress line (redrawing every step of a
 #: millisecond-sized step would cost more than the step).
@@ -40,11 +40,28 @@ class TrainHistory:
         return len(self.loss)
 
 
+def lr_schedule(
+    step: int, total: int, lr: float, lr_final: float, *, warmup_steps: int = 0, decay_start: int = 0
+) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up, constant, then a cosine to ``lr_final``.
+
+    ``warmup_steps`` steps rise linearly to ``lr`` ((step + 1)/warmup_steps
+    of it); from ``decay_start`` the rate follows a cosine from ``lr`` to
+    ``lr_final`` at step ``total − 1``.  With no warm-up and ``decay_start``
+    0 this is the paper's schedule (:func:`cosine_lr`).
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step < decay_start:
+        return lr
+    span = total - 1 - decay_start
+    progress = min(1.0, (step - decay_start) / span) if span > 0 else 0.0 if total <= 1 else 1.0
+    return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * progress))
+
+
 def cosine_lr(step: int, total: int, lr: float, lr_final: float) -> float:
     """The paper's schedule: cosine decay from ``lr`` at step 0 to ``lr_final`` at step ``total − 1``."""
-    if total <= 1:
-        return lr
-    return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * step / (total - 1)))
+    return lr_schedule(step, total, lr, lr_final)
 
 
 class _Progress:

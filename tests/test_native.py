@@ -133,9 +133,9 @@ def test_half_precision_decoders_take_the_torch_products():
     idx = torch.randint(0, 9, (4, 3))
     W = torch.randn(9, 5).bfloat16()
     with pipeline.dense_products(False):
-        torch.testing.assert_close(
-            pipeline.product(N.PRIMITIVES, "gather_matmul", w, idx, W), T.gather_matmul(w, idx, W)
-        )
+        got = pipeline.product(N.PRIMITIVES, "gather_matmul", w, idx, W)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), T.gather_matmul(w, idx, W.float()), atol=2e-2, rtol=2e-2)
 
 
 def test_products_route_through_the_kernels_unless_dense():

@@ -7,7 +7,11 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "spade_kernels"
-BACKEND_MODULES = {"spade_kernels.backends.torch_", "spade_kernels.backends.native", "spade_kernels.backends.triton_"}
+BACKEND_MODULES = {
+    "spade_kernels.backends.torch_",
+    "spade_kernels.backends.native",
+    "spade_kernels.backends.triton_",
+}
 
 
 def _modules():
@@ -35,7 +39,9 @@ def _import_graph():
                 else:
                     module = node.module
                 # `from pkg import mod` imports pkg.mod; `from pkg.mod import name` imports pkg.mod.
-                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in mods else module for a in node.names]
+                targets = [
+                    f"{module}.{a.name}" if f"{module}.{a.name}" in mods else module for a in node.names
+                ]
             else:
                 continue
             graph[name] |= {t for t in targets if t in mods and t != name}
@@ -50,7 +56,7 @@ def test_no_import_cycle():
         state[u] = "open"
         for v in sorted(graph[u]):
             if state.get(v) == "open":
-                cycles.append(path[path.index(v) :] + [v])
+                cycles.append([*path[path.index(v) :], v])
             elif v not in state:
                 visit(v, [*path, v])
         state[u] = "done"
@@ -71,7 +77,11 @@ def test_nothing_cites_a_document_outside_the_repository():
     pattern = re.compile(r"DESIGN\.md|STYLE\.md|\.\./shared|shared/(DESIGN|STYLE)")
     offenders = []
     for path in ROOT.rglob("*"):
-        if path.is_dir() or any(p.startswith(".") for p in path.relative_to(ROOT).parts) or path.suffix in (".png", ".so"):
+        if (
+            path.is_dir()
+            or any(p.startswith(".") for p in path.relative_to(ROOT).parts)
+            or path.suffix in (".png", ".so")
+        ):
             continue
         if path.name == "test_structure.py" or "build" in path.relative_to(ROOT).parts:
             continue
@@ -79,5 +89,9 @@ def test_nothing_cites_a_document_outside_the_repository():
             text = path.read_text()
         except (UnicodeDecodeError, OSError):
             continue
-        offenders += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+        offenders += [
+            f"{path.relative_to(ROOT)}:{i}"
+            for i, line in enumerate(text.splitlines(), 1)
+            if pattern.search(line)
+        ]
     assert not offenders, offenders

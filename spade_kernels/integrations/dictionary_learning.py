@@ -46,8 +46,10 @@ import torch
 from dictionary_learning.dictionary import Dictionary
 from dictionary_learning.trainers.trainer import SAETrainer, get_sparsity_warmup_fn
 
+from ..backends import canonical_name
 from ..codes import SparseCodes
 from ..layer import SpaDE
+from ..train import lr_schedule
 from ._wrapped import WrappedSpaDE
 
 __all__ = ["SpaDEDictionary", "SpaDETrainer", "load_dictionary"]
@@ -124,10 +126,7 @@ class SpaDEDictionary(WrappedSpaDE, Dictionary):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        from ..backends import check_backend_name
-
-        check_backend_name(name)
-        self.spade.backend = name
+        self.spade.backend = canonical_name(name)
 
     # -- Dictionary API -------------------------------------------------------
 
@@ -245,13 +244,14 @@ class SpaDEDictionary(WrappedSpaDE, Dictionary):
 
 
 def load_dictionary(
-    base_path: str | os.PathLike, device=None, *, dtype=None, backend: str = "auto"
+    base_path: str | os.PathLike, device=None, *, dtype=None, backend: str | None = None
 ) -> tuple[SpaDEDictionary, dict]:
     """Load a trainSAE output directory of a :class:`SpaDETrainer` run.
 
     Mirrors ``dictionary_learning.utils.load_dictionary``: ``base_path`` holds
     ``ae.pt`` and ``config.json`` (trainSAE writes one such directory per
     trainer, ``save_dir/trainer_<i>``); returns ``(dictionary, config)``.
+    ``backend`` defaults to the run's own (``"auto"`` where it saved none).
     """
     base_path = os.fspath(base_path)
     config_path = os.path.join(base_path, _CONFIG_NAME)
@@ -271,7 +271,7 @@ def load_dictionary(
         ae_path,
         dtype=dtype,
         device=device,
-        backend=backend,
+        backend=backend if backend is not None else trainer_cfg.get("backend", "auto"),
         lambda_init=trainer_cfg.get("lambda_init"),
         gamma_reg=trainer_cfg.get("gamma_reg", 0.1),
         reg_on=trainer_cfg.get("reg_on", "encoder"),
@@ -405,15 +405,16 @@ class SpaDETrainer(SAETrainer):
     # -- schedule ---------------------------------------------------------------
 
     def _lr_factor(self, step: int) -> float:
-        """lr(step) / lr: linear warm-up, constant, cosine decay to lr_final / lr."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if step < self.decay_start:
-            return 1.0
-        span = self.steps - 1 - self.decay_start
-        progress = min(1.0, (step - self.decay_start) / span) if span > 0 else 1.0
-        ratio = self.lr_final / self.lr
-        return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        """lr(step) / lr: linear warm-up, constant, cosine decay to lr_final / lr (:func:`~spade_kernels.train.lr_schedule`)."""
+        rate = lr_schedule(
+            step,
+            self.steps,
+            self.lr,
+            self.lr_final,
+            warmup_steps=self.warmup_steps,
+            decay_start=self.decay_start,
+        )
+        return rate / self.lr
 
     @property
     def lam(self) -> float:

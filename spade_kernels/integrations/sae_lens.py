@@ -64,11 +64,8 @@ from sae_lens.saes.sae import (
 )
 from typing_extensions import override
 
-from ..backends import check_backend_name
-from ..backends.torch_ import support_sq_dists
 from ..codes import SparseCodes
 from ..layer import SpaDE
-from ..reference import squared_distances
 from ..sparsemax import sparsemax
 from ._wrapped import WrappedSpaDE
 
@@ -104,15 +101,17 @@ _WHITENING_ERROR = (
 )
 
 
-def _validate_spade_fields(cfg: Any) -> None:
-    """Checks shared by both configs; resolves the default λ."""
-    check_backend_name(cfg.backend)
-    if cfg.lambda_init is None:
-        cfg.lambda_init = 1.0 / (2 * cfg.d_in)
-    lam = cfg.lambda_init
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lambda_init must be a finite float > 0, got {lam!r}")
-    cfg.lambda_init = float(lam)
+def _validate_spade_fields(cfg: Any, *, training: bool) -> None:
+    """The layer's own checks (:meth:`SpaDE.validate_settings`) on a config's fields; fills λ's default."""
+    settings = SpaDE.validate_settings(
+        cfg.d_in,
+        lambda_init=cfg.lambda_init,
+        backend=cfg.backend,
+        **({"gamma_reg": cfg.gamma_reg, "reg_on": cfg.reg_on} if training else {}),
+    )
+    cfg.lambda_init, cfg.backend = settings["lambda_init"], settings["backend"]
+    if training:
+        cfg.gamma_reg = settings["gamma_reg"]
     if not isinstance(cfg.use_bias, bool):
         raise TypeError(f"use_bias must be a bool, got {type(cfg.use_bias).__name__}")
 
@@ -133,7 +132,7 @@ class SpaDESAEConfig(SAEConfig):
         Decoder bias ``b_dec`` (the paper uses none).
     backend : str
         Encoder backend of :func:`spade_kernels.spade_encode` (``"auto"``,
-        ``"torch"``, ``"triton"``, ``"cuda"`` or ``"reference"``).
+        ``"torch"``, ``"native"``, ``"triton"`` or ``"reference"``).
     apply_b_dec_to_input : bool
         Subtract ``b_dec`` from the input before encoding (default False here,
         unlike SAELens's other SAEs; ignored without a bias).
@@ -151,7 +150,7 @@ class SpaDESAEConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _validate_spade_fields(self)
+        _validate_spade_fields(self, training=False)
 
 
 @dataclass
@@ -190,14 +189,9 @@ class SpaDETrainingSAEConfig(TrainingSAEConfig):
         return ARCHITECTURE
 
     def __post_init__(self) -> None:
-        _validate_spade_fields(self)
+        _validate_spade_fields(self, training=True)
         if self.normalize_activations == "covariance_whitening":
             raise ValueError(f"normalize_activations='covariance_whitening' is refused: {_WHITENING_ERROR}")
-        gamma = self.gamma_reg
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"gamma_reg must be a float >= 0, got {gamma!r}")
-        if self.reg_on not in ("encoder", "decoder"):
-            raise ValueError(f"reg_on must be 'encoder' or 'decoder', got {self.reg_on!r}")
         super().__post_init__()
 
 
@@ -261,16 +255,6 @@ class _SpaDEMixin(WrappedSpaDE):
         self.spade.init_from_data(x, generator=generator)
         return self
 
-    def _apply(self, *args, **kwargs):
-        out = super()._apply(*args, **kwargs)
-        # SAELens's loaders and ``.to(dtype)`` cast every parameter; λ's raw
-        # parameter stays at least float32 (see SpaDE), or a bfloat16 SAE
-        # could not train λ.
-        raw = self.spade._parameters.get("lambda_raw")
-        if raw is not None and raw.dtype != torch.promote_types(raw.dtype, torch.float32):
-            raw.data = raw.data.float()
-        return out
-
     # -- encoder / decoder --------------------------------------------------
 
     def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
@@ -284,10 +268,7 @@ class _SpaDEMixin(WrappedSpaDE):
 
     def _scores_and_codes(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense (codes, scores −λ·D) of an encoder input, through the two hooks."""
-        self.spade._check_input(sae_in)
-        flat, A = self.spade._operands(sae_in)
-        D = squared_distances(flat, A, naive=False)
-        hidden_pre = self.hook_sae_acts_pre((-self.lam * D).reshape(*sae_in.shape[:-1], self.cfg.d_sae))
+        hidden_pre = self.hook_sae_acts_pre(self.spade.scores(sae_in))
         # float32 at least, as the layer's codes: sparsemax of half scores is
         # computed in float32 anyway.
         z = self.activation_fn(hidden_pre.to(torch.promote_types(hidden_pre.dtype, torch.float32)))
@@ -427,8 +408,7 @@ class SpaDETrainingSAE(_SpaDEMixin, TrainingSAE[SpaDETrainingSAEConfig]):
             x = self.run_time_activation_norm_fn_in(self.reshape_fn_in(step_input.sae_in.to(self.dtype)))
             if self.cfg.apply_b_dec_to_input and self.b_dec is not None:
                 x = x - self.b_dec
-            flat = x.reshape(-1, self.cfg.d_in)
-            D = squared_distances(flat, self.W_dec.to(flat.dtype), naive=False).reshape(hidden_pre.shape)
+            D = self.spade.distances(x, to="decoder").reshape(hidden_pre.shape)
         reg = (feature_acts * D).sum(-1).mean()
         return {f"{REG_COEFFICIENT}_loss": step_input.coefficients[REG_COEFFICIENT] * reg}
 
@@ -447,10 +427,7 @@ class SpaDETrainingSAE(_SpaDEMixin, TrainingSAE[SpaDETrainingSAEConfig]):
             lam = self.lam.detach()
             D = codes.distances
             if D is None:  # dense backends keep no support distances
-                flat, A = self.spade._operands(sae_in.detach())
-                D = support_sq_dists(flat, A, codes.indices.reshape(-1, codes.width)).reshape(
-                    codes.indices.shape
-                )
+                D = self.spade.distances(sae_in.detach(), codes=codes)
             feature_acts = _to_coo(codes, codes.values)
             hidden_pre = _to_coo(codes, -lam * D)
         return TrainStepOutput(

@@ -23,7 +23,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file
 
 import spade_kernels as sk
-from spade_kernels.backends import torch_
+from spade_kernels import layer as layer_module
 from spade_kernels.integrations import sae_lens as sl
 from spade_kernels.layer import _inverse_softplus
 
@@ -177,18 +177,18 @@ def test_matches_the_spade_layer(backend):
 
 def test_backend_is_used(monkeypatch):
     calls = []
-    real = torch_.encode
+    real = layer_module.encode_sparse
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(backend, *args, **kwargs):
+        calls.append(backend)
+        return real(backend, *args, **kwargs)
 
-    monkeypatch.setattr(torch_, "encode", spy)
+    monkeypatch.setattr(layer_module, "encode_sparse", spy)
     sae = sl.SpaDETrainingSAE(sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, backend="torch"))
     x = torch.randn(8, D_IN)
     sae.training_forward_pass(_step_input(x))
     sae(x)
-    assert len(calls) == 2
+    assert calls == ["torch", "torch"]
     calls.clear()
     sae_ref = sl.SpaDETrainingSAE(sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, backend="reference"))
     sae_ref.training_forward_pass(_step_input(x))
@@ -358,7 +358,7 @@ def test_saelens_trainer_trains_saves_and_reloads(tmp_path):
         torch.testing.assert_close(loaded(x), sae(x), rtol=0, atol=0)
     assert TrainingSAE.load_from_disk(ckpt).cfg.gamma_reg == 0.05
     # The training checkpoint is also a SpaDE.save_pretrained directory.
-    layer = sk.SpaDE.from_pretrained(ckpt)
+    layer = sk.SpaDE.from_pretrained(ckpt, backend=sae.cfg.backend)  # the same backend: the same bits
     torch.testing.assert_close(layer(x).x_hat, sae(x), rtol=0, atol=0)
 
 

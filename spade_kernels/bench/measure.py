@@ -1,0 +1,287 @@
+"""Measurement of one benchmark configuration: its case, its time and its peak memory.
+
+* ``make_case`` — the inputs and a zero-argument callable that runs one
+  configuration (a backend in ``encode``/``forward``/``train`` mode, or a
+  baseline: ``floor``, one ``torch.mm`` at the encoder's shape; ``entmax``, the
+  paper-style dense path).  The pytest-benchmark suite (``benchmarks/``) times
+  these same callables.
+* ``measure`` — warm-up, repeats, median-ready times (CUDA events on a GPU,
+  ``perf_counter`` on the CPU) and the extra peak memory (the allocator's peak
+  above the inputs on a GPU; the RSS high-water mark above the RSS once the
+  inputs exist on the CPU).
+* ``measure_in_subprocess`` — the same in a fresh process (``python -m
+  spade_kernels.bench.measure SPEC``), so a CPU configuration's peak memory is
+  its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from ..backends import BACKENDS
+
+__all__ = ["DTYPES", "environment", "estimate_bytes", "make_case", "measure", "measure_in_subprocess"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def _git_commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if out.returncode != 0:
+            return "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and device description recorded with every result."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    from .. import __version__
+
+    return {
+        "device_name": device_name,
+        "commit": _git_commit(),
+        "spade_kernels": __version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _proc_field_bytes(path: str, key: str) -> int | None:
+    """A ``key: N kB`` field of a /proc file, in bytes (None where there is none)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    available = _proc_field_bytes("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def estimate_bytes(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype) -> int:
+    """Rough peak memory of one configuration (inputs included), for skipping.
+
+    Dense paths hold several B×K tensors (scores, sort values, int64 sort
+    indices, cumulative sums; more with autograd); sparse paths hold a chunk
+    of scores and B×C buffers.
+    """
+    e = torch.finfo(dtype).bits // 8
+    inputs = (B * d + 2 * K * d) * max(e, 4)
+    dense = name in ("reference", "entmax")
+    if name == "floor":
+        work = B * K * e
+    elif dense:
+        per = {"encode": 4 * 4 + 8, "forward": 5 * 4 + 8, "train": 9 * 4 + 16}[mode]
+        work = B * K * per
+    else:
+        work = B * min(K, 8192) * 4 * 3 + B * 2048 * 12 + (3 * K * d * 4 if mode == "train" else 0)
+    return inputs + work
+
+
+# --------------------------------------------------------------------------
+# one measurement
+# --------------------------------------------------------------------------
+
+
+def make_case(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype, device: torch.device):
+    """Inputs plus a zero-argument callable that runs the configuration once."""
+    from ..encode import spade_encode
+    from ..layer import SpaDE
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, d, generator=g).to(device=device, dtype=dtype)
+    lam = 1.0 / (2 * d)
+    layer = SpaDE(d, K, device=device, dtype=dtype, backend=name if name in BACKENDS else "reference")
+    A = layer.prototypes.detach()
+    state = {}
+
+    if name == "floor":
+        At = A.t()
+        return lambda: torch.mm(x, At), state
+    if name == "entmax":
+        from entmax import sparsemax as entmax_sparsemax
+
+        from ..reference import squared_distances
+
+        def paper_step():
+            with torch.set_grad_enabled(mode == "train"):
+                D = squared_distances(x, layer.prototypes, naive=False)
+                z = entmax_sparsemax((-layer.lam * D).float(), dim=-1)
+                state["l0"] = z.detach()
+                if mode == "encode":
+                    return z
+                x_hat = z.to(dtype) @ layer.W_dec
+                loss = ((x - x_hat) ** 2).sum(-1).mean() + layer.gamma_reg * (z * D).sum(-1).mean()
+                if mode == "train":
+                    layer.zero_grad(set_to_none=True)
+                    loss.backward()
+                return loss
+
+        return paper_step, state
+    if mode == "encode":
+
+        def encode():
+            with torch.no_grad():
+                codes = spade_encode(x, A, lam, backend=name)
+            state["codes"] = codes
+            return codes
+
+        return encode, state
+    if mode == "forward":
+
+        def forward():
+            with torch.no_grad():
+                out = layer(x)
+            state["codes"] = out.codes
+            return out
+
+        return forward, state
+
+    def train_step():
+        layer.zero_grad(set_to_none=True)
+        out = layer(x)
+        out.loss.backward()
+        state["codes"] = out.codes
+        return out
+
+    return train_step, state
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux ≥ 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM (peak RSS since the last reset), or ru_maxrss where /proc is missing."""
+    peak = _proc_field_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(
+    name: str,
+    mode: str,
+    B: int,
+    d: int,
+    K: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> dict:
+    """Time one configuration in this process; returns times (ms), peak memory, mean L0."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    fn, state = make_case(name, mode, B, d, K, dtype, device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        # The peak must not include the imports' transient memory: reset it.
+        _reset_peak_rss()
+        base = _rss_bytes()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = _peak_rss_bytes() - base
+    l0 = None
+    if "codes" in state:
+        l0 = float(state["codes"].support_size.float().mean())
+    elif "l0" in state:
+        l0 = float((state["l0"] > 0).sum(-1).float().mean())
+    return {"times_ms": times, "peak_bytes": max(int(peak), 0), "mean_l0": l0}
+
+
+def measure_in_subprocess(args: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "spade_kernels.bench.measure", json.dumps(args)]
+    env = dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"worker failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worker(spec: str) -> None:
+    a = json.loads(spec)
+    result = measure(
+        a["name"], a["mode"], a["B"], a["d"], a["K"], DTYPES[a["dtype"]], torch.device(a["device"]),
+        a["repeats"], a["warmup"],
+    )  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -1,0 +1,208 @@
+"""Sweeps: the configurations of a benchmark run, measured one by one, with ratios.
+
+Every configuration (shape × dtype × mode × backend or baseline) is measured
+by :mod:`.measure` — in its own subprocess on the CPU, in process on a GPU —
+unless it is unavailable here, estimated not to fit in memory (``skipped:
+needs N GiB``) or past the run's deadline.  Rows record median and p10–p90,
+effective TFLOP/s (2·B·d·K over the median: the encoder GEMM's work), extra
+peak memory, mean L0, the speedup over ``reference`` and the ratio to the
+floor, with the device, commit and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .measure import DTYPES, device_memory_bytes, environment, estimate_bytes, measure, measure_in_subprocess
+
+__all__ = [
+    "BASELINES",
+    "CPU_SHAPES",
+    "GPU_SHAPES",
+    "MODES",
+    "QUICK_SHAPES",
+    "Row",
+    "parse_shape",
+    "run_sweep",
+]
+
+MODES = ("encode", "forward", "train")
+BASELINES = ("floor", "entmax")
+GPU_SHAPES = {"S1": (4096, 768, 24576), "S2": (4096, 2304, 65536), "S3": (4096, 4096, 131072)}
+CPU_SHAPES = {"C1": (1024, 768, 16384)}
+QUICK_SHAPES = {"Q1": (256, 128, 1024), "Q2": (256, 128, 4096), "Q3": (256, 128, 16384)}
+
+
+@dataclass
+class Row:
+    """One measured (or skipped) configuration."""
+
+    name: str  # backend or baseline
+    kind: str  # "backend" | "baseline"
+    mode: str
+    shape_name: str
+    B: int
+    d: int
+    K: int
+    dtype: str
+    device: str
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    repeats: int = 0
+    tflops: float | None = None
+    peak_mem_mib: float | None = None
+    mean_l0: float | None = None
+    speedup_vs_reference: float | None = None
+    ratio_to_floor: float | None = None
+    status: str = "ok"
+    meta: dict = field(default_factory=dict)
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, int, int]]:
+    named = {**GPU_SHAPES, **CPU_SHAPES, **QUICK_SHAPES}
+    if text in named:
+        return text, named[text]
+    try:
+        B, d, K = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shape expects B,d,K or one of {sorted(named)}, got {text!r}"
+        ) from None
+    if min(B, d, K) < 1:
+        raise argparse.ArgumentTypeError(f"--shape values must be positive, got {text!r}")
+    return f"{B}x{d}x{K}", (B, d, K)
+
+
+def _flops(B: int, d: int, K: int) -> float:
+    return 2.0 * B * d * K
+
+
+def run_sweep(
+    shapes,
+    backends,
+    baselines,
+    dtypes,
+    modes,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    progress=None,
+    timeout: float = 600.0,
+    deadline: float | None = None,
+    on_row=None,
+) -> tuple[list[Row], dict]:
+    """Measure every configuration; returns (rows, environment).
+
+    ``deadline``: seconds after the start past which no further configuration
+    is started (the rest are recorded as ``skipped: deadline``; the first
+    always runs).  ``on_row(rows,
+    env)`` is called after every configuration, so a caller can save partial
+    results (an interrupted run keeps what it finished).
+    """
+    progress = progress or sys.stderr
+    from ..backends import BACKENDS, backend_status
+
+    env = environment(device)
+    status = backend_status()
+    if device.type == "cpu" and os.getloadavg()[0] > 0.5:
+        print(
+            f"warning: load average {os.getloadavg()[0]:.2f}: another process is using the CPU, "
+            "timings will be inflated",
+            file=progress,
+        )
+    configs = []
+    for shape_name, (B, d, K) in shapes:
+        for dtype_name in dtypes:
+            for mode in modes:
+                for name in baselines:
+                    if name == "floor" or mode != "forward":
+                        configs.append((name, "baseline", mode, shape_name, B, d, K, dtype_name))
+                for name in backends:
+                    configs.append((name, "backend", mode, shape_name, B, d, K, dtype_name))
+    rows: list[Row] = []
+    floor_cache: dict = {}
+    mem_avail = device_memory_bytes(device)
+    t_start = time.perf_counter()
+    for i, (name, kind, mode, shape_name, B, d, K, dtype_name) in enumerate(configs, 1):
+        dtype = DTYPES[dtype_name]
+        row = Row(name, kind, mode, shape_name, B, d, K, dtype_name, env["device_name"], meta=env)
+        reason = status.get(name) if kind == "backend" else None
+        need = estimate_bytes(name, mode, B, d, K, dtype)
+        floor_key = (shape_name, dtype_name)
+        if name == "floor" and floor_key in floor_cache:
+            row = floor_cache[floor_key]
+            rows.append(Row(**{**asdict(row), "mode": mode}))
+            continue
+        if name == "entmax" and importlib.util.find_spec("entmax") is None:
+            reason = "the entmax package is not installed"
+        if reason is not None:
+            row.status = f"skipped: unavailable ({reason})"
+        elif kind == "backend" and BACKENDS[name].device_reason(device) is not None:
+            row.status = f"skipped: {BACKENDS[name].device_reason(device)}"
+        elif name == "triton" and device.type != "cuda":
+            row.status = "skipped: the Triton interpreter (TRITON_INTERPRET=1) is not timed"
+        elif need > 0.9 * mem_avail:
+            row.status = f"skipped: needs {need / 2**30:.1f} GiB"
+        elif deadline is not None and rows and time.perf_counter() - t_start > deadline:
+            row.status = f"skipped: deadline ({deadline:.0f} s) passed"
+        else:
+            args = {"name": name, "mode": mode, "B": B, "d": d, "K": K, "dtype": dtype_name}
+            args.update(device=str(device), repeats=repeats, warmup=warmup)
+            try:
+                if device.type == "cuda":
+                    result = measure(name, mode, B, d, K, dtype, device, repeats, warmup)
+                else:
+                    result = measure_in_subprocess(args, timeout)
+            except (RuntimeError, subprocess.TimeoutExpired, torch.cuda.OutOfMemoryError) as exc:
+                row.status = f"failed: {exc}"[:200]
+                result = None
+            if result is not None:
+                t = sorted(result["times_ms"])
+                row.median_ms = statistics.median(t)
+                row.p10_ms = t[int(0.1 * (len(t) - 1))]
+                row.p90_ms = t[math.ceil(0.9 * (len(t) - 1))]
+                row.repeats = len(t)
+                row.tflops = _flops(B, d, K) / (row.median_ms * 1e-3) / 1e12
+                row.peak_mem_mib = result["peak_bytes"] / 2**20
+                row.mean_l0 = result["mean_l0"]
+        if name == "floor":
+            floor_cache[floor_key] = row
+        rows.append(row)
+        elapsed = time.perf_counter() - t_start
+        shown = f"{row.median_ms:9.2f} ms" if row.median_ms is not None else row.status
+        print(
+            f"[{i:3d}/{len(configs)} {elapsed:6.0f}s] {shape_name:>8} {dtype_name:8} {mode:7} {name:9} {shown}",
+            file=progress,
+            flush=True,
+        )
+        if on_row is not None:
+            _fill_ratios(rows)
+            on_row(rows, env)
+    _fill_ratios(rows)
+    return rows, env
+
+
+def _fill_ratios(rows: list[Row]) -> None:
+    def key(r):
+        return (r.shape_name, r.dtype, r.mode)
+
+    ref = {key(r): r.median_ms for r in rows if r.name == "reference" and r.median_ms}
+    floor = {key(r): r.median_ms for r in rows if r.name == "floor" and r.median_ms}
+    for r in rows:
+        if r.median_ms is None:
+            continue
+        if key(r) in ref:
+            r.speedup_vs_reference = ref[key(r)] / r.median_ms
+        if key(r) in floor:
+            r.ratio_to_floor = r.median_ms / floor[key(r)]
