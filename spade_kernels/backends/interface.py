@@ -16,7 +16,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Primitives", "default_margin_eps", "resolve_options"]
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_MAX_CANDIDATES", "Primitives", "default_margin_eps", "resolve_options"]
+
+#: Prototypes per score chunk of the chunked searches (``torch``, ``native``):
+#: the live score block is rows × chunk.
+DEFAULT_CHUNK = 4096
+#: Candidate slots per row of those searches; rows with more overflow (and
+#: are resolved exactly by the pipeline).
+DEFAULT_MAX_CANDIDATES = 2048
 
 
 def default_margin_eps(dtype: torch.dtype, options: Mapping) -> tuple[float, bool]:

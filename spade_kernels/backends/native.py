@@ -25,15 +25,12 @@ import torch
 
 from .. import ops
 from ..numerics import compute_dtype
-from .interface import Primitives
+from .interface import DEFAULT_CHUNK, DEFAULT_MAX_CANDIDATES, Primitives
 
 __all__ = ["OPTIONS", "PRIMITIVES", "exact_codes", "select_candidates"]
 
 #: Options of :func:`select_candidates` and their defaults.
-OPTIONS = {
-    "chunk": 4096,  # prototypes per score chunk: the live score block is B × chunk
-    "max_candidates": 2048,  # candidate slots per row; rows with more overflow
-}
+OPTIONS = {"chunk": DEFAULT_CHUNK, "max_candidates": DEFAULT_MAX_CANDIDATES}
 
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64})
 

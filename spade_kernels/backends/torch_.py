@@ -30,7 +30,7 @@ import math
 import torch
 
 from ..numerics import compute_dtype, sorted_threshold
-from .interface import Primitives
+from .interface import DEFAULT_CHUNK, DEFAULT_MAX_CANDIDATES, Primitives
 
 __all__ = [
     "OPTIONS",
@@ -47,9 +47,9 @@ __all__ = [
 
 #: Options of :func:`select_candidates` and their defaults.
 OPTIONS = {
-    "chunk": 4096,  # prototypes per score chunk: the live score block is rows × chunk
+    "chunk": DEFAULT_CHUNK,
     "topk": 128,  # first top-k tried per chunk (doubled per row while incomplete)
-    "max_candidates": 2048,  # candidate slots per row; rows with more overflow
+    "max_candidates": DEFAULT_MAX_CANDIDATES,
 }
 #: Elements per row block in gathers (bounds the B·C·d temporaries).
 GATHER_BUDGET = 1 << 22
