@@ -218,10 +218,12 @@ std::tuple<at::Tensor, at::Tensor> sparsemax_rows(const at::Tensor& scores) {
 
 // -- select_candidates --------------------------------------------------------
 
-// K-chunked GEMM-form scores s' = λ(2·x·aᵀ − ‖a‖²) through at::addmm (the
-// CPU BLAS, cuBLAS on the GPU), each chunk reduced by select.h's selection.
-// Returns the candidates (B, cap; each row's first, then −1) and the rows that
-// overflowed `cap` (B, bool).  Live memory: O(B·chunk + B·cap).
+// K-chunked GEMM-form scores s' = λ(2·x·aᵀ − ‖a‖²): the dot products of a
+// chunk by at::mm into one reused buffer (the CPU BLAS, cuBLAS on the GPU),
+// the scores formed and reduced by select.h's selection.
+// Returns the candidates (B, W ≤ cap: each row's first, then −1; W is the
+// widest row's count) and the rows that overflowed `cap` (B, bool).  Live
+// memory: O(B·chunk + B·cap).
 template <bool kCuda>
 std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const at::Tensor& A, const at::Tensor& aa,
                                                      double lam, const at::Tensor& margin, int64_t chunk,
@@ -257,34 +259,42 @@ std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const 
   at::Tensor buf_val = at::empty({B, cap}, opts);
   at::Tensor count = at::zeros({B}, opts.dtype(at::kInt));
   at::Tensor bound = at::full({B}, -std::numeric_limits<double>::infinity(), opts);
-  const at::Tensor xc = x.contiguous(), mc = margin.contiguous();
+  const at::Tensor xc = x.contiguous(), mc = margin.contiguous(), aac = aa.contiguous();
+  // One buffer for every chunk's dot products (its first B·cols elements, contiguous).
+  const at::Tensor buffer = at::empty({B * std::min(chunk, K)}, opts);
   for (int64_t c0 = 0; c0 < K && B > 0; c0 += chunk) {
-    const int64_t c1 = std::min(K, c0 + chunk);
-    const at::Tensor S = at::addmm(aa.slice(0, c0, c1), xc, A.slice(0, c0, c1).t(), -lam, 2.0 * lam).contiguous();
-    const int64_t cols = S.size(1);
+    const int64_t c1 = std::min(K, c0 + chunk), cols = c1 - c0;
+    at::Tensor S = buffer.narrow(0, 0, B * cols).view({B, cols});
+    at::mm_out(S, xc, A.slice(0, c0, c1).t());
     dispatch_float(S.scalar_type(), op, [&](auto zero) {
       using T = decltype(zero);
       const T* sp = S.data_ptr<T>();
+      const T* ap = aac.data_ptr<T>() + c0;
+      const T l = static_cast<T>(lam);
       const T* mp = mc.data_ptr<T>();
       int32_t* ip = buf_idx.data_ptr<int32_t>();
       T* vp = buf_val.data_ptr<T>();
       int32_t* cp = count.data_ptr<int32_t>();
       T* bp = bound.data_ptr<T>();
       if constexpr (kCuda) {
-        SPADE_CUDA_LAUNCH(spade::select_chunk<T>(sp, B, cols, cols, c0, mp, ip, vp, cp, bp, static_cast<int>(cap), stream()));
+        SPADE_CUDA_LAUNCH(
+            spade::select_chunk<T>(sp, ap, l, B, cols, cols, c0, mp, ip, vp, cp, bp, static_cast<int>(cap), stream()));
       } else {
         at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
           std::vector<T> sval(cap + kThreads);
           std::vector<int32_t> sidx(cap + kThreads);
           for (int64_t r = begin; r < end; ++r)
-            cpu::select_chunk_row(sp + r * cols, cols, c0, mp[r], ip + r * cap, vp + r * cap, cp[r], bp[r], cap,
-                                  sval.data(), sidx.data());
+            cpu::select_chunk_row(sp + r * cols, ap, l, cols, c0, mp[r], ip + r * cap, vp + r * cap, cp[r], bp[r],
+                                  cap, sval.data(), sidx.data());
         });
       }
     });
   }
-  const at::Tensor slots = at::arange(cap, opts.dtype(at::kLong));
-  at::Tensor cand = buf_idx.to(at::kLong).masked_fill_(slots.unsqueeze(0) >= count.unsqueeze(1), -1);
+  // Candidates trimmed to the widest row's count (one host read of count.max()).
+  const int64_t width = B > 0 ? std::max<int64_t>(count.max().item<int32_t>(), 1) : 1;
+  const at::Tensor slots = at::arange(width, opts.dtype(at::kLong));
+  at::Tensor cand = buf_idx.narrow(1, 0, std::min(width, cap)).to(at::kLong);
+  cand.masked_fill_(slots.unsqueeze(0) >= count.unsqueeze(1), -1);
   return {cand, count.lt(0)};
 }
 

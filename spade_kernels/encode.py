@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 
 from ._validation import check_encode_inputs
-from .backends import BACKENDS, resolve_backend
+from .backends import BACKENDS, auto_search, resolve_backend
 from .backends.interface import resolve_options
 from .codes import SparseCodes
 from .numerics import compute_dtype
 from .pipeline import encode_backward, encode_forward
+from .pipeline.encoder import dense_row_bytes
+from .pipeline.memory import SPARSE_SHARE, budget_bytes, row_blocks
 
 __all__ = ["encode_sparse", "spade_encode"]
 
@@ -78,21 +80,98 @@ def _backward(ctx, grad_z, _gi, _gs, grad_D):
 _encode_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _block_row_bytes(prims, K: int, d: int, itemsize: int, opts: dict) -> int:
+    """Working memory per row of one encode (search, exact stage, the row's own inputs)."""
+    work = (
+        dense_row_bytes(K, itemsize) if opts["search"] == "dense" else prims.row_bytes(K, d, itemsize, opts)
+    )
+    return work + d * itemsize
+
+
+class _Rows:
+    """The codes of a batch, written a row block at a time into buffers that grow in width.
+
+    Without autograd, each block's result is copied in and released before
+    the next block runs, so the batch's codes are never held twice: the
+    buffers start at 1.25× the first block's width and grow by 1.25× when a
+    wider block arrives (rare: blocks of i.i.d. rows have similar widths).
+    The result is a view of the first C = (widest support) columns: at most a
+    quarter of the width unused.
+    """
+
+    def __init__(self, B: int, K: int):
+        self.B, self.K, self.width, self.r = B, K, 0, 0
+        self.parts = None
+
+    def add(self, z, idx, size, D) -> None:
+        n, w = z.shape
+        if self.parts is None or w > self.width:
+            grown = max(w, (self.width * 5 + 3) // 4, (w * 5 + 3) // 4)
+            new = [t.new_zeros((self.B, grown)) for t in (z, idx, D)] + [size.new_zeros(self.B)]
+            if self.parts is not None:
+                for dst, src in zip(new[:3], self.parts[:3]):
+                    dst[: self.r, : self.width] = src[: self.r]
+                new[3][: self.r] = self.parts[3][: self.r]
+            self.parts, self.width = new, grown
+        vz, vi, vD, vs = self.parts
+        rows = slice(self.r, self.r + n)
+        vz[rows, :w], vi[rows, :w], vD[rows, :w], vs[rows] = z, idx, D, size
+        self.r += n
+
+    def codes(self) -> SparseCodes:
+        vz, vi, vD, vs = self.parts
+        C = max(int(vs.max()) if vs.numel() else 0, 1)
+        return SparseCodes(vi[:, :C], vz[:, :C], vs, self.K, distances=vD[:, :C])
+
+
+def _concatenate(blocks, K: int) -> SparseCodes:
+    """One :class:`SparseCodes` from row blocks (values, indices, support_size, D), differentiably."""
+    C = max(b[0].shape[1] for b in blocks)
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, C - t.shape[1]))
+
+    z, idx, size, D = (torch.cat([pad(b[i]) if i != 2 else b[i] for b in blocks]) for i in range(4))
+    return SparseCodes(idx, z, size, K, distances=D)
+
+
 def encode_sparse(backend: str, x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseCodes:
     """Differentiable sparse codes of x (B, d) through the sparse backend ``backend`` (a canonical name).
 
     ``x`` and ``prototypes`` in one dtype; ``options`` are the backend's
-    candidate-search options (``OPTIONS`` of its module).  float16/bfloat16
-    inputs give float32 codes: rounding them to an 8- or 11-bit mantissa
-    would break Σz = 1 by more than the precision contract allows.
+    candidate-search options (``OPTIONS`` of its module) and the pipeline's
+    ``search``.  Rows are processed in blocks sized from the memory budget
+    (:mod:`spade_kernels.pipeline.memory`), each block one call of the
+    pipeline's op (and of its backward), so the working memory is the budget
+    whatever B is (one block under ``torch.compile``).  float16/bfloat16
+    inputs give float32 codes: rounding them to an 8- or 11-bit mantissa would
+    break Σz = 1 by more than the precision contract allows.
     """
-    resolve_options(BACKENDS[backend].primitives(), options)  # unknown options raise here, not in the op
+    prims = BACKENDS[backend].primitives()
+    opts = resolve_options(prims, options)  # unknown options raise here, not in the op
+    B, d = x.shape
+    K = prototypes.shape[0]
+    if opts["search"] == "auto":
+        opts["search"] = auto_search(x.device, K, d, backend)
     lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), dtype=torch.float64)
     lam_t = lam_t.reshape(()).to(x.device)
     if lam_t.dtype not in (torch.float32, torch.float64):
         lam_t = lam_t.float()
-    z, idx, size, D = _encode_op(x, prototypes, lam_t, backend, _format_options(options))
-    return SparseCodes(idx, z, size, prototypes.shape[0], distances=D)
+    text = _format_options(opts)
+    if torch.compiler.is_compiling():
+        blocks = [slice(0, B)]
+    else:
+        per_row = _block_row_bytes(prims, K, d, compute_dtype(x.dtype).itemsize, opts)
+        blocks = list(row_blocks(B, per_row, budget_bytes(x.device) // SPARSE_SHARE))
+    if len(blocks) <= 1:
+        z, idx, size, D = _encode_op(x, prototypes, lam_t, backend, text)
+        return SparseCodes(idx, z, size, K, distances=D)
+    if torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad or lam_t.requires_grad):
+        return _concatenate([_encode_op(x[rs], prototypes, lam_t, backend, text) for rs in blocks], K)
+    out = _Rows(B, K)
+    for rs in blocks:
+        out.add(*_encode_op(x[rs], prototypes, lam_t, backend, text))
+    return out.codes()
 
 
 def spade_encode(
@@ -134,9 +213,9 @@ def spade_encode(
     if impl.dense:
         if options:
             raise TypeError(f"backend 'reference' takes no options, got {sorted(options)}")
-        from .pipeline.dense import dense_codes
+        from .pipeline.dense import dense_sparse_codes
 
-        codes = SparseCodes.from_dense(dense_codes(flat, prototypes.to(dtype), lam)[0])
+        codes = dense_sparse_codes(flat, prototypes.to(dtype), lam)
     else:
         codes = encode_sparse(impl.name, flat, prototypes.to(dtype), lam, **options)
     return codes.reshape_batch(x.shape[:-1])

@@ -16,7 +16,7 @@ from .backends import canonical_name, resolve_backend
 from .codes import SparseCodes
 from .encode import encode_sparse
 from .pipeline import gather_sq_dist, sparse_decode
-from .pipeline.dense import dense_codes
+from .pipeline.dense import dense_codes, dense_sparse_codes
 from .reference import squared_distances
 
 __all__ = ["SpaDE", "SpaDEOutput"]
@@ -66,6 +66,12 @@ class SpaDE(nn.Module):
         default) or to the decoder rows.
     backend : str
         Encoder backend (see :func:`spade_kernels.available_backends`).
+    backend_options : dict, optional
+        Options of the sparse backend's candidate search and the pipeline's
+        ``search`` (as for :func:`spade_kernels.spade_encode`), e.g.
+        ``{"search": "pruned"}`` or, for ``triton``, ``{"precision": "tf32"}``;
+        checked at the first call (they depend on the backend ``auto`` picks).
+        Not saved in checkpoints.
     device, dtype
         Parameter placement, as for any ``nn.Module``.
 
@@ -85,6 +91,7 @@ class SpaDE(nn.Module):
         use_bias: bool = False,
         reg_on: str = "encoder",
         backend: str = "auto",
+        backend_options: dict | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -102,6 +109,9 @@ class SpaDE(nn.Module):
         self.use_bias = use_bias
         self.reg_on = reg_on
         self.backend = backend
+        if backend_options is not None and not isinstance(backend_options, dict):
+            raise TypeError(f"backend_options must be a dict, got {type(backend_options).__name__}")
+        self.backend_options = dict(backend_options or {})
         factory = {"device": device, "dtype": dtype}
         self.prototypes = nn.Parameter(torch.empty(d_sae, d_in, **factory))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
@@ -273,26 +283,24 @@ class SpaDE(nn.Module):
         D = gather_sq_dist(self._primitives(flat), flat, rows, idx)
         return D.reshape(codes.indices.shape)
 
-    def _codes(self, x: torch.Tensor):
-        """The codes of x flattened: dense (B, d_sae) from ``reference``, :class:`SparseCodes` otherwise."""
+    def _codes(self, x: torch.Tensor, dense: bool):
+        """The codes of x flattened: dense (B, d_sae) when ``dense`` and ``reference``, :class:`SparseCodes` otherwise."""
         self._check_input(x)
         flat, A = self._operands(x)
         backend = self._backend(x, flat.dtype)
         if backend.dense:
-            return dense_codes(flat, A, self.lam)[0]
-        return encode_sparse(backend.name, flat, A, self.lam)
+            return dense_codes(flat, A, self.lam)[0] if dense else dense_sparse_codes(flat, A, self.lam)
+        return encode_sparse(backend.name, flat, A, self.lam, **self.backend_options)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes (..., d_sae)."""
-        codes = self._codes(x)
+        codes = self._codes(x, dense=True)
         dense = codes.to_dense() if isinstance(codes, SparseCodes) else codes
         return dense.reshape(*x.shape[:-1], self.d_sae)
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
-        """Sparse codes, indices/values of shape (..., C)."""
-        codes = self._codes(x)
-        codes = codes if isinstance(codes, SparseCodes) else SparseCodes.from_dense(codes)
-        return codes.reshape_batch(x.shape[:-1])
+        """Sparse codes, indices/values of shape (..., C); rows in blocks within the memory budget."""
+        return self._codes(x, dense=False).reshape_batch(x.shape[:-1])
 
     def decode(self, z) -> torch.Tensor:
         """x̂ from dense codes (..., d_sae) or :class:`SparseCodes`.
@@ -336,7 +344,7 @@ class SpaDE(nn.Module):
             codes = SparseCodes.from_dense(z)
         else:
             prims = backend.primitives()
-            codes = encode_sparse(backend.name, flat, A, lam)
+            codes = encode_sparse(backend.name, flat, A, lam, **self.backend_options)
             x_hat = sparse_decode(prims, codes, self.W_dec, self.b_dec)
             if self.reg_on == "encoder":
                 # The encoder's exact support distances: the regulariser's

@@ -88,7 +88,8 @@ def sparsemax_rows(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 )
 def _(x, A, aa, lam, margin, chunk, cap):
     B = x.shape[0]
-    return x.new_empty((B, cap), dtype=torch.long), x.new_empty((B,), dtype=torch.bool)
+    W = torch.library.get_ctx().new_dynamic_size()  # the widest row's count: data-dependent
+    return x.new_empty((B, W), dtype=torch.long), x.new_empty((B,), dtype=torch.bool)
 
 
 def select_candidates(x, A, aa, lam: float, margin, chunk: int, cap: int):
@@ -99,9 +100,10 @@ def select_candidates(x, A, aa, lam: float, margin, chunk: int, cap: int):
     csrc/include/spade/select.h to a buffer of ``cap`` candidates per row with
     a running bound ≤ τ, keeping every entry above bound − ``margin``.
     ``x``, ``A``, ``aa`` (‖a‖², (K,)) and ``margin`` ((B,)) share one dtype
-    (float32 or float64).  cand (B, cap) int64 holds each row's candidates
-    first, then −1; overflow (B,) bool marks the rows that needed more than
-    ``cap`` (their cand row is all −1).  Live memory O(B·chunk + B·cap).
+    (float32 or float64).  cand (B, W) int64 holds each row's candidates
+    first, then −1 (W ≤ ``cap``, the widest row's count); overflow (B,) bool
+    marks the rows that needed more than ``cap`` (their cand row is all −1).
+    Live memory O(B·chunk + B·cap).
     """
     return _op("select_candidates", x.device)(x, A, aa, lam, margin, chunk, cap)
 

@@ -24,6 +24,12 @@ def product_route(request):
         yield request.param
 
 
+@pytest.fixture(params=["pruned", "dense"])
+def search(request):
+    """Both candidate searches of the pipeline (``auto`` takes the dense one at test-sized K on the CPU)."""
+    return request.param
+
+
 @pytest.fixture(params=["cpu"] + (["cuda"] if os.environ.get("SPADE_TEST_GPU") == "1" else []))
 def device(request):
     """Device of the native-op tests: the CPU always, CUDA too with SPADE_TEST_GPU=1."""

@@ -55,13 +55,21 @@ def test_bench_main_writes_json_csv_and_plots(tmp_path, capsys):
     assert (out / "memory_vs_K.png").stat().st_size > 0
 
 
-def test_configuration_too_large_is_skipped_not_run(capsys):
+def test_configuration_too_large_or_too_long_is_skipped_not_run(capsys):
+    # The reference's training step keeps B×K tensors (TiB here): skipped for memory.
     rows, _ = bench.run_sweep(
-        [("huge", (1 << 20, 64, 1 << 20))], ["reference"], [], ["float32"], ["encode"],
+        [("huge", (1 << 20, 64, 1 << 20))], ["reference"], [], ["float32"], ["train"],
         torch.device("cpu"), repeats=1, warmup=0,
     )  # fmt: skip
     assert rows[0].status.startswith("skipped: needs ") and rows[0].status.endswith(" GiB")
     assert rows[0].median_ms is None
+    # Its encode is row-blocked (it fits), but its GEMM alone would take hours: skipped for time.
+    rows, _ = bench.run_sweep(
+        [("huge", (1 << 20, 64, 1 << 20))], ["reference", "auto"], [], ["float32"], ["encode"],
+        torch.device("cpu"), repeats=1, warmup=0, max_config_s=60,
+    )  # fmt: skip
+    assert all(r.status.startswith("skipped: estimated ≥ ") and r.median_ms is None for r in rows), rows
+    assert rows[1].meta["resolves_to"] in ("native", "torch")
 
 
 def test_shape_parsing_and_bad_names():

@@ -28,10 +28,12 @@ def _inputs(B, d, K, dtype=torch.float32, lam=None):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("search", ["pruned", "dense"])
 @pytest.mark.parametrize("B,d,K", [(1, 1, 1), (7, 3, 5), (129, 16, 129), (33, 24, 1000), (5, 2, 128)])
-def test_matches_reference_fp32(backend, B, d, K):
+def test_matches_reference_fp32(backend, search, B, d, K):
     x, A, lam = _inputs(B, d, K)
-    assert_codes_match_reference(sk.spade_encode(x, A, lam, backend=backend), x, A, lam)
+    options = {} if backend == "reference" else {"search": search}
+    assert_codes_match_reference(sk.spade_encode(x, A, lam, backend=backend, **options), x, A, lam)
 
 
 @pytest.mark.parametrize("B,d,K", [(7, 3, 5), (50, 8, 300), (20, 16, 1000)])
@@ -226,7 +228,7 @@ def test_backend_errors_and_registry():
     want = "native" if _ext.available() else "torch"
     assert resolve_backend("auto", torch.device("cpu")).name == auto_backend(torch.device("cpu"))[0] == want
     with pytest.raises(
-        TypeError, match=r"backend 'torch' takes the options \['chunk', 'max_candidates', 'topk'\]"
+        TypeError, match=r"backend 'torch' takes the options \['chunk', 'max_candidates', 'search', 'topk'\]"
     ):
         sk.spade_encode(x, A, 0.1, backend="torch", cap=4)
     with pytest.raises(TypeError, match="takes no options"):
@@ -286,7 +288,7 @@ def test_torch_and_reference_backends_run_no_compiled_op(backend):
 
 @pytest.mark.skipif(not _ext.available(), reason="C++ extension unavailable")
 def test_native_backend_runs_the_compiled_ops():
-    m = sk.SpaDE(16, 300, backend="native")
+    m = sk.SpaDE(16, 300, backend="native", backend_options={"search": "pruned"})
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         m(torch.randn(64, 16)).loss.backward()
     names = {e.name for e in prof.events()}

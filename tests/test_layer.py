@@ -12,9 +12,10 @@ from spade_kernels.reference import spade_forward_reference
 CPU_BACKENDS = ["reference", "torch"] + (["native"] if _ext.available() else [])
 
 
-def _layer(backend, d=6, K=40, dtype=torch.float64, **kw):
+def _layer(backend, d=6, K=40, dtype=torch.float64, search=None, **kw):
     torch.manual_seed(1)
-    return sk.SpaDE(d, K, backend=backend, dtype=dtype, **kw)
+    options = {"search": search} if search and backend != "reference" else None
+    return sk.SpaDE(d, K, backend=backend, dtype=dtype, backend_options=options, **kw)
 
 
 def test_paper_init():
@@ -29,8 +30,8 @@ def test_paper_init():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reg_on", ["encoder", "decoder"])
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_forward_and_gradients_match_float64_reference(backend, reg_on, use_bias, product_route):
-    m = _layer(backend, reg_on=reg_on, use_bias=use_bias, gamma_reg=0.3)
+def test_forward_and_gradients_match_float64_reference(backend, reg_on, use_bias, product_route, search):
+    m = _layer(backend, reg_on=reg_on, use_bias=use_bias, gamma_reg=0.3, search=search)
     with torch.no_grad():
         m.W_dec.add_(0.1 * torch.randn_like(m.W_dec))  # decoder ≠ encoder
         if use_bias:
@@ -140,9 +141,9 @@ def test_training_steps_reduce_loss():
     assert sum(losses[-5:]) < 0.9 * sum(losses[:5])
 
 
-def test_every_backend_trains_like_the_reference(product_route):
+def test_every_backend_trains_like_the_reference(product_route, search):
     data = torch.randn(6, 32, 5, dtype=torch.float64)
-    ms = [_layer(b, d=5, K=20) for b in CPU_BACKENDS]
+    ms = [_layer(b, d=5, K=20, search=search) for b in CPU_BACKENDS]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in ms]
     for batch in data:
         for m, opt in zip(ms, opts):

@@ -95,20 +95,23 @@ int run_encode(int B, int d, int K, int chunk, int cap, T lam, bool dense, std::
   int32_t* count = to_device(std::vector<int32_t>(B, 0));
   T* bound = to_device(std::vector<T>(B, -INFINITY));
   T* d_margin = to_device(margin);
+  std::vector<T> aa_t(aa.begin(), aa.end());
+  T* d_aa = to_device(aa_t);
   for (int c0 = 0; c0 < K; c0 += chunk) {
     const int cols = std::min(K, c0 + chunk) - c0;
-    std::vector<T> S(size_t(B) * cols);  // s' = λ(2·x·a − ‖a‖²), as the GEMM gives it
+    std::vector<T> S(size_t(B) * cols);  // x·a, as the GEMM gives it; the kernel forms λ(2·x·a − ‖a‖²)
     for (int b = 0; b < B; ++b)
       for (int k = 0; k < cols; ++k) {
         double dot = 0;
         for (int i = 0; i < d; ++i) dot += double(x[size_t(b) * d + i]) * A[size_t(c0 + k) * d + i];
-        S[size_t(b) * cols + k] = T(lam * (2 * dot - aa[c0 + k]));
+        S[size_t(b) * cols + k] = T(dot);
       }
     T* d_S = to_device(S);
-    CHECK_CUDA(spade::select_chunk<T>(d_S, B, cols, cols, c0, d_margin, buf_idx, buf_val, count, bound, cap,
-                                      nullptr));
+    CHECK_CUDA(spade::select_chunk<T>(d_S, d_aa + c0, lam, B, cols, cols, c0, d_margin, buf_idx, buf_val, count,
+                                      bound, cap, nullptr));
     cudaFree(d_S);
   }
+  cudaFree(d_aa);
   const auto counts = to_host(count, B);
   const auto idx32 = to_host(buf_idx, size_t(B) * cap);
   int width = 1;

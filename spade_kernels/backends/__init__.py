@@ -34,6 +34,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "auto_backend",
+    "auto_search",
     "available_backends",
     "backend_status",
     "canonical_name",
@@ -189,6 +190,22 @@ def auto_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> tu
             why = basis + (f"; {', '.join(skipped)} not usable here" if skipped else "")
             return name, why
     return "torch", basis
+
+
+#: The largest K at which the pipeline's dense search (dense scores of a row
+#: block and a sort) beats a backend's pruned search, per (device type,
+#: backend) — measured on the CPU at B = 16384, d ∈ {2, 128}, K ∈ {128, 256,
+#: 512, 2048} (benchmarks/NOTES.md, "Issue 13"): the ``torch`` backend's
+#: top-k search loses to it at K = 128 (0.209 vs 0.139 s at d = 2) and wins
+#: from K = 256; ``native``'s selection wins at every K (0.071 vs 0.126 s at
+#: K = 128).  Pairs without a measurement always prune.
+DENSE_SEARCH_MAX_K: dict[tuple[str, str], int] = {("cpu", "torch"): 128}
+
+
+def auto_search(device: torch.device, K: int, d: int, backend: str) -> str:
+    """The candidate search ``search="auto"`` runs: ``"dense"`` up to the measured K, else ``"pruned"``."""
+    limit = DENSE_SEARCH_MAX_K.get((device.type, backend))
+    return "dense" if limit is not None and K <= limit else "pruned"
 
 
 def backend_status() -> dict[str, str | None]:

@@ -48,6 +48,19 @@ def exact_codes(x, A, lam: float, cand):
     return ops.exact_codes(x.to(cd), A.to(cd), lam, cand)
 
 
+def row_bytes(K: int, d: int, itemsize: int, options) -> int:
+    """Working memory per row (docs/design.md, "Memory model"): a score chunk, the buffer, the exact stage.
+
+    The buffer (int32 indices, values, int64 candidates) holds
+    ``max_candidates`` slots (the pipeline passes the size it is growing it
+    to), and ``exact_codes`` writes values, indices and D of that width.
+    """
+    c = min(options["chunk"], K)
+    cap = min(options["max_candidates"], K)
+    e = itemsize
+    return e * c + cap * (4 + e + 8) + cap * (2 * e + 16)
+
+
 #: The ``native`` backend as the pipeline sees it.
 PRIMITIVES = Primitives(
     name="native",
@@ -61,4 +74,6 @@ PRIMITIVES = Primitives(
     support_jacobian=ops.support_jacobian,
     select_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
     product_dtypes=_KERNEL_DTYPES,
+    row_bytes=row_bytes,
+    buffer_option="max_candidates",
 )

@@ -30,7 +30,7 @@ import math
 import torch
 
 from ..numerics import compute_dtype, sorted_threshold
-from .interface import DEFAULT_CHUNK, DEFAULT_MAX_CANDIDATES, Primitives
+from .interface import DEFAULT_CHUNK, DEFAULT_MAX_CANDIDATES, Primitives, exact_stage_row_bytes
 
 __all__ = [
     "OPTIONS",
@@ -260,6 +260,19 @@ def exact_codes(x, A, lam: float, cand, sq_dist=None):
     )
 
 
+def row_bytes(K: int, d: int, itemsize: int, options) -> int:
+    """Working memory per row of :func:`select_candidates` and :func:`exact_codes` (docs/design.md, "Memory model").
+
+    A chunk of scores, the top-k values and indices, the merge's concatenated,
+    sorted and gathered buffers, and the exact stage over ≤ ``max_candidates``.
+    """
+    c = min(options["chunk"], K)
+    k = min(options["topk"], c)
+    w = min(options["max_candidates"], K)
+    e = itemsize
+    return e * c + 2 * (e + 8) * k + 3 * (e + 8) * (w + k) + exact_stage_row_bytes(w, e)
+
+
 #: The ``torch`` backend as the pipeline sees it.
 PRIMITIVES = Primitives(
     name="torch",
@@ -273,4 +286,5 @@ PRIMITIVES = Primitives(
     support_jacobian=support_jacobian,
     select_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
     product_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+    row_bytes=row_bytes,
 )

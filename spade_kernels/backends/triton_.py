@@ -25,7 +25,7 @@ import torch
 
 from ..triton_ import encode as E
 from ..triton_ import sparse as S
-from .interface import Primitives
+from .interface import Primitives, exact_stage_row_bytes
 
 __all__ = ["PRIMITIVES"]
 
@@ -35,6 +35,14 @@ _KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 def _margin_eps(dtype: torch.dtype, options) -> tuple[float, bool]:
     tf32 = options["precision"] == "tf32" and dtype == torch.float32
     return E.DOT_EPS["tf32" if tf32 else "ieee"], not tf32
+
+
+def _row_bytes(K: int, d: int, itemsize: int, options) -> int:
+    """Working memory per row: the per-tile slots and counts, the prepass, the candidates, the exact stage."""
+    tiles = -(-K // options["block_n"])
+    prepass = min(options["prepass"], K)
+    cap = options["cap"]
+    return tiles * options["slots"] * 8 + tiles * 4 + prepass * 16 + cap * 8 + exact_stage_row_bytes(cap, 4)
 
 
 #: The ``triton`` backend as the pipeline sees it.
@@ -51,4 +59,5 @@ PRIMITIVES = Primitives(
     select_dtypes=_KERNEL_DTYPES,
     product_dtypes=_KERNEL_DTYPES,
     margin_eps=_margin_eps,
+    row_bytes=_row_bytes,
 )

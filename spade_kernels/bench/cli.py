@@ -11,7 +11,16 @@ import torch
 from ..backends import BACKENDS
 from .measure import DTYPES
 from .report import format_table, write_results
-from .sweep import BASELINES, CPU_SHAPES, GPU_SHAPES, MODES, QUICK_SHAPES, parse_shape, run_sweep
+from .sweep import (
+    BASELINES,
+    CPU_SHAPES,
+    GPU_SHAPES,
+    MODES,
+    QUICK_SHAPES,
+    parse_shape,
+    run_sweep,
+    scaling_shapes,
+)
 
 __all__ = ["add_arguments", "main", "run_from_args"]
 
@@ -32,6 +41,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="directory for results.json, results.csv and plots")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per CPU configuration")
     p.add_argument("--no-plots", action="store_true", help="write results.json and results.csv only")
+    p.add_argument(
+        "--sweep",
+        choices=["scaling"],
+        default=None,
+        help="scaling: B ∈ {1024, 16384, 300000} × K ∈ {128 … 65536} × d ∈ {2, 128, 768}, encode and train, "
+        "every backend and auto against the reference, each configuration in its own process",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="timed seconds per configuration before it stops repeating",
+    )
+    p.add_argument(
+        "--max-config-s",
+        type=float,
+        default=None,
+        help="skip configurations whose encoder GEMM alone would take longer (estimated from a GEMM timed here)",
+    )
     p.add_argument(
         "--deadline",
         type=float,
@@ -67,7 +95,17 @@ def run_from_args(args: argparse.Namespace, stream=None) -> int:
         repeats, warmup = args.repeats or (20 if device.type == "cuda" else 5), args.warmup or 2
     if args.quick and args.shape:
         shapes = args.shape
-    backends = _split(args.backends, tuple(BACKENDS), "backends") if args.backends else available_backends()
+    if args.sweep == "scaling":
+        shapes = args.shape or scaling_shapes()
+        repeats, warmup = args.repeats or 3, args.warmup or 1
+        args.modes = args.modes if args.modes != "encode,forward,train" else "encode,train"
+        args.baselines = args.baselines if args.baselines != "floor,entmax" else "floor"
+        args.budget_s = 20.0 if args.budget_s is None else args.budget_s
+        args.max_config_s = 120.0 if args.max_config_s is None else args.max_config_s
+    if args.backends:
+        backends = _split(args.backends, (*BACKENDS, "auto"), "backends")
+    else:
+        backends = [*available_backends(), "auto"] if args.sweep else available_backends()
     baselines = _split(args.baselines, BASELINES, "baselines")
     default_dtype = "bfloat16" if device.type == "cuda" else "float32"
     dtypes = _split(args.dtypes or default_dtype, DTYPES, "dtypes")
@@ -80,7 +118,10 @@ def run_from_args(args: argparse.Namespace, stream=None) -> int:
     rows, env = run_sweep(
         shapes, backends, baselines, dtypes, modes, device, repeats, warmup,
         timeout=args.timeout, deadline=args.deadline, on_row=save_partial,
+        budget_s=args.budget_s, max_config_s=args.max_config_s,
     )  # fmt: skip
+    if args.sweep:
+        env["sweep"] = args.sweep
     print(format_table([asdict(r) for r in rows]), file=stream)
     print(
         f"\n{env['device_name']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}",

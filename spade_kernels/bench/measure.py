@@ -103,23 +103,28 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def estimate_bytes(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype) -> int:
-    """Rough peak memory of one configuration (inputs included), for skipping.
+    """Rough peak memory of one configuration (inputs included), for skipping what cannot fit.
 
-    Dense paths hold several B×K tensors (scores, sort values, int64 sort
-    indices, cumulative sums; more with autograd); sparse paths hold a chunk
-    of scores and B×C buffers.
+    Row-blocked work costs the memory budget; what grows with B is the
+    output (B·C codes, C ≤ 256 assumed) and, for training, B·d activations.
+    The dense paths keep B×K tensors where they are not row-blocked: the
+    floor's output, every baseline's training step (z, D, the sort and
+    autograd's copies), entmax's encode.
     """
+    from ..pipeline.memory import DEFAULT_CPU_BUDGET
+
     e = torch.finfo(dtype).bits // 8
     inputs = (B * d + 2 * K * d) * max(e, 4)
-    dense = name in ("reference", "entmax")
+    params = 3 * K * d * 4 if mode == "train" else 0
+    rows = B * 256 * 16 + (4 * B * d * 4 if mode == "train" else 0)
     if name == "floor":
         work = B * K * e
-    elif dense:
+    elif name == "entmax" or (name == "reference" and mode != "encode"):
         per = {"encode": 4 * 4 + 8, "forward": 5 * 4 + 8, "train": 9 * 4 + 16}[mode]
         work = B * K * per
     else:
-        work = B * min(K, 8192) * 4 * 3 + B * 2048 * 12 + (3 * K * d * 4 if mode == "train" else 0)
-    return inputs + work
+        work = 3 * DEFAULT_CPU_BUDGET + rows
+    return inputs + params + work
 
 
 # --------------------------------------------------------------------------
@@ -135,7 +140,10 @@ def make_case(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype, 
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, d, generator=g).to(device=device, dtype=dtype)
     lam = 1.0 / (2 * d)
-    layer = SpaDE(d, K, device=device, dtype=dtype, backend=name if name in BACKENDS else "reference")
+    # "auto": what a user gets without choosing (the row records what it resolved to).
+    layer = SpaDE(
+        d, K, device=device, dtype=dtype, backend=name if name in BACKENDS or name == "auto" else "reference"
+    )
     A = layer.prototypes.detach()
     state = {}
 
@@ -151,7 +159,7 @@ def make_case(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype, 
             with torch.set_grad_enabled(mode == "train"):
                 D = squared_distances(x, layer.prototypes, naive=False)
                 z = entmax_sparsemax((-layer.lam * D).float(), dim=-1)
-                state["l0"] = z.detach()
+                state["l0"] = float((z.detach() > 0).sum(-1).float().mean())
                 if mode == "encode":
                     return z
                 x_hat = z.to(dtype) @ layer.W_dec
@@ -167,7 +175,9 @@ def make_case(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype, 
         def encode():
             with torch.no_grad():
                 codes = spade_encode(x, A, lam, backend=name)
-            state["codes"] = codes
+            state["l0"] = float(
+                codes.support_size.float().mean()
+            )  # not the codes: one run's output at a time
             return codes
 
         return encode, state
@@ -176,7 +186,7 @@ def make_case(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype, 
         def forward():
             with torch.no_grad():
                 out = layer(x)
-            state["codes"] = out.codes
+            state["l0"] = float(out.codes.support_size.float().mean())
             return out
 
         return forward, state
@@ -185,7 +195,7 @@ def make_case(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype, 
         layer.zero_grad(set_to_none=True)
         out = layer(x)
         out.loss.backward()
-        state["codes"] = out.codes
+        state["l0"] = float(out.codes.support_size.float().mean())
         return out
 
     return train_step, state
@@ -222,13 +232,29 @@ def measure(
     device: torch.device,
     repeats: int,
     warmup: int,
+    budget_s: float | None = None,
 ) -> dict:
-    """Time one configuration in this process; returns times (ms), peak memory, mean L0."""
+    """Time one configuration in this process; returns times (ms), extra peak memory, mean L0.
+
+    The extra peak is measured over the runs after the first warm-up: the
+    peak above what was allocated once the inputs, the layer and the first
+    call's lasting state (gradients of a training step) exist.
+
+    ``budget_s``: stop repeating once the timed runs took that long (at least
+    one run), and skip the remaining warm-ups once one took half of it — for
+    configurations that take seconds each.
+    """
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     fn, state = make_case(name, mode, B, d, K, dtype, device)
+    if warmup > 0:
+        # One warm-up before the peak is reset: one-time costs of a first call
+        # (lazy imports, BLAS workspaces, gradient buffers) are not the
+        # configuration's working memory.
+        warmup -= 1
+        fn()
     if cuda:
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -238,9 +264,14 @@ def measure(
         _reset_peak_rss()
         base = _rss_bytes()
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        if budget_s is not None and time.perf_counter() - t0 > budget_s / 2:
+            break
     times = []
     for _ in range(repeats):
+        if budget_s is not None and times and sum(times) / 1e3 >= budget_s:
+            break
         if cuda:
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -257,10 +288,7 @@ def measure(
     else:
         peak = _peak_rss_bytes() - base
     l0 = None
-    if "codes" in state:
-        l0 = float(state["codes"].support_size.float().mean())
-    elif "l0" in state:
-        l0 = float((state["l0"] > 0).sum(-1).float().mean())
+    l0 = state.get("l0")
     return {"times_ms": times, "peak_bytes": max(int(peak), 0), "mean_l0": l0}
 
 
@@ -278,7 +306,7 @@ def _worker(spec: str) -> None:
     a = json.loads(spec)
     result = measure(
         a["name"], a["mode"], a["B"], a["d"], a["K"], DTYPES[a["dtype"]], torch.device(a["device"]),
-        a["repeats"], a["warmup"],
+        a["repeats"], a["warmup"], a.get("budget_s"),
     )  # fmt: skip
     print(json.dumps(result))
 

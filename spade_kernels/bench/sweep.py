@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..backends import auto_backend
 from .measure import DTYPES, device_memory_bytes, environment, estimate_bytes, measure, measure_in_subprocess
 
 __all__ = [
@@ -41,6 +42,8 @@ BASELINES = ("floor", "entmax")
 GPU_SHAPES = {"S1": (4096, 768, 24576), "S2": (4096, 2304, 65536), "S3": (4096, 4096, 131072)}
 CPU_SHAPES = {"C1": (1024, 768, 16384)}
 QUICK_SHAPES = {"Q1": (256, 128, 1024), "Q2": (256, 128, 4096), "Q3": (256, 128, 16384)}
+#: ``--sweep scaling``: how time and memory grow with B, K and d.
+SCALING = {"B": (1024, 16384, 300000), "K": (128, 512, 4096, 16384, 65536), "d": (2, 128, 768)}
 
 
 @dataclass
@@ -101,14 +104,21 @@ def run_sweep(
     timeout: float = 600.0,
     deadline: float | None = None,
     on_row=None,
+    budget_s: float | None = None,
+    max_config_s: float | None = None,
 ) -> tuple[list[Row], dict]:
     """Measure every configuration; returns (rows, environment).
 
     ``deadline``: seconds after the start past which no further configuration
     is started (the rest are recorded as ``skipped: deadline``; the first
-    always runs).  ``on_row(rows,
-    env)`` is called after every configuration, so a caller can save partial
-    results (an interrupted run keeps what it finished).
+    always runs).  ``on_row(rows, env)`` is called after every configuration,
+    so a caller can save partial results (an interrupted run keeps what it
+    finished).  ``budget_s``: timed seconds per configuration after which it
+    stops repeating (:func:`~.measure.measure`).  ``max_config_s``: skip a
+    configuration whose one encoder GEMM alone, at the rate measured here,
+    would take longer (``skipped: estimated ≥ N s``).  The backend name
+    ``"auto"`` measures what ``backend="auto"`` runs; its row records the
+    backend it resolved to in ``meta["resolves_to"]``.
     """
     progress = progress or sys.stderr
     from ..backends import BACKENDS, backend_status
@@ -130,6 +140,7 @@ def run_sweep(
                         configs.append((name, "baseline", mode, shape_name, B, d, K, dtype_name))
                 for name in backends:
                     configs.append((name, "backend", mode, shape_name, B, d, K, dtype_name))
+    rate = _gemm_rate(device) if max_config_s is not None else None
     rows: list[Row] = []
     floor_cache: dict = {}
     mem_avail = device_memory_bytes(device)
@@ -137,7 +148,11 @@ def run_sweep(
     for i, (name, kind, mode, shape_name, B, d, K, dtype_name) in enumerate(configs, 1):
         dtype = DTYPES[dtype_name]
         row = Row(name, kind, mode, shape_name, B, d, K, dtype_name, env["device_name"], meta=env)
-        reason = status.get(name) if kind == "backend" else None
+        backend = name
+        if name == "auto":
+            backend = auto_backend(device, dtype)[0]
+            row.meta = {**env, "resolves_to": backend}
+        reason = status.get(backend) if kind == "backend" else None
         need = estimate_bytes(name, mode, B, d, K, dtype)
         floor_key = (shape_name, dtype_name)
         if name == "floor" and floor_key in floor_cache:
@@ -148,20 +163,22 @@ def run_sweep(
             reason = "the entmax package is not installed"
         if reason is not None:
             row.status = f"skipped: unavailable ({reason})"
-        elif kind == "backend" and BACKENDS[name].device_reason(device) is not None:
-            row.status = f"skipped: {BACKENDS[name].device_reason(device)}"
-        elif name == "triton" and device.type != "cuda":
+        elif kind == "backend" and BACKENDS[backend].device_reason(device) is not None:
+            row.status = f"skipped: {BACKENDS[backend].device_reason(device)}"
+        elif backend == "triton" and device.type != "cuda":
             row.status = "skipped: the Triton interpreter (TRITON_INTERPRET=1) is not timed"
         elif need > 0.9 * mem_avail:
             row.status = f"skipped: needs {need / 2**30:.1f} GiB"
+        elif rate is not None and _flops(B, d, K) / rate > max_config_s:
+            row.status = f"skipped: estimated ≥ {_flops(B, d, K) / rate:.0f} s (its GEMM alone)"
         elif deadline is not None and rows and time.perf_counter() - t_start > deadline:
             row.status = f"skipped: deadline ({deadline:.0f} s) passed"
         else:
             args = {"name": name, "mode": mode, "B": B, "d": d, "K": K, "dtype": dtype_name}
-            args.update(device=str(device), repeats=repeats, warmup=warmup)
+            args.update(device=str(device), repeats=repeats, warmup=warmup, budget_s=budget_s)
             try:
                 if device.type == "cuda":
-                    result = measure(name, mode, B, d, K, dtype, device, repeats, warmup)
+                    result = measure(name, mode, B, d, K, dtype, device, repeats, warmup, budget_s)
                 else:
                     result = measure_in_subprocess(args, timeout)
             except (RuntimeError, subprocess.TimeoutExpired, torch.cuda.OutOfMemoryError) as exc:
@@ -191,6 +208,26 @@ def run_sweep(
             on_row(rows, env)
     _fill_ratios(rows)
     return rows, env
+
+
+def _gemm_rate(device: torch.device) -> float:
+    """FLOP/s of one float32 GEMM at (1024, 768, 4096) here (for the time estimates of ``max_config_s``)."""
+    x = torch.randn(1024, 768, device=device)
+    A = torch.randn(4096, 768, device=device)
+    torch.mm(x, A.t())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        torch.mm(x, A.t())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 3 * _flops(1024, 768, 4096) / (time.perf_counter() - t0)
+
+
+def scaling_shapes() -> list[tuple[str, tuple[int, int, int]]]:
+    """The scaling sweep (docs/design.md, "Performance targets"): B × K × d."""
+    return [(f"{B}x{d}x{K}", (B, d, K)) for B in SCALING["B"] for d in SCALING["d"] for K in SCALING["K"]]
 
 
 def _fill_ratios(rows: list[Row]) -> None:

@@ -27,30 +27,38 @@ import math
 import torch
 
 from ..backends import torch_ as T
-from ..backends.interface import Primitives, resolve_options
+from ..backends.interface import INITIAL_BUFFER, Primitives, backend_options, resolve_options
 from ..numerics import ieee_matmul, sanitize, score_margin, sorted_threshold
+from .memory import budget_bytes, row_blocks
 from .sparse import product
 
 __all__ = ["dense_candidates", "empty_codes", "encode_forward", "finish_codes"]
-
-#: Score elements per row block of the overflow path (:func:`dense_candidates`).
-DENSE_BLOCK_ELEMENTS = 1 << 24
 
 
 def _pad(t: torch.Tensor, width: int, value=0) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
 
+def dense_row_bytes(K: int, itemsize: int) -> int:
+    """Working memory per row of :func:`dense_candidates`: the row's scores, their sort (values and
+    int64 order), the masked copy and the top-k's indices."""
+    return K * (3 * itemsize + 16)
+
+
 def dense_candidates(x, A, aa, lam: float, margin, chunk: int = T.OPTIONS["chunk"]):
-    """Exact candidate sets of a few rows from their dense scores, in row blocks.
+    """Exact candidate sets from dense scores, in row blocks sized from the memory budget.
 
     Every entry above τ − margin of its row (τ from a sort of the whole row):
-    a superset of the support whatever its width.  Returns (R, W) int64, −1 padded.
+    a superset of the support whatever its width.  The overflow path for the
+    rows a search could not hold, and the whole search (``search="dense"``)
+    where K is small enough for dense scores to be cheaper.  Returns (R, W)
+    int64, −1 padded.
     """
     cd = aa.dtype
     R, K = x.shape[0], A.shape[0]
     out = []
-    for rs in T.row_blocks(R, K, DENSE_BLOCK_ELEMENTS):
+    budget = budget_bytes(x.device)
+    for rs in row_blocks(R, dense_row_bytes(K, aa.element_size()), budget):
         s = torch.empty(rs.stop - rs.start, K, dtype=cd, device=x.device)
         for c0 in range(0, K, chunk):  # chunked so prototypes are upcast a chunk at a time
             c1 = min(K, c0 + chunk)
@@ -60,9 +68,63 @@ def dense_candidates(x, A, aa, lam: float, margin, chunk: int = T.OPTIONS["chunk
         tau = sorted_threshold(torch.sort(s, dim=1, descending=True).values)
         keep = s > (tau - margin[rs]).unsqueeze(1)
         v, i = torch.topk(torch.where(keep, s, -math.inf), max(int(keep.sum(1).max()), 1), dim=1)
+        del s, keep
         out.append(torch.where(torch.isfinite(v), i, torch.full_like(i, -1)))
     width = max(i.shape[1] for i in out)
     return torch.cat([_pad(i, width, -1) for i in out], dim=0)
+
+
+#: Rows whose search sizes the candidate buffer of the rest of a row block.
+SAMPLE_ROWS = 512
+
+
+def _grown_search(prims: Primitives, x, A, aa, lam, margin, opts):
+    """The backend's search with its candidate buffer sized by the data (``Primitives.buffer_option``).
+
+    The first ``SAMPLE_ROWS`` rows are searched with ``INITIAL_BUFFER`` slots
+    (or K, or the option's value, if smaller); the rest with 1.5× the widest
+    candidate set the sample needed.  Rows that overflow a buffer are searched
+    again with four times as many slots, up to the option's value, so only
+    they pay for a wider buffer; rows that overflow the largest are flagged
+    for the exact dense path.
+    """
+    name = prims.buffer_option
+    if name is None:
+        return prims.select_candidates(x, A, aa, lam, margin, **opts)
+    limit = min(opts[name], A.shape[0])
+
+    def search(rows, size):
+        """The search over ``rows`` with ``size`` slots, the overflowing rows searched again with ×4."""
+        sub = slice(None) if rows is None else rows
+        cand, overflow = prims.select_candidates(x[sub], A, aa, lam, margin[sub], **{**opts, name: size})
+        while overflow.any() and size < limit:
+            size = min(limit, 4 * size)
+            again = overflow.nonzero().squeeze(1)
+            more, more_overflow = prims.select_candidates(
+                x[sub][again], A, aa, lam, margin[sub][again], **{**opts, name: size}
+            )
+            width = max(cand.shape[1], more.shape[1])
+            cand = _pad(cand, width, -1)
+            cand[again] = _pad(more, width, -1)
+            overflow[again] = more_overflow
+        return cand, overflow
+
+    B = x.shape[0]
+    size = min(limit, INITIAL_BUFFER)
+    if B <= SAMPLE_ROWS:
+        return search(None, size)
+    # A sample of the rows sizes the buffer for the rest: 1.5× its widest
+    # candidate set (a power of two, at least 16), grown only where a row needs more.
+    head = torch.arange(SAMPLE_ROWS, device=x.device)
+    cand_head, overflow_head = search(head, size)
+    widest = int((cand_head >= 0).sum(1).max()) if not bool(overflow_head.all()) else limit
+    size = min(limit, max(16, 1 << max(0, math.ceil(1.5 * widest) - 1).bit_length()))
+    cand_tail, overflow_tail = search(torch.arange(SAMPLE_ROWS, B, device=x.device), size)
+    width = max(cand_head.shape[1], cand_tail.shape[1])
+    return (
+        torch.cat([_pad(cand_head, width, -1), _pad(cand_tail, width, -1)]),
+        torch.cat([overflow_head, overflow_tail]),
+    )
 
 
 def finish_codes(z, idx, size, D, nan_rows):
@@ -106,17 +168,24 @@ def encode_forward(prims: Primitives, x: torch.Tensor, A: torch.Tensor, lam: flo
 
     Returns (values, indices, support_size, D) in the compute dtype, as
     :func:`finish_codes` lays them out.  ``options`` are the backend's
-    candidate-search options (see its ``OPTIONS``).
+    candidate-search options (see its ``OPTIONS``) and the pipeline's
+    ``search`` (``"auto"`` means ``"pruned"`` here: the caller,
+    :func:`spade_kernels.encode.encode_sparse`, resolves it).  One call is one
+    row block: its memory is ``prims.row_bytes`` per row.
     """
     opts = resolve_options(prims, options or {})
+    search = opts["search"]
+    opts = backend_options(prims, opts)
     x, A, aa, xx, nan_rows = sanitize(x, A)
     if x.shape[0] == 0:
         return empty_codes(x, aa.dtype)
     eps, worst_case = prims.margin_eps(x.dtype, opts)
     margin = score_margin(xx, aa, lam, x.shape[1], eps, worst_case)
     with ieee_matmul():
-        if x.dtype in prims.select_dtypes:
-            cand, overflow = prims.select_candidates(x, A, aa, lam, margin, **opts)
+        if search == "dense":
+            cand, overflow = dense_candidates(x, A, aa, lam, margin), torch.zeros_like(nan_rows)
+        elif x.dtype in prims.select_dtypes:
+            cand, overflow = _grown_search(prims, x, A, aa, lam, margin, opts)
         else:
             cand, overflow = T.select_candidates(x, A, aa, lam, margin, **_torch_options(opts))
     overflow = overflow & ~nan_rows

@@ -28,6 +28,7 @@ from ..backends import torch_ as T
 from ..backends.interface import Primitives
 from ..codes import SparseCodes
 from ..numerics import compute_dtype
+from .memory import budget_bytes, row_blocks
 
 __all__ = [
     "DENSE_FRACTION",
@@ -72,10 +73,37 @@ def _dense_route(C, K: int, device: torch.device) -> bool:
     return guard_or_false(C >= fraction * K)
 
 
+def _dense_blocks(rows: int, K: int, t: torch.Tensor):
+    """Row blocks whose dense (rows, K) temporaries (two of them) fit the memory budget."""
+    return row_blocks(rows, 2 * K * t.element_size(), budget_bytes(t.device))
+
+
+def _dense_gather_matmul(w, idx, M):
+    out = torch.empty(idx.shape[0], M.shape[1], dtype=M.dtype, device=M.device)
+    for rs in _dense_blocks(idx.shape[0], M.shape[0], M):
+        out[rs] = _densify(w[rs], idx[rs], M.shape[0], M.dtype) @ M
+    return out
+
+
+def _dense_gather_dot(G, idx, M):
+    out = torch.empty(idx.shape, dtype=M.dtype, device=M.device)
+    for rs in _dense_blocks(idx.shape[0], M.shape[0], M):
+        out[rs] = (G[rs].to(M.dtype) @ M.t()).gather(1, idx[rs])
+    return out
+
+
+def _dense_scatter_matmul(w, idx, X, n):
+    out = torch.zeros(n, X.shape[1], dtype=X.dtype, device=X.device)
+    for rs in _dense_blocks(idx.shape[0], n, X):
+        out.addmm_(_densify(w[rs], idx[rs], n, X.dtype).t(), X[rs])
+    return out
+
+
+#: The dense route of each product: densify a row block of the codes, one GEMM (row blocks in the budget).
 _DENSE = {
-    "gather_matmul": lambda w, idx, M: _densify(w, idx, M.shape[0], M.dtype) @ M,
-    "gather_dot": lambda G, idx, M: (G.to(M.dtype) @ M.t()).gather(1, idx),
-    "scatter_matmul": lambda w, idx, X, n: _densify(w, idx, n, X.dtype).t() @ X,
+    "gather_matmul": _dense_gather_matmul,
+    "gather_dot": _dense_gather_dot,
+    "scatter_matmul": _dense_scatter_matmul,
 }
 
 

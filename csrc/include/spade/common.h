@@ -70,6 +70,35 @@ SPADE_HD T michelot_tau(T m, SumAbove&& sum_above) {
   return t + m;
 }
 
+// Σ_i (x_i − a_i)² (kSqDist) or Σ_i x_i·a_i over [0, d) on the host, in T, with
+// eight independent partial sums: the compiler vectorises it (the order of
+// the additions is fixed, so results are reproducible), and the error of a
+// sum of d terms stays within the d·ε bound the precision contract allows.
+template <typename T, bool kSqDist>
+inline T host_reduce(const T* x, const T* a, int64_t d) {
+  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      if constexpr (kSqDist) {
+        const T diff = x[i + j] - a[i + j];
+        acc[j] += diff * diff;
+      } else {
+        acc[j] += x[i + j] * a[i + j];
+      }
+    }
+  }
+  for (int j = 0; i < d; ++i, ++j) {
+    if constexpr (kSqDist) {
+      const T diff = x[i] - a[i];
+      acc[j] += diff * diff;
+    } else {
+      acc[j] += x[i] * a[i];
+    }
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // τ of v[0, n) (n ≥ 1) on the host.
 template <typename T>
 inline T host_tau(const T* v, int64_t n) {

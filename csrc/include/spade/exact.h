@@ -9,7 +9,7 @@
 // candidate index outside [0, n_a) — −1 in particular — is an empty slot, on
 // both devices.
 //
-// Host: cpu::exact_codes_row (float64 accumulation of D), one row.  Device
+// Host: cpu::exact_codes_row (D accumulated in T, vectorised), one row.  Device
 // (nvcc): a block per row, a warp per candidate, a bitonic sort in shared
 // memory.
 #pragma once
@@ -41,13 +41,7 @@ void exact_codes_row(const T* x, const T* A, int64_t n_a, int64_t d, const int64
   T dmin = inf;
   for (int64_t j = 0; j < width; ++j) {
     if (cand[j] < 0 || cand[j] >= n_a) continue;  // an empty slot
-    const T* a = A + cand[j] * d;
-    double acc = 0.0;
-    for (int64_t i = 0; i < d; ++i) {
-      const double diff = static_cast<double>(x[i]) - static_cast<double>(a[i]);
-      acc += diff * diff;
-    }
-    D[j] = static_cast<T>(acc);
+    D[j] = host_reduce<T, true>(x, A + cand[j] * d, d);
     dmin = std::min(dmin, D[j]);
   }
   support.clear();

@@ -1,7 +1,8 @@
 // Selection of candidates from one K-chunk of GEMM-form scores
 // s'[b, k] = λ(2·x_b·a_k − ‖a_k‖²), k ∈ [offset, offset + cols) (the FAISS
-// pattern: a library GEMM makes a rows × chunk score block, this reduces it to
-// a few candidates per row, and only O(rows·chunk + rows·cap) memory is live).
+// pattern: a library GEMM makes a rows × chunk block of dot products x_b·a_k,
+// this forms the scores from them on the fly and reduces them to a few
+// candidates per row; only O(rows·chunk + rows·cap) memory is live).
 //
 // The buffer policy, the same on both devices so they overflow at the same
 // point.  Each row keeps `cap` candidates (value, global index) and a bound
@@ -36,6 +37,13 @@
 #endif
 
 namespace spade {
+
+// The GEMM-form score λ(2·dot − aa) of a dot product x·a with squared norm aa = ‖a‖².
+template <typename T>
+SPADE_HD T gemm_score(T dot, T aa, T lam) {
+  return lam * (T(2) * dot - aa);
+}
+
 namespace cpu {
 
 // Keeps the entries of (v, idx)[0, n) above thr, in order; returns how many.
@@ -47,22 +55,25 @@ int64_t compact_above(T* v, int32_t* idx, int64_t n, T thr) {
   return out;
 }
 
-// One row of one chunk.  buf_idx / buf_val hold the row's `count` candidates
-// (cap slots); sval / sidx are the caller's scratch of cap + kThreads slots.
+// One row of one chunk: `dot` holds x_b·a_k and `aa` ‖a_k‖² for the chunk's
+// columns.  buf_idx / buf_val hold the row's `count` candidates (cap slots);
+// sval / sidx are the caller's scratch of cap + kThreads slots.
 template <typename T>
-void select_chunk_row(const T* s, int64_t cols, int64_t offset, T slack, int32_t* buf_idx, T* buf_val,
-                      int32_t& count, T& bound, int64_t cap, T* sval, int32_t* sidx) {
+void select_chunk_row(const T* dot, const T* aa, T lam, int64_t cols, int64_t offset, T slack, int32_t* buf_idx,
+                      T* buf_val, int32_t& count, T& bound, int64_t cap, T* sval, int32_t* sidx) {
   int64_t n = count;
   if (n < 0) return;  // overflowed in an earlier chunk
   std::copy(buf_val, buf_val + n, sval);
   std::copy(buf_idx, buf_idx + n, sidx);
   T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t k = 0; k < cols; ++k) mx = std::max(mx, s[k]);
+  for (int64_t k = 0; k < cols; ++k) mx = std::max(mx, gemm_score(dot[k], aa[k], lam));
   T b = std::max(bound, mx - T(1));
   for (int64_t base = 0; base < cols; base += kThreads) {
     const int64_t end = std::min(cols, base + kThreads);
-    for (int64_t k = base; k < end; ++k)
-      if (s[k] > b - slack) sval[n] = s[k], sidx[n] = static_cast<int32_t>(k + offset), ++n;  // n ≤ cap: fits
+    for (int64_t k = base; k < end; ++k) {
+      const T v = gemm_score(dot[k], aa[k], lam);
+      if (v > b - slack) sval[n] = v, sidx[n] = static_cast<int32_t>(k + offset), ++n;  // n ≤ cap: fits
+    }
     if (n > cap) {
       b = std::max(b, host_tau(sval, n));
       n = compact_above(sval, sidx, n, b - slack);
@@ -88,9 +99,9 @@ void select_chunk_row(const T* s, int64_t cols, int64_t offset, T slack, int32_t
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    select_chunk_kernel(const T* __restrict__ scores, int64_t cols, int64_t ld, int64_t offset,
-                        const T* __restrict__ margin, int32_t* __restrict__ buf_idx, T* __restrict__ buf_val,
-                        int32_t* __restrict__ count, T* __restrict__ bound, int cap) {
+    select_chunk_kernel(const T* __restrict__ dots, const T* __restrict__ aa, T lam, int64_t cols, int64_t ld,
+                        int64_t offset, const T* __restrict__ margin, int32_t* __restrict__ buf_idx,
+                        T* __restrict__ buf_val, int32_t* __restrict__ count, T* __restrict__ bound, int cap) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* sval = reinterpret_cast<T*>(smem);
   int32_t* sidx = reinterpret_cast<int32_t*>(sval + cap + kThreads);
@@ -100,13 +111,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   int n = count[row];
   if (n < 0) return;  // overflowed in an earlier chunk (uniform across the block)
-  const T* s = scores + row * ld;
+  const T* s = dots + row * ld;
   T* bv = buf_val + row * cap;
   int32_t* bi = buf_idx + row * cap;
   for (int j = threadIdx.x; j < n; j += blockDim.x) sval[j] = bv[j], sidx[j] = bi[j];
 
   T mx = -detail::infinity<T>();
-  for (int64_t k = threadIdx.x; k < cols; k += blockDim.x) mx = detail::max_of(mx, s[k]);
+  for (int64_t k = threadIdx.x; k < cols; k += blockDim.x) mx = detail::max_of(mx, gemm_score(s[k], aa[k], lam));
   mx = detail::block_reduce<true>(mx, scratch);
   const T slack = margin[row];
   T b = detail::max_of(bound[row], mx - T(1));
@@ -114,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
   bool overflow = false;
   for (int64_t base = 0; base < cols; base += blockDim.x) {
     const int64_t k = base + threadIdx.x;
-    const T v = k < cols ? s[k] : -detail::infinity<T>();
+    const T v = k < cols ? gemm_score(s[k], aa[k], lam) : -detail::infinity<T>();
     const bool keep = v > b - slack;
     int total;
     const int pos = detail::block_scan(keep, iscratch, total);
@@ -143,9 +154,10 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) count[row] = n, bound[row] = b;
 }
 
-// One chunk for every row (rows × cols scores, row stride ld) on `stream`.
+// One chunk for every row (rows × cols dot products, row stride ld; aa the
+// chunk's squared norms) on `stream`.
 template <typename T>
-cudaError_t select_chunk(const T* scores, int64_t rows, int64_t cols, int64_t ld, int64_t offset,
+cudaError_t select_chunk(const T* dots, const T* aa, T lam, int64_t rows, int64_t cols, int64_t ld, int64_t offset,
                          const T* margin, int32_t* buf_idx, T* buf_val, int32_t* count, T* bound, int cap,
                          cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
@@ -157,7 +169,7 @@ cudaError_t select_chunk(const T* scores, int64_t rows, int64_t cols, int64_t ld
     if (err != cudaSuccess) return err;
   }
   select_chunk_kernel<T><<<static_cast<unsigned>(rows), kThreads, shared, stream>>>(
-      scores, cols, ld, offset, margin, buf_idx, buf_val, count, bound, cap);
+      dots, aa, lam, cols, ld, offset, margin, buf_idx, buf_val, count, bound, cap);
   return cudaGetLastError();
 }
 

@@ -13,8 +13,7 @@
 // used (instead of reading out of bounds) and falls in no segment of the
 // scatter (dropped); no check synchronises the GPU.
 //
-// Host: cpu::*_row, one output row (the binding runs rows in parallel); the
-// reductions of gather_reduce accumulate in float64.  Device (nvcc): the
+// Host: cpu::*_row, one output row (the binding runs rows in parallel).  Device (nvcc): the
 // kernels and launchers below.
 #pragma once
 
@@ -67,8 +66,8 @@ void gather_matmul_row(const T* w, const int64_t* idx, int64_t width, const T* M
   }
 }
 
-// out[j] = ⟨x, M[idx[j]]⟩ or ‖x − M[idx[j]]‖² (float64 accumulation); NaN for
-// an index outside [0, n_m).
+// out[j] = ⟨x, M[idx[j]]⟩ or ‖x − M[idx[j]]‖² (accumulated in T, vectorised);
+// NaN for an index outside [0, n_m).
 template <typename T, bool kSqDist>
 void gather_reduce_row(const T* x, const int64_t* idx, int64_t width, const T* M, int64_t n_m, int64_t d, T* out) {
   for (int64_t j = 0; j < width; ++j) {
@@ -76,17 +75,7 @@ void gather_reduce_row(const T* x, const int64_t* idx, int64_t width, const T* M
       out[j] = std::numeric_limits<T>::quiet_NaN();
       continue;
     }
-    const T* m = M + idx[j] * d;
-    double acc = 0.0;
-    for (int64_t i = 0; i < d; ++i) {
-      if constexpr (kSqDist) {
-        const double diff = static_cast<double>(x[i]) - static_cast<double>(m[i]);
-        acc += diff * diff;
-      } else {
-        acc += static_cast<double>(x[i]) * static_cast<double>(m[i]);
-      }
-    }
-    out[j] = static_cast<T>(acc);
+    out[j] = host_reduce<T, kSqDist>(x, M + idx[j] * d, d);
   }
 }
 

@@ -1,0 +1,134 @@
+"""Memory at every shape: row blocks within the budget, buffers sized by the data, the reference's accuracy.
+
+The peak-memory tests run each encode in a fresh process (its RSS high-water
+mark reset once the inputs exist) and check it against the memory model of
+docs/design.md: the budget plus the output, whatever B is.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spade_kernels as sk
+from spade_kernels import _ext
+from spade_kernels.pipeline import memory
+from spade_kernels.reference import sparsemax_reference, squared_distances
+
+_PEAK = r"""
+import json, sys, torch
+import spade_kernels as sk
+B, d, K, backend, budget_mb = sys.argv[1:6]
+B, d, K = int(B), int(d), int(K)
+torch.manual_seed(0)
+x, A = torch.randn(B, d), torch.randn(K, d)
+sk.spade_encode(x[:64], A, 1 / (2 * d), backend=backend)  # first-call costs (imports, BLAS) out of the peak
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+open("/proc/self/clear_refs", "w").write("5")
+base = rss()
+with torch.no_grad():
+    codes = sk.spade_encode(x, A, 1 / (2 * d), backend=backend)
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+out = sum(t.numel() * t.element_size() for t in (codes.values, codes.indices, codes.support_size))
+out += 0 if codes.distances is None else codes.distances.numel() * codes.distances.element_size()
+print(json.dumps({"extra": peak - base, "output": out, "width": codes.width}))
+"""
+
+
+def _peak(B, d, K, backend, budget_mb):
+    env = {"SPADE_MEMORY_BUDGET_MB": str(budget_mb), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(B), str(d), str(K), backend, str(budget_mb)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "reference"] + (["native"] if _ext.available() else []))
+def test_large_batch_encode_stays_within_budget_plus_output(backend):
+    # 200k rows at K = 128 (the paper's 2-D setting): before row blocking the
+    # native path took ~33 KB per row (10 GB at 300k rows); now the budget plus
+    # the output, with 1.5× the output for the growable result buffers, the
+    # blocks' outputs and the allocator's slack.
+    budget_mb = 32
+    r = _peak(200_000, 2, 128, backend, budget_mb)
+    bound = 1.5 * r["output"] + 2 * budget_mb * 2**20 + 48 * 2**20
+    assert r["extra"] <= bound, (r, bound)
+    # And it does not grow like B×K: 200k × 128 float32 scores alone would be 98 MiB, x a few copies.
+    assert r["extra"] < 200_000 * 128 * 4 * 3
+
+
+def test_row_blocks_give_the_same_codes():
+    x, A = torch.randn(300, 6), torch.randn(90, 6)
+    want = {b: sk.spade_encode(x, A, 0.2, backend=b) for b in ("reference", "torch")}
+    with memory.memory_budget(64 * 1024):  # a few rows per block
+        for b in ("reference", "torch") + (("native",) if _ext.available() else ()):
+            got = sk.spade_encode(x, A, 0.2, backend=b)
+            torch.testing.assert_close(got.to_dense(), want["reference"].to_dense(), atol=1e-6, rtol=0)
+    # With autograd, blocks are concatenated and gradients flow through each.
+    xg = x.clone().requires_grad_()
+    with memory.memory_budget(64 * 1024):
+        sk.spade_encode(xg, A, 0.2, backend="torch").values.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_budget_knobs():
+    with memory.memory_budget(12345):
+        assert memory.budget_bytes(torch.device("cpu")) == 12345
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        with memory.memory_budget(0):
+            pass
+    assert memory.budget_bytes(torch.device("cpu")) == memory.DEFAULT_CPU_BUDGET
+
+
+def test_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SPADE_MEMORY_BUDGET_MB", "3")
+    assert memory.budget_bytes(torch.device("cpu")) == 3 * 2**20
+    monkeypatch.setenv("SPADE_MEMORY_BUDGET_MB", "lots")
+    with pytest.raises(ValueError, match="SPADE_MEMORY_BUDGET_MB"):
+        memory.budget_bytes(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not _ext.available(), reason="C++ extension unavailable")
+def test_candidate_buffer_is_sized_by_the_data(monkeypatch):
+    # The sample's widest candidate set sizes the rest of the block's buffer; a
+    # row that needs more gets a wider buffer (×4), and the codes stay exact.
+    from spade_kernels.backends import native as N
+    from spade_kernels.pipeline import encoder
+
+    sizes = []
+    real = N.PRIMITIVES.select_candidates
+    spy = N.PRIMITIVES._replace(
+        select_candidates=lambda *a, **k: sizes.append(k["max_candidates"]) or real(*a, **k)
+    )
+    x, A = torch.randn(2000, 8), torch.randn(4000, 8)
+    A[:600] = 20 + 0.01 * torch.randn(600, 8)  # a tight cluster far away ...
+    x[1500] = 20.0  # ... and one row inside it: ~600 latents in its support
+    z, idx, size, _ = encoder.encode_forward(spy, x, A, 0.2, {"search": "pruned"})
+    assert sizes[0] == 256 and sizes[1] < 256 and max(sizes) > sizes[1], sizes
+    ref = sk.spade_encode(x, A, 0.2, backend="reference").to_dense()
+    assert int(size[1500]) > 256
+    torch.testing.assert_close(sk.SparseCodes(idx, z, size, 4000).to_dense(), ref, atol=1e-5, rtol=0)
+
+
+def test_float32_reference_as_accurate_as_direct_differences():
+    # Far from the origin (norms ~7e5) with small distances: the expanded form
+    # ‖x‖² − 2x·a + ‖a‖² in float32 cancels.  It puts wrong entries into the
+    # support (4 here, error 4e-4); the paper's direct differences and float64
+    # have none.  The reference computes its distances in float64.
+    torch.manual_seed(0)
+    c = 30 * torch.randn(1, 768)
+    x, A = c + torch.randn(16, 768), c + torch.randn(512, 768)
+    lam = 1 / (2 * 768)
+    exact = sparsemax_reference(-lam * squared_distances(x.double(), A.double(), naive=True))
+    direct = sparsemax_reference(-lam * squared_distances(x, A, naive=True))
+    expanded = sparsemax_reference(-lam * squared_distances(x, A, naive=False))
+    ours = sk.spade_encode(x, A, lam, backend="reference").to_dense()
+    assert ((expanded > 0) != (exact > 0)).any()  # the case is sensitive
+    assert torch.equal(ours > 0, exact > 0)
+    assert (ours.double() - exact).abs().max() <= (direct.double() - exact).abs().max()
