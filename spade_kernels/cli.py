@@ -90,6 +90,13 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--out", type=Path, help="checkpoint directory (default runs/spade-<dataset or file stem>)"
     )
+    train.add_argument(
+        "--latent-shards",
+        type=_positive(int),
+        default=1,
+        help="under torchrun: split the latents over groups of this many ranks (data parallel over "
+        "WORLD_SIZE / this many groups); default 1 (plain data parallel when WORLD_SIZE > 1)",
+    )
     bench = sub.add_parser(
         "bench",
         help="benchmark backends against the floor (torch.mm) and the paper-style baseline",
@@ -191,21 +198,31 @@ def _train(args: argparse.Namespace) -> int:
     layer.to(device)
     layer.backend = args.backend
     out_dir = args.out or Path("runs") / f"spade-{name}"
-
-    print(
-        f"training SpaDE d_in={layer.d_in} d_sae={layer.d_sae} (backend {args.backend}, {device}) "
-        f"on {x.shape[0]} samples of {name}, scaled by {factor:.4g}"
-    )
+    try:
+        run = _Distributed.start(args, device)
+    except ValueError as exc:
+        return _error(str(exc))
+    if run.rank == 0:
+        print(
+            f"training SpaDE d_in={layer.d_in} d_sae={layer.d_sae} (backend {args.backend}, {device}) "
+            f"on {x.shape[0]} samples of {name}, scaled by {factor:.4g}{run.describe()}"
+        )
+    trained, module = run.wrap(layer)
     history = train_spade(
-        layer,
-        x,
+        trained,
+        run.part(x),
         batch_size=args.batch_size or batch_size,
         lr=args.lr,
         lr_final=args.lr_final,
         clip=args.clip,
         epochs=args.epochs,
         seed=args.seed,
+        progress=run.rank == 0,
+        module=module,
     )
+    layer = run.finish(trained)
+    if layer is None:  # ranks other than 0: the checkpoint and the report are rank 0's
+        return 0
     final = evaluate(layer, x)
     concepts = concept_metrics(layer, x, dataset.labels, dataset.n_concepts) if dataset is not None else None
     # The checkpoint takes raw activations: the training scale is folded into the weights.
@@ -229,6 +246,68 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"saved to {os.fspath(out_dir)}")
     return 0
+
+
+class _Distributed:
+    """The process layout of a ``train`` run: one process, or ``torchrun`` ranks (data × latent shards)."""
+
+    def __init__(self, rank=0, world=1, shards=1, data_group=None, latent_group=None):
+        self.rank, self.world, self.shards = rank, world, shards
+        self.replicas = world // shards
+        self.data_group, self.latent_group = data_group, latent_group
+
+    @classmethod
+    def start(cls, args, device: torch.device) -> _Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            if args.latent_shards != 1:
+                raise ValueError(
+                    "--latent-shards needs several processes: run under torchrun --nproc-per-node N"
+                )
+            return cls()
+        if world % args.latent_shards:
+            raise ValueError(f"--latent-shards {args.latent_shards} must divide WORLD_SIZE={world}")
+        from . import distributed
+
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        distributed.init()
+        data_group, latent_group = distributed.mesh_groups(
+            world // args.latent_shards, args.latent_shards, device.type
+        )
+        return cls(torch.distributed.get_rank(), world, args.latent_shards, data_group, latent_group)
+
+    def describe(self) -> str:
+        if self.world == 1:
+            return ""
+        return f" on {self.world} processes: {self.replicas} data replica(s) × {self.shards} latent shard(s)"
+
+    def part(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the data: its replica's rows (every rank of a latent group the same)."""
+        return x[self.rank // self.shards :: self.replicas] if self.world > 1 else x
+
+    def wrap(self, layer):
+        """(the layer to train, the module to run): sharded and/or data parallel under torchrun."""
+        if self.world == 1:
+            return layer, None
+        from . import distributed
+
+        trained = distributed.ShardedSpaDE.from_dense(layer, self.latent_group) if self.shards > 1 else layer
+        module = (
+            torch.nn.parallel.DistributedDataParallel(trained, process_group=self.data_group)
+            if self.replicas > 1
+            else None
+        )
+        return trained, module
+
+    def finish(self, trained):
+        """The trained layer, whole, on rank 0 (None elsewhere); ends the process group."""
+        if self.world == 1:
+            return trained
+        layer = trained.to_dense() if self.shards > 1 else trained
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return layer if self.rank == 0 else None
 
 
 def _print_concepts(dataset, metrics: dict[str, torch.Tensor]) -> None:

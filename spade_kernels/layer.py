@@ -358,6 +358,14 @@ class SpaDE(nn.Module):
         lead = x.shape[:-1]
         return SpaDEOutput(x_hat.reshape(*lead, self.d_in), codes.reshape_batch(lead), loss, mse, reg)
 
+    def mean_l0(self, codes: SparseCodes) -> torch.Tensor:
+        """The mean number of active latents per row of ``codes`` (a 0-d tensor)."""
+        return codes.support_size.float().mean()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this layer's parameters (the sharded layer's version is collective)."""
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+
     def extra_repr(self) -> str:
         return (
             f"d_in={self.d_in}, d_sae={self.d_sae}, lambda_init={self.lambda_init:.3g}, "

@@ -104,6 +104,7 @@ def train_spade(
     progress: bool = True,
     log_every: int | None = None,
     stream: TextIO | None = None,
+    module: torch.nn.Module | None = None,
 ) -> TrainHistory:
     """Train ``layer`` on ``x`` with the paper's recipe.
 
@@ -132,6 +133,11 @@ def train_spade(
         about ten lines per run.
     stream : text stream, optional
         Where progress goes (default ``sys.stderr``).
+    module : Module, optional
+        What runs the forward pass, when it is not ``layer`` itself: a
+        ``DistributedDataParallel`` wrapper of it (``layer`` may be a
+        :class:`~spade_kernels.distributed.ShardedSpaDE`; its L0 and its
+        gradient clipping are then taken over all shards).
 
     Returns
     -------
@@ -158,15 +164,15 @@ def train_spade(
             step_lr = cosine_lr(step, total, lr, lr_final)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
-            out = layer(x[order[start : start + batch_size]].to(device, non_blocking=True))
+            out = (module or layer)(x[order[start : start + batch_size]].to(device, non_blocking=True))
             # Logged values of this step (λ as used in its forward pass), read back after the
             # optimizer step in one device sync.
-            stats = torch.stack([out.loss, out.mse, out.codes.support_size.float().mean(), layer.lam])
+            stats = torch.stack([out.loss, out.mse, layer.mean_l0(out.codes).to(out.loss), layer.lam])
             stats = stats.detach().float()
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if clip is not None:
-                torch.nn.utils.clip_grad_norm_(layer.parameters(), clip)
+                layer.clip_grad_norm_(clip)
             optimizer.step()
             for name, value in zip(("loss", "mse", "l0", "lam"), stats.tolist()):
                 getattr(history, name).append(value)

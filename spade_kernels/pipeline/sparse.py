@@ -118,8 +118,8 @@ def product(prims: Primitives, name: str, first, indices, second, *rest):
     return getattr(prims, name)(first, indices, second, *rest)
 
 
-def _sq_dist_backward(prims: Primitives, x, M, indices, G):
-    """Gradients of Σ G[b,j]·‖x_b − M[idx[b,j]]‖² with respect to x and M."""
+def sq_dist_backward(prims: Primitives, x, M, indices, G):
+    """Gradients of Σ G[b,j]·‖x_b − M[idx[b,j]]‖² with respect to x and M (design fact 6), through ``prims``."""
     grad_x = 2 * (G.sum(1, keepdim=True) * x - product(prims, "gather_matmul", G, indices, M))
     grad_M = product(prims, "scatter_matmul", -2 * G, indices, x, M.shape[0])
     row_w = torch.zeros(M.shape[0], dtype=G.dtype, device=G.device)
@@ -149,7 +149,7 @@ def encode_backward(prims: Primitives, x, A, lam, z, idx, D, grad_z, grad_D=None
         # that torch.compile can trace the backward.
         nan_rows = torch.isnan(z).any(1, keepdim=True)
         xc = torch.where(nan_rows, torch.zeros((), dtype=cd, device=x.device), x.to(cd))
-        gx, gA = _sq_dist_backward(prims, xc, A.to(cd), idx, G.to(cd))
+        gx, gA = sq_dist_backward(prims, xc, A.to(cd), idx, G.to(cd))
         grad_x, grad_A = gx.to(x.dtype), gA.to(A.dtype)
     return grad_x, grad_A, grad_lam
 
@@ -167,7 +167,7 @@ class _GatherSqDistFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xc, Mc, indices = ctx.saved_tensors
-        gx, gM = _sq_dist_backward(ctx.prims, xc, Mc, indices, grad.to(xc.dtype))
+        gx, gM = sq_dist_backward(ctx.prims, xc, Mc, indices, grad.to(xc.dtype))
         return gx.to(ctx.x_dtype), gM.to(ctx.M_dtype), None, None
 
 

@@ -1,0 +1,348 @@
+"""spade_kernels.distributed with real processes: gloo on the CPU, torch.multiprocessing.
+
+Every check compares the sharded layer with the single-process layer on the
+same weights and batches: the codes, the loss, every gradient shard, 5 Adam
+steps; DDP alone; checkpoints both ways; a rank that dies; settings that
+differ across ranks.
+"""
+
+import itertools
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import spade_kernels as sk
+from spade_kernels import _ext
+from spade_kernels import distributed as D
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+BACKENDS = ["torch"] + (["native"] if _ext.available() else [])
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, out_dir, args):
+    torch.set_num_threads(1)
+    D.init(
+        "gloo",
+        timeout_s=args.get("timeout_s", 30),
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+    )
+    try:
+        result = fn(rank, world, **args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(fn, world, tmp_path, timeout=240, **args):
+    """Run ``fn(rank, world, **args)`` in ``world`` fresh processes; returns their exit codes."""
+    ctx = mp.get_context("spawn")
+    port = _port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, fn, str(tmp_path), args)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]
+
+
+def _run(fn, world, tmp_path, **args):
+    """Run ``fn(rank, world, **args)`` in ``world`` processes; returns each rank's result."""
+    codes = _spawn(fn, world, tmp_path, **args)
+    assert codes == [0] * world, f"exit codes {codes}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _layer(K, backend, **kw):
+    torch.manual_seed(0)
+    layer = sk.SpaDE(6, K, backend=backend, dtype=torch.float64, **kw)
+    with torch.no_grad():
+        layer.W_dec.add_(0.1 * torch.randn_like(layer.W_dec))  # decoder ≠ encoder
+        if layer.b_dec is not None:
+            layer.b_dec.normal_()
+    return layer
+
+
+def _batches(n=5, B=24):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(B, 6, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+# -- what each rank runs -------------------------------------------------------------------
+
+
+def _forward_and_steps(rank, world, K, backend, layer_kw, data=1, steps=5):
+    """One latent group per data replica: codes, loss and gradient shards of the first batch, then Adam steps."""
+    if data > 1:
+        data_group, latent_group = D.mesh_groups(data, world // data)
+        replica = rank // (world // data)
+    else:
+        data_group, latent_group, replica = None, None, 0
+    sharded = D.ShardedSpaDE.from_dense(_layer(K, backend, **layer_kw), latent_group)
+    module = (
+        torch.nn.parallel.DistributedDataParallel(sharded, process_group=data_group) if data > 1 else sharded
+    )
+    batches = [b[replica::data] for b in _batches()]
+    out = module(batches[0])
+    out.loss.backward()
+    first = {
+        "range": sharded.latent_range,
+        "loss": out.loss.detach(), "mse": out.mse.detach(), "reg": out.reg.detach(), "x_hat": out.x_hat.detach(),
+        "codes": out.codes.detach(), "grads": _grads(sharded), "l0": float(sharded.mean_l0(out.codes)),
+    }  # fmt: skip
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    opt.step()
+    for batch in batches[1:steps]:
+        opt.zero_grad()
+        module(batch).loss.backward()
+        opt.step()
+    first["params"] = {n: p.detach().clone() for n, p in sharded.named_parameters()}
+    first["dense"] = sharded.to_dense().state_dict()
+    return first
+
+
+def _single_process(K, backend, layer_kw, data=1, steps=5):
+    """The same on one process: DDP averages the replicas' gradients, so the loss is their mean."""
+    layer = _layer(K, backend, **layer_kw)
+    batches = _batches()
+
+    def loss_of(batch):
+        return sum(layer(batch[r::data]).loss for r in range(data)) / data
+
+    out = layer(batches[0][0::data])
+    loss_of(batches[0]).backward()
+    first = {"out": out, "grads": _grads(layer)}
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    opt.step()
+    for batch in batches[1:steps]:
+        opt.zero_grad()
+        loss_of(batch).backward()
+        opt.step()
+    first["params"] = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    return first
+
+
+def _check(results, ref, K, data=1):
+    latent = len(results) // data
+    ranges = [r["range"] for r in results[:latent]]
+    assert (
+        ranges[0][0] == 0 and ranges[-1][1] == K and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    )
+    out = ref["out"]
+    for r in results[:latent]:  # replica 0: every rank has the global loss and the full x_hat
+        torch.testing.assert_close(r["loss"], out.loss)
+        torch.testing.assert_close(r["mse"], out.mse)
+        torch.testing.assert_close(r["reg"], out.reg)
+        torch.testing.assert_close(r["x_hat"], out.x_hat)
+        assert r["l0"] == pytest.approx(float(out.codes.support_size.double().mean()))
+    dense = sum(r["codes"].to_dense() for r in results[:latent])  # the shards' codes tile the row
+    torch.testing.assert_close(dense, out.codes.to_dense())
+    for r in results:
+        lo, hi = r["range"]
+        for name, grad in r["grads"].items():
+            want = ref["grads"][name][lo:hi] if name in ("prototypes", "W_dec") else ref["grads"][name]
+            torch.testing.assert_close(grad, want, msg=lambda m, name=name: f"{name}: {m}")
+        for name, value in r["params"].items():
+            want = ref["params"][name][lo:hi] if name in ("prototypes", "W_dec") else ref["params"][name]
+            torch.testing.assert_close(value, want, msg=lambda m, name=name: f"{name} after the steps: {m}")
+    for name, value in results[0]["dense"].items():
+        torch.testing.assert_close(value, ref["params"][name])
+
+
+@pytest.mark.parametrize("world,K", [(1, 13), (2, 13), (3, 20)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_layer_equals_one_process(tmp_path, world, K, backend):
+    kw = {"use_bias": True, "reg_on": "decoder"} if world == 3 else {}
+    results = _run(_forward_and_steps, world, tmp_path, K=K, backend=backend, layer_kw=kw)
+    _check(results, _single_process(K, backend, kw), K)
+
+
+def test_data_parallel_times_latent_shards(tmp_path):
+    # 2 × 2: two replicas (half the batch each) of a layer split over two ranks.
+    results = _run(
+        _forward_and_steps, 4, tmp_path, K=15, backend="torch", layer_kw={"use_bias": True}, data=2
+    )
+    ref = _single_process(15, "torch", {"use_bias": True}, data=2)
+    _check(results, ref, 15, data=2)
+
+
+def _ddp_only(rank, world):
+    layer = _layer(12, "torch")
+    module = torch.nn.parallel.DistributedDataParallel(layer)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for batch in _batches():
+        opt.zero_grad()
+        module(batch[rank::world]).loss.backward()
+        opt.step()
+    return {n: p.detach() for n, p in layer.named_parameters()}
+
+
+def test_ddp_alone_equals_one_process(tmp_path):
+    results = _run(_ddp_only, 2, tmp_path)
+    ref = _single_process(12, "torch", {}, data=2)
+    for r in results:
+        for name, value in r.items():
+            torch.testing.assert_close(value, ref["params"][name])
+
+
+def _checkpoints(rank, world, path):
+    layer = _layer(11, "torch", use_bias=True)
+    sharded = D.ShardedSpaDE.from_dense(layer)
+    sharded.save_pretrained(path / "from-sharded")
+    if rank == 0:
+        layer.save_pretrained(path / "dense-0")
+    dist.barrier()
+    loaded = D.ShardedSpaDE.from_pretrained(path / "dense-0", dtype=torch.float64, backend="torch")
+    x = _batches(1)[0]
+    return {"range": loaded.latent_range, "loss": loaded(x).loss.detach(), "want": layer(x).loss.detach()}
+
+
+def test_checkpoints_round_trip_between_sharded_and_single(tmp_path):
+    results = _run(_checkpoints, 3, tmp_path, path=tmp_path)
+    for r in results:
+        torch.testing.assert_close(r["loss"], r["want"])
+    back = sk.SpaDE.from_pretrained(tmp_path / "from-sharded", backend="torch")
+    for name, value in _layer(11, "torch", use_bias=True).state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], value)
+
+
+def _mismatched(rank, world):
+    try:
+        D.ShardedSpaDE.from_dense(sk.SpaDE(6, 10, gamma_reg=0.1 if rank == 0 else 0.2))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_mismatched_settings_are_named_at_construction(tmp_path):
+    for message in _run(_mismatched, 2, tmp_path):
+        assert message is not None and "'gamma_reg' differs across ranks" in message
+
+
+def _different_weights(rank, world):
+    torch.manual_seed(rank)  # each rank a different layer
+    try:
+        D.ShardedSpaDE.from_dense(sk.SpaDE(6, 10))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_different_weights_are_caught_at_construction(tmp_path):
+    for message in _run(_different_weights, 2, tmp_path):
+        assert message is not None and "checksums disagree" in message
+
+
+def _dies(rank, world, timeout_s):
+    sharded = D.ShardedSpaDE.from_dense(_layer(10, "torch"))
+    if rank == 1:
+        os._exit(3)  # a rank that dies mid-run
+    start = time.monotonic()
+    try:
+        sharded(_batches(1)[0])
+    except RuntimeError as exc:
+        return {"error": str(exc).splitlines()[0], "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def test_a_dead_rank_ends_the_others_within_the_timeout(tmp_path):
+    timeout_s = 10
+    codes = _spawn(_dies, 2, tmp_path, timeout=120, timeout_s=timeout_s)
+    assert codes[1] == 3 and codes[0] == 0, codes  # rank 0 ended by itself, with an error it could report
+    survivor = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert survivor["error"] is not None and survivor["seconds"] < timeout_s + 5, survivor
+
+
+def _cli(args, env=None, nproc=None):
+    import subprocess
+    import sys
+
+    prefix = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            "--master-port",
+            str(_port()),
+            "-m",
+            "spade_kernels",
+        ]
+        if nproc
+        else [sys.executable, "-m", "spade_kernels"]
+    )
+    proc = subprocess.run(
+        [*prefix, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_trains_with_latent_shards_like_one_process(tmp_path):
+    common = [
+        "train",
+        "--dataset",
+        "separability",
+        "--n-samples",
+        "4096",
+        "--batch-size",
+        "256",
+        "--backend",
+        "torch",
+    ]
+    _cli([*common, "--out", str(tmp_path / "one")])
+    run = _cli([*common, "--latent-shards", "2", "--out", str(tmp_path / "sharded")], nproc=2)
+    assert "1 data replica(s) × 2 latent shard(s)" in run.stdout
+    assert run.stdout.count("saved to") == 1  # one report, one checkpoint
+    one = sk.SpaDE.from_pretrained(tmp_path / "one")
+    sharded = sk.SpaDE.from_pretrained(tmp_path / "sharded")
+    for name, value in one.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[name], value, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_data_parallel_runs(tmp_path):
+    run = _cli(
+        [
+            "train",
+            "--dataset",
+            "separability",
+            "--n-samples",
+            "4096",
+            "--batch-size",
+            "128",
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        nproc=2,
+    )
+    assert "2 data replica(s) × 1 latent shard(s)" in run.stdout and run.stdout.count("saved to") == 1
+    assert (tmp_path / "ddp" / "sae_weights.safetensors").exists()
