@@ -23,6 +23,13 @@ from spade_kernels import distributed as D
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 BACKENDS = ["torch"] + (["native"] if _ext.available() else [])
+# The Triton kernels on the interpreter (the spawned ranks inherit TRITON_INTERPRET=1): one layout.
+TRITON = (
+    ["triton"]
+    if os.environ.get("TRITON_INTERPRET") == "1"
+    and sk.backends.BACKENDS["triton"].unavailable_reason() is None
+    else []
+)
 
 
 def _port() -> int:
@@ -74,9 +81,9 @@ def _run(fn, world, tmp_path, **args):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _layer(K, backend, **kw):
+def _layer(K, backend, dtype=torch.float64, **kw):
     torch.manual_seed(0)
-    layer = sk.SpaDE(6, K, backend=backend, dtype=torch.float64, **kw)
+    layer = sk.SpaDE(6, K, backend=backend, dtype=dtype, **kw)
     with torch.no_grad():
         layer.W_dec.add_(0.1 * torch.randn_like(layer.W_dec))  # decoder ≠ encoder
         if layer.b_dec is not None:
@@ -84,9 +91,9 @@ def _layer(K, backend, **kw):
     return layer
 
 
-def _batches(n=5, B=24):
+def _batches(n=5, B=24, dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(B, 6, generator=g, dtype=torch.float64) for _ in range(n)]
+    return [torch.randn(B, 6, generator=g, dtype=torch.float64).to(dtype) for _ in range(n)]
 
 
 def _grads(module):
@@ -107,7 +114,7 @@ def _forward_and_steps(rank, world, K, backend, layer_kw, data=1, steps=5):
     module = (
         torch.nn.parallel.DistributedDataParallel(sharded, process_group=data_group) if data > 1 else sharded
     )
-    batches = [b[replica::data] for b in _batches()]
+    batches = [b[replica::data] for b in _batches(dtype=layer_kw.get("dtype", torch.float64))]
     out = module(batches[0])
     out.loss.backward()
     first = {
@@ -129,7 +136,7 @@ def _forward_and_steps(rank, world, K, backend, layer_kw, data=1, steps=5):
 def _single_process(K, backend, layer_kw, data=1, steps=5):
     """The same on one process: DDP averages the replicas' gradients, so the loss is their mean."""
     layer = _layer(K, backend, **layer_kw)
-    batches = _batches()
+    batches = _batches(dtype=layer_kw.get("dtype", torch.float64))
 
     def loss_of(batch):
         return sum(layer(batch[r::data]).loss for r in range(data)) / data
@@ -147,7 +154,7 @@ def _single_process(K, backend, layer_kw, data=1, steps=5):
     return first
 
 
-def _check(results, ref, K, data=1):
+def _check(results, ref, K, data=1, **tol):
     latent = len(results) // data
     ranges = [r["range"] for r in results[:latent]]
     assert (
@@ -155,23 +162,25 @@ def _check(results, ref, K, data=1):
     )
     out = ref["out"]
     for r in results[:latent]:  # replica 0: every rank has the global loss and the full x_hat
-        torch.testing.assert_close(r["loss"], out.loss)
-        torch.testing.assert_close(r["mse"], out.mse)
-        torch.testing.assert_close(r["reg"], out.reg)
-        torch.testing.assert_close(r["x_hat"], out.x_hat)
+        torch.testing.assert_close(r["loss"], out.loss, **tol)
+        torch.testing.assert_close(r["mse"], out.mse, **tol)
+        torch.testing.assert_close(r["reg"], out.reg, **tol)
+        torch.testing.assert_close(r["x_hat"], out.x_hat, **tol)
         assert r["l0"] == pytest.approx(float(out.codes.support_size.double().mean()))
     dense = sum(r["codes"].to_dense() for r in results[:latent])  # the shards' codes tile the row
-    torch.testing.assert_close(dense, out.codes.to_dense())
+    torch.testing.assert_close(dense, out.codes.to_dense(), **tol)
     for r in results:
         lo, hi = r["range"]
         for name, grad in r["grads"].items():
             want = ref["grads"][name][lo:hi] if name in ("prototypes", "W_dec") else ref["grads"][name]
-            torch.testing.assert_close(grad, want, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(grad, want, msg=lambda m, name=name: f"{name}: {m}", **tol)
         for name, value in r["params"].items():
             want = ref["params"][name][lo:hi] if name in ("prototypes", "W_dec") else ref["params"][name]
-            torch.testing.assert_close(value, want, msg=lambda m, name=name: f"{name} after the steps: {m}")
+            torch.testing.assert_close(
+                value, want, msg=lambda m, name=name: f"{name} after the steps: {m}", **tol
+            )
     for name, value in results[0]["dense"].items():
-        torch.testing.assert_close(value, ref["params"][name])
+        torch.testing.assert_close(value, ref["params"][name], **tol)
 
 
 @pytest.mark.parametrize("world,K", [(1, 13), (2, 13), (3, 20)])
@@ -180,6 +189,14 @@ def test_sharded_layer_equals_one_process(tmp_path, world, K, backend):
     kw = {"use_bias": True, "reg_on": "decoder"} if world == 3 else {}
     results = _run(_forward_and_steps, world, tmp_path, K=K, backend=backend, layer_kw=kw)
     _check(results, _single_process(K, backend, kw), K)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_sharded_layer_on_triton_equals_one_process(tmp_path, backend):
+    # float32: the Triton kernels themselves (float64 would go to the torch backend's ops).
+    kw = {"dtype": torch.float32}
+    results = _run(_forward_and_steps, 2, tmp_path, K=13, backend=backend, layer_kw=kw, steps=2)
+    _check(results, _single_process(13, backend, kw, steps=2), 13, atol=2e-5, rtol=1e-4)
 
 
 def test_data_parallel_times_latent_shards(tmp_path):
