@@ -140,7 +140,7 @@ def run_sweep(
                         configs.append((name, "baseline", mode, shape_name, B, d, K, dtype_name))
                 for name in backends:
                     configs.append((name, "backend", mode, shape_name, B, d, K, dtype_name))
-    rate = _gemm_rate(device) if max_config_s is not None else None
+    rates = _rates(device) if max_config_s is not None else None
     rows: list[Row] = []
     floor_cache: dict = {}
     mem_avail = device_memory_bytes(device)
@@ -169,8 +169,11 @@ def run_sweep(
             row.status = "skipped: the Triton interpreter (TRITON_INTERPRET=1) is not timed"
         elif need > 0.9 * mem_avail:
             row.status = f"skipped: needs {need / 2**30:.1f} GiB"
-        elif rate is not None and _flops(B, d, K) / rate > max_config_s:
-            row.status = f"skipped: estimated ≥ {_flops(B, d, K) / rate:.0f} s (its GEMM alone)"
+        elif rates is not None and _estimate_s(name, mode, B, d, K, rates) > max_config_s:
+            row.status = f"skipped: estimated ≥ {_estimate_s(name, mode, B, d, K, rates):.0f} s (its GEMMs and sorts alone)"
+        elif name == "auto" and _measured(rows, backend, mode, shape_name, dtype_name) is not None:
+            same = _measured(rows, backend, mode, shape_name, dtype_name)
+            row = Row(**{**asdict(same), "name": "auto", "meta": {**same.meta, **row.meta, "measured_as": backend}})
         elif deadline is not None and rows and time.perf_counter() - t_start > deadline:
             row.status = f"skipped: deadline ({deadline:.0f} s) passed"
         else:
@@ -210,19 +213,42 @@ def run_sweep(
     return rows, env
 
 
-def _gemm_rate(device: torch.device) -> float:
-    """FLOP/s of one float32 GEMM at (1024, 768, 4096) here (for the time estimates of ``max_config_s``)."""
+def _measured(rows: list[Row], name: str, mode: str, shape_name: str, dtype_name: str) -> Row | None:
+    for r in rows:
+        if (r.name, r.mode, r.shape_name, r.dtype) == (name, mode, shape_name, dtype_name) and r.median_ms:
+            return r
+    return None
+
+
+def _estimate_s(name: str, mode: str, B: int, d: int, K: int, rates: tuple[float, float]) -> float:
+    """Seconds of a configuration's unavoidable work: GEMMs at the measured rate, plus the reference's sort."""
+    gemm_rate, sort_rate = rates
+    seconds = _flops(B, d, K) * (3 if mode == "train" else 1) / gemm_rate
+    if name == "reference":
+        seconds += B * K * math.log2(max(K, 2)) / sort_rate
+    return seconds
+
+
+def _rates(device: torch.device) -> tuple[float, float]:
+    """Here: FLOP/s of a float32 GEMM at (1024, 768, 4096), and element·log2(K)/s of a row sort at K = 4096."""
+
+    def timed(fn) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / 3
+
     x = torch.randn(1024, 768, device=device)
     A = torch.randn(4096, 768, device=device)
-    torch.mm(x, A.t())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        torch.mm(x, A.t())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 3 * _flops(1024, 768, 4096) / (time.perf_counter() - t0)
+    s = torch.randn(1024, 4096, device=device)
+    gemm = _flops(1024, 768, 4096) / timed(lambda: torch.mm(x, A.t()))
+    sort = 1024 * 4096 * 12 / timed(lambda: torch.sort(s, dim=1, descending=True))
+    return gemm, sort
 
 
 def scaling_shapes() -> list[tuple[str, tuple[int, int, int]]]:
