@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -37,6 +39,45 @@ class SpaDEOutput(NamedTuple):
     loss: torch.Tensor
     mse: torch.Tensor
     reg: torch.Tensor
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the ``torch.autocast`` region active for ``device_type`` here, or None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _follows_autocast(method):
+    """Run a layer method on x under the layer's autocast policy (docs/design.md, "Mixed precision").
+
+    Inside a ``torch.autocast`` region the method runs with autocast turned
+    off and ``self._autocast`` set to the region's dtype, which
+    :meth:`SpaDE._operands` applies to float32 operands once — so every
+    backend sees the same half-precision inputs and no op inside a backend is
+    recast behind its back (their exact stages compute in float32 on purpose).
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        device_type = self.prototypes.device.type
+        dtype = _autocast_dtype(device_type)
+        if dtype is None:
+            return method(self, x, *args, **kwargs)
+        previous = self.__dict__.get("_autocast")
+        with torch.autocast(device_type, enabled=False), _set(self, "_autocast", dtype, previous):
+            return method(self, x, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _set(obj, name, value, previous):
+    obj.__dict__[name] = value
+    try:
+        yield
+    finally:
+        obj.__dict__[name] = previous
 
 
 def _inverse_softplus(y: float) -> float:
@@ -246,10 +287,18 @@ class SpaDE(nn.Module):
         return resolve_backend(self.backend, x.device, dtype)
 
     def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x flattened to (B, d_in) and the prototypes, both in their common dtype."""
+        """x flattened to (B, d_in) and the prototypes, both in their common dtype.
+
+        Inside ``torch.autocast`` a float32 common dtype becomes the region's
+        (bfloat16/float16); see :func:`_follows_autocast`.
+        """
         dtype = torch.promote_types(x.dtype, self.prototypes.dtype)
+        half = self.__dict__.get("_autocast")
+        if half is not None and dtype == torch.float32:
+            dtype = half
         return x.reshape(-1, self.d_in).to(dtype), self.prototypes.to(dtype)
 
+    @_follows_autocast
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Dense encoder scores −λ·‖x − a_k‖², shape (..., d_sae): B×K memory.
 
@@ -259,6 +308,7 @@ class SpaDE(nn.Module):
         """
         return -self.lam * self.distances(x)
 
+    @_follows_autocast
     def distances(
         self, x: torch.Tensor, *, to: str = "encoder", codes: SparseCodes | None = None
     ) -> torch.Tensor:
@@ -292,16 +342,19 @@ class SpaDE(nn.Module):
             return dense_codes(flat, A, self.lam)[0] if dense else dense_sparse_codes(flat, A, self.lam)
         return encode_sparse(backend.name, flat, A, self.lam, **self.backend_options)
 
+    @_follows_autocast
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes (..., d_sae)."""
         codes = self._codes(x, dense=True)
         dense = codes.to_dense() if isinstance(codes, SparseCodes) else codes
         return dense.reshape(*x.shape[:-1], self.d_sae)
 
+    @_follows_autocast
     def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
         """Sparse codes, indices/values of shape (..., C); rows in blocks within the memory budget."""
         return self._codes(x, dense=False).reshape_batch(x.shape[:-1])
 
+    @_follows_autocast
     def decode(self, z) -> torch.Tensor:
         """x̂ from dense codes (..., d_sae) or :class:`SparseCodes`.
 
@@ -329,6 +382,7 @@ class SpaDE(nn.Module):
         backend = self._backend(t, t.dtype)
         return resolve_backend("torch", t.device).primitives() if backend.dense else backend.primitives()
 
+    @_follows_autocast
     def forward(self, x: torch.Tensor) -> SpaDEOutput:
         """Encode, decode and compute the SpaDE loss (docs/design.md, "Mathematics")."""
         self._check_input(x)
@@ -351,9 +405,10 @@ class SpaDE(nn.Module):
                 # gradient joins the encoder's backward pass.
                 D_reg = codes.distances
             else:
-                D_reg = gather_sq_dist(prims, flat, self.W_dec, codes.indices)
+                D_reg = gather_sq_dist(prims, flat, self.W_dec.to(flat.dtype), codes.indices)
             reg = (codes.values * D_reg).sum(-1).mean()
-        mse = ((flat - x_hat) ** 2).sum(-1).mean()
+        # Against x itself (not its autocast copy), in x̂'s dtype.
+        mse = ((x.reshape(-1, self.d_in).to(x_hat.dtype) - x_hat) ** 2).sum(-1).mean()
         loss = mse + self.gamma_reg * reg
         lead = x.shape[:-1]
         return SpaDEOutput(x_hat.reshape(*lead, self.d_in), codes.reshape_batch(lead), loss, mse, reg)

@@ -12,8 +12,8 @@ is far below the float32 rounding of direct differences, so the distances
 are correctly rounded, at the cost of a float64 GEMM instead of a B×K×d
 difference tensor.  float64 inputs: everything in float64.  float16/bfloat16
 inputs keep their own dtype for the distances (the paper's low-precision
-path, the baseline of the precision contract's half tolerance) and a float32
-projection.
+path, the baseline of the precision contract's half tolerance) and float32
+scores and projection.
 
 Memory: the rows are processed in blocks sized from the memory budget
 (:mod:`.memory`); the dense outputs of :func:`dense_codes` are B×K by
@@ -63,7 +63,9 @@ def _distances(x, prototypes):
 
 def _block(x, prototypes, lam):
     D = _distances(x, prototypes)
-    return sparsemax_sort((-lam * D).to(torch.promote_types(D.dtype, torch.float32)), dim=-1), D
+    # The scores in at least float32: λ·D rounded to a half type would add its
+    # own error, and λ's gradient Σ ∂L/∂s·D would be summed (and overflow) in it.
+    return sparsemax_sort(-lam * D.to(torch.promote_types(D.dtype, torch.float32)), dim=-1), D
 
 
 def dense_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> tuple[torch.Tensor, torch.Tensor]:
