@@ -43,7 +43,10 @@ def _encode_op(
     x: torch.Tensor, prototypes: torch.Tensor, lam: torch.Tensor, backend: str, options: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prims = BACKENDS[backend].primitives()
-    z, idx, size, D = encode_forward(prims, x, prototypes, float(lam), _parse_options(options))
+    # The op's dtypes are its inputs' (docs/design.md, "Mixed precision"): an
+    # enclosing autocast must not recast the exact stage's float32 products.
+    with torch.autocast(x.device.type, enabled=False):
+        z, idx, size, D = encode_forward(prims, x, prototypes, float(lam), _parse_options(options))
     return z, idx, size, D
 
 
@@ -71,9 +74,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_z, _gi, _gs, grad_D):
     x, prototypes, lam, z, idx, D = ctx.saved_tensors
     prims = BACKENDS[ctx.backend].primitives()
-    gx, gA, glam = encode_backward(
-        prims, x, prototypes, lam, z, idx, D, grad_z, grad_D, ctx.needs_input_grad[:3]
-    )
+    with torch.autocast(x.device.type, enabled=False):
+        gx, gA, glam = encode_backward(
+            prims, x, prototypes, lam, z, idx, D, grad_z, grad_D, ctx.needs_input_grad[:3]
+        )
     return gx, gA, glam, None, None
 
 

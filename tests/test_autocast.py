@@ -155,3 +155,13 @@ def test_float16_grad_scaler_never_skips_a_step(backend, device):
         scales.append(scaler.get_scale())
     # A step with an inf/NaN gradient is skipped and halves the scale.
     assert scales == [2.0**16] * len(scales), scales
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_encode_ignores_an_enclosing_autocast(backend):
+    """``sk.spade_encode`` computes in its arguments' dtypes: autocast must not recast its exact stage."""
+    x, A = torch.randn(48, 32), torch.randn(256, 32)
+    plain = sk.spade_encode(x, A, 1 / 64, backend=backend).to_dense()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sk.spade_encode(x, A, 1 / 64, backend=backend).to_dense()
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
