@@ -17,8 +17,10 @@ from spade_kernels import _ext
 from spade_kernels.reference import spade_forward_reference
 from spade_kernels.testing import assert_codes_match_reference
 
-BACKENDS = ["reference", "torch"] + (["native"] if _ext.available() else []) + (
-    ["triton"] if "triton" in sk.available_backends() else []
+BACKENDS = (
+    ["reference", "torch"]
+    + (["native"] if _ext.available() else [])
+    + (["triton"] if "triton" in sk.available_backends() else [])
 )
 HALF = [torch.bfloat16, torch.float16]
 PARAMS = ["prototypes", "W_dec", "lambda_raw"]

@@ -173,7 +173,9 @@ def run_sweep(
             row.status = f"skipped: estimated ≥ {_estimate_s(name, mode, B, d, K, rates):.0f} s (its GEMMs and sorts alone)"
         elif name == "auto" and _measured(rows, backend, mode, shape_name, dtype_name) is not None:
             same = _measured(rows, backend, mode, shape_name, dtype_name)
-            row = Row(**{**asdict(same), "name": "auto", "meta": {**same.meta, **row.meta, "measured_as": backend}})
+            row = Row(
+                **{**asdict(same), "name": "auto", "meta": {**same.meta, **row.meta, "measured_as": backend}}
+            )
         elif deadline is not None and rows and time.perf_counter() - t_start > deadline:
             row.status = f"skipped: deadline ({deadline:.0f} s) passed"
         else:

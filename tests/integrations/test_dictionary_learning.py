@@ -67,7 +67,9 @@ def clustered_batches(n, scale=1.0, seed=0, batch=B):
 def run_trainsae(steps, data_scale=1.0, save_dir=None, **trainer_kwargs):
     """Train one RecordingTrainer through dictionary_learning's trainSAE; return it."""
     run_kwargs = {
-        k: trainer_kwargs.pop(k) for k in ("normalize_activations", "verbose") if k in trainer_kwargs
+        k: trainer_kwargs.pop(k)
+        for k in ("normalize_activations", "verbose", "autocast_dtype")
+        if k in trainer_kwargs
     }
     cfg = {
         "trainer": RecordingTrainer,
@@ -371,3 +373,22 @@ def test_trainer_and_loader_reject_bad_input(tmp_path):
     torch.save({}, tmp_path / "ae.pt")
     with pytest.raises(ValueError, match="AutoEncoder"):
         load_dictionary(tmp_path)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_trainsae_with_bfloat16_activations_and_under_autocast(backend):
+    """trainSAE's autocast_dtype: on the CPU it hands bfloat16 activations to the float32 model (its
+    autocast region is GPU-only); under an explicit CPU autocast the layer's own policy applies."""
+    trainer = run_trainsae(12, autocast_dtype=torch.bfloat16, backend=backend)
+    assert all(math.isfinite(l) for l in trainer.losses)
+    assert trainer.losses[-1] < trainer.losses[0]
+    assert trainer.ae.spade.prototypes.dtype == torch.float32
+    x = clustered_batches(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_hat, f = trainer.ae(x, output_features=True)
+        loss = trainer.loss(x)
+    assert f.dtype == torch.float32 and torch.isfinite(x_hat).all()
+    loss = loss.loss if hasattr(loss, "loss") else loss
+    loss.backward()
+    for p in trainer.ae.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()

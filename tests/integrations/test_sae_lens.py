@@ -9,6 +9,7 @@ TransformerLens model.
 import copy
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -531,3 +532,37 @@ def test_decoder_norm_and_whitening_folds_are_refused(tmp_path):
     training = sl.SpaDETrainingSAE(sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE))
     with pytest.raises(NotImplementedError, match="fold_W_dec_norm"):
         training.fold_W_dec_norm()
+
+
+@pytest.mark.parametrize(
+    "backend", [b for b in ("reference", "torch", "native") if b in sk.available_backends()]
+)
+def test_saelens_trainer_with_autocast(backend, tmp_path):
+    """SAELens's ``autocast`` option (bfloat16 autocast around the training step) trains on every backend."""
+    batch, steps = 64, 20
+    cfg = sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, gamma_reg=0.05, backend=backend)
+    sae = sl.SpaDETrainingSAE(cfg)
+    held_out = next(_clustered(1, 256, seed=1))
+
+    def loss_on(x):
+        with torch.no_grad():
+            return sae.training_forward_pass(_step_input(x, gamma=cfg.gamma_reg)).loss.item()
+
+    before = loss_on(held_out)
+    trainer = SAETrainer(
+        cfg=SAETrainerConfig(
+            total_training_samples=batch * steps,
+            train_batch_size_samples=batch,
+            lr=3e-2,
+            lr_end=3e-2,
+            autocast=True,
+            checkpoint_path=str(tmp_path),
+        ),
+        sae=sae,
+        data_provider=_clustered(steps, batch),
+    )
+    trainer.fit()
+    after = loss_on(held_out)
+    assert math.isfinite(after) and after < 0.7 * before, (before, after)
+    for p in sae.parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
