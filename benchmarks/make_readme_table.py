@@ -18,7 +18,8 @@ import os
 import re
 import sys
 
-from spade_kernels.bench import format_table, plot_results
+from spade_kernels.bench import format_scaling_table, format_table, plot_results
+from spade_kernels.pipeline.memory import DEFAULT_CPU_BUDGET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -32,6 +33,9 @@ def run_block(run: str, data: dict) -> str:
         f"commit `{env['commit']}`, {env['date']}. "
         f"Source: [`benchmarks/results/{run}/results.json`](benchmarks/results/{run}/results.json)."
     )
+    if env.get("sweep") == "scaling":
+        budget = env.get("memory_budget_mib", DEFAULT_CPU_BUDGET / 2**20)
+        return header + "\n\n" + format_scaling_table(data["rows"], budget) + "\n"
     return header + "\n\n" + format_table(rows) + "\n"
 
 

@@ -8,7 +8,7 @@ pytest-benchmark suite in ``benchmarks/`` times the same cases
 
 from .cli import add_arguments, main, run_from_args
 from .measure import environment, estimate_bytes, make_case, measure, measure_in_subprocess
-from .report import format_table, plot_results, write_results
+from .report import format_scaling_table, format_table, plot_results, write_results
 from .sweep import BASELINES, CPU_SHAPES, GPU_SHAPES, MODES, QUICK_SHAPES, Row, parse_shape, run_sweep
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "add_arguments",
     "environment",
     "estimate_bytes",
+    "format_scaling_table",
     "format_table",
     "main",
     "make_case",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -67,6 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds after which no new configuration starts (the rest are recorded as skipped); "
         "with --out, results.json is rewritten after every configuration",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --out: keep the configurations its results.json already holds (measured, or skipped "
+        "other than for the deadline) and measure only the rest",
+    )
 
 
 def _split(text: str | None, allowed, what: str) -> list[str]:
@@ -115,10 +123,18 @@ def run_from_args(args: argparse.Namespace, stream=None) -> int:
         if args.out:
             write_results(rows, env, args.out, plots=False, csv_file=False)
 
+    previous = None
+    if args.resume:
+        if not args.out:
+            raise SystemExit("--resume needs --out (the run directory whose results.json to resume)")
+        path = os.path.join(args.out, "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)["rows"]
     rows, env = run_sweep(
         shapes, backends, baselines, dtypes, modes, device, repeats, warmup,
         timeout=args.timeout, deadline=args.deadline, on_row=save_partial,
-        budget_s=args.budget_s, max_config_s=args.max_config_s,
+        budget_s=args.budget_s, max_config_s=args.max_config_s, previous=previous,
     )  # fmt: skip
     if args.sweep:
         env["sweep"] = args.sweep

@@ -175,9 +175,13 @@ def make_case(name: str, mode: str, B: int, d: int, K: int, dtype: torch.dtype, 
         def encode():
             with torch.no_grad():
                 codes = spade_encode(x, A, lam, backend=name)
-            state["l0"] = float(
-                codes.support_size.float().mean()
-            )  # not the codes: one run's output at a time
+            # Not the codes themselves: one run's output at a time.
+            state["l0"] = float(codes.support_size.float().mean())
+            state["output_bytes"] = sum(
+                t.numel() * t.element_size()
+                for t in (codes.indices, codes.values, codes.support_size, codes.distances)
+                if t is not None
+            )
             return codes
 
         return encode, state
@@ -287,9 +291,12 @@ def measure(
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = _peak_rss_bytes() - base
-    l0 = None
-    l0 = state.get("l0")
-    return {"times_ms": times, "peak_bytes": max(int(peak), 0), "mean_l0": l0}
+    return {
+        "times_ms": times,
+        "peak_bytes": max(int(peak), 0),
+        "mean_l0": state.get("l0"),
+        "output_bytes": state.get("output_bytes"),
+    }
 
 
 def measure_in_subprocess(args: dict, timeout: float) -> dict:

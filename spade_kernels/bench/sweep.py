@@ -65,6 +65,9 @@ class Row:
     repeats: int = 0
     tflops: float | None = None
     peak_mem_mib: float | None = None
+    output_mib: float | None = (
+        None  # encode: the size of the returned codes (indices, values, sizes, distances)
+    )
     mean_l0: float | None = None
     speedup_vs_reference: float | None = None
     ratio_to_floor: float | None = None
@@ -106,6 +109,7 @@ def run_sweep(
     on_row=None,
     budget_s: float | None = None,
     max_config_s: float | None = None,
+    previous: list[dict] | None = None,
 ) -> tuple[list[Row], dict]:
     """Measure every configuration; returns (rows, environment).
 
@@ -145,8 +149,19 @@ def run_sweep(
     floor_cache: dict = {}
     mem_avail = device_memory_bytes(device)
     t_start = time.perf_counter()
+    done = {
+        (r["name"], r["mode"], r["shape_name"], r["dtype"]): r
+        for r in previous or []
+        if not r["status"].startswith(("skipped: deadline", "failed"))
+    }
     for i, (name, kind, mode, shape_name, B, d, K, dtype_name) in enumerate(configs, 1):
         dtype = DTYPES[dtype_name]
+        if (name, mode, shape_name, dtype_name) in done:
+            old = done[(name, mode, shape_name, dtype_name)]
+            rows.append(Row(**{k: v for k, v in old.items() if k in Row.__dataclass_fields__}))
+            if name == "floor":
+                floor_cache[(shape_name, dtype_name)] = rows[-1]
+            continue
         row = Row(name, kind, mode, shape_name, B, d, K, dtype_name, env["device_name"], meta=env)
         backend = name
         if name == "auto":
@@ -198,6 +213,8 @@ def run_sweep(
                 row.tflops = _flops(B, d, K) / (row.median_ms * 1e-3) / 1e12
                 row.peak_mem_mib = result["peak_bytes"] / 2**20
                 row.mean_l0 = result["mean_l0"]
+                if result.get("output_bytes") is not None:
+                    row.output_mib = result["output_bytes"] / 2**20
         if name == "floor":
             floor_cache[floor_key] = row
         rows.append(row)
