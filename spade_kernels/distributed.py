@@ -41,8 +41,8 @@ from .backends import canonical_name, resolve_backend
 from .codes import SparseCodes
 from .layer import CONFIG_NAME, WEIGHTS_NAME, SpaDE, SpaDEOutput
 from .numerics import compute_dtype, sorted_threshold
-from .pipeline import encode_forward, sparse_decode
-from .pipeline.sparse import sq_dist_backward
+from .pipeline import encode_forward, mean_squared_error, sparse_decode
+from .pipeline.sparse import sq_dist_backward, zero_nan_rows
 
 __all__ = ["DEFAULT_TIMEOUT_S", "ShardedSpaDE", "init", "mesh_groups", "shard_range"]
 
@@ -181,13 +181,13 @@ class _ShardedEncode(torch.autograd.Function):
             dist.all_reduce(lam_sum, group=ctx.group)
             grad_lam = lam_sum.to(lam.dtype).reshape(lam.shape)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            nan_rows = torch.isnan(z).any(1, keepdim=True)
-            xc = torch.where(nan_rows, zero, x.to(cd))
-            gx, gA = sq_dist_backward(ctx.prims, xc, A.to(cd), idx, G)
+            xc = zero_nan_rows(x, z, cd)
+            gx, gA = sq_dist_backward(ctx.prims, xc, A.to(cd), idx, G, ctx.needs_input_grad[:2])
             if ctx.needs_input_grad[0]:
                 dist.all_reduce(gx, group=ctx.group)  # x is replicated: the sum of every shard's part
                 grad_x = gx.to(x.dtype)
-            grad_A = gA.to(A.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_A = gA.to(A.dtype)
         return grad_x, grad_A, grad_lam, None, None, None
 
 
@@ -356,7 +356,7 @@ class ShardedSpaDE(nn.Module):
 
             D_reg = gather_sq_dist(prims, flat, self.W_dec, local.indices)
         reg = _sum_across_shards((codes.values * D_reg).sum(), self.group) / flat.shape[0]
-        mse = ((flat - x_hat) ** 2).sum(-1).mean()
+        mse = mean_squared_error(x_hat, flat.to(x_hat.dtype))
         loss = mse + self.gamma_reg * reg
         lead = x.shape[:-1]
         return SpaDEOutput(x_hat.reshape(*lead, self.d_in), codes.reshape_batch(lead), loss, mse, reg)

@@ -17,7 +17,7 @@ from ._validation import check_tensor
 from .backends import canonical_name, resolve_backend
 from .codes import SparseCodes
 from .encode import encode_sparse
-from .pipeline import gather_sq_dist, sparse_decode
+from .pipeline import gather_sq_dist, mean_squared_error, sparse_decode
 from .pipeline.dense import dense_codes, dense_sparse_codes
 from .reference import squared_distances
 
@@ -408,7 +408,7 @@ class SpaDE(nn.Module):
                 D_reg = gather_sq_dist(prims, flat, self.W_dec.to(flat.dtype), codes.indices)
             reg = (codes.values * D_reg).sum(-1).mean()
         # Against x itself (not its autocast copy), in x̂'s dtype.
-        mse = ((x.reshape(-1, self.d_in).to(x_hat.dtype) - x_hat) ** 2).sum(-1).mean()
+        mse = mean_squared_error(x_hat, x.reshape(-1, self.d_in).to(x_hat.dtype))
         loss = mse + self.gamma_reg * reg
         lead = x.shape[:-1]
         return SpaDEOutput(x_hat.reshape(*lead, self.d_in), codes.reshape_batch(lead), loss, mse, reg)

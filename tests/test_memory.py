@@ -132,3 +132,60 @@ def test_float32_reference_as_accurate_as_direct_differences():
     assert ((expanded > 0) != (exact > 0)).any()  # the case is sensitive
     assert torch.equal(ours > 0, exact > 0)
     assert (ours.double() - exact).abs().max() <= (direct.double() - exact).abs().max()
+
+
+_TRAIN_PEAK = r"""
+import json, sys, torch
+import spade_kernels as sk
+B, d, K, backend = sys.argv[1:5]
+B, d, K = int(B), int(d), int(K)
+torch.manual_seed(0)
+x = torch.randn(B, d)
+layer = sk.SpaDE(d, K, backend=backend)
+layer(x[:64]).loss.backward()  # first-call costs and the gradient buffers out of the peak
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+open("/proc/self/clear_refs", "w").write("5")
+base = rss()
+layer(x).loss.backward()
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"extra": peak - base}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"] + (["native"] if _ext.available() else []))
+def test_training_step_at_small_k_keeps_few_copies_of_x(backend):
+    # At K = 64, d = 512 a step's memory is its B×d tensors: x̂, the loss's
+    # difference and ∂L/∂x̂ (docs/design.md, "Memory model"), plus the
+    # reference's B×K ones.  The plain ((x − x̂)²).sum(-1).mean() kept ~6 of them.
+    B, d, K = 8192, 512, 64
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRAIN_PEAK, str(B), str(d), str(K), backend],
+        capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    extra = json.loads(proc.stdout.strip().splitlines()[-1])["extra"]
+    Bd = B * d * 4
+    copies = 3.5
+    dense = 0
+    if backend == "reference":
+        # Its B×K tensors, and the float64 copy of x its float64 distances keep for the backward.
+        copies, dense = 3.5 + 2, 12 * B * K * 4
+    assert extra <= copies * Bd + dense + 16 * 2**20, (extra / Bd, backend)
+
+
+def test_mean_squared_error_matches_autograd_and_float64():
+    from spade_kernels.pipeline import mean_squared_error
+
+    x_hat = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mean_squared_error, (x_hat, x))
+    ref = ((x - x_hat) ** 2).sum(-1).mean()
+    torch.testing.assert_close(mean_squared_error(x_hat, x), ref, rtol=1e-14, atol=0)
+    # Half inputs: summed in float32, returned in the input dtype.
+    h = mean_squared_error(x_hat.detach().bfloat16(), x.detach().bfloat16())
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.double(), ref.detach(), rtol=2e-2, atol=0)
+    assert mean_squared_error(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0
+    with pytest.raises(ValueError, match="one shape"):
+        mean_squared_error(torch.zeros(2, 3), torch.zeros(3, 2))

@@ -9,6 +9,7 @@ distances, and the routing of every product over a support.
 
 from ..backends.interface import Primitives, resolve_options
 from .encoder import encode_forward
+from .loss import mean_squared_error
 from .sparse import DENSE_FRACTION, dense_products, encode_backward, gather_sq_dist, product, sparse_decode
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "encode_backward",
     "encode_forward",
     "gather_sq_dist",
+    "mean_squared_error",
     "product",
     "resolve_options",
     "sparse_decode",

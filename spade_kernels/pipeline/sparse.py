@@ -118,14 +118,33 @@ def product(prims: Primitives, name: str, first, indices, second, *rest):
     return getattr(prims, name)(first, indices, second, *rest)
 
 
-def sq_dist_backward(prims: Primitives, x, M, indices, G):
-    """Gradients of Σ G[b,j]·‖x_b − M[idx[b,j]]‖² with respect to x and M (design fact 6), through ``prims``."""
-    grad_x = 2 * (G.sum(1, keepdim=True) * x - product(prims, "gather_matmul", G, indices, M))
-    grad_M = product(prims, "scatter_matmul", -2 * G, indices, x, M.shape[0])
-    row_w = torch.zeros(M.shape[0], dtype=G.dtype, device=G.device)
-    row_w.index_add_(0, indices.reshape(-1), G.reshape(-1))
-    grad_M += 2 * row_w.unsqueeze(1) * M
+def sq_dist_backward(prims: Primitives, x, M, indices, G, needs=(True, True)):
+    """Gradients of Σ G[b,j]·‖x_b − M[idx[b,j]]‖² with respect to x and M (design fact 6), through ``prims``.
+
+    Only those ``needs`` asks for (None otherwise): ∂x costs B×d tensors, and
+    a training step's x needs none.
+    """
+    grad_x = grad_M = None
+    if needs[0]:
+        grad_x = 2 * (G.sum(1, keepdim=True) * x - product(prims, "gather_matmul", G, indices, M))
+    if needs[1]:
+        grad_M = product(prims, "scatter_matmul", -2 * G, indices, x, M.shape[0])
+        row_w = torch.zeros(M.shape[0], dtype=G.dtype, device=G.device)
+        row_w.index_add_(0, indices.reshape(-1), G.reshape(-1))
+        grad_M += 2 * row_w.unsqueeze(1) * M
     return grad_x, grad_M
+
+
+def zero_nan_rows(x: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype`` with the rows whose codes are NaN zeroed (0·NaN would leak them into ∂prototypes).
+
+    Eager: copied only when such a row exists (a B×d copy otherwise saved);
+    under torch.compile branch-free, so that the backward traces.
+    """
+    nan_rows = torch.isnan(z).any(1, keepdim=True)
+    if not torch.compiler.is_compiling() and not bool(nan_rows.any()):
+        return x.to(dtype)
+    return torch.where(nan_rows, torch.zeros((), dtype=dtype, device=x.device), x.to(dtype))
 
 
 def encode_backward(prims: Primitives, x, A, lam, z, idx, D, grad_z, grad_D=None, needs=(True, True, True)):
@@ -145,12 +164,10 @@ def encode_backward(prims: Primitives, x, A, lam, z, idx, D, grad_z, grad_D=None
     if needs[2]:
         grad_lam = lam_rows.sum().to(lam.dtype).reshape(lam.shape)
     if needs[0] or needs[1]:
-        # 0·NaN would leak NaN input rows into ∂prototypes; branch-free so
-        # that torch.compile can trace the backward.
-        nan_rows = torch.isnan(z).any(1, keepdim=True)
-        xc = torch.where(nan_rows, torch.zeros((), dtype=cd, device=x.device), x.to(cd))
-        gx, gA = sq_dist_backward(prims, xc, A.to(cd), idx, G.to(cd))
-        grad_x, grad_A = gx.to(x.dtype), gA.to(A.dtype)
+        xc = zero_nan_rows(x, z, cd)
+        gx, gA = sq_dist_backward(prims, xc, A.to(cd), idx, G.to(cd), needs[:2])
+        grad_x = gx.to(x.dtype) if gx is not None else None
+        grad_A = gA.to(A.dtype) if gA is not None else None
     return grad_x, grad_A, grad_lam
 
 
@@ -167,8 +184,9 @@ class _GatherSqDistFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xc, Mc, indices = ctx.saved_tensors
-        gx, gM = sq_dist_backward(ctx.prims, xc, Mc, indices, grad.to(xc.dtype))
-        return gx.to(ctx.x_dtype), gM.to(ctx.M_dtype), None, None
+        gx, gM = sq_dist_backward(ctx.prims, xc, Mc, indices, grad.to(xc.dtype), ctx.needs_input_grad[:2])
+        gx = gx.to(ctx.x_dtype) if gx is not None else None
+        return gx, gM.to(ctx.M_dtype) if gM is not None else None, None, None
 
 
 def gather_sq_dist(
