@@ -1,13 +1,22 @@
-"""Two standard SAE baselines for the synthetic comparisons: a ReLU SAE and a TopK SAE.
+"""The standard SAE baselines of the paper's comparisons: ReLU, JumpReLU and TopK SAEs.
 
 Plain PyTorch, written for the examples (the package itself only ships SpaDE):
 
 * :class:`ReLUSAE`: z = ReLU(W_enc·(x − b_dec) + b_enc), x̂ = z·W_dec + b_dec,
   loss = ‖x − x̂‖² + α·Σ_k z_k·‖W_dec[k]‖ (L1 penalty weighted by the decoder
   norms, so shrinking the decoder cannot cheat the penalty).
+* :class:`JumpReLUSAE`: z = p·H(p − θ) with p the pre-activations and a
+  learned threshold θ_k > 0 per latent, loss = ‖x − x̂‖² + β·Σ_k H(p_k − θ_k)
+  (an L0 penalty); the step H has no gradient, so θ learns through the
+  straight-through pseudo-derivative of Rajamanoharan et al. ("Jumping Ahead",
+  2024): ∂H(p − θ)/∂θ ≈ −K((p − θ)/ε)/ε with the rectangle kernel K and
+  bandwidth ε.  Decoder rows kept at unit norm.
 * :class:`TopKSAE`: z = ReLU(TopK_k(W_enc·(x − b_dec) + b_enc)), decoder rows
-  kept at unit norm, loss = ‖x − x̂‖² (Gao et al., "Scaling and evaluating
-  sparse autoencoders"; no auxiliary dead-latent loss).
+  kept at unit norm, loss = ‖x − x̂‖² + α_aux·‖e − ê‖², the auxiliary loss of
+  Gao et al. ("Scaling and evaluating sparse autoencoders"): e = x − x̂ is the
+  residual and ê its reconstruction from the k_aux largest pre-activations of
+  the dead latents (no firing for ``dead_steps`` batches), so dead latents get
+  a gradient towards what the live ones miss.
 
 Both are trained by :func:`train_sae` with the SpaDE recipe of
 :func:`spade_kernels.train.train_spade` (Adam, per-step cosine lr decay,
@@ -28,7 +37,17 @@ from torch import nn
 
 from spade_kernels.train import cosine_lr
 
-__all__ = ["ReLUSAE", "TopKSAE", "match_relu_l0", "match_topk_l0", "mean_l0", "train_sae"]
+__all__ = [
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "TopKSAE",
+    "jump_relu",
+    "match_relu_l0",
+    "match_topk_l0",
+    "mean_l0",
+    "step",
+    "train_sae",
+]
 
 
 class _LinearSAE(nn.Module):
@@ -98,25 +117,152 @@ class ReLUSAE(_LinearSAE):
         return z, mse + self.l1_coeff * l1, mse
 
 
-class TopKSAE(_LinearSAE):
-    """TopK SAE: the ``k`` largest pre-activations, then ReLU; unit-norm decoder rows."""
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
-    def __init__(self, d_in: int, d_sae: int, *, k: int, seed: int = 0) -> None:
+
+class _JumpReLU(torch.autograd.Function):
+    """p·H(p − θ); ∂/∂p = H(p − θ), ∂/∂θ = −θ/ε·K((p − θ)/ε) (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, p, theta, eps):
+        ctx.save_for_backward(p, theta)
+        ctx.eps = eps
+        return p * (p > theta).to(p.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, theta = ctx.saved_tensors
+        g_p = grad * (p > theta).to(p.dtype)
+        g_theta = -(theta / ctx.eps) * _rectangle((p - theta) / ctx.eps) * grad
+        return g_p, g_theta.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(p − θ); no gradient to p, ∂/∂θ = −K((p − θ)/ε)/ε (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, p, theta, eps):
+        ctx.save_for_backward(p, theta)
+        ctx.eps = eps
+        return (p > theta).to(p.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, theta = ctx.saved_tensors
+        g_theta = -(1.0 / ctx.eps) * _rectangle((p - theta) / ctx.eps) * grad
+        return torch.zeros_like(p), g_theta.sum(0), None
+
+
+def jump_relu(p: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """JumpReLU p·H(p − θ) for pre-activations (B, K) and thresholds (K,), bandwidth ε."""
+    return _JumpReLU.apply(p, theta, eps)
+
+
+def step(p: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Heaviside step H(p − θ) with the straight-through threshold gradient."""
+    return _Step.apply(p, theta, eps)
+
+
+class JumpReLUSAE(_LinearSAE):
+    """JumpReLU SAE with an L0 penalty of weight ``l0_coeff``; unit-norm decoder rows.
+
+    ``threshold_init`` and ``bandwidth`` ε are in the units of the
+    pre-activations (the examples' data are standardised, E‖x‖² = d).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        l0_coeff: float,
+        threshold_init: float = 0.1,
+        bandwidth: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        if not (threshold_init > 0 and bandwidth > 0):
+            raise ValueError(f"threshold_init and bandwidth must be > 0, got {threshold_init}, {bandwidth}")
+        super().__init__(d_in, d_sae, seed=seed)
+        self.l0_coeff, self.bandwidth = l0_coeff, bandwidth
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(threshold_init)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return jump_relu(self.pre_acts(x), self.threshold, self.bandwidth)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = self.pre_acts(x)
+        theta = self.threshold
+        z = jump_relu(p, theta, self.bandwidth)
+        mse = (x - self.decode(z)).pow(2).sum(-1).mean()
+        l0 = step(p, theta, self.bandwidth).sum(-1).mean()
+        return z, mse + self.l0_coeff * l0, mse
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.W_dec.copy_(F.normalize(self.W_dec, dim=1))
+
+
+class TopKSAE(_LinearSAE):
+    """TopK SAE: the ``k`` largest pre-activations, then ReLU; unit-norm decoder rows; auxiliary loss.
+
+    ``aux_coeff`` α_aux (Gao et al.'s 1/32; 0 turns the auxiliary loss off),
+    ``aux_k`` the dead latents used for it (default d_in/2, at least 1),
+    ``dead_steps`` the batches without firing after which a latent is dead.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        k: int,
+        aux_coeff: float = 1 / 32,
+        aux_k: int | None = None,
+        dead_steps: int = 100,
+        seed: int = 0,
+    ) -> None:
         if not 1 <= k <= d_sae:
             raise ValueError(f"k must lie in [1, d_sae={d_sae}], got {k}")
         super().__init__(d_in, d_sae, seed=seed)
-        self.k = k
+        self.k, self.aux_coeff, self.dead_steps = k, aux_coeff, dead_steps
+        self.aux_k = max(1, d_in // 2) if aux_k is None else aux_k
+        self.register_buffer("steps_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    def _topk(self, p: torch.Tensor, k: int) -> torch.Tensor:
+        values, indices = p.topk(k, dim=-1)
+        return torch.zeros_like(p).scatter(-1, indices, F.relu(values))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        values, indices = self.pre_acts(x).topk(self.k, dim=-1)
-        return torch.zeros(x.shape[0], self.d_sae, dtype=x.dtype, device=x.device).scatter(
-            -1, indices, F.relu(values)
-        )
+        return self._topk(self.pre_acts(x), self.k)
+
+    def dead(self) -> torch.Tensor:
+        """Mask of the latents that have not fired for ``dead_steps`` training batches."""
+        return self.steps_since_fired >= self.dead_steps
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = self.encode(x)
-        mse = (x - self.decode(z)).pow(2).sum(-1).mean()
-        return z, mse, mse
+        p = self.pre_acts(x)
+        z = self._topk(p, self.k)
+        x_hat = self.decode(z)
+        mse = (x - x_hat).pow(2).sum(-1).mean()
+        loss = mse
+        if self.training:
+            with torch.no_grad():
+                fired = (z > 0).any(0)
+                self.steps_since_fired.add_(1).masked_fill_(fired, 0)
+            dead = self.dead()
+            n_dead = int(dead.sum())
+            if self.aux_coeff > 0 and n_dead > 0:
+                # The residual, reconstructed from the dead latents alone (no decoder bias).
+                e = (x - x_hat).detach()
+                z_aux = self._topk(p.masked_fill(~dead, -math.inf), min(self.aux_k, n_dead))
+                aux = (e - z_aux @ self.W_dec).pow(2).sum(-1).mean()
+                loss = loss + self.aux_coeff * aux
+        return z, loss, mse
 
     @torch.no_grad()
     def after_step(self) -> None:

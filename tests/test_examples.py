@@ -59,6 +59,59 @@ def test_relu_l1_lowers_l0():
     assert l0[1] < l0[0]
 
 
+def test_jump_relu_is_a_thresholded_identity_with_straight_through_threshold_gradients():
+    p = torch.tensor([[0.05, 0.12, 0.30, -1.0]], requires_grad=True)
+    theta = torch.full((4,), 0.1, requires_grad=True)
+    z = baselines.jump_relu(p, theta, 0.05)
+    torch.testing.assert_close(z.detach(), torch.tensor([[0.0, 0.12, 0.30, 0.0]]))
+    z.sum().backward()
+    # ∂z/∂p = H(p − θ); ∂z/∂θ = −θ/ε·K((p − θ)/ε): only p within ε/2 of θ (0.05, 0.12) move θ.
+    torch.testing.assert_close(p.grad, torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(theta.grad, torch.tensor([0.0, -2.0, 0.0, 0.0]))
+    theta.grad = None
+    h = baselines.step(p, theta, 0.05)
+    torch.testing.assert_close(h.detach(), torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+    h.sum().backward()
+    torch.testing.assert_close(theta.grad, torch.tensor([0.0, -20.0, 0.0, 0.0]))
+
+
+def test_jumprelu_l0_penalty_lowers_l0_and_decoder_stays_unit_norm():
+    x = torch.randn(2048, 8)
+    l0 = []
+    for beta in (1e-4, 0.3):
+        model = baselines.JumpReLUSAE(8, 32, l0_coeff=beta)
+        baselines.train_sae(model, x, batch_size=64, epochs=2)
+        l0.append(baselines.mean_l0(model.encode, x))
+        torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(32))
+        assert (model.threshold > 0).all()
+    assert l0[1] < l0[0]
+
+
+def test_topk_auxiliary_loss_reaches_only_dead_latents():
+    torch.manual_seed(0)
+    model = baselines.TopKSAE(8, 32, k=2, dead_steps=1)
+    x = torch.randn(4, 8)  # at most 8 of the 32 latents fire
+    model.train()
+    model(x)  # first batch: latents that did not fire are now dead
+    dead = model.dead().clone()
+    assert dead.any() and not dead.all()
+    _, loss, mse = model(x)
+    assert loss > mse  # the auxiliary term is on
+    model.zero_grad()
+    (loss - mse).backward()
+    # The auxiliary gradient reaches the dead latents' encoder rows only.
+    moved = model.W_enc.grad.abs().sum(1) > 0
+    assert moved.any() and not (moved & ~dead).any()
+    # No dead latents, no auxiliary loss; off when aux_coeff = 0.
+    fresh = baselines.TopKSAE(8, 32, k=2, dead_steps=10**6)
+    _, loss, mse = fresh(x)
+    assert loss.item() == mse.item()
+    off = baselines.TopKSAE(8, 32, k=2, dead_steps=1, aux_coeff=0.0)
+    off(x)
+    _, loss, mse = off(x)
+    assert loss.item() == mse.item()
+
+
 def test_match_topk_keeps_the_closest():
     x = torch.randn(256, 4)
     model, trace = baselines.match_topk_l0(x, 2.0, 16, log=_quiet, batch_size=64)
