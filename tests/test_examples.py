@@ -11,6 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import baselines
+import paper_heterogeneity
+import paper_separability
 import synthetic_heterogeneity
 import synthetic_separability
 from sae_compare import MODELS
@@ -164,3 +166,38 @@ def test_minilm_tiny(tmp_path):
         values = [t["value"] for t in latent["top"]]
         assert values == sorted(values, reverse=True)
         assert all("[[" in t["context"] and t["token"] for t in latent["top"])
+
+
+def test_paper_data_as_the_notebooks_build_it():
+    x, labels = paper_separability.make_data(2000, 0)
+    assert x.shape == (12000, 2) and torch.bincount(labels).tolist() == [2000] * 6
+    torch.testing.assert_close(x.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    assert x.pow(2).sum(1).mean().item() == pytest.approx(2.0, rel=1e-5)
+    x, labels = paper_heterogeneity.make_data(400, 0)
+    assert x.shape == (2000, 128) and x.pow(2).sum(1).mean().item() == pytest.approx(128.0, rel=1e-4)
+    # Each concept varies along its first k coordinates only (beyond the 1e-6 jitter).
+    for c, k in enumerate(paper_heterogeneity.INTRINSIC_DIMS):
+        var = x[labels == c].var(0)
+        assert (var[:k] > 100 * var[k:].max()).all() if k < 128 else True
+
+
+@pytest.mark.parametrize(
+    "module, flag", [(paper_separability, "--per-cluster"), (paper_heterogeneity, "--per-concept")]
+)
+def test_paper_experiments_tiny(module, flag, tmp_path, capsys):
+    assert module.main([flag, "200", "--seeds", "2", "--models", "spade,topk", "--out", str(tmp_path)]) == 0
+    stem = module.__name__
+    res = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
+    assert set(res["models"]) == {"spade", "topk"} and res["config"]["seeds"] == [0, 1]
+    n = 6 if module is paper_separability else 5
+    for points in res["models"].values():
+        for p in points:
+            assert len(p["runs"]) == 2 and len(p["f1_mean"]) == len(p["concept_l0_mean"]) == n
+            assert all(0 <= f <= 1 for f in p["f1_mean"])
+    # TopK's L0 is its k.
+    assert [round(p["l0_mean"]) for p in res["models"]["topk"]] == res["config"]["sweeps"]["topk"]["values"]
+    if module is paper_heterogeneity:
+        assert res["config"]["intrinsic_dims"] == [6, 14, 30, 62, 126]
+    with pytest.raises(SystemExit):
+        module.main(["--models", "nope"])

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import canonical_name
 from ..layer import SpaDE
 
 
 class WrappedSpaDE:
     """Mixin for a module holding its weights in a ``SpaDE`` submodule ``spade``.
 
-    ``prototypes``, ``W_dec``, ``b_dec`` and ``lam`` read through to it, so the
+    ``backend`` (settable), ``prototypes``, ``W_dec``, ``b_dec`` and ``lam`` read through to it, so the
     trainer library sees the usual SAE attribute names and the layer keeps a
     single copy of each tensor.
     """
 
     spade: SpaDE
+
+    @property
+    def backend(self) -> str:
+        """Encoder backend of the wrapped layer (settable)."""
+        return self.spade.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.spade.backend = canonical_name(name)
 
     @property
     def prototypes(self) -> torch.nn.Parameter:

@@ -46,7 +46,6 @@ import torch
 from dictionary_learning.dictionary import Dictionary
 from dictionary_learning.trainers.trainer import SAETrainer, get_sparsity_warmup_fn
 
-from ..backends import canonical_name
 from ..codes import SparseCodes
 from ..layer import SpaDE
 from ..train import lr_schedule
@@ -116,17 +115,6 @@ class SpaDEDictionary(WrappedSpaDE, Dictionary):
         )
         self.activation_dim = activation_dim
         self.dict_size = dict_size
-
-    # -- views of the wrapped layer ------------------------------------------
-
-    @property
-    def backend(self) -> str:
-        """Encoder backend of the wrapped layer (settable)."""
-        return self.spade.backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self.spade.backend = canonical_name(name)
 
     # -- Dictionary API -------------------------------------------------------
 

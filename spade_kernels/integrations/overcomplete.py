@@ -54,7 +54,6 @@ import torch
 from overcomplete.base import BaseDictionaryLearning
 from overcomplete.sae import SAE
 
-from ..backends import canonical_name
 from ..codes import SparseCodes
 from ..layer import SpaDE
 from ._wrapped import WrappedSpaDE
@@ -151,15 +150,6 @@ class SpaDESAE(WrappedSpaDE, SAE):
         self.register_load_state_dict_pre_hook(_add_prefix)
 
     # -- views of the layer ----------------------------------------------------
-
-    @property
-    def backend(self) -> str:
-        """Encoder backend of the layer (settable)."""
-        return self.spade.backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self.spade.backend = canonical_name(name)
 
     @property
     def gamma_reg(self) -> float:
