@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 __all__ = ["check_encode_inputs", "check_lambda", "check_tensor"]
@@ -34,8 +36,8 @@ def check_lambda(lam, device: torch.device) -> None:
         if torch.compiler.is_compiling():
             return  # the value is data-dependent while tracing; eager calls check it
         value = float(lam.detach().reshape(()))
-    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        value = float(lam)
+    elif isinstance(lam, numbers.Real) and not isinstance(lam, (bool, np.bool_)):
+        value = float(lam)  # Python and NumPy scalars alike (np.float32 is no float subclass)
     else:
         raise TypeError(f"lam must be a positive float or a scalar tensor, got {type(lam).__name__}")
     if not (value > 0 and math.isfinite(value)):  # also rejects NaN

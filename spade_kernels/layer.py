@@ -6,9 +6,11 @@ import contextlib
 import functools
 import json
 import math
+import numbers
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,10 @@ class SpaDEOutput(NamedTuple):
     loss: torch.Tensor
     mse: torch.Tensor
     reg: torch.Tensor
+
+
+#: The smallest λ a layer holds without underflow: float32's smallest normal number.
+_LAMBDA_MIN = float(torch.finfo(torch.float32).tiny)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -181,12 +187,25 @@ class SpaDE(nn.Module):
         """
         if lambda_init is None:
             lambda_init = 1.0 / (2 * d_in)
-        if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
+        if isinstance(lambda_init, (bool, np.bool_)) or not isinstance(lambda_init, numbers.Real):
             raise TypeError(f"lambda_init must be a float, got {type(lambda_init).__name__}")
+        lambda_init = float(lambda_init)
         if not (math.isfinite(lambda_init) and lambda_init > 0):
             raise ValueError(f"lambda_init must be a finite float > 0, got {lambda_init!r}")
-        if isinstance(gamma_reg, bool) or not (isinstance(gamma_reg, (int, float)) and gamma_reg >= 0):
-            raise ValueError(f"gamma_reg must be a float >= 0, got {gamma_reg!r}")
+        if lambda_init < _LAMBDA_MIN:
+            # λ = softplus(raw) is held in float32: below its smallest normal value it
+            # underflows towards 0, where the codes stop depending on the data.
+            raise ValueError(
+                f"lambda_init = {lambda_init!r} underflows float32 (λ would round to ~0): "
+                f"it must be ≥ {_LAMBDA_MIN:.3g}"
+            )
+        if (
+            isinstance(gamma_reg, (bool, np.bool_))
+            or not isinstance(gamma_reg, numbers.Real)
+            or not (math.isfinite(gamma_reg) and gamma_reg >= 0)
+        ):
+            raise ValueError(f"gamma_reg must be a finite float >= 0, got {gamma_reg!r}")
+        gamma_reg = float(gamma_reg)
         if reg_on not in ("encoder", "decoder"):
             raise ValueError(f"reg_on must be 'encoder' or 'decoder', got {reg_on!r}")
         # Fail early on unknown names; availability depends on the tensors'

@@ -102,3 +102,31 @@ def test_margin_is_a_worst_case_bound():
     approx = torch.addmm(aa.float(), x, A.t(), beta=-lam, alpha=2 * lam).double()
     margin = score_margin(xx.float(), aa.float(), lam, d, 2.0**-23).double()
     assert ((approx - exact).abs() <= margin[:, None] / 2).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"] + (["native"] if _ext.available() else []))
+def test_numpy_scalar_lambda_is_a_number_on_every_backend(backend):
+    import numpy as np
+
+    x, A = torch.randn(6, 4), torch.randn(10, 4)
+    ref = sk.spade_encode(x, A, 0.25, backend=backend).to_dense()
+    for lam in (np.float32(0.25), np.float64(0.25)):
+        torch.testing.assert_close(
+            sk.spade_encode(x, A, lam, backend=backend).to_dense(), ref, rtol=0, atol=0
+        )
+    with pytest.raises(TypeError, match="lam"):
+        sk.spade_encode(x, A, np.bool_(True), backend=backend)
+
+
+def test_layer_settings_refuse_lambda_underflow_and_non_finite_gamma():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="underflows float32"):
+        sk.SpaDE(8, 16, lambda_init=1e-50)
+    assert sk.SpaDE(8, 16, lambda_init=1e-30).lam.item() == pytest.approx(1e-30, rel=1e-5)
+    for gamma in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="gamma_reg must be a finite float >= 0"):
+            sk.SpaDE(8, 16, gamma_reg=gamma)
+    layer = sk.SpaDE(8, 16, lambda_init=np.float32(0.5), gamma_reg=np.float64(0.2))
+    assert isinstance(layer.lambda_init, float) and isinstance(layer.gamma_reg, float)
+    assert layer.lam.item() == pytest.approx(0.5, rel=1e-6)
