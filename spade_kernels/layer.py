@@ -487,16 +487,35 @@ class SpaDE(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, *, device=None, dtype=None, backend: str = "auto"
     ) -> SpaDE:
-        """Load a layer written by :meth:`save_pretrained`."""
+        """Load a layer written by :meth:`save_pretrained`.
+
+        ``path`` is the checkpoint directory or its ``cfg.json``.  Every
+        problem raises with the file and the field: a missing, truncated or
+        malformed ``cfg.json``, a missing or non-integer ``d_in``/``d_sae``,
+        weights of another shape or dtype kind, NaN/inf weights, λ ≤ 0.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        path = os.fspath(path)
+        if os.path.basename(path) == CONFIG_NAME and os.path.isfile(path):
+            path = os.path.dirname(path) or "."
         cfg_path = os.path.join(path, CONFIG_NAME)
         if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(path)!r}")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{cfg_path} is not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
         if cfg.get("architecture") != "spade":
             raise ValueError(f"{cfg_path} describes architecture {cfg.get('architecture')!r}, not 'spade'")
+        for key in ("d_in", "d_sae"):
+            value = cfg.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{cfg_path}: {key!r} must be a positive integer, got {value!r}")
         # SAELens options this layer does not implement: refuse rather than load a different model.
         unsupported = {
             "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input") and cfg.get("use_bias", False),
@@ -529,6 +548,33 @@ class SpaDE(nn.Module):
             device=device,
             dtype=dtype,
         )
-        state = load_file(os.path.join(path, WEIGHTS_NAME))
+        weights_path = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.exists(weights_path):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!r}")
+        try:
+            state = load_file(weights_path)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({exc})") from None
+        expected = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{weights_path} lacks {missing} (holds {sorted(state)})")
+        for name, shape in expected.items():
+            t = state[name]
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{weights_path}: {name!r} has shape {tuple(t.shape)} but {cfg_path} "
+                    f"(d_in={cfg['d_in']}, d_sae={cfg['d_sae']}) says {shape}"
+                )
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{weights_path}: {name!r} must hold finite floats")
+        lam = F.softplus(state["lambda_raw"].double()).item()
+        if not lam > 0:
+            raise ValueError(
+                f"{weights_path}: 'lambda_raw' gives λ = softplus(lambda_raw) = {lam!r}, not > 0"
+            )
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise ValueError(f"{weights_path} holds tensors this layer does not have: {unexpected}")
         layer.load_state_dict(state)
         return layer

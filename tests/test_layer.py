@@ -347,3 +347,50 @@ def test_one_d_input_and_three_leading_dims():
     assert m(torch.randn(4)).x_hat.shape == (4,)
     out = m(torch.randn(2, 3, 5, 4))
     assert out.x_hat.shape == (2, 3, 5, 4) and out.codes.to_dense().shape == (2, 3, 5, 8)
+
+
+def test_from_pretrained_names_the_file_and_field(tmp_path):
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good"
+    sk.SpaDE(4, 6).save_pretrained(good)
+    cfg = _json.loads((good / "cfg.json").read_text())
+    # The cfg.json path works as well as its folder.
+    assert sk.SpaDE.from_pretrained(good / "cfg.json").d_sae == 6
+
+    def case(name, cfg_text=None, tensors=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "cfg.json").write_text(_json.dumps(cfg) if cfg_text is None else cfg_text)
+        state = sk.SpaDE(4, 6).state_dict()
+        save_file(
+            {k: v.contiguous() for k, v in (tensors or state).items()}, str(d / "sae_weights.safetensors")
+        )
+        return d
+
+    state = sk.SpaDE(4, 6).state_dict()
+    cases = [
+        (case("truncated", cfg_text=_json.dumps(cfg)[:20]), r"cfg.json is not valid JSON"),
+        (case("list", cfg_text="[1, 2]"), r"cfg.json must hold a JSON object, got list"),
+        (
+            case("no_d_in", cfg_text=_json.dumps({k: v for k, v in cfg.items() if k != "d_in"})),
+            r"'d_in' must be",
+        ),
+        (
+            case("shape", cfg_text=_json.dumps({**cfg, "d_in": 5})),
+            r"'prototypes' has shape \(6, 4\) but .*cfg.json",
+        ),
+        (case("nan", tensors={**state, "W_dec": torch.full((6, 4), math.nan)}), r"'W_dec' must hold finite"),
+        (case("lam", tensors={**state, "lambda_raw": torch.tensor(-1e4)}), r"λ = softplus\(lambda_raw\) = 0"),
+        (case("extra", tensors={**state, "junk": torch.zeros(2)}), r"does not have: \['junk'\]"),
+        (case("missing", tensors={k: v for k, v in state.items() if k != "W_dec"}), r"lacks \['W_dec'\]"),
+    ]
+    for path, match in cases:
+        with pytest.raises(ValueError, match=match):
+            sk.SpaDE.from_pretrained(path)
+    bad = case("garbage")
+    (bad / "sae_weights.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        sk.SpaDE.from_pretrained(bad)
