@@ -21,6 +21,7 @@ from .numerics import compute_dtype
 from .pipeline import encode_backward, encode_forward
 from .pipeline.encoder import dense_row_bytes
 from .pipeline.memory import SPARSE_SHARE, budget_bytes, row_blocks
+from .pipeline.rows import RowWriter
 
 __all__ = ["encode_sparse", "spade_encode"]
 
@@ -92,42 +93,6 @@ def _block_row_bytes(prims, K: int, d: int, itemsize: int, opts: dict) -> int:
     return work + d * itemsize
 
 
-class _Rows:
-    """The codes of a batch, written a row block at a time into buffers that grow in width.
-
-    Without autograd, each block's result is copied in and released before
-    the next block runs, so the batch's codes are never held twice: the
-    buffers start at 1.25× the first block's width and grow by 1.25× when a
-    wider block arrives (rare: blocks of i.i.d. rows have similar widths).
-    The result is a view of the first C = (widest support) columns: at most a
-    quarter of the width unused.
-    """
-
-    def __init__(self, B: int, K: int):
-        self.B, self.K, self.width, self.r = B, K, 0, 0
-        self.parts = None
-
-    def add(self, z, idx, size, D) -> None:
-        n, w = z.shape
-        if self.parts is None or w > self.width:
-            grown = max(w, (self.width * 5 + 3) // 4, (w * 5 + 3) // 4)
-            new = [t.new_zeros((self.B, grown)) for t in (z, idx, D)] + [size.new_zeros(self.B)]
-            if self.parts is not None:
-                for dst, src in zip(new[:3], self.parts[:3]):
-                    dst[: self.r, : self.width] = src[: self.r]
-                new[3][: self.r] = self.parts[3][: self.r]
-            self.parts, self.width = new, grown
-        vz, vi, vD, vs = self.parts
-        rows = slice(self.r, self.r + n)
-        vz[rows, :w], vi[rows, :w], vD[rows, :w], vs[rows] = z, idx, D, size
-        self.r += n
-
-    def codes(self) -> SparseCodes:
-        vz, vi, vD, vs = self.parts
-        C = max(int(vs.max()) if vs.numel() else 0, 1)
-        return SparseCodes(vi[:, :C], vz[:, :C], vs, self.K, distances=vD[:, :C])
-
-
 def _concatenate(blocks, K: int) -> SparseCodes:
     """One :class:`SparseCodes` from row blocks (values, indices, support_size, D), differentiably."""
     C = max(b[0].shape[1] for b in blocks)
@@ -172,7 +137,7 @@ def encode_sparse(backend: str, x: torch.Tensor, prototypes: torch.Tensor, lam, 
         return SparseCodes(idx, z, size, K, distances=D)
     if torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad or lam_t.requires_grad):
         return _concatenate([_encode_op(x[rs], prototypes, lam_t, backend, text) for rs in blocks], K)
-    out = _Rows(B, K)
+    out = RowWriter(B, K)
     for rs in blocks:
         out.add(*_encode_op(x[rs], prototypes, lam_t, backend, text))
     return out.codes()

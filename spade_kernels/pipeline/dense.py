@@ -17,7 +17,8 @@ scores and projection.
 
 Memory: the rows are processed in blocks sized from the memory budget
 (:mod:`.memory`); the dense outputs of :func:`dense_codes` are B×K by
-definition, while :func:`dense_sparse_codes` keeps only each block's support.
+definition, while :func:`dense_sparse_codes` keeps only each block's support,
+written into one result (:class:`.rows.RowWriter`) when no gradient is needed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..codes import SparseCodes
 from ..reference import squared_distances
 from ..sparsemax import sparsemax_sort
 from .memory import budget_bytes, row_blocks
+from .rows import RowWriter
 
 __all__ = ["dense_codes", "dense_row_bytes", "dense_sparse_codes"]
 
@@ -82,10 +84,18 @@ def dense_sparse_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> Sparse
     K = prototypes.shape[0]
     if x.shape[0] == 0:
         return SparseCodes.from_dense(_block(x, prototypes, lam)[0])
-    parts = [
-        SparseCodes.from_dense(_block(x[rs], prototypes, lam)[0])
-        for rs in row_blocks(x.shape[0], dense_row_bytes(K), budget_bytes(x.device))
-    ]
+    blocks = list(row_blocks(x.shape[0], dense_row_bytes(K), budget_bytes(x.device)))
+    grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, prototypes, lam)
+    )
+    if len(blocks) > 1 and not grad:
+        # Each block's support copied into one growing result, so the codes are held once.
+        out = RowWriter(x.shape[0], K)
+        for rs in blocks:
+            c = SparseCodes.from_dense(_block(x[rs], prototypes, lam)[0])
+            out.add(c.values, c.indices, c.support_size)
+        return out.codes()
+    parts = [SparseCodes.from_dense(_block(x[rs], prototypes, lam)[0]) for rs in blocks]
     if len(parts) == 1:
         return parts[0]
     C = max(p.width for p in parts)

@@ -1,0 +1,53 @@
+"""A batch's codes written a row block at a time, held once (docs/design.md, "Memory model")."""
+
+from __future__ import annotations
+
+from ..codes import SparseCodes
+
+__all__ = ["RowWriter"]
+
+
+class RowWriter:
+    """The codes of a batch, written a row block at a time into buffers that grow in width.
+
+    Without autograd, each block's result is copied in and released before
+    the next block runs, so the batch's codes are never held twice: the
+    buffers start at 1.25× the first block's width and grow by 1.25× when a
+    wider block arrives (rare: blocks of i.i.d. rows have similar widths).
+    The result is a view of the first C = (widest support) columns: at most a
+    quarter of the width unused.
+    """
+
+    def __init__(self, B: int, K: int):
+        self.B, self.K, self.width, self.r = B, K, 0, 0
+        self.parts = None
+        self.no_distances = False
+
+    def add(self, z, idx, size, D=None) -> None:
+        """Append a block's values, indices, support sizes and (optionally) distances."""
+        n, w = z.shape
+        if D is None:
+            D = z.new_zeros(())
+            self.no_distances = True
+        if self.parts is None or w > self.width:
+            grown = max(w, (self.width * 5 + 3) // 4, (w * 5 + 3) // 4)
+            wide = [z, idx] + ([] if self.no_distances else [D])
+            new = [t.new_zeros((self.B, grown)) for t in wide]
+            new += [z.new_zeros(())] * (3 - len(new)) + [size.new_zeros(self.B)]
+            if self.parts is not None:
+                for dst, src in zip(new[: len(wide)], self.parts[: len(wide)]):
+                    dst[: self.r, : self.width] = src[: self.r]
+                new[3][: self.r] = self.parts[3][: self.r]
+            self.parts, self.width = new, grown
+        vz, vi, vD, vs = self.parts
+        rows = slice(self.r, self.r + n)
+        vz[rows, :w], vi[rows, :w], vs[rows] = z, idx, size
+        if not self.no_distances:
+            vD[rows, :w] = D
+        self.r += n
+
+    def codes(self) -> SparseCodes:
+        vz, vi, vD, vs = self.parts
+        C = max(int(vs.max()) if vs.numel() else 0, 1)
+        D = None if self.no_distances else vD[:, :C]
+        return SparseCodes(vi[:, :C], vz[:, :C], vs, self.K, distances=D)
