@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -38,12 +39,25 @@ _FILE_BATCH_SIZE = 4096
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its error message
     return parse
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
+
+
+_non_negative_float.__name__ = "float"
+
+#: Fewer optimizer steps than this and ``train`` warns (a SpaDE needs hundreds of steps to fit).
+FEW_STEPS = 200
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -75,7 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--lr-final", type=_positive(float), default=1e-4, help="lr at the last step (default 1e-4)"
     )
     train.add_argument("--clip", type=_positive(float), default=1.0, help="max gradient norm (default 1.0)")
-    train.add_argument("--gamma-reg", type=float, default=0.1, help="regulariser weight γ (default 0.1)")
+    train.add_argument(
+        "--gamma-reg", type=_non_negative_float, default=0.1, help="regulariser weight γ (default 0.1)"
+    )
     train.add_argument("--lambda-init", type=_positive(float), help="initial λ (default 1/(2d))")
     train.add_argument(
         "--init",
@@ -86,6 +102,11 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="encoder backend")
     train.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     train.add_argument("--seed", type=int, default=0, help="seed for data, init and shuffling (default 0)")
+    train.add_argument(
+        "--threads",
+        type=_positive(int),
+        help="CPU threads for torch (default: torch's; one is fastest when other work shares the CPU)",
+    )
     train.add_argument("--n-samples", type=_positive(int), help="synthetic set size (default 65536 / 131072)")
     train.add_argument(
         "--out", type=Path, help="checkpoint directory (default runs/spade-<dataset or file stem>)"
@@ -156,6 +177,21 @@ def _info() -> int:
     return 0
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot hold the checkpoint (None if it can): checked before the first step."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        return "exists and is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return f"not writable ({exc.strerror or exc})"
+    return None
+
+
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -166,11 +202,16 @@ def _train(args: argparse.Namespace) -> int:
     from .layer import SpaDE
     from .train import concept_metrics, evaluate, train_spade
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dataset = None
     if args.dataset is not None:
         n_samples, d_sae, batch_size = _SYNTHETIC_DEFAULTS[args.dataset]
         make = make_separability if args.dataset == "separability" else make_heterogeneity
-        dataset = make(args.n_samples or n_samples, seed=args.seed)
+        try:
+            dataset = make(args.n_samples or n_samples, seed=args.seed)
+        except ValueError as exc:
+            return _error(f"--n-samples {args.n_samples}: {exc}")
         x, name = dataset.x, args.dataset
     else:
         try:
@@ -180,7 +221,14 @@ def _train(args: argparse.Namespace) -> int:
         d_sae, batch_size, name = 4 * x.shape[1], _FILE_BATCH_SIZE, args.data.stem
     try:
         x, factor = scale_to_unit_norm(x)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as exc:
+            raise ValueError(f"--device {args.device}: not a torch device ({exc})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"--device {args.device}: SpaDE trains on cpu or cuda devices, not {device.type}"
+            )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available (torch {torch.__version__})")
         resolve_backend(args.backend, device)
@@ -198,6 +246,17 @@ def _train(args: argparse.Namespace) -> int:
     layer.to(device)
     layer.backend = args.backend
     out_dir = args.out or Path("runs") / f"spade-{name}"
+    problem = _unwritable(out_dir)
+    if problem is not None:
+        return _error(f"--out {os.fspath(out_dir)}: {problem}")
+    steps = args.epochs * math.ceil(x.shape[0] / (args.batch_size or batch_size))
+    if steps < FEW_STEPS:
+        print(
+            f"{PROG}: warning: only {steps} optimizer steps ({x.shape[0]} samples, batch "
+            f"{args.batch_size or batch_size}, {args.epochs} epoch(s)); a SpaDE needs a few hundred to fit: "
+            "raise --epochs or lower --batch-size",
+            file=sys.stderr,
+        )
     try:
         run = _Distributed.start(args, device)
     except ValueError as exc:

@@ -122,3 +122,57 @@ def test_cuda_device_without_cuda(tmp_path, capsys):
         main(["train", "--dataset", "separability", *TINY, "--device", "cuda", "--out", str(tmp_path)]) == 2
     )
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--lr", "inf"], "--lr: must be finite and > 0"),
+        (["--lr", "nan"], "--lr: must be finite and > 0"),
+        (["--gamma-reg", "inf"], "--gamma-reg: must be finite and >= 0"),
+        (["--gamma-reg", "-1"], "--gamma-reg: must be finite and >= 0"),
+        (["--threads", "0"], "--threads: must be finite and > 0"),
+    ],
+)
+def test_non_finite_numbers_are_refused_before_training(flags, match, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dataset", "separability", *TINY, *flags])
+    assert info.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--device", "meta"], "--device meta: SpaDE trains on cpu or cuda devices, not meta"),
+        (["--device", "mps"], "--device mps: SpaDE trains on cpu or cuda devices"),
+        (["--device", "gpu0"], "--device gpu0: not a torch device"),
+        (["--n-samples", "5"], "--n-samples 5:"),
+    ],
+)
+def test_bad_device_and_sizes_are_one_error_line(flags, match, tmp_path, capsys):
+    assert main(["train", "--dataset", "separability", *TINY, *flags, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spade-kernels: error:") and match in err and "\n" not in err
+    assert "Traceback" not in err
+
+
+def test_unwritable_out_is_refused_before_the_first_step(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--dataset", "separability", *TINY, "--out", str(blocker)]) == 2
+    err = capsys.readouterr()
+    assert "is not a directory" in err.err and "training SpaDE" not in err.out
+    assert main(["train", "--dataset", "separability", *TINY, "--out", str(blocker / "sub")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_few_steps_warn_with_the_numbers_and_threads_apply(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        argv = ["train", "--dataset", "separability", "--n-samples", "512", "--batch-size", "256"]
+        assert main([*argv, "--threads", "1", "--out", str(tmp_path / "r")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "warning: only 2 optimizer steps (512 samples, batch 256, 1 epoch(s))" in err and "--epochs" in err
