@@ -184,19 +184,18 @@ def load_activations(path: str | os.PathLike) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"activation file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        import numpy as np
-
-        # allow_pickle=False: an object array would otherwise run arbitrary code.
-        data = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif suffix == ".pt":
-        data = _pick_tensor(torch.load(path, map_location="cpu", weights_only=True), path)
-    elif suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        data = _pick_tensor(load_file(path), path)
-    else:
+    if suffix not in _READERS:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .pt, .npy or .safetensors")
+    try:
+        data = _READERS[suffix](path)
+    except ValueError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ValueError(f"{path}: not a readable {suffix} file ({exc})") from None
+    except Exception as exc:  # each reader fails its own way on a damaged file
+        # Empty, truncated or foreign files: EOFError, pickle and zip errors,
+        # SafetensorError, RuntimeError from torch's stream reader, …
+        raise ValueError(f"{path}: not a readable {suffix} file ({type(exc).__name__}: {exc})") from None
     if not data.is_floating_point():
         raise ValueError(f"{path}: activations must be floating point, got {data.dtype}")
     if data.dim() < 2 or data.shape[-1] == 0 or data.numel() == 0:
@@ -204,6 +203,26 @@ def load_activations(path: str | os.PathLike) -> torch.Tensor:
             f"{path}: activations must have shape (..., d) with N, d > 0, got {tuple(data.shape)}"
         )
     return data.reshape(-1, data.shape[-1]).float().contiguous()
+
+
+def _read_npy(path: Path) -> torch.Tensor:
+    import numpy as np
+
+    # allow_pickle=False: an object array would otherwise run arbitrary code.
+    return torch.from_numpy(np.load(path, allow_pickle=False))
+
+
+def _read_pt(path: Path) -> torch.Tensor:
+    return _pick_tensor(torch.load(path, map_location="cpu", weights_only=True), path)
+
+
+def _read_safetensors(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return _pick_tensor(load_file(path), path)
+
+
+_READERS = {".npy": _read_npy, ".pt": _read_pt, ".safetensors": _read_safetensors}
 
 
 def _pick_tensor(obj: object, path: Path) -> torch.Tensor:

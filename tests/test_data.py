@@ -117,3 +117,45 @@ def test_scale_to_unit_norm():
 def test_scale_to_unit_norm_errors(x):
     with pytest.raises(ValueError):
         scale_to_unit_norm(x)
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.pt", b""),
+        ("text.pt", b"hello, these are not tensors\n"),
+        ("empty.npy", b""),
+        ("text.npy", b"not an array"),
+        ("bad.safetensors", b"\xff" * 16),
+        ("short.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
+    ],
+)
+def test_damaged_files_are_one_value_error_naming_the_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{path}: not a readable \.\w+ file"):
+        load_activations(path)
+
+
+def test_truncated_files_are_value_errors(tmp_path):
+    x = torch.randn(64, 8)
+    for name, write in (
+        ("t.pt", lambda p: torch.save(x, p)),
+        ("t.npy", lambda p: np.save(p, x.numpy())),
+        ("t.safetensors", lambda p: save_file({"activations": x}, str(p))),
+    ):
+        path = tmp_path / name
+        write(path)
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+        with pytest.raises(ValueError, match=str(path)):
+            load_activations(path)
+
+
+def test_damaged_file_is_a_clean_cli_error(tmp_path, capsys):
+    from spade_kernels.cli import main
+
+    path = tmp_path / "acts.pt"
+    path.write_bytes(b"")
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spade-kernels: error:") and str(path) in err and "\n" not in err
