@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,24 @@ def _non_negative_float(text: str) -> float:
 
 _non_negative_float.__name__ = "float"
 
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+_non_negative_int.__name__ = "int"
+
+#: The resumable training state ``train`` keeps in its output directory until the run completes.
+STATE_NAME = "train_state.pt"
+#: Settings that describe the run (saved in the state; --resume takes them from there).
+_RUN_SETTINGS = (
+    "dataset", "data", "d_sae", "batch_size", "epochs", "lr", "lr_final", "clip", "gamma_reg", "lambda_init",
+    "init", "backend", "device", "seed", "n_samples", "checkpoint_every", "checkpoint_every_s",
+)  # fmt: skip
+
 #: Fewer optimizer steps than this and ``train`` warns (a SpaDE needs hundreds of steps to fit).
 FEW_STEPS = 200
 
@@ -75,6 +94,12 @@ def _build_parser() -> argparse.ArgumentParser:
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", choices=sorted(_SYNTHETIC_DEFAULTS), help="synthetic set of the paper")
     source.add_argument("--data", type=Path, metavar="PATH", help="activation file, shape (..., d)")
+    source.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the interrupted run whose --out was DIR, with its saved settings",
+    )
     train.add_argument(
         "--d-sae",
         type=_positive(int),
@@ -110,6 +135,18 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-samples", type=_positive(int), help="synthetic set size (default 65536 / 131072)")
     train.add_argument(
         "--out", type=Path, help="checkpoint directory (default runs/spade-<dataset or file stem>)"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=_non_negative_int,
+        default=1000,
+        help=f"steps between resumable states in --out/{STATE_NAME} (default 1000; 0: off)",
+    )
+    train.add_argument(
+        "--checkpoint-every-s",
+        type=_non_negative_float,
+        default=600.0,
+        help="seconds between resumable states as well (default 600; 0: off); SIGINT/SIGTERM always write one",
     )
     train.add_argument(
         "--latent-shards",
@@ -197,10 +234,74 @@ def _error(message: str) -> int:
     return 2
 
 
+def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """The settings of the run in ``args.resume`` (its own), with its state; ValueError if there is none."""
+    from .train import load_train_state
+
+    state = load_train_state(os.fspath(args.resume / STATE_NAME))
+    saved = state["extra"].get("settings", {})
+    missing = [k for k in _RUN_SETTINGS if k not in saved]
+    if missing:
+        raise ValueError(f"{args.resume / STATE_NAME} lacks the settings {missing}")
+    run = argparse.Namespace(**vars(args))
+    for key in _RUN_SETTINGS:
+        setattr(run, key, saved[key])
+    run.data = Path(saved["data"]) if saved["data"] is not None else None
+    run.out = args.resume
+    return run, state
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set a flag that the training loop reads after its current step."""
+
+    def __init__(self) -> None:
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _fingerprint(x: torch.Tensor) -> list:
+    return [
+        list(x.shape),
+        float(x.double().sum()),
+        float(x[:: max(1, x.shape[0] // 64)].double().abs().sum()),
+    ]
+
+
 def _train(args: argparse.Namespace) -> int:
     from .data import load_activations, make_heterogeneity, make_separability, scale_to_unit_norm
     from .layer import SpaDE
-    from .train import concept_metrics, evaluate, train_spade
+    from .train import Checkpointer, concept_metrics, evaluate, train_spade
+
+    state = None
+    if args.resume is not None:
+        try:
+            args, state = _resumed_args(args)
+        except (FileNotFoundError, ValueError) as exc:
+            return _error(f"--resume {os.fspath(args.resume)}: {exc}")
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -267,18 +368,47 @@ def _train(args: argparse.Namespace) -> int:
             f"on {x.shape[0]} samples of {name}, scaled by {factor:.4g}{run.describe()}"
         )
     trained, module = run.wrap(layer)
-    history = train_spade(
-        trained,
-        run.part(x),
-        batch_size=args.batch_size or batch_size,
-        lr=args.lr,
-        lr_final=args.lr_final,
-        clip=args.clip,
-        epochs=args.epochs,
-        seed=args.seed,
-        progress=run.rank == 0,
-        module=module,
-    )
+    checkpoint = None
+    state_path = out_dir / STATE_NAME
+    if run.world == 1:  # (under torchrun the run is not checkpointed yet: the shards' states differ)
+        settings = {k: getattr(args, k) for k in _RUN_SETTINGS}
+        settings["data"] = None if args.data is None else os.fspath(Path(args.data).resolve())
+        checkpoint = Checkpointer(
+            os.fspath(state_path), args.checkpoint_every, args.checkpoint_every_s,
+            extra={"settings": settings, "data_fingerprint": _fingerprint(x)},
+        )  # fmt: skip
+    if state is not None and state["extra"].get("data_fingerprint") != _fingerprint(x):
+        return _error(f"--resume {os.fspath(out_dir)}: the data differ from the interrupted run's")
+    with _StopOnSignal() if run.world == 1 else contextlib.nullcontext() as stop:
+        try:
+            history = train_spade(
+                trained,
+                run.part(x),
+                batch_size=args.batch_size or batch_size,
+                lr=args.lr,
+                lr_final=args.lr_final,
+                clip=args.clip,
+                epochs=args.epochs,
+                seed=args.seed,
+                progress=run.rank == 0,
+                module=module,
+                checkpoint=checkpoint,
+                resume=state,
+                should_stop=stop if run.world == 1 else None,
+            )
+        except ValueError as exc:
+            return _error(str(exc))
+    if history.stopped_at is not None:
+        import signal
+
+        total = args.epochs * math.ceil(x.shape[0] / (args.batch_size or batch_size))
+        where = f"the state of step {history.stopped_at}/{total} is in {os.fspath(state_path)}"
+        print(
+            f"\n{PROG}: stopped by {signal.Signals(stop.signum).name}; {where}; resume with: "
+            f"{PROG} train --resume {os.fspath(out_dir)}",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     layer = run.finish(trained)
     if layer is None:  # ranks other than 0: the checkpoint and the report are rank 0's
         return 0
@@ -296,6 +426,8 @@ def _train(args: argparse.Namespace) -> int:
         **final,
     }
     (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    if state_path.exists():  # the run is complete: its checkpoint is the save_pretrained layout
+        state_path.unlink()
 
     if concepts is not None:
         _print_concepts(dataset, concepts)

@@ -466,10 +466,17 @@ class SpaDE(nn.Module):
         }
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``sae_weights.safetensors`` and ``cfg.json`` into directory ``path``."""
+        """Write ``sae_weights.safetensors`` and ``cfg.json`` into directory ``path``.
+
+        Each file is written atomically (a temporary file, fsync, rename), and
+        temporaries a killed earlier write left there are removed first.
+        """
         from safetensors.torch import save_file
 
+        from ._io import atomic_write, remove_stale_temporaries
+
         os.makedirs(path, exist_ok=True)
+        remove_stale_temporaries(path)
         tensors = {
             "prototypes": self.prototypes,
             "W_dec": self.W_dec,
@@ -477,11 +484,15 @@ class SpaDE(nn.Module):
         }
         if self.b_dec is not None:
             tensors["b_dec"] = self.b_dec
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME)
-        )
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(self.config(), f, indent=2)
+        cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(cpu, tmp))
+        text = json.dumps(self.config(), indent=2)
+
+        def write_cfg(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        atomic_write(os.path.join(path, CONFIG_NAME), write_cfg)
 
     @classmethod
     def from_pretrained(

@@ -8,10 +8,11 @@ was scaled so that E‖x‖² = d (:func:`spade_kernels.data.scale_to_unit_norm`
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 import torch
@@ -19,7 +20,16 @@ import torch
 from .codes import SparseCodes
 from .layer import SpaDE
 
-__all__ = ["TrainHistory", "concept_metrics", "cosine_lr", "evaluate", "lr_schedule", "train_spade"]
+__all__ = [
+    "Checkpointer",
+    "TrainHistory",
+    "concept_metrics",
+    "cosine_lr",
+    "evaluate",
+    "load_train_state",
+    "lr_schedule",
+    "train_spade",
+]
 
 #: Seconds between redraws of the TTY progress line (redrawing every step of a
 #: millisecond-sized step would cost more than the step).
@@ -35,9 +45,60 @@ class TrainHistory:
     l0: list[float] = field(default_factory=list)
     lam: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    #: The step after which ``should_stop`` ended the run early (None: it ran to the end).
+    stopped_at: int | None = None
 
     def __len__(self) -> int:
         return len(self.loss)
+
+
+#: Version of the training-state files :class:`Checkpointer` writes.
+STATE_VERSION = 1
+
+
+@dataclass
+class Checkpointer:
+    """Where and how often :func:`train_spade` writes a resumable training state.
+
+    ``path``: the state file (written atomically; see :mod:`spade_kernels._io`).
+    A state is written every ``every_steps`` optimizer steps and whenever
+    ``every_s`` seconds have passed since the last one (either None or 0:
+    not by that rule), and always when the run is stopped early.  ``extra``
+    is stored alongside (the command line's settings, a data fingerprint).
+    """
+
+    path: str
+    every_steps: int | None = 1000
+    every_s: float | None = 600.0
+    extra: dict = field(default_factory=dict)
+    _last: float = field(default_factory=time.monotonic, repr=False)
+
+    def due(self, step: int) -> bool:
+        by_steps = bool(self.every_steps) and step % self.every_steps == 0
+        by_time = bool(self.every_s) and time.monotonic() - self._last >= self.every_s
+        return by_steps or by_time
+
+    def save(self, state: dict) -> None:
+        from ._io import atomic_write, remove_stale_temporaries
+
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+        atomic_write(self.path, lambda tmp: torch.save({**state, "extra": self.extra}, tmp))
+        self._last = time.monotonic()
+
+
+def load_train_state(path: str) -> dict:
+    """Read a state written by :class:`Checkpointer`; a clear ``ValueError`` naming the file otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no training state at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file fails in the unpickler's own way
+        raise ValueError(f"{path} is not a readable training state ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path} is not a version-{STATE_VERSION} training state of spade_kernels")
+    return state
 
 
 def lr_schedule(
@@ -105,6 +166,9 @@ def train_spade(
     log_every: int | None = None,
     stream: TextIO | None = None,
     module: torch.nn.Module | None = None,
+    checkpoint: Checkpointer | None = None,
+    resume: dict | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainHistory:
     """Train ``layer`` on ``x`` with the paper's recipe.
 
@@ -138,6 +202,17 @@ def train_spade(
         ``DistributedDataParallel`` wrapper of it (``layer`` may be a
         :class:`~spade_kernels.distributed.ShardedSpaDE`; its L0 and its
         gradient clipping are then taken over all shards).
+    checkpoint : Checkpointer, optional
+        Write a resumable state (layer, optimizer, position in the data
+        order, the shuffling generator, the history) as it says.
+    resume : dict, optional
+        A state from :func:`load_train_state`: continue that run (same
+        ``x``, settings and ``seed``); the result equals the uninterrupted
+        run's on the same machine.
+    should_stop : callable, optional
+        Checked after every step; when it returns True the current state is
+        written (with ``checkpoint``) and the history returned with
+        ``stopped_at`` set (how the command line handles SIGINT/SIGTERM).
 
     Returns
     -------
@@ -155,12 +230,32 @@ def train_spade(
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = TrainHistory()
+    step, first_epoch, first_start = 0, 0, 0
+    if resume is not None:
+        if resume.get("total") != total or resume.get("n") != n:
+            raise ValueError(
+                f"the training state is of a run of {resume.get('total')} steps over {resume.get('n')} "
+                f"samples; this one has {total} over {n}"
+            )
+        layer.load_state_dict(resume["layer"])
+        optimizer.load_state_dict(resume["optimizer"])
+        history = TrainHistory(**{k: list(v) for k, v in resume["history"].items() if k != "stopped_at"})
+        step, first_epoch, first_start = resume["step"], resume["epoch"], resume["start"]
+        gen.set_state(resume["epoch_gen_state"])
     bar = _Progress(stream or sys.stderr, total, log_every or max(1, total // 10)) if progress else None
     layer.train()
-    step = 0
-    for _ in range(epochs):
+
+    def state(epoch: int, start: int, epoch_gen_state: torch.Tensor) -> dict:
+        return {
+            "version": STATE_VERSION, "step": step, "total": total, "n": n, "epoch": epoch, "start": start,
+            "epoch_gen_state": epoch_gen_state, "layer": layer.state_dict(),
+            "optimizer": optimizer.state_dict(), "history": asdict(history),
+        }  # fmt: skip
+
+    for epoch in range(first_epoch, epochs):
+        epoch_gen_state = gen.get_state()
         order = torch.randperm(n, generator=gen).to(x.device)
-        for start in range(0, n, batch_size):
+        for start in range(first_start if epoch == first_epoch else 0, n, batch_size):
             step_lr = cosine_lr(step, total, lr, lr_final)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
@@ -180,6 +275,17 @@ def train_spade(
             step += 1
             if bar is not None:
                 bar.update(step, history)
+            stop = should_stop is not None and should_stop()
+            if checkpoint is not None and (stop or checkpoint.due(step)):
+                # The position of the next step: this epoch's next batch, or the next epoch's first
+                # (whose order the generator, already past this epoch's permutation, will draw).
+                if start + batch_size < n:
+                    checkpoint.save(state(epoch, start + batch_size, epoch_gen_state))
+                else:
+                    checkpoint.save(state(epoch + 1, 0, gen.get_state()))
+            if stop and step < total:
+                history.stopped_at = step
+                return history
     return history
 
 
