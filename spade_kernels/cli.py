@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -164,7 +165,51 @@ def _build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments
 
     add_arguments(bench)
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on activations: FVU, L0, dead latents, firing frequencies (JSON + PNG)",
+        description="Evaluate a save_pretrained checkpoint on raw activations (the scale it takes).",
+    )
+    ev.add_argument("checkpoint", type=Path, help="checkpoint directory (or its cfg.json)")
+    ev.add_argument(
+        "--data", type=Path, required=True, metavar="PATH", help="activation file, shape (..., d)"
+    )
+    ev.add_argument("--out", type=Path, help="JSON report (default CHECKPOINT/eval.json; the PNG beside it)")
+    ev.add_argument("--batch-size", type=_positive(int), default=4096, help="rows per batch (default 4096)")
+    ev.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="encoder backend")
+    ev.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     return parser
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import load_activations
+    from .evaluation import evaluate_checkpoint, plot_evaluation
+    from .layer import SpaDE
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available")
+        layer = SpaDE.from_pretrained(args.checkpoint, device=device, backend=args.backend)
+        x = load_activations(args.data)
+        if x.shape[1] != layer.d_in:
+            raise ValueError(f"{args.data} has d = {x.shape[1]} but the checkpoint takes d_in = {layer.d_in}")
+        metrics = evaluate_checkpoint(layer, x, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        return _error(str(exc))
+    folder = args.checkpoint.parent if args.checkpoint.name == "cfg.json" else args.checkpoint
+    out = args.out or folder / "eval.json"
+    metrics["checkpoint"], metrics["data"] = os.fspath(args.checkpoint), os.fspath(args.data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=1) + "\n")
+    png = out.with_suffix(".png")
+    drawn = plot_evaluation(metrics, os.fspath(png))
+    print(
+        f"FVU {metrics['fvu']:.4g}  MSE {metrics['mse']:.4g}  L0 {metrics['l0_mean']:.2f}  "
+        f"dead {metrics['dead_latents']}/{metrics['d_sae']}  λ {metrics['lambda']:.4g}"
+    )
+    print(f"wrote {os.fspath(out)}" + (f" and {os.fspath(png)}" if drawn else ""))
+    return 0
 
 
 def _dist_version(name: str) -> str:
@@ -249,6 +294,56 @@ def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     run.data = Path(saved["data"]) if saved["data"] is not None else None
     run.out = args.resume
     return run, state
+
+
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "training_curves.png"
+
+
+class _MetricsLog:
+    """One JSON line per logged step in --out/metrics.jsonl: step, loss, MSE, normalised MSE, L0, λ, lr, throughput.
+
+    About 500 lines per run (and the last step).  The data are scaled to
+    E‖x‖² = d, so the normalised MSE is MSE/d.  A resumed run first drops
+    the lines past its state's step (what a killed run logged after its last
+    checkpoint), so the log reads as one run.
+    """
+
+    def __init__(self, path: Path, total: int, d: int, batch_size: int) -> None:
+        self.path, self.total, self.d, self.batch = path, total, d, batch_size
+        self.every = max(1, total // 500)
+        self.enabled = False
+
+    def start(self, step: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        kept = [r for r in self.rows() if r["step"] <= step] if step > 0 else []
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.t0, self.step0 = time.perf_counter(), step
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                break
+        return rows
+
+    def __call__(self, step: int, history) -> None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return
+        rate = (step - self.step0) * self.batch / max(time.perf_counter() - self.t0, 1e-9)
+        row = {
+            "step": step, "loss": history.loss[-1], "mse": history.mse[-1], "nmse": history.mse[-1] / self.d,
+            "l0": history.l0[-1], "lam": history.lam[-1], "lr": history.lr[-1], "samples_per_s": rate,
+        }  # fmt: skip
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 class _StopOnSignal:
@@ -350,7 +445,7 @@ def _train(args: argparse.Namespace) -> int:
     problem = _unwritable(out_dir)
     if problem is not None:
         return _error(f"--out {os.fspath(out_dir)}: {problem}")
-    steps = args.epochs * math.ceil(x.shape[0] / (args.batch_size or batch_size))
+    steps = total_steps = args.epochs * math.ceil(x.shape[0] / (args.batch_size or batch_size))
     if steps < FEW_STEPS:
         print(
             f"{PROG}: warning: only {steps} optimizer steps ({x.shape[0]} samples, batch "
@@ -379,6 +474,8 @@ def _train(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if state is not None and state["extra"].get("data_fingerprint") != _fingerprint(x):
         return _error(f"--resume {os.fspath(out_dir)}: the data differ from the interrupted run's")
+    log = _MetricsLog(out_dir / METRICS_NAME, total_steps, x.shape[1], args.batch_size or batch_size)
+    log.start(0 if state is None else state["step"], enabled=run.rank == 0)
     with _StopOnSignal() if run.world == 1 else contextlib.nullcontext() as stop:
         try:
             history = train_spade(
@@ -395,6 +492,7 @@ def _train(args: argparse.Namespace) -> int:
                 checkpoint=checkpoint,
                 resume=state,
                 should_stop=stop if run.world == 1 else None,
+                on_step=log,
             )
         except ValueError as exc:
             return _error(str(exc))
@@ -428,6 +526,12 @@ def _train(args: argparse.Namespace) -> int:
     (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     if state_path.exists():  # the run is complete: its checkpoint is the save_pretrained layout
         state_path.unlink()
+    from .evaluation import training_curves
+
+    if training_curves(log.rows(), os.fspath(out_dir / CURVES_NAME)):
+        print(
+            f"training curves: {os.fspath(out_dir / CURVES_NAME)} (log: {os.fspath(out_dir / METRICS_NAME)})"
+        )
 
     if concepts is not None:
         _print_concepts(dataset, concepts)
@@ -525,4 +629,6 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import run_from_args
 
         return run_from_args(args)
+    if args.command == "eval":
+        return _eval(args)
     return _train(args)

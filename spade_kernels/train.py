@@ -169,6 +169,7 @@ def train_spade(
     checkpoint: Checkpointer | None = None,
     resume: dict | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, TrainHistory], None] | None = None,
 ) -> TrainHistory:
     """Train ``layer`` on ``x`` with the paper's recipe.
 
@@ -213,6 +214,9 @@ def train_spade(
         Checked after every step; when it returns True the current state is
         written (with ``checkpoint``) and the history returned with
         ``stopped_at`` set (how the command line handles SIGINT/SIGTERM).
+    on_step : callable, optional
+        ``on_step(step, history)`` after every optimizer step (the command
+        line's metrics log).
 
     Returns
     -------
@@ -275,6 +279,8 @@ def train_spade(
             step += 1
             if bar is not None:
                 bar.update(step, history)
+            if on_step is not None:
+                on_step(step, history)
             stop = should_stop is not None and should_stop()
             if checkpoint is not None and (stop or checkpoint.due(step)):
                 # The position of the next step: this epoch's next batch, or the next epoch's first

@@ -176,3 +176,47 @@ def test_few_steps_warn_with_the_numbers_and_threads_apply(tmp_path, capsys):
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert "warning: only 2 optimizer steps (512 samples, batch 256, 1 epoch(s))" in err and "--epochs" in err
+
+
+def test_train_writes_a_metrics_log_and_curves_and_eval_reports(tmp_path, capsys):
+    import json as _json
+
+    from spade_kernels.data import make_separability
+    from spade_kernels.layer import SpaDE
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "separability", *TINY, "--out", str(out)]) == 0
+    rows = [_json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert (
+        steps == sorted(set(steps))
+        and steps[-1] == _json.loads((out / "train_info.json").read_text())["steps"]
+    )
+    assert {"step", "loss", "mse", "nmse", "l0", "lam", "lr", "samples_per_s"} <= set(rows[0])
+    assert all(r["nmse"] == pytest.approx(r["mse"] / 2) for r in rows)  # d = 2, E‖x‖² = d
+    assert (out / "training_curves.png").stat().st_size > 0
+    # eval on raw activations, against the metrics computed here.
+    x = make_separability(3000, seed=5).x
+    torch.save(x, tmp_path / "x.pt")
+    assert main(["eval", str(out), "--data", str(tmp_path / "x.pt"), "--batch-size", "1000"]) == 0
+    report = _json.loads((out / "eval.json").read_text())
+    assert (out / "eval.png").stat().st_size > 0
+    layer = SpaDE.from_pretrained(out)
+    with torch.no_grad():
+        codes = layer.encode_sparse(x)
+        x_hat = layer.decode(codes)
+    fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert report["fvu"] == pytest.approx(fvu, rel=1e-5)
+    dense = codes.to_dense()
+    assert report["dead_latents"] == int(((dense > 0).sum(0) == 0).sum())
+    assert report["l0_mean"] == pytest.approx(float((dense > 0).sum(1).double().mean()))
+    assert sum(report["l0_histogram"]["count"]) == 3000
+    assert (
+        sum(report["firing_frequency_log10_histogram"]["count"]) == report["d_sae"] - report["dead_latents"]
+    )
+    # Errors: one line each.
+    torch.save(torch.randn(10, 3), tmp_path / "wrong.pt")
+    assert main(["eval", str(out), "--data", str(tmp_path / "wrong.pt")]) == 2
+    assert "d_in = 2" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere"), "--data", str(tmp_path / "x.pt")]) == 2
+    assert "no cfg.json" in capsys.readouterr().err

@@ -82,6 +82,11 @@ def test_a_signalled_run_resumes_to_the_uninterrupted_weights(sig, uninterrupted
         torch.testing.assert_close(resumed[name], t, rtol=0, atol=1e-6, msg=name)
     assert not (out / STATE_NAME).exists()
     assert not [p for p in os.listdir(out) if p.startswith(TMP_PREFIX)]
+    # The metrics log reads as one run: a killed run's lines past its state were dropped.
+    import json
+
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 2 * 1250
 
 
 def test_resume_errors_are_one_line(tmp_path, capsys):
