@@ -71,6 +71,27 @@ def score_margin(
     return factor * eps * scale
 
 
+def squared_norms(t: torch.Tensor, name: str) -> torch.Tensor:
+    """‖row‖² of a (N, d) tensor in its compute dtype; ValueError when a finite row's overflows.
+
+    A row with a non-finite entry has a non-finite norm (the NaN policy
+    handles it).  A row of finite entries whose squared norm overflows
+    (float32 entries of magnitude ~1e19 and up) would otherwise turn into a
+    NaN row silently, on every backend: it is refused instead.  Checked only
+    when some norm is non-finite, so it costs nothing otherwise.
+    """
+    cd = compute_dtype(t.dtype)
+    sq = torch.linalg.vector_norm(t, dim=1, dtype=cd).square()
+    bad = ~torch.isfinite(sq)
+    if t.numel() and bool(bad.any()) and bool(torch.isfinite(t[bad]).all(1).any()):
+        raise ValueError(
+            f"{name} holds finite values too large for SpaDE's squared distances in {cd} "
+            f"(|entries| up to {float(t[bad].abs().nan_to_num(0, posinf=0).max()):.3g}): scale the inputs "
+            "down (e.g. spade_kernels.data.scale_to_unit_norm) or compute in float64"
+        )
+    return sq
+
+
 def sanitize(x: torch.Tensor, A: torch.Tensor):
     """Squared norms in the compute dtype, and the rows that must come out NaN.
 
@@ -80,8 +101,8 @@ def sanitize(x: torch.Tensor, A: torch.Tensor):
     are only copied when they hold a non-finite value.
     """
     cd = compute_dtype(x.dtype)
-    aa = torch.linalg.vector_norm(A, dim=1, dtype=cd).square()
-    xx = torch.linalg.vector_norm(x, dim=1, dtype=cd).square()
+    aa = squared_norms(A, "prototypes")
+    xx = squared_norms(x, "x")
     nan_rows = ~torch.isfinite(xx)
     if not bool(torch.isfinite(aa).all()):
         nan_rows = torch.ones_like(nan_rows)

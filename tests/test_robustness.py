@@ -130,3 +130,32 @@ def test_layer_settings_refuse_lambda_underflow_and_non_finite_gamma():
     layer = sk.SpaDE(8, 16, lambda_init=np.float32(0.5), gamma_reg=np.float64(0.2))
     assert isinstance(layer.lambda_init, float) and isinstance(layer.gamma_reg, float)
     assert layer.lam.item() == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_nan_policy_for_a_non_finite_prototype(backend):
+    x, A = torch.randn(6, 4), torch.randn(10, 4)
+    for bad in (math.inf, -math.inf, math.nan):
+        A2 = A.clone()
+        A2[3, 1] = bad
+        z = sk.spade_encode(x, A2, 0.25, backend=backend).to_dense()
+        assert torch.isnan(z).all(), (backend, bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_inputs_too_large_for_their_squares_are_refused_not_nan(backend):
+    x, A = torch.randn(6, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="too large for SpaDE's squared distances"):
+        sk.spade_encode(x * 1e20, A, 0.25, backend=backend)
+    with pytest.raises(ValueError, match="prototypes holds finite values too large"):
+        sk.spade_encode(x, A * 1e20, 0.25, backend=backend)
+    layer = sk.SpaDE(4, 10, backend=backend)
+    with pytest.raises(ValueError, match="too large"):
+        layer(x * 1e20)
+    # Large but representable magnitudes stay exact (scores are relative to each row).
+    z = sk.spade_encode(x * 1e15, A * 1e15, 1e-30, backend=backend).to_dense()
+    assert torch.isfinite(z).all() and torch.allclose(z.sum(1), torch.ones(6), atol=1e-5)
+    # float64 has the range: no error there.
+    assert torch.isfinite(
+        sk.spade_encode((x * 1e20).double(), A.double(), 1e-40, backend="reference").to_dense()
+    ).all()

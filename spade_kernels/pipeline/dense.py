@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..codes import SparseCodes
+from ..numerics import squared_norms
 from ..reference import squared_distances
 from ..sparsemax import sparsemax_sort
 from .memory import budget_bytes, row_blocks
@@ -64,14 +65,26 @@ def _distances(x, prototypes):
 
 
 def _block(x, prototypes, lam):
+    if not bool(torch.isfinite(prototypes).all()):
+        # The NaN policy of every backend: a non-finite prototype makes every row NaN.
+        nan = torch.full((x.shape[0], prototypes.shape[0]), float("nan"), device=x.device)
+        return nan.to(torch.promote_types(x.dtype, torch.float32)), nan.to(x.dtype)
     D = _distances(x, prototypes)
     # The scores in at least float32: λ·D rounded to a half type would add its
     # own error, and λ's gradient Σ ∂L/∂s·D would be summed (and overflow) in it.
     return sparsemax_sort(-lam * D.to(torch.promote_types(D.dtype, torch.float32)), dim=-1), D
 
 
+def _check_range(x, prototypes) -> None:
+    # Finite inputs whose squared distances overflow: refused, as by the sparse backends.
+    if x.dtype != torch.float64:
+        squared_norms(x, "x")
+        squared_norms(prototypes, "prototypes")
+
+
 def dense_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense codes z and distances D (B×K each) of x (B, d); float32 codes for half inputs."""
+    _check_range(x, prototypes)
     blocks = list(row_blocks(x.shape[0], dense_row_bytes(prototypes.shape[0]), budget_bytes(x.device)))
     if len(blocks) <= 1:
         return _block(x, prototypes, lam)
@@ -81,6 +94,7 @@ def dense_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> tuple[torch.T
 
 def dense_sparse_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> SparseCodes:
     """The reference's codes in sparse form, a row block at a time: memory is the budget plus the support."""
+    _check_range(x, prototypes)
     K = prototypes.shape[0]
     if x.shape[0] == 0:
         return SparseCodes.from_dense(_block(x, prototypes, lam)[0])
