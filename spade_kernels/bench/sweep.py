@@ -129,12 +129,14 @@ def run_sweep(
 
     env = environment(device)
     status = backend_status()
-    if device.type == "cpu" and os.getloadavg()[0] > 0.5:
-        print(
-            f"warning: load average {os.getloadavg()[0]:.2f}: another process is using the CPU, "
-            "timings will be inflated",
-            file=progress,
-        )
+    if device.type == "cpu":
+        load = os.getloadavg()[0]
+        env["load_average_at_start"] = load  # the results record what the warning said
+        if load > 0.5:
+            print(
+                f"warning: load average {load:.2f}: another process is using the CPU, timings will be inflated",
+                file=progress,
+            )
     configs = []
     for shape_name, (B, d, K) in shapes:
         for dtype_name in dtypes:
