@@ -36,7 +36,7 @@ def test_bench_main_writes_json_csv_and_plots(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
     env = data["environment"]
-    assert {"device_name", "commit", "torch", "triton", "python"} <= set(env)
+    assert {"device_name", "commit", "torch", "triton", "python", "load_average_at_start"} <= set(env)
     names = {(r["name"], r["mode"], r["K"]) for r in rows}
     for name in ("reference", "torch", "floor", "entmax"):
         assert (name, "encode", 64) in names and (name, "train", 256) in names
