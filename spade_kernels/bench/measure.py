@@ -302,6 +302,10 @@ def measure(
 def measure_in_subprocess(args: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "spade_kernels.bench.measure", json.dumps(args)]
     env = dict(os.environ)
+    # glibc: allocations from 128 KiB up are mmapped and unmapped when freed, so the RSS follows
+    # what is live.  With its default (dynamic) threshold, memory freed after the warm-up stays in
+    # the heap and the next run reuses it unseen: the same training step measured 69 or 150 MiB.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
