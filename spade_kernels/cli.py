@@ -528,11 +528,7 @@ def _train(args: argparse.Namespace) -> int:
         state_path.unlink()
     from .evaluation import training_curves
 
-    if training_curves(log.rows(), os.fspath(out_dir / CURVES_NAME)):
-        print(
-            f"training curves: {os.fspath(out_dir / CURVES_NAME)} (log: {os.fspath(out_dir / METRICS_NAME)})"
-        )
-
+    curves = training_curves(log.rows(), os.fspath(out_dir / CURVES_NAME))
     if concepts is not None:
         _print_concepts(dataset, concepts)
     print(
@@ -540,6 +536,10 @@ def _train(args: argparse.Namespace) -> int:
         f"L0 {final['l0']:.2f}  λ {final['lam']:.4g}"
     )
     print(f"saved to {os.fspath(out_dir)}")
+    if curves:
+        print(
+            f"training curves: {os.fspath(out_dir / CURVES_NAME)} (log: {os.fspath(out_dir / METRICS_NAME)})"
+        )
     return 0
 
 

@@ -126,21 +126,41 @@ def cosine_lr(step: int, total: int, lr: float, lr_final: float) -> float:
 
 
 class _Progress:
-    """``\\r``-redrawn status line on a TTY; one line every ``log_every`` steps otherwise."""
+    """A tqdm bar on a TTY (loss, MSE, L0, λ as its postfix); one line every ``log_every`` steps otherwise.
 
-    def __init__(self, stream: TextIO, total: int, log_every: int) -> None:
+    Without tqdm installed, the TTY gets a ``\\r``-redrawn line with the same fields.
+    """
+
+    def __init__(self, stream: TextIO, total: int, log_every: int, start: int = 0) -> None:
         self.stream, self.total, self.log_every = stream, total, log_every
         self.tty = getattr(stream, "isatty", lambda: False)()
         self.last_draw = -math.inf
         self.width = 0
+        self.bar = None
+        if self.tty:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=start, file=stream, unit="step", mininterval=_REDRAW_S)
 
     def update(self, step: int, history: TrainHistory) -> None:
         last = step == self.total
-        line = (
-            f"step {step}/{self.total}  loss {history.loss[-1]:.4g}  mse {history.mse[-1]:.4g}  "
+        fields = (
+            f"loss {history.loss[-1]:.4g}  mse {history.mse[-1]:.4g}  "
             f"L0 {history.l0[-1]:.2f}  λ {history.lam[-1]:.4g}"
         )
-        if self.tty:
+        line = f"step {step}/{self.total}  {fields}"
+        if self.bar is not None:
+            now = time.monotonic()
+            if last or now - self.last_draw >= _REDRAW_S:
+                self.bar.set_postfix_str(fields, refresh=False)
+                self.last_draw = now
+            self.bar.update(step - self.bar.n)
+            if last:
+                self.bar.close()
+        elif self.tty:
             now = time.monotonic()
             if last or now - self.last_draw >= _REDRAW_S:
                 # Pad so a shorter line fully covers the previous one.
@@ -246,7 +266,7 @@ def train_spade(
         history = TrainHistory(**{k: list(v) for k, v in resume["history"].items() if k != "stopped_at"})
         step, first_epoch, first_start = resume["step"], resume["epoch"], resume["start"]
         gen.set_state(resume["epoch_gen_state"])
-    bar = _Progress(stream or sys.stderr, total, log_every or max(1, total // 10)) if progress else None
+    bar = _Progress(stream or sys.stderr, total, log_every or max(1, total // 10), step) if progress else None
     layer.train()
 
     def state(epoch: int, start: int, epoch_gen_state: torch.Tensor) -> dict:
@@ -291,6 +311,8 @@ def train_spade(
                     checkpoint.save(state(epoch + 1, 0, gen.get_state()))
             if stop and step < total:
                 history.stopped_at = step
+                if bar is not None and bar.bar is not None:
+                    bar.bar.close()
                 return history
     return history
 
