@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         run = os.path.basename(os.path.dirname(path))
         with open(path) as f:
             data = json.load(f)
-        if not args.check:
+        harness_run = all("median_ms" in r for r in data.get("rows", []))  # other scripts write other rows
+        if not args.check and harness_run:
             plot_results(data["rows"], os.path.dirname(path))
         pattern = re.compile(
             rf"(<!-- bench:{re.escape(run)}:start -->\n).*?(<!-- bench:{re.escape(run)}:end -->)", re.S
