@@ -187,7 +187,7 @@ def run_sweep(
         elif need > 0.9 * mem_avail:
             row.status = f"skipped: needs {need / 2**30:.1f} GiB"
         elif rates is not None and _estimate_s(name, mode, B, d, K, rates) > max_config_s:
-            row.status = f"skipped: estimated ≥ {_estimate_s(name, mode, B, d, K, rates):.0f} s (its GEMMs and sorts alone)"
+            row.status = f"skipped: estimated ≥ {_estimate_s(name, mode, B, d, K, rates):.0f} s (its GEMMs, score pass and sorts alone)"
         elif name == "auto" and _measured(rows, backend, mode, shape_name, dtype_name) is not None:
             same = _measured(rows, backend, mode, shape_name, dtype_name)
             row = Row(
@@ -241,17 +241,21 @@ def _measured(rows: list[Row], name: str, mode: str, shape_name: str, dtype_name
     return None
 
 
-def _estimate_s(name: str, mode: str, B: int, d: int, K: int, rates: tuple[float, float]) -> float:
-    """Seconds of a configuration's unavoidable work: GEMMs at the measured rate, plus the reference's sort."""
-    gemm_rate, sort_rate = rates
+def _estimate_s(name: str, mode: str, B: int, d: int, K: int, rates: tuple[float, float, float]) -> float:
+    """Seconds of a configuration's unavoidable work: GEMMs at the measured rate, one pass over the B×K
+    scores (every backend forms them, a chunk at a time), plus the reference's sort."""
+    gemm_rate, sort_rate, pass_rate = rates
     seconds = _flops(B, d, K) * (3 if mode == "train" else 1) / gemm_rate
+    if name != "floor":
+        seconds += B * K / pass_rate
     if name == "reference":
         seconds += B * K * math.log2(max(K, 2)) / sort_rate
     return seconds
 
 
 def _rates(device: torch.device) -> tuple[float, float]:
-    """Here: FLOP/s of a float32 GEMM at (1024, 768, 4096), and element·log2(K)/s of a row sort at K = 4096."""
+    """Here: FLOP/s of a float32 GEMM at (1024, 768, 4096), element·log2(K)/s of a row sort at K = 4096,
+    and elements/s of one elementwise pass over a (1024, 4096) float32 tensor."""
 
     def timed(fn) -> float:
         fn()
@@ -269,7 +273,8 @@ def _rates(device: torch.device) -> tuple[float, float]:
     s = torch.randn(1024, 4096, device=device)
     gemm = _flops(1024, 768, 4096) / timed(lambda: torch.mm(x, A.t()))
     sort = 1024 * 4096 * 12 / timed(lambda: torch.sort(s, dim=1, descending=True))
-    return gemm, sort
+    elementwise = 1024 * 4096 / timed(lambda: s.clamp(min=0))
+    return gemm, sort, elementwise
 
 
 def scaling_shapes() -> list[tuple[str, tuple[int, int, int]]]:
