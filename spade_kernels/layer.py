@@ -49,7 +49,9 @@ _LAMBDA_MIN = float(torch.finfo(torch.float32).tiny)
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype of the ``torch.autocast`` region active for ``device_type`` here, or None."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # Only the device types with autocast here; torch.amp.is_autocast_available is not traceable by
+    # dynamo (torch 2.11), torch.is_autocast_enabled is.
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -138,12 +138,10 @@ def sq_dist_backward(prims: Primitives, x, M, indices, G, needs=(True, True)):
 def zero_nan_rows(x: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in ``dtype`` with the rows whose codes are NaN zeroed (0·NaN would leak them into ∂prototypes).
 
-    Eager: copied only when such a row exists (a B×d copy otherwise saved);
-    under torch.compile branch-free, so that the backward traces.
+    Branch-free (a B×d copy), so that the backward traces: AOT autograd traces
+    it outside dynamo, where a data-dependent ``if`` cannot be guarded.
     """
     nan_rows = torch.isnan(z).any(1, keepdim=True)
-    if not torch.compiler.is_compiling() and not bool(nan_rows.any()):
-        return x.to(dtype)
     return torch.where(nan_rows, torch.zeros((), dtype=dtype, device=x.device), x.to(dtype))
 
 
