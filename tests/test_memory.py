@@ -38,8 +38,14 @@ print(json.dumps({"extra": peak - base, "output": out, "width": codes.width}))
 """
 
 
+#: The measuring processes' environment: glibc's mmap threshold fixed, so freed
+#: blocks leave the RSS (its dynamic threshold otherwise keeps some, from run to
+#: run a different amount, and the peak measures the allocator, not the tensors).
+_MEASURE_ENV = {"PATH": "/usr/bin:/bin", "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def _peak(B, d, K, backend, budget_mb):
-    env = {"SPADE_MEMORY_BUDGET_MB": str(budget_mb), "PATH": "/usr/bin:/bin"}
+    env = {**_MEASURE_ENV, "SPADE_MEMORY_BUDGET_MB": str(budget_mb)}
     proc = subprocess.run(
         [sys.executable, "-c", _PEAK, str(B), str(d), str(K), backend, str(budget_mb)],
         capture_output=True, text=True, timeout=300, env=env,
@@ -157,20 +163,21 @@ print(json.dumps({"extra": peak - base}))
 def test_training_step_at_small_k_keeps_few_copies_of_x(backend):
     # At K = 64, d = 512 a step's memory is its B×d tensors: x̂, the loss's
     # difference and ∂L/∂x̂ (docs/design.md, "Memory model"), plus the
-    # reference's B×K ones.  The plain ((x − x̂)²).sum(-1).mean() kept ~6 of them.
+    # reference's B×K ones.  The plain ((x − x̂)²).sum(-1).mean() kept ~6 of them;
+    # measured 2.4 (torch, native) and 5.9 (reference) in CPU float32.
     B, d, K = 8192, 512, 64
     proc = subprocess.run(
         [sys.executable, "-c", _TRAIN_PEAK, str(B), str(d), str(K), backend],
-        capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=300, env=_MEASURE_ENV,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     extra = json.loads(proc.stdout.strip().splitlines()[-1])["extra"]
     Bd = B * d * 4
-    copies = 3.5
+    copies = 3
     dense = 0
     if backend == "reference":
         # Its B×K tensors, and the float64 copy of x its float64 distances keep for the backward.
-        copies, dense = 3.5 + 2, 12 * B * K * 4
+        copies, dense = 3 + 2, 12 * B * K * 4
     assert extra <= copies * Bd + dense + 16 * 2**20, (extra / Bd, backend)
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..backends import torch_ as T
@@ -135,13 +137,23 @@ def sq_dist_backward(prims: Primitives, x, M, indices, G, needs=(True, True)):
     return grad_x, grad_M
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being traced (dynamo, or AOT autograd's fake/proxy tensors, which run outside dynamo)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return is_fake(t) or get_proxy_mode() is not None
+
+
 def zero_nan_rows(x: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in ``dtype`` with the rows whose codes are NaN zeroed (0·NaN would leak them into ∂prototypes).
 
-    Branch-free (a B×d copy), so that the backward traces: AOT autograd traces
-    it outside dynamo, where a data-dependent ``if`` cannot be guarded.
+    Eager: copied only when such a row exists (a B×d copy saved otherwise).
+    Traced: branch-free, because AOT autograd traces the backward outside
+    dynamo, where a data-dependent ``if`` cannot be guarded.
     """
     nan_rows = torch.isnan(z).any(1, keepdim=True)
+    if not _traced(z) and not bool(nan_rows.any()):
+        return x.to(dtype)
     return torch.where(nan_rows, torch.zeros((), dtype=dtype, device=x.device), x.to(dtype))
 
 
