@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["check_encode_inputs", "check_lambda", "check_tensor"]
+__all__ = ["check_encode_inputs", "check_has_data", "check_lambda", "check_tensor"]
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None) -> None:
@@ -44,6 +44,16 @@ def check_lambda(lam, device: torch.device) -> None:
         raise ValueError(f"lam must be a finite number > 0, got {value}")
 
 
+def check_has_data(x: torch.Tensor) -> None:
+    """Refuse meta tensors: each row's support (so the codes' shape) depends on the values."""
+    if x.device.type == "meta":
+        raise ValueError(
+            "SpaDE codes need tensors with data, got tensors on the meta device: each row's support "
+            "(and so the codes' shape) depends on the values; materialise the layer first "
+            "(layer.to_empty(device=...) and initialise its parameters)"
+        )
+
+
 def check_encode_inputs(x, prototypes, lam) -> torch.dtype:
     """Validate ``spade_encode`` arguments; returns the common compute dtype."""
     check_tensor("x", x, min_ndim=1)
@@ -59,5 +69,6 @@ def check_encode_inputs(x, prototypes, lam) -> torch.dtype:
         raise ValueError(
             f"x is on {x.device} but prototypes is on {prototypes.device}: move them to one device"
         )
+    check_has_data(x)  # before λ (whose check reads its value) and the backend: one error for all
     check_lambda(lam, x.device)
     return torch.promote_types(x.dtype, prototypes.dtype)

@@ -94,7 +94,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", choices=sorted(_SYNTHETIC_DEFAULTS), help="synthetic set of the paper")
-    source.add_argument("--data", type=Path, metavar="PATH", help="activation file, shape (..., d)")
+    source.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help="activation file, shape (..., d), or a directory of them (shards read one at a time)",
+    )
     source.add_argument(
         "--resume",
         type=Path,
@@ -172,7 +177,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("checkpoint", type=Path, help="checkpoint directory (or its cfg.json)")
     ev.add_argument(
-        "--data", type=Path, required=True, metavar="PATH", help="activation file, shape (..., d)"
+        "--data",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="activation file, shape (..., d), or a directory of them (shards read one at a time)",
     )
     ev.add_argument("--out", type=Path, help="JSON report (default CHECKPOINT/eval.json; the PNG beside it)")
     ev.add_argument("--batch-size", type=_positive(int), default=4096, help="rows per batch (default 4096)")
@@ -182,7 +191,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .data import load_activations
+    from .data import open_activations
     from .evaluation import evaluate_checkpoint, plot_evaluation
     from .layer import SpaDE
 
@@ -191,7 +200,7 @@ def _eval(args: argparse.Namespace) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available")
         layer = SpaDE.from_pretrained(args.checkpoint, device=device, backend=args.backend)
-        x = load_activations(args.data)
+        x = open_activations(args.data)
         if x.shape[1] != layer.d_in:
             raise ValueError(f"{args.data} has d = {x.shape[1]} but the checkpoint takes d_in = {layer.d_in}")
         metrics = evaluate_checkpoint(layer, x, batch_size=args.batch_size)
@@ -378,7 +387,9 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-def _fingerprint(x: torch.Tensor) -> list:
+def _fingerprint(x) -> list:
+    if not isinstance(x, torch.Tensor):  # shards: their files' names, sizes and rows
+        return x.fingerprint()
     return [
         list(x.shape),
         float(x.double().sum()),
@@ -387,7 +398,13 @@ def _fingerprint(x: torch.Tensor) -> list:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .data import load_activations, make_heterogeneity, make_separability, scale_to_unit_norm
+    from .data import (
+        ActivationShards,
+        make_heterogeneity,
+        make_separability,
+        open_activations,
+        scale_to_unit_norm,
+    )
     from .layer import SpaDE
     from .train import Checkpointer, concept_metrics, evaluate, train_spade
 
@@ -411,7 +428,7 @@ def _train(args: argparse.Namespace) -> int:
         x, name = dataset.x, args.dataset
     else:
         try:
-            x = load_activations(args.data)
+            x = open_activations(args.data)
         except (FileNotFoundError, ValueError) as exc:
             return _error(str(exc))
         d_sae, batch_size, name = 4 * x.shape[1], _FILE_BATCH_SIZE, args.data.stem
@@ -436,7 +453,11 @@ def _train(args: argparse.Namespace) -> int:
                 x.shape[1], args.d_sae or d_sae, lambda_init=args.lambda_init, gamma_reg=args.gamma_reg
             )
             if args.init == "data":
-                layer.init_from_data(x, generator=torch.Generator().manual_seed(args.seed))
+                gen = torch.Generator().manual_seed(args.seed)
+                if isinstance(x, ActivationShards):  # a sample of rows, not the whole data in memory
+                    layer.init_from_data(x.sample(layer.d_sae, gen), generator=gen)
+                else:
+                    layer.init_from_data(x, generator=gen)
     except (RuntimeError, ValueError) as exc:
         return _error(str(exc))
     layer.to(device)
@@ -476,6 +497,7 @@ def _train(args: argparse.Namespace) -> int:
         return _error(f"--resume {os.fspath(out_dir)}: the data differ from the interrupted run's")
     log = _MetricsLog(out_dir / METRICS_NAME, total_steps, x.shape[1], args.batch_size or batch_size)
     log.start(0 if state is None else state["step"], enabled=run.rank == 0)
+    started = time.perf_counter()
     with _StopOnSignal() if run.world == 1 else contextlib.nullcontext() as stop:
         try:
             history = train_spade(
@@ -507,6 +529,7 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + stop.signum
+    seconds = time.perf_counter() - started
     layer = run.finish(trained)
     if layer is None:  # ranks other than 0: the checkpoint and the report are rank 0's
         return 0
@@ -531,6 +554,9 @@ def _train(args: argparse.Namespace) -> int:
     curves = training_curves(log.rows(), os.fspath(out_dir / CURVES_NAME))
     if concepts is not None:
         _print_concepts(dataset, concepts)
+    done = len(history) - (0 if state is None else state["step"])
+    rate = done * (args.batch_size or batch_size) * run.replicas / max(seconds, 1e-9)
+    print(f"trained {done} steps in {seconds:.1f} s ({rate:,.0f} samples/s)")
     print(
         f"final over all samples: loss {final['loss']:.4g}  mse {final['mse']:.4g}  "
         f"L0 {final['l0']:.2f}  λ {final['lam']:.4g}"
@@ -579,7 +605,11 @@ class _Distributed:
 
     def part(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part of the data: its replica's rows (every rank of a latent group the same)."""
-        return x[self.rank // self.shards :: self.replicas] if self.world > 1 else x
+        if self.world == 1:
+            return x
+        if not isinstance(x, torch.Tensor):  # shards: the same rows of every file
+            return x.part(self.rank // self.shards, self.replicas)
+        return x[self.rank // self.shards :: self.replicas]
 
     def wrap(self, layer):
         """(the layer to train, the module to run): sharded and/or data parallel under torchrun."""

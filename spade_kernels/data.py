@@ -1,4 +1,4 @@
-"""Data for training SpaDE: the paper's two synthetic settings and activation files.
+"""Data for training SpaDE: the paper's two synthetic settings, activation files and shard folders.
 
 The synthetic sets follow the experiments of Hindupur et al. (arXiv 2503.01822)
 in spirit: concepts that are not linearly separable (``make_separability``) and
@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "ActivationShards",
     "SyntheticDataset",
     "load_activations",
     "make_heterogeneity",
     "make_separability",
+    "open_activations",
+    "row_blocks",
     "scale_to_unit_norm",
 ]
 
@@ -241,21 +244,316 @@ def _pick_tensor(obj: object, path: Path) -> torch.Tensor:
     raise ValueError(f"{path}: no tensor found (the file holds a {type(obj).__name__})")
 
 
-def scale_to_unit_norm(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def scale_to_unit_norm(x: torch.Tensor | ActivationShards) -> tuple[torch.Tensor | ActivationShards, float]:
     """Scale ``x`` (N, d) so that E‖x‖² = d, the paper's preprocessing.
+
+    Also the data's sanity check: values must be finite (the message names
+    the first row, and for shards its file) and not all zero.  Shards are
+    read once, block by block, and scaled as their batches are read.
 
     Returns
     -------
-    x_scaled : Tensor
+    x_scaled : Tensor or ActivationShards
         ``x * factor``.
     factor : float
         √(d / mean_n ‖x_n‖²); divide reconstructions by it to return to the
         original scale.
     """
-    if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (N, d) with N > 0, got {tuple(x.shape)}")
-    mean_sq = x.double().pow(2).sum(1).mean().item()
-    if not (math.isfinite(mean_sq) and mean_sq > 0):
-        raise ValueError(f"cannot scale x: its mean squared norm is {mean_sq}")
+    if isinstance(x, ActivationShards):
+        total = 0.0
+        for where, block in x.blocks(with_source=True):
+            total += _sum_sq_checked(block, where)
+        mean_sq = total / len(x)
+    else:
+        if x.dim() != 2 or x.shape[0] == 0:
+            raise ValueError(f"x must have shape (N, d) with N > 0, got {tuple(x.shape)}")
+        mean_sq = sum(_sum_sq_checked(b, ("x", s)) for s, b in row_blocks(x)) / x.shape[0]
+    if not mean_sq > 0:
+        raise ValueError("cannot scale the data: every value is 0")
+    if not math.isfinite(mean_sq):
+        raise ValueError(
+            f"cannot scale the data: its mean squared norm {mean_sq} overflows float64 (values up to "
+            f"{math.sqrt(mean_sq):.3g} in norm); rescale it before training"
+        )
     factor = math.sqrt(x.shape[1] / mean_sq)
-    return x * factor, factor
+    return (x.scaled(factor) if isinstance(x, ActivationShards) else x * factor), factor
+
+
+def _sum_sq_checked(block: torch.Tensor, where: tuple[str, int]) -> float:
+    """Σ‖row‖² of ``block`` in float64; ValueError naming the first non-finite row (``where``: source, first row)."""
+    finite = torch.isfinite(block).all(1)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"{where[0]}: row {where[1] + bad} holds NaN or inf values "
+            f"({int((~finite).sum())} such rows in rows {where[1]}–{where[1] + block.shape[0] - 1}); "
+            "SpaDE needs finite activations"
+        )
+    return float(block.double().pow(2).sum())
+
+
+#: float32 bytes read at a time by the streaming passes (scaling, evaluation).
+BLOCK_BYTES = 8 << 20
+
+
+def row_blocks(x: torch.Tensor | ActivationShards, rows: int | None = None):
+    """(first row, block) pairs covering ``x`` in order, ``rows`` at a time: bounded memory.
+
+    ``rows`` defaults to :data:`BLOCK_BYTES` of float32 rows.  A tensor's
+    blocks are views in its dtype; shards' are float32 (scaled).
+    """
+    rows = rows or max(1, BLOCK_BYTES // (4 * x.shape[1]))
+    if isinstance(x, ActivationShards):
+        start = 0
+        for _, block in x.blocks(rows):
+            yield start, block
+            start += block.shape[0]
+        return
+    for start in range(0, x.shape[0], rows):
+        yield start, x[start : start + rows]
+
+
+def open_activations(path: str | os.PathLike) -> torch.Tensor | ActivationShards:
+    """A file as a tensor (:func:`load_activations`), a directory as :class:`ActivationShards`."""
+    return ActivationShards(path) if Path(path).is_dir() else load_activations(path)
+
+
+class _Shard:
+    """One shard file: its path, the name of its tensor (.pt/.safetensors) and its (rows, d)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.key = None
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as f:
+                    keys = list(f.keys())
+                    self.key = "activations" if "activations" in keys else keys[0] if len(keys) == 1 else None
+                    if self.key is None:
+                        raise ValueError(
+                            f"{path}: found {len(keys)} tensors and none named 'activations'; "
+                            "save a single tensor or name it 'activations'"
+                        )
+                    shape = tuple(f.get_slice(self.key).get_shape())
+                    floating = f.get_slice(self.key).get_dtype() in ("F16", "BF16", "F32", "F64")
+            else:
+                data = self.open_raw()
+                shape, floating = tuple(data.shape), _is_float(data)
+        except ValueError as exc:
+            if str(path) in str(exc):
+                raise
+            raise ValueError(f"{path}: not a readable {suffix} file ({exc})") from None
+        except Exception as exc:  # each reader fails its own way on a damaged file
+            raise ValueError(f"{path}: not a readable {suffix} file ({type(exc).__name__}: {exc})") from None
+        if not floating:
+            raise ValueError(f"{path}: activations must be floating point")
+        if len(shape) < 2 or shape[-1] == 0 or math.prod(shape) == 0:
+            raise ValueError(f"{path}: activations must have shape (..., d) with N, d > 0, got {shape}")
+        self.rows, self.d = math.prod(shape[:-1]), shape[-1]
+
+    def open_raw(self):
+        """The shard's data without reading it: a NumPy memmap (.npy) or a memory-mapped tensor."""
+        suffix = self.path.suffix.lower()
+        if suffix == ".npy":
+            import numpy as np
+
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        if suffix == ".pt":
+            return _pick_tensor(
+                torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), self.path
+            )
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(self.key)
+
+
+def _is_float(data) -> bool:
+    if isinstance(data, torch.Tensor):
+        return data.is_floating_point()
+    return data.dtype.kind == "f"
+
+
+class _OpenShard:
+    """A shard opened for reading: rows by local index (this part's rows, in file order), as float32."""
+
+    def __init__(self, shard: _Shard, part: tuple[int, int]) -> None:
+        raw = shard.open_raw()
+        self.data = raw.reshape(-1, shard.d)
+        self.offset, self.stride = part
+        self.numpy = not isinstance(raw, torch.Tensor)
+
+    def take(self, local: torch.Tensor) -> torch.Tensor:
+        rows = local * self.stride + self.offset
+        if self.numpy:
+            import numpy as np
+
+            return torch.from_numpy(np.ascontiguousarray(self.data[rows.numpy()])).float()
+        return self.data[rows].float()
+
+    def span(self, start: int, stop: int) -> torch.Tensor:
+        a, b = start * self.stride + self.offset, (stop - 1) * self.stride + self.offset + 1
+        block = self.data[a : b : self.stride]
+        if self.numpy:
+            import numpy as np
+
+            return torch.from_numpy(np.array(block)).float()
+        return block.to(torch.float32, copy=True)  # never the mapped memory itself (scaled in place)
+
+
+class ActivationShards:
+    """A directory of activation files, read one file at a time: training data larger than RAM.
+
+    Every ``.npy``, ``.pt`` and ``.safetensors`` file of the directory (in
+    name order) is a shard of shape (..., d), one ``d`` for all.  Opening
+    reads only headers; data are read as batches are drawn: ``.npy`` and
+    ``.pt`` memory-mapped, ``.safetensors`` one file at a time.  An epoch
+    (:meth:`epoch_batches`) visits the shards in a random order and the rows
+    of each in a random order, so memory holds one shard's mapping, its row
+    permutation (8 bytes a row) and one batch, whatever the total.
+
+    ``len(shards)`` and ``shards.shape`` are those of the (N, d) matrix the
+    files make together; :meth:`scaled` and :meth:`part` give lazily scaled
+    and rank-strided views (under ``torchrun`` each data replica trains on
+    rows ``r, r + R, …`` of every shard).
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, *, scale: float = 1.0, part: tuple[int, int] = (0, 1)
+    ) -> None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"activation directory not found: {folder}")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _READERS)
+        if not files:
+            raise ValueError(f"{folder}: no .npy, .pt or .safetensors files in the directory")
+        self.folder = folder
+        self.files = [_Shard(p) for p in files]
+        d = self.files[0].d
+        for shard in self.files[1:]:
+            if shard.d != d:
+                raise ValueError(f"{shard.path}: d = {shard.d}, but {self.files[0].path} has d = {d}")
+        self.d, self.factor, self.part_of = d, float(scale), part
+        offset, stride = part
+        self.rows = [len(range(offset, f.rows, stride)) for f in self.files]
+        if sum(self.rows) == 0:
+            raise ValueError(f"{folder}: no rows for part {offset} of {stride}")
+
+    def __len__(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.d)
+
+    def __repr__(self) -> str:
+        return f"ActivationShards({os.fspath(self.folder)!r}, files={len(self.files)}, shape={self.shape})"
+
+    def scaled(self, factor: float) -> ActivationShards:
+        """These shards with every row multiplied by ``factor`` (on top of any earlier scale)."""
+        return self._view(self.factor * factor, self.part_of)
+
+    def part(self, index: int, count: int) -> ActivationShards:
+        """Rows ``index, index + count, …`` of every shard (one data-parallel replica's part)."""
+        if self.part_of != (0, 1):
+            raise ValueError("part() of a part is not supported")
+        if not 0 <= index < count:
+            raise ValueError(f"part index must be in [0, {count}), got {index}")
+        return self._view(self.factor, (index, count))
+
+    def _view(self, factor, part) -> ActivationShards:
+        view = object.__new__(ActivationShards)
+        view.folder, view.files, view.d = self.folder, self.files, self.d
+        view.factor, view.part_of = factor, part
+        view.rows = [len(range(part[0], f.rows, part[1])) for f in self.files]
+        return view
+
+    def _scale(self, block: torch.Tensor) -> torch.Tensor:
+        return block if self.factor == 1.0 else block.mul_(self.factor)
+
+    def _read_error(self, shard: _Shard, exc: Exception) -> ValueError:
+        return ValueError(f"{shard.path}: reading failed ({type(exc).__name__}: {exc})")
+
+    def blocks(self, rows: int | None = None, *, with_source: bool = False):
+        """float32 blocks of up to ``rows`` rows, shard by shard in file order (scaled; this part's rows).
+
+        With ``with_source``, (file, first row in the file's part) pairs come first.
+        ``rows`` defaults to :data:`BLOCK_BYTES` of float32 rows.
+        """
+        rows = rows or max(1, BLOCK_BYTES // (4 * self.d))
+        for shard, n in zip(self.files, self.rows):
+            if n == 0:
+                continue
+            opened = None
+            try:
+                opened = _OpenShard(shard, self.part_of)
+                for a in range(0, n, rows):
+                    block = self._scale(opened.span(a, min(n, a + rows)))
+                    yield ((os.fspath(shard.path), a), block) if with_source else (shard, block)
+            except (OSError, RuntimeError) as exc:
+                raise self._read_error(shard, exc) from None
+            finally:
+                del opened
+
+    def epoch_batches(self, gen: torch.Generator, batch_size: int, start: int = 0):
+        """One epoch's (position, batch) pairs from ``start`` (a multiple of ``batch_size``) on.
+
+        The shards come in the order ``torch.randperm(#shards, generator=gen)``
+        and the rows of each in ``torch.randperm(rows, generator=gen)``, drawn
+        as the epoch reaches them (skipped shards' too, so that resuming at
+        ``start`` draws the same batches).  A batch may span two shards; the
+        last one of the epoch may be smaller.
+        """
+        nonempty = [i for i, n in enumerate(self.rows) if n]
+        pieces, have, position, batch_start = [], 0, 0, start
+        for i in (nonempty[j] for j in torch.randperm(len(nonempty), generator=gen).tolist()):
+            n = self.rows[i]
+            perm = torch.randperm(n, generator=gen)
+            if position + n <= start:
+                position += n
+                continue
+            offset = max(0, start - position)
+            opened = None
+            try:
+                opened = _OpenShard(self.files[i], self.part_of)
+                while offset < n:
+                    take = min(batch_size - have, n - offset)
+                    pieces.append(opened.take(perm[offset : offset + take]))
+                    have, offset = have + take, offset + take
+                    if have == batch_size:
+                        yield batch_start, self._scale(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+                        pieces, have, batch_start = [], 0, batch_start + batch_size
+            except (OSError, RuntimeError) as exc:
+                raise self._read_error(self.files[i], exc) from None
+            finally:
+                del opened
+            position += n
+        if pieces:
+            yield batch_start, self._scale(torch.cat(pieces))
+
+    def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``count`` distinct random rows (all rows when there are fewer), float32, scaled."""
+        n = len(self)
+        if n <= 4 * count or n <= 1 << 22:
+            pick = torch.randperm(n, generator=generator)[:count]
+        else:  # without an N-long permutation: draw until ``count`` distinct rows
+            pick = torch.empty(0, dtype=torch.int64)
+            while pick.numel() < count:
+                pick = torch.cat([pick, torch.randint(n, (2 * count,), generator=generator)]).unique()
+            pick = pick[torch.randperm(pick.numel(), generator=generator)[:count]]
+        pick, _ = pick.sort()
+        out, first = [], 0
+        for shard, rows in zip(self.files, self.rows):
+            local = pick[(pick >= first) & (pick < first + rows)] - first
+            if local.numel():
+                out.append(self._scale(_OpenShard(shard, self.part_of).take(local)))
+            first += rows
+        return torch.cat(out)
+
+    def fingerprint(self) -> list:
+        """Identifies the data across runs: (N, d, each file's name, size and rows, the scale)."""
+        files = [[f.path.name, f.path.stat().st_size, f.rows] for f in self.files]
+        return [list(self.shape), files, self.part_of[1], self.factor]

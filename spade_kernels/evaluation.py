@@ -15,35 +15,50 @@ import sys
 
 import torch
 
+from .data import ActivationShards, row_blocks
 from .layer import SpaDE
 
 __all__ = ["evaluate_checkpoint", "plot_evaluation", "training_curves"]
 
 
 @torch.no_grad()
-def evaluate_checkpoint(layer: SpaDE, x: torch.Tensor, *, batch_size: int = 4096) -> dict:
-    """The metrics of the module docstring for ``layer`` on ``x`` (N, d_in); JSON-ready."""
-    if x.dim() != 2 or x.shape[1] != layer.d_in or x.shape[0] == 0:
+def evaluate_checkpoint(layer: SpaDE, x: torch.Tensor | ActivationShards, *, batch_size: int = 4096) -> dict:
+    """The metrics of the module docstring for ``layer`` on ``x`` (N, d_in) or shards; JSON-ready.
+
+    Two passes over ``x`` in blocks (the mean, then the rest), so neither a
+    tensor nor shards are ever copied whole.
+    """
+    if isinstance(x, ActivationShards):
+        if x.d != layer.d_in:
+            raise ValueError(
+                f"the shards in {x.folder} have d = {x.d}, the checkpoint takes d_in = {layer.d_in}"
+            )
+    elif x.dim() != 2 or x.shape[1] != layer.d_in or x.shape[0] == 0:
         raise ValueError(f"x must have shape (N, {layer.d_in}) with N > 0, got {tuple(x.shape)}")
     device = layer.prototypes.device
     n = x.shape[0]
-    mean = x.double().mean(0)
+    mean = sum(block.double().sum(0) for _, block in row_blocks(x)) / n
+    mean = mean.to(device)
     sq_err = total_var = 0.0
     fires = torch.zeros(layer.d_sae, dtype=torch.int64, device=device)
-    l0_counts = []
-    for start in range(0, n, batch_size):
-        xb = x[start : start + batch_size].to(device)
+    hist_l0 = torch.zeros(1, dtype=torch.int64)
+    l0_sum = 0
+    for _, xb in row_blocks(x, batch_size):
+        xb = xb.to(device)
         codes = layer.encode_sparse(xb)
         x_hat = layer.decode(codes)
         sq_err += float(((xb.double() - x_hat.double()) ** 2).sum())
-        total_var += float(((xb.double() - mean.to(device)) ** 2).sum())
+        total_var += float(((xb.double() - mean) ** 2).sum())
         on = codes.values > 0
         fires.index_add_(0, codes.indices[on], torch.ones_like(codes.indices[on]))
-        l0_counts.append(on.sum(1).cpu())
-    l0 = torch.cat(l0_counts)
+        l0 = on.sum(1).cpu()
+        l0_sum += int(l0.sum())
+        counts = torch.bincount(l0)
+        if counts.numel() > hist_l0.numel():
+            hist_l0 = torch.cat([hist_l0, hist_l0.new_zeros(counts.numel() - hist_l0.numel())])
+        hist_l0[: counts.numel()] += counts
     freq = fires.cpu().double() / n
     live = freq[freq > 0]
-    hist_l0 = torch.bincount(l0, minlength=int(l0.max()) + 1)
     log_freq = live.log10()
     lo = math.floor(float(log_freq.min())) if live.numel() else -1
     edges = [lo + 0.25 * i for i in range(int((0 - lo) / 0.25) + 1)] if live.numel() else []
@@ -58,7 +73,7 @@ def evaluate_checkpoint(layer: SpaDE, x: torch.Tensor, *, batch_size: int = 4096
         "d_sae": layer.d_sae,
         "fvu": sq_err / total_var if total_var > 0 else math.nan,
         "mse": sq_err / n,
-        "l0_mean": float(l0.double().mean()),
+        "l0_mean": l0_sum / n,
         "l0_histogram": {"l0": list(range(len(hist_l0))), "count": hist_l0.tolist()},
         "dead_latents": int((fires == 0).sum()),
         "dead_fraction": float((fires == 0).double().mean()),

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_tensor
+from ._validation import check_has_data, check_tensor
 from .backends import canonical_name, resolve_backend
 from .codes import SparseCodes
 from .encode import encode_sparse
@@ -303,6 +303,7 @@ class SpaDE(nn.Module):
         if x.shape[-1] != self.d_in:
             raise ValueError(f"x must have shape (..., {self.d_in}), got {tuple(x.shape)}")
         self._check_device("x", x)
+        check_has_data(x)
 
     def _backend(self, x: torch.Tensor, dtype: torch.dtype):
         return resolve_backend(self.backend, x.device, dtype)

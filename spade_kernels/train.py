@@ -18,6 +18,7 @@ from typing import TextIO
 import torch
 
 from .codes import SparseCodes
+from .data import ActivationShards, row_blocks
 from .layer import SpaDE
 
 __all__ = [
@@ -197,9 +198,12 @@ def train_spade(
     ----------
     layer : SpaDE
         The layer to train, in place.
-    x : Tensor, shape (N, d_in)
+    x : Tensor, shape (N, d_in), or ActivationShards
         Training data, already scaled (see ``scale_to_unit_norm``).  It may
         live on the CPU while the layer is on a GPU; batches are moved.
+        :class:`~spade_kernels.data.ActivationShards` (a directory of files,
+        data larger than RAM) are read a shard at a time, in a shuffled
+        shard and row order per epoch.
     batch_size : int
         Samples per step; the last batch of an epoch may be smaller.
     lr, lr_final : float
@@ -243,7 +247,10 @@ def train_spade(
     TrainHistory
         Per-step loss, MSE, mean L0 (support size), λ and learning rate.
     """
-    if x.dim() != 2 or x.shape[1] != layer.d_in or x.shape[0] == 0:
+    if isinstance(x, ActivationShards):
+        if x.d != layer.d_in:
+            raise ValueError(f"the shards in {x.folder} have d = {x.d}, the layer d_in = {layer.d_in}")
+    elif x.dim() != 2 or x.shape[1] != layer.d_in or x.shape[0] == 0:
         raise ValueError(f"x must have shape (N, {layer.d_in}) with N > 0, got {tuple(x.shape)}")
     if batch_size < 1 or epochs < 1:
         raise ValueError(f"batch_size and epochs must be >= 1, got {batch_size} and {epochs}")
@@ -278,12 +285,11 @@ def train_spade(
 
     for epoch in range(first_epoch, epochs):
         epoch_gen_state = gen.get_state()
-        order = torch.randperm(n, generator=gen).to(x.device)
-        for start in range(first_start if epoch == first_epoch else 0, n, batch_size):
+        for start, batch in _epoch_batches(x, gen, batch_size, first_start if epoch == first_epoch else 0):
             step_lr = cosine_lr(step, total, lr, lr_final)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
-            out = (module or layer)(x[order[start : start + batch_size]].to(device, non_blocking=True))
+            out = (module or layer)(batch.to(device, non_blocking=True))
             # Logged values of this step (λ as used in its forward pass), read back after the
             # optimizer step in one device sync.
             stats = torch.stack([out.loss, out.mse, layer.mean_l0(out.codes).to(out.loss), layer.lam])
@@ -317,9 +323,19 @@ def train_spade(
     return history
 
 
-def _batches(x: torch.Tensor, batch_size: int, device: torch.device):
-    for start in range(0, x.shape[0], batch_size):
-        yield start, x[start : start + batch_size].to(device)
+def _epoch_batches(x: torch.Tensor | ActivationShards, gen: torch.Generator, batch_size: int, start: int):
+    """One epoch's (position, batch) pairs in a random order drawn from ``gen``, from ``start`` on."""
+    if isinstance(x, ActivationShards):
+        yield from x.epoch_batches(gen, batch_size, start)
+        return
+    order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    for s in range(start, x.shape[0], batch_size):
+        yield s, x[order[s : s + batch_size]]
+
+
+def _batches(x: torch.Tensor | ActivationShards, batch_size: int, device: torch.device):
+    for start, block in row_blocks(x, batch_size):
+        yield start, block.to(device)
 
 
 @torch.no_grad()

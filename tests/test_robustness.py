@@ -159,3 +159,15 @@ def test_float32_inputs_too_large_for_their_squares_are_refused_not_nan(backend)
     assert torch.isfinite(
         sk.spade_encode((x * 1e20).double(), A.double(), 1e-40, backend="reference").to_dense()
     ).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_tensors_get_one_error_on_every_backend(backend):
+    # The codes' shape depends on the values: no backend can run on meta tensors, and all say so alike.
+    x, A = torch.randn(4, 8, device="meta"), torch.randn(16, 8, device="meta")
+    with pytest.raises(ValueError, match="need tensors with data, got tensors on the meta device"):
+        sk.spade_encode(x, A, 0.1, backend=backend)
+    layer = sk.SpaDE(8, 16, backend=backend, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        layer(x)
+    assert sk.sparsemax(x).shape == (4, 8)  # a shape-only op still runs on meta
