@@ -370,3 +370,18 @@ def test_cli_data_parallel_runs(tmp_path):
     )
     assert "2 data replica(s) × 1 latent shard(s)" in run.stdout and run.stdout.count("saved to") == 1
     assert (tmp_path / "ddp" / "sae_weights.safetensors").exists()
+
+
+def test_cli_data_parallel_over_a_shard_directory(tmp_path):
+    # Each data replica trains on the strided rows r, r + R, … of every shard.
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"part{i}.npy", g.standard_normal((512, 6), dtype=np.float32))
+    out = tmp_path / "ddp"
+    run = _cli(["train", "--data", str(folder), "--batch-size", "64", "--out", str(out)], nproc=2)
+    assert "on 1536 samples of shards" in run.stdout and "2 data replica(s)" in run.stdout
+    assert run.stdout.count("saved to") == 1 and (out / "sae_weights.safetensors").exists()
