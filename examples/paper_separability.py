@@ -16,7 +16,7 @@ own sparsity knob (SpaDE γ, ReLU's L1 α, JumpReLU's L0 β, TopK's k) so that
 the runs cover L0 ≈ 2 … 30, each setting with several seeds.  Metric: for
 every concept the best latent's F1 (firing on that concept's points).
 
-    python examples/paper_separability.py            # writes examples/results/paper_separability.{json,png}
+    python examples/paper_separability.py            # writes examples/results/separability.{json,png}
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ SWEEPS = {
 }
 SPADE_GAMMA = 0.1
 JUMP = {"threshold_init": 1e-2, "bandwidth": 1e-2}
+#: One colour per SAE in every plot.
+COLORS = {"spade": "C3", "relu": "C0", "jumprelu": "C2", "topk": "C1"}
 
 
 def make_data(per_cluster: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +89,8 @@ def scores(codes: torch.Tensor, labels: torch.Tensor, n_concepts: int) -> dict:
     }
 
 
-def train_one(kind: str, value, x: torch.Tensor, width: int, batch: int, seed: int):
-    """Train one SAE; returns its dense encode function."""
+def train_one(kind: str, value, x: torch.Tensor, width: int, batch: int, seed: int, jump: dict = JUMP):
+    """Train one SAE; returns its dense encode function (``jump``: JumpReLU's threshold and bandwidth)."""
     recipe = {"batch_size": batch, "lr": 1e-2, "lr_final": 1e-4, "clip": 1.0, "epochs": 1, "seed": seed}
     if kind == "spade":
         with torch.random.fork_rng(devices=[]):
@@ -98,7 +100,7 @@ def train_one(kind: str, value, x: torch.Tensor, width: int, batch: int, seed: i
         return layer.encode
     model = {
         "relu": lambda: ReLUSAE(x.shape[1], width, l1_coeff=value, seed=seed),
-        "jumprelu": lambda: JumpReLUSAE(x.shape[1], width, l0_coeff=value, seed=seed, **JUMP),
+        "jumprelu": lambda: JumpReLUSAE(x.shape[1], width, l0_coeff=value, seed=seed, **jump),
         "topk": lambda: TopKSAE(x.shape[1], width, k=int(value), seed=seed),
     }[kind]()
     train_sae(model, x, **recipe)
@@ -107,7 +109,14 @@ def train_one(kind: str, value, x: torch.Tensor, width: int, batch: int, seed: i
 
 
 def sweep(
-    data_for_seed, n_concepts: int, seeds: list[int], width: int, batch: int, sweeps: dict, log=print
+    data_for_seed,
+    n_concepts: int,
+    seeds: list[int],
+    width: int,
+    batch: int,
+    sweeps: dict,
+    log=print,
+    jump: dict = JUMP,
 ) -> dict:
     """Every SAE of ``sweeps`` at every value of its knob and seed; per-setting mean ± std.
 
@@ -122,13 +131,13 @@ def sweep(
                 x, labels = data_for_seed(seed)
                 n_train = int(0.7 * len(x))
                 t0 = time.perf_counter()
-                encode = train_one(kind, value, x[:n_train], width, batch, seed)
+                encode = train_one(kind, value, x[:n_train], width, batch, seed, jump)
                 with torch.no_grad():
                     codes = torch.cat([encode(xb) for xb in x[n_train:].split(16384)])
                 runs.append({**scores(codes, labels[n_train:], n_concepts), "seed": seed,
                              "train_s": time.perf_counter() - t0})  # fmt: skip
             agg = {knob: value}
-            for key in ("l0", "dead_pct"):
+            for key in ("l0", "dead_pct", "mean_f1"):
                 agg[key + "_mean"] = statistics.fmean(r[key] for r in runs)
                 agg[key + "_std"] = statistics.pstdev(r[key] for r in runs)
             for key in ("f1", "concept_l0"):
@@ -146,6 +155,7 @@ def sweep(
 def run(
     per_cluster: int, seeds: list[int], width: int = 128, batch: int = 512, kinds=None, log=print
 ) -> dict:
+    chosen = {k: SWEEPS[k] for k in (kinds or SWEEPS)}
     results = {
         "experiment": "separability (paper configuration)",
         "config": {
@@ -153,13 +163,12 @@ def run(
             "paper_per_cluster": 1_000_000, "train_fraction": 0.7, "width": width, "batch_size": batch,
             "epochs": 1, "optimizer": "adam", "lr": 1e-2, "lr_final": 1e-4, "clip": 1.0,
             "firing_threshold": FIRING, "seeds": seeds,
-            "sweeps": {k: {"knob": knob, "values": vals} for k, (knob, vals) in SWEEPS.items()},
+            "sweeps": {k: {"knob": knob, "values": vals} for k, (knob, vals) in chosen.items()},
             "spade_gamma_reg": SPADE_GAMMA, "jumprelu": JUMP,
         },
         "models": {},
         "torch": torch.__version__,
     }  # fmt: skip
-    chosen = {k: SWEEPS[k] for k in (kinds or SWEEPS)}
     results["models"] = sweep(lambda seed: make_data(per_cluster, seed), 6, seeds, width, batch, chosen, log)
     return results
 
@@ -181,7 +190,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True, sharey=True)
-    colors = {"spade": "C3", "relu": "C0", "jumprelu": "C2", "topk": "C1"}
+    colors = COLORS
     radii = [1.5, 0.5] * 3
     for c, ax in enumerate(axes.flat):
         for kind, points in results["models"].items():
@@ -198,8 +207,15 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("best-latent F1")
     axes[0, 0].legend(fontsize=8)
     cfg = results["config"]
-    fig.suptitle(f"separability, paper configuration ({cfg['per_cluster']} points per cluster, "
-                 f"{len(cfg['seeds'])} seeds, mean ± std)", fontsize=10)  # fmt: skip
+    title = f"separability, paper configuration ({cfg['per_cluster']} points per cluster, "
+    finish_figure(fig, title + f"{len(cfg['seeds'])} seeds, mean ± std)", path)
+
+
+def finish_figure(fig, title: str, path: Path) -> None:
+    """Every experiment's figure ends alike: the title, a tight layout, a PNG at 110 dpi."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -219,11 +235,26 @@ def cli(
     """The experiments' shared command line: size, seeds, model subset, output folder; JSON and PNG out."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument(
-        size_flag, type=int, default=size_default, help=f"points per concept (paper: {paper_size})"
+        size_flag,
+        type=int,
+        default=size_default,
+        help="samples" + (f" per concept (paper: {paper_size})" if paper_size else ""),
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting")
     p.add_argument("--models", default=",".join(sweeps), help="comma-separated subset of " + ",".join(sweeps))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument(
+        "--setting",
+        type=int,
+        help="only the SETTING-th value (0-based) of each model's sweep, e.g. one setting at full size",
+    )
+    p.add_argument("--name", default=stem, help=f"output file stem (default {stem})")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the models of an existing output JSON that this run does not train (e.g. one "
+        "baseline re-run with new settings)",
+    )
     args = p.parse_args(argv)
     size = getattr(args, size_flag.lstrip("-").replace("-", "_"))
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
@@ -232,18 +263,43 @@ def cli(
         p.error(f"unknown models {unknown}; choose from {','.join(sweeps)}")
     if size < 10 or args.seeds < 1:
         p.error(f"{size_flag} must be ≥ 10 and --seeds ≥ 1")
+    saved = dict(sweeps)
+    if args.setting is not None:
+        if not all(0 <= args.setting < len(sweeps[k][1]) for k in kinds):
+            p.error(
+                f"--setting must index every chosen sweep (0 … {min(len(sweeps[k][1]) for k in kinds) - 1})"
+            )
+        for k in kinds:  # the module's sweeps, narrowed for this run
+            sweeps[k] = (sweeps[k][0], [sweeps[k][1][args.setting]])
     t0 = time.perf_counter()
-    results = run_fn(size, list(range(args.seeds)), kinds=kinds)
+    try:
+        results = run_fn(size, list(range(args.seeds)), kinds=kinds)
+    finally:
+        sweeps.update(saved)
     results["cpu_s"] = time.perf_counter() - t0
+    results["command"] = " ".join(["python", f"examples/{Path(sys.argv[0]).name}", *(argv or sys.argv[1:])])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    plot_fn(results, args.out / f"{stem}.png")
-    print(f"wrote {args.out / stem}.json and .png ({results['cpu_s']:.0f} s)")
+    path = args.out / f"{args.name}.json"
+    if args.merge and path.exists():
+        earlier = json.loads(path.read_text())
+        kept = [k for k in earlier["models"] if k not in results["models"]]
+        if earlier["config"].get("seeds") != results["config"]["seeds"]:
+            p.error(
+                f"--merge: {path} has seeds {earlier['config'].get('seeds')}, this run {results['config']['seeds']}"
+            )
+        results["models"] = {**{k: earlier["models"][k] for k in kept}, **results["models"]}
+        results["config"]["sweeps"] = {**{k: earlier["config"]["sweeps"][k] for k in kept},
+                                       **results["config"]["sweeps"]}  # fmt: skip
+        results["merged"] = {"kept_models": kept, "their_cpu_s": earlier.get("cpu_s"),
+                             "their_command": earlier.get("command"), "their_config": earlier["config"]}  # fmt: skip
+    path.write_text(json.dumps(results, indent=1))
+    plot_fn(results, args.out / f"{args.name}.png")
+    print(f"wrote {args.out / args.name}.json and .png ({results['cpu_s']:.0f} s)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(argv, __doc__, "--per-cluster", 50_000, 1_000_000, SWEEPS, run, plot, "paper_separability")
+    return cli(argv, __doc__, "--per-cluster", 50_000, 1_000_000, SWEEPS, run, plot, "separability")
 
 
 if __name__ == "__main__":

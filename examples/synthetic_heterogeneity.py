@@ -13,7 +13,7 @@ Run (one to a few minutes on a laptop CPU)::
 
 It prints the per-concept table and how L0 follows the intrinsic dimension
 (Spearman rank correlation, and the L0 added per doubling of the dimension),
-and writes ``examples/results/heterogeneity.json`` and ``heterogeneity.png``.
+and writes ``examples/results/own_heterogeneity.json`` and ``own_heterogeneity.png``.
 """
 
 from __future__ import annotations
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:>5}: L0 vs dimension Spearman {fit['spearman']:.2f}, "
             f"{fit['slope_per_doubling']:+.2f} L0 per doubling of the dimension"
         )
-    write_json(comp.results, args.out_dir / "heterogeneity.json")
-    plot(comp, args.out_dir / "heterogeneity.png")
-    print(f"wrote {args.out_dir / 'heterogeneity.json'} and {args.out_dir / 'heterogeneity.png'}")
+    write_json(comp.results, args.out_dir / "own_heterogeneity.json")
+    plot(comp, args.out_dir / "own_heterogeneity.png")
+    print(f"wrote {args.out_dir / 'own_heterogeneity.json'} and {args.out_dir / 'own_heterogeneity.png'}")
     return 0
 
 

@@ -11,7 +11,7 @@ Run (about a minute or two on a laptop CPU)::
     python examples/synthetic_separability.py
 
 It prints per-concept top-5 F1 and mean L0 of the three models and writes
-``examples/results/separability.json`` and ``separability.png``.
+``examples/results/own_separability.json`` and ``own_separability.png``.
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__, n_samples=65536, d_sae=128, batch_size=128)
     comp = run(args.n_samples, args.d_sae, args.batch_size, args.seed)
     print_table(comp.results, with_dim=False)
-    write_json(comp.results, args.out_dir / "separability.json")
-    plot(comp, args.out_dir / "separability.png")
-    print(f"wrote {args.out_dir / 'separability.json'} and {args.out_dir / 'separability.png'}")
+    write_json(comp.results, args.out_dir / "own_separability.json")
+    plot(comp, args.out_dir / "own_separability.png")
+    print(f"wrote {args.out_dir / 'own_separability.json'} and {args.out_dir / 'own_separability.png'}")
     return 0
 
 

@@ -8,6 +8,7 @@ deterministic given ``seed`` and never touch the global RNG.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -189,16 +190,8 @@ def load_activations(path: str | os.PathLike) -> torch.Tensor:
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .pt, .npy or .safetensors")
-    try:
+    with _reading(path):
         data = _READERS[suffix](path)
-    except ValueError as exc:
-        if str(path) in str(exc):
-            raise
-        raise ValueError(f"{path}: not a readable {suffix} file ({exc})") from None
-    except Exception as exc:  # each reader fails its own way on a damaged file
-        # Empty, truncated or foreign files: EOFError, pickle and zip errors,
-        # SafetensorError, RuntimeError from torch's stream reader, …
-        raise ValueError(f"{path}: not a readable {suffix} file ({type(exc).__name__}: {exc})") from None
     if not data.is_floating_point():
         raise ValueError(f"{path}: activations must be floating point, got {data.dtype}")
     if data.dim() < 2 or data.shape[-1] == 0 or data.numel() == 0:
@@ -206,6 +199,25 @@ def load_activations(path: str | os.PathLike) -> torch.Tensor:
             f"{path}: activations must have shape (..., d) with N, d > 0, got {tuple(data.shape)}"
         )
     return data.reshape(-1, data.shape[-1]).float().contiguous()
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Any failure while reading ``path`` as one ValueError that names it.
+
+    Each reader fails its own way on an empty, truncated or foreign file:
+    EOFError, pickle and zip errors, SafetensorError, RuntimeError from
+    torch's stream reader, NumPy's ValueError, …
+    """
+    suffix = path.suffix.lower()
+    try:
+        yield
+    except ValueError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ValueError(f"{path}: not a readable {suffix} file ({exc})") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable {suffix} file ({type(exc).__name__}: {exc})") from None
 
 
 def _read_npy(path: Path) -> torch.Tensor:
@@ -324,9 +336,8 @@ class _Shard:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.key = None
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".safetensors":
+        with _reading(path):
+            if path.suffix.lower() == ".safetensors":
                 from safetensors import safe_open
 
                 with safe_open(path, framework="pt") as f:
@@ -342,12 +353,6 @@ class _Shard:
             else:
                 data = self.open_raw()
                 shape, floating = tuple(data.shape), _is_float(data)
-        except ValueError as exc:
-            if str(path) in str(exc):
-                raise
-            raise ValueError(f"{path}: not a readable {suffix} file ({exc})") from None
-        except Exception as exc:  # each reader fails its own way on a damaged file
-            raise ValueError(f"{path}: not a readable {suffix} file ({type(exc).__name__}: {exc})") from None
         if not floating:
             raise ValueError(f"{path}: activations must be floating point")
         if len(shape) < 2 or shape[-1] == 0 or math.prod(shape) == 0:

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import baselines
+import paper_formal_language
 import paper_heterogeneity
 import paper_separability
 import synthetic_heterogeneity
@@ -143,11 +144,11 @@ def test_heterogeneity_tiny(tmp_path, capsys):
     assert synthetic_heterogeneity.main(args) == 0
     out = capsys.readouterr().out
     assert "L0 per doubling" in out
-    res = json.loads((tmp_path / "heterogeneity.json").read_text())
+    res = json.loads((tmp_path / "own_heterogeneity.json").read_text())
     _check_results(res, 6)
     assert res["intrinsic_dim"] == [1, 2, 4, 8, 16, 32]
     assert all("l0_vs_dim" in m for m in res["models"].values())
-    assert (tmp_path / "heterogeneity.png").stat().st_size > 0
+    assert (tmp_path / "own_heterogeneity.png").stat().st_size > 0
 
 
 def test_minilm_tiny(tmp_path):
@@ -182,15 +183,22 @@ def test_paper_data_as_the_notebooks_build_it():
 
 
 @pytest.mark.parametrize(
-    "module, flag", [(paper_separability, "--per-cluster"), (paper_heterogeneity, "--per-concept")]
+    "module, flag, stem",
+    [
+        (paper_separability, "--per-cluster", "separability"),
+        (paper_heterogeneity, "--per-concept", "heterogeneity"),
+        (paper_formal_language, "--sentences", "formal_language"),
+    ],
 )
-def test_paper_experiments_tiny(module, flag, tmp_path, capsys):
-    assert module.main([flag, "200", "--seeds", "2", "--models", "spade,topk", "--out", str(tmp_path)]) == 0
-    stem = module.__name__
+def test_paper_experiments_tiny(module, flag, stem, tmp_path, capsys):
+    args = [flag, "200", "--seeds", "2", "--models", "spade,topk", "--out", str(tmp_path)]
+    if module is paper_formal_language:
+        args += ["--lm-steps", "20"]
+    assert module.main(args) == 0
     res = json.loads((tmp_path / f"{stem}.json").read_text())
     assert (tmp_path / f"{stem}.png").stat().st_size > 0
     assert set(res["models"]) == {"spade", "topk"} and res["config"]["seeds"] == [0, 1]
-    n = 6 if module is paper_separability else 5
+    n = {paper_separability: 6, paper_heterogeneity: 5, paper_formal_language: 8}[module]
     for points in res["models"].values():
         for p in points:
             assert len(p["runs"]) == 2 and len(p["f1_mean"]) == len(p["concept_l0_mean"]) == n
@@ -201,3 +209,57 @@ def test_paper_experiments_tiny(module, flag, tmp_path, capsys):
         assert res["config"]["intrinsic_dims"] == [6, 14, 30, 62, 126]
     with pytest.raises(SystemExit):
         module.main(["--models", "nope"])
+
+
+def test_paper_experiments_run_one_setting_under_another_name(tmp_path):
+    argv = ["--per-cluster", "100", "--seeds", "1", "--models", "topk", "--setting", "2", "--name", "one"]
+    assert paper_separability.main([*argv, "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "one.json").read_text())
+    assert [p["k"] for p in res["models"]["topk"]] == [paper_separability.SWEEPS["topk"][1][2]]
+    assert len(paper_separability.SWEEPS["topk"][1]) == 5  # the module's sweep is left as it was
+    with pytest.raises(SystemExit):
+        paper_separability.main(["--setting", "99", "--out", str(tmp_path)])
+
+
+def test_the_formal_language_grammar_and_its_labels():
+    tokens, tags = paper_formal_language.corpus(500, seed=0, max_len=48)
+    vocab = paper_formal_language.vocabulary()
+    pos = paper_formal_language.POS
+    assert len(tokens) == 500 and all(len(t) == len(g) <= 48 for t, g in zip(tokens, tags))
+    seen = set()
+    for t, g in zip(tokens, tags):
+        assert t[0] == paper_formal_language.BOS and t[-1] == paper_formal_language.EOS
+        assert g[0] == g[-1] == -1 and all(p >= 0 for p in g[1:-1])
+        for i, p in zip(t[1:-1], g[1:-1]):
+            assert vocab[i] in paper_formal_language.WORDS[pos[p]]  # every word carries its own POS
+            seen.add((vocab[i], pos[p]))
+        assert pos[g[1]] in ("DET", "PRON", "ADJ", "NOUN")  # a sentence opens with a noun phrase
+    # The ambiguous words occur both as nouns and as verbs: POS is a matter of context.
+    both = {w for w in paper_formal_language.AMBIGUOUS if (w, "NOUN") in seen and (w, "VERB") in seen}
+    assert len(both) >= 4
+    assert {p for _, p in seen} == set(pos)
+
+
+def test_the_formal_language_transformer_learns_and_gives_activations():
+    tokens, tags = paper_formal_language.corpus(400, seed=1, max_len=48)
+    model, losses = paper_formal_language.train_lm(tokens, 60, 32, seed=0, log=lambda *a: None)
+    assert sum(losses[-10:]) < sum(losses[:10])  # next-token loss falls
+    x, y = paper_formal_language.activations(model, tokens[:50], tags[:50], layer=1)
+    words = sum(len(t) - 2 for t in tokens[:50])
+    assert x.shape == (words, paper_formal_language.MODEL["d_model"]) and y.shape == (words,)
+    # The residual stream at a token depends only on the tokens before it (causal).
+    a = paper_formal_language.activations(model, [tokens[0]], [tags[0]], layer=1)[0]
+    cut = [tokens[0][:3]], [[*tags[0][:2], -1]]
+    b = paper_formal_language.activations(model, *cut, layer=1)[0]
+    torch.testing.assert_close(a[:1], b, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_keeps_the_models_not_rerun(tmp_path):
+    base = ["--per-cluster", "100", "--seeds", "1", "--setting", "0", "--out", str(tmp_path)]
+    assert paper_separability.main([*base, "--models", "spade,topk"]) == 0
+    first = json.loads((tmp_path / "separability.json").read_text())
+    assert paper_separability.main([*base, "--models", "topk", "--merge"]) == 0
+    merged = json.loads((tmp_path / "separability.json").read_text())
+    assert list(merged["models"]) == ["spade", "topk"] and merged["merged"]["kept_models"] == ["spade"]
+    assert merged["models"]["spade"] == first["models"]["spade"]
+    assert set(merged["config"]["sweeps"]) == {"spade", "topk"}
