@@ -39,15 +39,18 @@ FIRING = 1e-6
 #: Each SAE's sparsity knob and the values swept (L0 ≈ 30 down to ≈ 2 at width 128).  SpaDE is
 #: swept over λ's initial value at γ = 0.1, not over γ as the paper does: within one pass of
 #: this size λ (learned) sets its sparsity and γ barely moves it (γ from 1e-4 to 10 gave
-#: L0 14–15 here).  JumpReLU: threshold initialised at 0.01, bandwidth 0.01.
+#: L0 14–15 here).  JumpReLU is swept over its initial threshold θ₀ (bandwidth θ₀/2, L0
+#: penalty β = 0.1): over β alone (1e-3 … 3 at θ₀ = 0.01) its L0 stayed within 10–17, the
+#: thresholds moving too little in ~410 steps.
 SWEEPS = {
     "spade": ("lambda_init", [0.02, 0.25, 1.0, 5.0, 30.0]),
     "relu": ("l1_coeff", [0.01, 0.1, 0.3, 1.0, 3.0]),
-    "jumprelu": ("l0_coeff", [1e-3, 1e-2, 1e-1, 1.0, 3.0]),
+    "jumprelu": ("threshold_init", [0.001, 0.003, 0.01, 0.03, 0.06]),
     "topk": ("k", [32, 16, 8, 4, 2]),
 }
 SPADE_GAMMA = 0.1
-JUMP = {"threshold_init": 1e-2, "bandwidth": 1e-2}
+#: JumpReLU's settings other than its knob.
+JUMP = {"l0_coeff": 0.1, "bandwidth": "half-threshold"}
 #: One colour per SAE in every plot.
 COLORS = {"spade": "C3", "relu": "C0", "jumprelu": "C2", "topk": "C1"}
 
@@ -89,20 +92,30 @@ def scores(codes: torch.Tensor, labels: torch.Tensor, n_concepts: int) -> dict:
     }
 
 
-def train_one(kind: str, value, x: torch.Tensor, width: int, batch: int, seed: int, jump: dict = JUMP):
-    """Train one SAE; returns its dense encode function (``jump``: JumpReLU's threshold and bandwidth)."""
+def train_one(
+    kind: str, knob: str, value, x: torch.Tensor, width: int, batch: int, seed: int, jump: dict = JUMP
+):
+    """Train one SAE with its sparsity ``knob`` (a keyword of its class) at ``value``; returns its encode.
+
+    ``jump``: JumpReLU's other settings (threshold_init, bandwidth, l0_coeff: whichever is not
+    the knob); a ``bandwidth`` of "threshold" ("half-threshold") means ε equal to (half) the
+    initial threshold.
+    """
     recipe = {"batch_size": batch, "lr": 1e-2, "lr_final": 1e-4, "clip": 1.0, "epochs": 1, "seed": seed}
     if kind == "spade":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            layer = SpaDE(x.shape[1], width, gamma_reg=SPADE_GAMMA, lambda_init=value)
+            layer = SpaDE(x.shape[1], width, gamma_reg=SPADE_GAMMA, **{knob: value})
         train_spade(layer, x, progress=False, **recipe)
         return layer.encode
-    model = {
-        "relu": lambda: ReLUSAE(x.shape[1], width, l1_coeff=value, seed=seed),
-        "jumprelu": lambda: JumpReLUSAE(x.shape[1], width, l0_coeff=value, seed=seed, **jump),
-        "topk": lambda: TopKSAE(x.shape[1], width, k=int(value), seed=seed),
-    }[kind]()
+    if kind == "jumprelu":
+        kw = {**jump, knob: value}
+        if kw.get("bandwidth") in ("threshold", "half-threshold"):
+            kw["bandwidth"] = kw["threshold_init"] * (1.0 if kw["bandwidth"] == "threshold" else 0.5)
+        model = JumpReLUSAE(x.shape[1], width, seed=seed, **kw)
+    else:
+        cls = {"relu": ReLUSAE, "topk": TopKSAE}[kind]
+        model = cls(x.shape[1], width, seed=seed, **{knob: int(value) if knob == "k" else value})
     train_sae(model, x, **recipe)
     model.eval()
     return model.encode
@@ -131,7 +144,7 @@ def sweep(
                 x, labels = data_for_seed(seed)
                 n_train = int(0.7 * len(x))
                 t0 = time.perf_counter()
-                encode = train_one(kind, value, x[:n_train], width, batch, seed, jump)
+                encode = train_one(kind, knob, value, x[:n_train], width, batch, seed, jump)
                 with torch.no_grad():
                     codes = torch.cat([encode(xb) for xb in x[n_train:].split(16384)])
                 runs.append({**scores(codes, labels[n_train:], n_concepts), "seed": seed,
@@ -190,17 +203,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True, sharey=True)
-    colors = COLORS
     radii = [1.5, 0.5] * 3
-    for c, ax in enumerate(axes.flat):
-        for kind, points in results["models"].items():
-            l0 = [p["l0_mean"] for p in points]
-            f1 = [p["f1_mean"][c] for p in points]
-            err = [p["f1_std"][c] for p in points]
-            ax.errorbar(l0, f1, yerr=err, marker="o", label=kind, color=colors.get(kind), capsize=2)
-        _plain_log_axis(ax.xaxis)
-        ax.set_title(f"concept {c} (radius {radii[c]})", fontsize=9)
-        ax.grid(True, alpha=0.3)
+    f1_vs_l0(list(axes.flat), results, [f"concept {c} (radius {radii[c]})" for c in range(6)])
     for ax in axes[1]:
         ax.set_xlabel("L0 (mean active latents)")
     for ax in axes[:, 0]:
@@ -209,6 +213,19 @@ def plot(results: dict, path: Path) -> None:
     cfg = results["config"]
     title = f"separability, paper configuration ({cfg['per_cluster']} points per cluster, "
     finish_figure(fig, title + f"{len(cfg['seeds'])} seeds, mean ± std)", path)
+
+
+def f1_vs_l0(axes, results: dict, titles: list[str]) -> None:
+    """One panel per concept: every model's best-latent F1 against its mean L0 (mean ± std over seeds)."""
+    for c, (ax, title) in enumerate(zip(axes, titles)):
+        for kind, points in results["models"].items():
+            l0 = [p["l0_mean"] for p in points]
+            f1 = [p["f1_mean"][c] for p in points]
+            err = [p["f1_std"][c] for p in points]
+            ax.errorbar(l0, f1, yerr=err, marker="o", label=kind, color=COLORS.get(kind), capsize=2)
+        _plain_log_axis(ax.xaxis)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
 
 
 def finish_figure(fig, title: str, path: Path) -> None:

@@ -1,8 +1,8 @@
 """README tables "paper vs this package", generated from the experiments' JSON results.
 
 Reads ``examples/results/separability.json``, ``heterogeneity.json``,
-``formal_language.json`` (and ``separability_full.json``, the one setting at
-the paper's size, when present) and rewrites the README between the markers
+``formal_language.json`` (and ``separability_full.json``,
+``heterogeneity_full.json``, the runs at larger sizes, when present) and rewrites the README between the markers
 ``<!-- paper-table:NAME -->`` and ``<!-- /paper-table:NAME -->``.  ``--check``
 only compares (CI: the tables are never stale).
 
@@ -40,57 +40,67 @@ def _span(values, fmt="{:.2f}") -> str:
     return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
 
 
+def _command(result: dict) -> str:
+    """The command that made ``result``, and the one merged into it after (``--merge``)."""
+    merged = result.get("merged")
+    if merged and merged.get("their_command"):
+        return f"`{merged['their_command']}`, then `{result.get('command', '')}`"
+    return f"`{result.get('command', '')}`"
+
+
+def _minutes(result: dict) -> str:
+    seconds = result["cpu_s"] + ((result.get("merged") or {}).get("their_cpu_s") or 0)
+    return f"{seconds / 60:.0f} min"
+
+
 def _models(result: dict):
     return [(k, result["models"][k]) for k in ORDER if k in result["models"]]
 
 
-def separability(result: dict, full: dict | None) -> str:
-    cfg = result["config"]
-    inner = [c for c in range(6) if c % 2 == 1]  # radius 0.5: not linearly separable from the rest
-    outer = [c for c in range(6) if c % 2 == 0]
-    lines = [
-        f"{cfg['per_cluster']:,} points per cluster (paper: {cfg['paper_per_cluster']:,}), "
-        f"{len(cfg['seeds'])} seeds; best-latent F1 averaged over the three inner (radius 0.5) or "
-        "outer (radius 1.5) clusters, seed means, at the sweep setting where it is highest.",
-        "",
+INNER = [1, 3, 5]  # radius 0.5: not linearly separable from the rest
+OUTER = [0, 2, 4]  # radius 1.5
+
+
+def _separability_rows(result: dict) -> list[str]:
+    rows = [
         "| model | knob (values) | L0 swept | inner F1, best | at L0 | outer F1, best | dead % |",
         "|---|---|---|---|---|---|---|",
     ]
     for kind, points in _models(result):
         knob = _knob(result, kind)
-        inner_f1 = [statistics.fmean(p["f1_mean"][c] for c in inner) for p in points]
-        outer_f1 = [statistics.fmean(p["f1_mean"][c] for c in outer) for p in points]
+        inner_f1 = [statistics.fmean(p["f1_mean"][c] for c in INNER) for p in points]
+        outer_f1 = [statistics.fmean(p["f1_mean"][c] for c in OUTER) for p in points]
         best = max(range(len(points)), key=inner_f1.__getitem__)
         values = ", ".join(f"{p[knob]:g}" for p in points)
-        lines.append(
+        rows.append(
             f"| {NAMES[kind]} | {knob} ({values}) | {_span([p['l0_mean'] for p in points], '{:.1f}')} "
             f"| {inner_f1[best]:.2f} | {points[best]['l0_mean']:.1f} | {max(outer_f1):.2f} "
             f"| {_span([p['dead_pct_mean'] for p in points], '{:.1f}')} |"
         )
-    lines += ["", "Paper: only SpaDE, whose receptive fields are not half-spaces, gets latents for the "
-              "inner clusters; ReLU, JumpReLU and TopK cannot (half-space receptive fields)."]  # fmt: skip
+    return rows
+
+
+def separability(result: dict, full: dict | None) -> str:
+    cfg = result["config"]
+    lines = [
+        f"{cfg['per_cluster']:,} points per cluster (paper: {cfg['paper_per_cluster']:,}), "
+        f"{len(cfg['seeds'])} seeds; best-latent F1 averaged over the three inner (radius 0.5) or "
+        "outer (radius 1.5) clusters, seed means, at the sweep setting where it is highest.",
+        "",
+        *_separability_rows(result),
+    ]
     if full is not None:
         fc = full["config"]
         lines += [
             "",
-            f"One setting at the paper's size ({fc['per_cluster']:,} points per cluster, "
-            f"{len(fc['seeds'])} seed, `{full.get('command', '')}`, {full['cpu_s'] / 60:.0f} min), "
-            "against the same setting at the reduced size:",
+            f"At the paper's size ({fc['per_cluster']:,} points per cluster, ~8.2k steps, "
+            f"{len(fc['seeds'])} seed{'s' if len(fc['seeds']) > 1 else ''}, {_command(full)}, "
+            f"{_minutes(full)} on one thread):",
             "",
-            "| model | setting | L0 full / reduced | inner F1 full / reduced | outer F1 full / reduced |",
-            "|---|---|---|---|---|",
+            *_separability_rows(full),
         ]
-        for kind, points in _models(full):
-            knob = _knob(full, kind)
-            p = points[0]
-            q = next((r for r in result["models"].get(kind, []) if r[knob] == p[knob]), None)
-            if q is None:
-                continue
-            fi = lambda pt, cs: statistics.fmean(pt["f1_mean"][c] for c in cs)  # noqa: E731
-            lines.append(
-                f"| {NAMES[kind]} | {knob} = {p[knob]:g} | {p['l0_mean']:.1f} / {q['l0_mean']:.1f} "
-                f"| {fi(p, inner):.2f} / {fi(q, inner):.2f} | {fi(p, outer):.2f} / {fi(q, outer):.2f} |"
-            )
+    lines += ["", "Paper: only SpaDE, whose receptive fields are not half-spaces, gets latents for the "
+              "inner clusters; ReLU, JumpReLU and TopK cannot (half-space receptive fields)."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -101,14 +111,10 @@ def _slope(dims, l0) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, l0)) / sum((x - mx) ** 2 for x in xs)
 
 
-def heterogeneity(result: dict) -> str:
-    cfg = result["config"]
-    dims = cfg["intrinsic_dims"]
+def _heterogeneity_rows(result: dict) -> list[str]:
+    dims = result["config"]["intrinsic_dims"]
     head = " | ".join(f"L0 at dim {k}" for k in dims)
-    lines = [
-        f"{cfg['per_concept']:,} points per concept (paper: {cfg['paper_per_concept']:,}), "
-        f"{len(cfg['seeds'])} seeds, seed means; every setting of each sweep.",
-        "",
+    rows = [
         f"| model | setting | mean L0 | {head} | L0 gained per doubling of dim | mean F1 |",
         "|---|---|---|" + "---|" * len(dims) + "---|---|",
     ]
@@ -116,10 +122,31 @@ def heterogeneity(result: dict) -> str:
         knob = _knob(result, kind)
         for p in points:
             per = " | ".join(f"{v:.1f}" for v in p["concept_l0_mean"])
-            lines.append(
+            rows.append(
                 f"| {NAMES[kind]} | {knob} = {p[knob]:g} | {p['l0_mean']:.1f} | {per} "
                 f"| {_slope(dims, p['concept_l0_mean']):+.2f} | {statistics.fmean(p['f1_mean']):.2f} |"
             )
+    return rows
+
+
+def heterogeneity(result: dict, full: dict | None) -> str:
+    cfg = result["config"]
+    lines = [
+        f"{cfg['per_concept']:,} points per concept (paper: {cfg['paper_per_concept']:,}), "
+        f"{len(cfg['seeds'])} seeds, seed means; every setting of each sweep.",
+        "",
+        *_heterogeneity_rows(result),
+    ]
+    if full is not None:
+        fc = full["config"]
+        steps = math.ceil(0.7 * 5 * fc["per_concept"] / fc["batch_size"])
+        lines += [
+            "",
+            f"One setting at {fc['per_concept']:,} points per concept ({steps:,} steps, "
+            f"{len(fc['seeds'])} seed, {_command(full)}, {_minutes(full)}):",
+            "",
+            *_heterogeneity_rows(full),
+        ]
     lines += ["", "Paper: SpaDE's per-concept L0 grows with the concept's intrinsic dimension; TopK's "
               "is k for every concept (slope 0)."]  # fmt: skip
     return "\n".join(lines)
@@ -156,7 +183,7 @@ def tables() -> dict[str, str]:
     if sep is not None:
         out["separability"] = separability(sep, _load("separability_full"))
     if het is not None:
-        out["heterogeneity"] = heterogeneity(het)
+        out["heterogeneity"] = heterogeneity(het, _load("heterogeneity_full"))
     if fl is not None:
         out["formal_language"] = formal_language(fl)
     return out
@@ -164,12 +191,12 @@ def tables() -> dict[str, str]:
 
 def render(readme: str) -> str:
     for name, body in tables().items():
-        pattern = re.compile(rf"(<!-- paper-table:{name} -->\n).*?(\n<!-- /paper-table:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- paper-table:{name} -->\n).*?(<!-- /paper-table:{name} -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(
                 f"README.md has no <!-- paper-table:{name} --> … <!-- /paper-table:{name} --> block"
             )
-        readme = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), readme)
+        readme = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), readme)
     return readme
 
 

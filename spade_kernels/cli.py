@@ -433,7 +433,9 @@ def _train(args: argparse.Namespace) -> int:
             return _error(str(exc))
         d_sae, batch_size, name = 4 * x.shape[1], _FILE_BATCH_SIZE, args.data.stem
     try:
-        x, factor = scale_to_unit_norm(x)
+        x, factor = scale_to_unit_norm(
+            x, name=os.fspath(args.data) if args.data is not None else args.dataset
+        )
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as exc:

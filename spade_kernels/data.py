@@ -256,11 +256,13 @@ def _pick_tensor(obj: object, path: Path) -> torch.Tensor:
     raise ValueError(f"{path}: no tensor found (the file holds a {type(obj).__name__})")
 
 
-def scale_to_unit_norm(x: torch.Tensor | ActivationShards) -> tuple[torch.Tensor | ActivationShards, float]:
+def scale_to_unit_norm(
+    x: torch.Tensor | ActivationShards, *, name: str = "x"
+) -> tuple[torch.Tensor | ActivationShards, float]:
     """Scale ``x`` (N, d) so that E‖x‖² = d, the paper's preprocessing.
 
     Also the data's sanity check: values must be finite (the message names
-    the first row, and for shards its file) and not all zero.  Shards are
+    the first row, and ``name`` or, for shards, the file) and not all zero.  Shards are
     read once, block by block, and scaled as their batches are read.
 
     Returns
@@ -279,7 +281,7 @@ def scale_to_unit_norm(x: torch.Tensor | ActivationShards) -> tuple[torch.Tensor
     else:
         if x.dim() != 2 or x.shape[0] == 0:
             raise ValueError(f"x must have shape (N, d) with N > 0, got {tuple(x.shape)}")
-        mean_sq = sum(_sum_sq_checked(b, ("x", s)) for s, b in row_blocks(x)) / x.shape[0]
+        mean_sq = sum(_sum_sq_checked(b, (name, s)) for s, b in row_blocks(x)) / x.shape[0]
     if not mean_sq > 0:
         raise ValueError("cannot scale the data: every value is 0")
     if not math.isfinite(mean_sq):

@@ -159,3 +159,19 @@ def test_damaged_file_is_a_clean_cli_error(tmp_path, capsys):
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("spade-kernels: error:") and str(path) in err and "\n" not in err
+
+
+def test_a_file_with_a_non_finite_row_is_refused_naming_it(tmp_path, capsys):
+    from spade_kernels.cli import main
+
+    x = torch.randn(300, 4)
+    x[123, 1] = float("inf")
+    path = tmp_path / "acts.pt"
+    torch.save(x, path)
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"spade-kernels: error: {path}: row 123 holds NaN or inf values (1 such rows in rows 0–299); "
+        "SpaDE needs finite activations"
+    )
+    assert not (tmp_path / "r" / "sae_weights.safetensors").exists()

@@ -263,3 +263,27 @@ def test_merge_keeps_the_models_not_rerun(tmp_path):
     assert list(merged["models"]) == ["spade", "topk"] and merged["merged"]["kept_models"] == ["spade"]
     assert merged["models"]["spade"] == first["models"]["spade"]
     assert set(merged["config"]["sweeps"]) == {"spade", "topk"}
+
+
+def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monkeypatch):
+    import paper_tables
+
+    out = tmp_path / "results"
+    small = ["--seeds", "1", "--models", "spade,topk", "--out", str(out)]
+    assert paper_separability.main(["--per-cluster", "100", *small]) == 0
+    assert paper_heterogeneity.main(["--per-concept", "100", *small]) == 0
+    assert paper_formal_language.main(["--sentences", "100", "--lm-steps", "5", *small]) == 0
+    monkeypatch.setattr(paper_tables, "RESULTS", out)
+    readme = tmp_path / "README.md"
+    blocks = "".join(f"x\n<!-- paper-table:{n} -->\nold\n<!-- /paper-table:{n} -->\n" for n in
+                     ("separability", "heterogeneity", "formal_language"))  # fmt: skip
+    readme.write_text(blocks)
+    assert paper_tables.main(["--readme", str(readme), "--check"]) == 1
+    assert paper_tables.main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| SpaDE |" in text and "| TopK |" in text and "| ReLU |" not in text
+    assert "0.69/0.87/0.89/0.89/0.95/0.98" in text  # the authors' numbers beside ours
+    assert paper_tables.main(["--readme", str(readme), "--check"]) == 0
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- paper-table:separability -->"):
+        paper_tables.main(["--readme", str(readme)])
