@@ -32,9 +32,9 @@ D = 128
 #: JumpReLU: its initial threshold θ₀ (bandwidth θ₀, β = 0.3), as in the other experiments: over β
 #: alone (0.3 … 10 at θ₀ = 0.5) its L0 went from 30 down to 12 and no further.
 SWEEPS = {
-    "spade": ("lambda_init", [0.001, 0.004, 0.02, 0.1]),
+    "spade": ("lambda_init", [0.001, 0.004, 0.02, 0.1, 0.4]),
     "relu": ("l1_coeff", [1.0, 3.0, 10.0, 30.0]),
-    "jumprelu": ("threshold_init", [0.5, 1.0, 2.0, 4.0]),
+    "jumprelu": ("threshold_init", [0.5, 1.0, 2.0, 4.0, 8.0]),
     "topk": ("k", [32, 16, 4, 2]),
 }
 #: JumpReLU's settings other than its knob, at this scale (E‖x‖² = 128): with the separability

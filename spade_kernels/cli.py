@@ -468,18 +468,20 @@ def _train(args: argparse.Namespace) -> int:
     problem = _unwritable(out_dir)
     if problem is not None:
         return _error(f"--out {os.fspath(out_dir)}: {problem}")
-    steps = total_steps = args.epochs * math.ceil(x.shape[0] / (args.batch_size or batch_size))
-    if steps < FEW_STEPS:
-        print(
-            f"{PROG}: warning: only {steps} optimizer steps ({x.shape[0]} samples, batch "
-            f"{args.batch_size or batch_size}, {args.epochs} epoch(s)); a SpaDE needs a few hundred to fit: "
-            "raise --epochs or lower --batch-size",
-            file=sys.stderr,
-        )
     try:
         run = _Distributed.start(args, device)
+        part = run.part(x)  # this rank's rows (all of them in one process)
     except ValueError as exc:
         return _error(str(exc))
+    bs = args.batch_size or batch_size
+    total_steps = args.epochs * math.ceil(part.shape[0] / bs)
+    if total_steps < FEW_STEPS and run.rank == 0:
+        per = f"{part.shape[0]} samples" + (" per data replica" if run.replicas > 1 else "")
+        print(
+            f"{PROG}: warning: only {total_steps} optimizer steps ({per}, batch {bs}, "
+            f"{args.epochs} epoch(s)); a SpaDE needs a few hundred to fit: raise --epochs or lower --batch-size",
+            file=sys.stderr,
+        )
     if run.rank == 0:
         print(
             f"training SpaDE d_in={layer.d_in} d_sae={layer.d_sae} (backend {args.backend}, {device}) "
@@ -497,15 +499,15 @@ def _train(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if state is not None and state["extra"].get("data_fingerprint") != _fingerprint(x):
         return _error(f"--resume {os.fspath(out_dir)}: the data differ from the interrupted run's")
-    log = _MetricsLog(out_dir / METRICS_NAME, total_steps, x.shape[1], args.batch_size or batch_size)
+    log = _MetricsLog(out_dir / METRICS_NAME, total_steps, x.shape[1], bs * run.replicas)
     log.start(0 if state is None else state["step"], enabled=run.rank == 0)
     started = time.perf_counter()
     with _StopOnSignal() if run.world == 1 else contextlib.nullcontext() as stop:
         try:
             history = train_spade(
                 trained,
-                run.part(x),
-                batch_size=args.batch_size or batch_size,
+                part,
+                batch_size=bs,
                 lr=args.lr,
                 lr_final=args.lr_final,
                 clip=args.clip,
@@ -523,8 +525,7 @@ def _train(args: argparse.Namespace) -> int:
     if history.stopped_at is not None:
         import signal
 
-        total = args.epochs * math.ceil(x.shape[0] / (args.batch_size or batch_size))
-        where = f"the state of step {history.stopped_at}/{total} is in {os.fspath(state_path)}"
+        where = f"the state of step {history.stopped_at}/{total_steps} is in {os.fspath(state_path)}"
         print(
             f"\n{PROG}: stopped by {signal.Signals(stop.signum).name}; {where}; resume with: "
             f"{PROG} train --resume {os.fspath(out_dir)}",
@@ -557,7 +558,7 @@ def _train(args: argparse.Namespace) -> int:
     if concepts is not None:
         _print_concepts(dataset, concepts)
     done = len(history) - (0 if state is None else state["step"])
-    rate = done * (args.batch_size or batch_size) * run.replicas / max(seconds, 1e-9)
+    rate = done * bs * run.replicas / max(seconds, 1e-9)
     print(f"trained {done} steps in {seconds:.1f} s ({rate:,.0f} samples/s)")
     print(
         f"final over all samples: loss {final['loss']:.4g}  mse {final['mse']:.4g}  "
@@ -609,9 +610,14 @@ class _Distributed:
         """This rank's part of the data: its replica's rows (every rank of a latent group the same)."""
         if self.world == 1:
             return x
-        if not isinstance(x, torch.Tensor):  # shards: the same rows of every file
+        # Rows r, r + R, … of the whole data, the last N mod R dropped: every replica the same number
+        # of rows, so the same number of steps (DDP's collectives and the lr schedule agree).
+        if not isinstance(x, torch.Tensor):
             return x.part(self.rank // self.shards, self.replicas)
-        return x[self.rank // self.shards :: self.replicas]
+        used = x.shape[0] - x.shape[0] % self.replicas
+        if used == 0:
+            raise ValueError(f"{x.shape[0]} samples cannot be split over {self.replicas} data replicas")
+        return x[:used][self.rank // self.shards :: self.replicas]
 
     def wrap(self, layer):
         """(the layer to train, the module to run): sharded and/or data parallel under torchrun."""

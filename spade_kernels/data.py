@@ -241,14 +241,15 @@ _READERS = {".npy": _read_npy, ".pt": _read_pt, ".safetensors": _read_safetensor
 
 
 def _pick_tensor(obj: object, path: Path) -> torch.Tensor:
+    # Detached: activations saved with requires_grad would otherwise tie every batch to the file's tensor.
     if isinstance(obj, torch.Tensor):
-        return obj
+        return obj.detach()
     if isinstance(obj, dict):
         if isinstance(obj.get("activations"), torch.Tensor):
-            return obj["activations"]
+            return obj["activations"].detach()
         tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
         if len(tensors) == 1:
-            return tensors[0]
+            return tensors[0].detach()
         raise ValueError(
             f"{path}: found {len(tensors)} tensors and none named 'activations'; "
             "save a single tensor or name it 'activations'"
@@ -293,15 +294,19 @@ def scale_to_unit_norm(
     return (x.scaled(factor) if isinstance(x, ActivationShards) else x * factor), factor
 
 
-def _sum_sq_checked(block: torch.Tensor, where: tuple[str, int]) -> float:
-    """Σ‖row‖² of ``block`` in float64; ValueError naming the first non-finite row (``where``: source, first row)."""
+def _sum_sq_checked(block: torch.Tensor, where: tuple) -> float:
+    """Σ‖row‖² of ``block`` in float64; ValueError naming the first non-finite row.
+
+    ``where``: (source, the block's first row[, row stride]).
+    """
     finite = torch.isfinite(block).all(1)
     if not bool(finite.all()):
+        name, first, stride = (*where, 1)[:3]
         bad = int((~finite).nonzero()[0, 0])
+        last = first + (block.shape[0] - 1) * stride
         raise ValueError(
-            f"{where[0]}: row {where[1] + bad} holds NaN or inf values "
-            f"({int((~finite).sum())} such rows in rows {where[1]}–{where[1] + block.shape[0] - 1}); "
-            "SpaDE needs finite activations"
+            f"{name}: row {first + bad * stride} holds NaN or inf values (or values beyond float32's "
+            f"range) ({int((~finite).sum())} such rows in rows {first}–{last}); SpaDE needs finite activations"
         )
     return float(block.double().pow(2).sum())
 
@@ -351,14 +356,25 @@ class _Shard:
                             "save a single tensor or name it 'activations'"
                         )
                     shape = tuple(f.get_slice(self.key).get_shape())
-                    floating = f.get_slice(self.key).get_dtype() in ("F16", "BF16", "F32", "F64")
+                    dtype = f.get_slice(self.key).get_dtype()
+                    readable = dtype in ("F16", "BF16", "F32", "F64")
+                    contiguous = True
             else:
                 data = self.open_raw()
-                shape, floating = tuple(data.shape), _is_float(data)
-        if not floating:
-            raise ValueError(f"{path}: activations must be floating point")
+                shape, dtype, readable, contiguous = tuple(data.shape), data.dtype, *_layout(data)
+        if not readable:
+            raise ValueError(
+                f"{path}: activations must be float16, bfloat16, float32 or float64 in the machine's "
+                f"byte order, got {dtype}"
+            )
         if len(shape) < 2 or shape[-1] == 0 or math.prod(shape) == 0:
             raise ValueError(f"{path}: activations must have shape (..., d) with N, d > 0, got {shape}")
+        if not contiguous:
+            # Flattening the leading dimensions would copy the whole shard into memory.
+            raise ValueError(
+                f"{path}: a {len(shape)}-d shard must be stored C-contiguous (it would be copied whole "
+                "to flatten it); save np.ascontiguousarray(a) or t.contiguous(), or a 2-d (N, d) array"
+            )
         self.rows, self.d = math.prod(shape[:-1]), shape[-1]
 
     def open_raw(self):
@@ -378,19 +394,22 @@ class _Shard:
             return f.get_tensor(self.key)
 
 
-def _is_float(data) -> bool:
+def _layout(data) -> tuple[bool, bool]:
+    """(a dtype the readers convert exactly to float32 arithmetic, rows reachable without a copy)."""
     if isinstance(data, torch.Tensor):
-        return data.is_floating_point()
-    return data.dtype.kind == "f"
+        readable = data.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        return readable, data.dim() <= 2 or data.is_contiguous()
+    readable = data.dtype.kind == "f" and data.dtype.itemsize in (2, 4, 8) and data.dtype.isnative
+    return readable, data.ndim <= 2 or data.flags.c_contiguous
 
 
 class _OpenShard:
     """A shard opened for reading: rows by local index (this part's rows, in file order), as float32."""
 
-    def __init__(self, shard: _Shard, part: tuple[int, int]) -> None:
+    def __init__(self, shard: _Shard, span: tuple[int, int, int]) -> None:
         raw = shard.open_raw()
         self.data = raw.reshape(-1, shard.d)
-        self.offset, self.stride = part
+        self.offset, self.stride, _ = span
         self.numpy = not isinstance(raw, torch.Tensor)
 
     def take(self, local: torch.Tensor) -> torch.Tensor:
@@ -411,6 +430,20 @@ class _OpenShard:
         return block.to(torch.float32, copy=True)  # never the mapped memory itself (scaled in place)
 
 
+def _spans(files: list[_Shard], index: int, count: int) -> list[tuple[int, int, int]]:
+    """Each file's (first row, stride, rows) in part ``index`` of ``count`` of the files' (N, d) matrix.
+
+    The part holds the global rows g ≡ index (mod count) with g < N − N mod count.
+    """
+    total = sum(f.rows for f in files)
+    used, g, spans = total - total % count, 0, []
+    for f in files:
+        first = (index - g) % count
+        spans.append((first, count, len(range(first, min(f.rows, max(0, used - g)), count))))
+        g += f.rows
+    return spans
+
+
 class ActivationShards:
     """A directory of activation files, read one file at a time: training data larger than RAM.
 
@@ -424,13 +457,12 @@ class ActivationShards:
 
     ``len(shards)`` and ``shards.shape`` are those of the (N, d) matrix the
     files make together; :meth:`scaled` and :meth:`part` give lazily scaled
-    and rank-strided views (under ``torchrun`` each data replica trains on
-    rows ``r, r + R, …`` of every shard).
+    and strided views: under ``torchrun`` each of R data replicas trains on
+    the rows r, r + R, … of that matrix (the last N mod R rows dropped, so
+    every replica has the same number of rows and so of steps).
     """
 
-    def __init__(
-        self, folder: str | os.PathLike, *, scale: float = 1.0, part: tuple[int, int] = (0, 1)
-    ) -> None:
+    def __init__(self, folder: str | os.PathLike, *, scale: float = 1.0) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"activation directory not found: {folder}")
@@ -443,11 +475,13 @@ class ActivationShards:
         for shard in self.files[1:]:
             if shard.d != d:
                 raise ValueError(f"{shard.path}: d = {shard.d}, but {self.files[0].path} has d = {d}")
-        self.d, self.factor, self.part_of = d, float(scale), part
-        offset, stride = part
-        self.rows = [len(range(offset, f.rows, stride)) for f in self.files]
-        if sum(self.rows) == 0:
-            raise ValueError(f"{folder}: no rows for part {offset} of {stride}")
+        self.d, self.factor, self.part_of = d, float(scale), (0, 1)
+        self.spans = _spans(self.files, 0, 1)
+
+    @property
+    def rows(self) -> list[int]:
+        """Rows of each file in this view."""
+        return [n for _, _, n in self.spans]
 
     def __len__(self) -> int:
         return sum(self.rows)
@@ -464,18 +498,23 @@ class ActivationShards:
         return self._view(self.factor * factor, self.part_of)
 
     def part(self, index: int, count: int) -> ActivationShards:
-        """Rows ``index, index + count, …`` of every shard (one data-parallel replica's part)."""
+        """Rows ``index, index + count, …`` of the whole (N, d) matrix, the last N mod count dropped.
+
+        One data-parallel replica's part: every part has ⌊N / count⌋ rows.
+        """
         if self.part_of != (0, 1):
             raise ValueError("part() of a part is not supported")
         if not 0 <= index < count:
             raise ValueError(f"part index must be in [0, {count}), got {index}")
+        if len(self) < count:
+            raise ValueError(f"{self.folder}: {len(self)} rows cannot be split over {count} data replicas")
         return self._view(self.factor, (index, count))
 
     def _view(self, factor, part) -> ActivationShards:
         view = object.__new__(ActivationShards)
         view.folder, view.files, view.d = self.folder, self.files, self.d
         view.factor, view.part_of = factor, part
-        view.rows = [len(range(part[0], f.rows, part[1])) for f in self.files]
+        view.spans = _spans(self.files, *part)
         return view
 
     def _scale(self, block: torch.Tensor) -> torch.Tensor:
@@ -487,20 +526,22 @@ class ActivationShards:
     def blocks(self, rows: int | None = None, *, with_source: bool = False):
         """float32 blocks of up to ``rows`` rows, shard by shard in file order (scaled; this part's rows).
 
-        With ``with_source``, (file, first row in the file's part) pairs come first.
+        With ``with_source``, (file, the block's first row in the file, the row stride) come first.
         ``rows`` defaults to :data:`BLOCK_BYTES` of float32 rows.
         """
         rows = rows or max(1, BLOCK_BYTES // (4 * self.d))
-        for shard, n in zip(self.files, self.rows):
+        for shard, span in zip(self.files, self.spans):
+            first, stride, n = span
             if n == 0:
                 continue
             opened = None
             try:
-                opened = _OpenShard(shard, self.part_of)
+                opened = _OpenShard(shard, span)
                 for a in range(0, n, rows):
                     block = self._scale(opened.span(a, min(n, a + rows)))
-                    yield ((os.fspath(shard.path), a), block) if with_source else (shard, block)
-            except (OSError, RuntimeError) as exc:
+                    where = (os.fspath(shard.path), first + a * stride, stride)
+                    yield (where, block) if with_source else (shard, block)
+            except Exception as exc:  # each reader fails its own way: one error naming the file
                 raise self._read_error(shard, exc) from None
             finally:
                 del opened
@@ -525,7 +566,7 @@ class ActivationShards:
             offset = max(0, start - position)
             opened = None
             try:
-                opened = _OpenShard(self.files[i], self.part_of)
+                opened = _OpenShard(self.files[i], self.spans[i])
                 while offset < n:
                     take = min(batch_size - have, n - offset)
                     pieces.append(opened.take(perm[offset : offset + take]))
@@ -533,7 +574,7 @@ class ActivationShards:
                     if have == batch_size:
                         yield batch_start, self._scale(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
                         pieces, have, batch_start = [], 0, batch_start + batch_size
-            except (OSError, RuntimeError) as exc:
+            except Exception as exc:  # each reader fails its own way: one error naming the file
                 raise self._read_error(self.files[i], exc) from None
             finally:
                 del opened
@@ -542,7 +583,9 @@ class ActivationShards:
             yield batch_start, self._scale(torch.cat(pieces))
 
     def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``count`` distinct random rows (all rows when there are fewer), float32, scaled."""
+        """``count`` distinct random rows (all rows when there are fewer), float32, scaled, in file order."""
+        if count < 1:
+            raise ValueError(f"sample() needs count >= 1, got {count}")
         n = len(self)
         if n <= 4 * count or n <= 1 << 22:
             pick = torch.randperm(n, generator=generator)[:count]
@@ -553,14 +596,15 @@ class ActivationShards:
             pick = pick[torch.randperm(pick.numel(), generator=generator)[:count]]
         pick, _ = pick.sort()
         out, first = [], 0
-        for shard, rows in zip(self.files, self.rows):
+        for shard, span in zip(self.files, self.spans):
+            rows = span[2]
             local = pick[(pick >= first) & (pick < first + rows)] - first
             if local.numel():
-                out.append(self._scale(_OpenShard(shard, self.part_of).take(local)))
+                out.append(self._scale(_OpenShard(shard, span).take(local)))
             first += rows
         return torch.cat(out)
 
     def fingerprint(self) -> list:
         """Identifies the data across runs: (N, d, each file's name, size and rows, the scale)."""
         files = [[f.path.name, f.path.stat().st_size, f.rows] for f in self.files]
-        return [list(self.shape), files, self.part_of[1], self.factor]
+        return [list(self.shape), files, list(self.part_of), self.factor]

@@ -171,7 +171,8 @@ def test_a_file_with_a_non_finite_row_is_refused_naming_it(tmp_path, capsys):
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert (
-        err == f"spade-kernels: error: {path}: row 123 holds NaN or inf values (1 such rows in rows 0–299); "
+        err == f"spade-kernels: error: {path}: row 123 holds NaN or inf values (or values "
+        "beyond float32's range) (1 such rows in rows 0–299); "
         "SpaDE needs finite activations"
     )
     assert not (tmp_path / "r" / "sae_weights.safetensors").exists()

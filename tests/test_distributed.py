@@ -8,6 +8,7 @@ differ across ranks.
 
 import contextlib
 import itertools
+import json
 import os
 import socket
 import time
@@ -373,15 +374,19 @@ def test_cli_data_parallel_runs(tmp_path):
 
 
 def test_cli_data_parallel_over_a_shard_directory(tmp_path):
-    # Each data replica trains on the strided rows r, r + R, … of every shard.
+    # Each data replica trains on the rows r, r + R, … of the shards' whole matrix. Shards of odd
+    # sizes: striding each shard alone would give the ranks 770 and 767 rows, 13 and 12 steps of
+    # 64, and DDP's collectives would not pair up; the whole matrix gives 768 each.
     import numpy as np
 
     g = np.random.default_rng(0)
     folder = tmp_path / "shards"
     folder.mkdir()
-    for i in range(3):
-        np.save(folder / f"part{i}.npy", g.standard_normal((512, 6), dtype=np.float32))
+    for i, n in enumerate((513, 511, 513)):
+        np.save(folder / f"part{i}.npy", g.standard_normal((n, 6), dtype=np.float32))
     out = tmp_path / "ddp"
     run = _cli(["train", "--data", str(folder), "--batch-size", "64", "--out", str(out)], nproc=2)
-    assert "on 1536 samples of shards" in run.stdout and "2 data replica(s)" in run.stdout
+    assert "on 1537 samples of shards" in run.stdout and "2 data replica(s)" in run.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 12  # 768 rows per replica
     assert run.stdout.count("saved to") == 1 and (out / "sae_weights.safetensors").exists()

@@ -103,18 +103,29 @@ def test_an_epoch_resumed_mid_way_draws_the_same_batches(shards):
     assert torch.equal(g1.get_state(), g2.get_state())
 
 
-def test_parts_are_the_strided_rows_of_every_shard(shards):
-    folder, _ = shards
-    s = ActivationShards(folder)
-    blocks = [torch.cat([b for _, b in s.part(r, 2).blocks(5)]) for r in (0, 1)]
-    per_file = [torch.cat([b for f, b in s.blocks(100) if f is shard]) for shard in s.files]
-    for r in (0, 1):
-        torch.testing.assert_close(blocks[r], torch.cat([t[r::2] for t in per_file]), rtol=0, atol=0)
-        assert len(s.part(r, 2)) == blocks[r].shape[0]
-    assert len(s.part(0, 2)) + len(s.part(1, 2)) == len(s)
-    assert sum(b.shape[0] for _, b in _epoch(s.part(1, 2), 0, 8)) == len(s.part(1, 2))
+def test_parts_are_the_strided_rows_of_the_whole_matrix_in_equal_numbers(shards):
+    folder, whole = shards
+    s = ActivationShards(folder)  # 165 rows in shards of 37, 50, 13, 64, 1
+    for count in (2, 3, 4, 7):
+        used = 165 - 165 % count
+        for r in range(count):
+            part = s.part(r, count)
+            rows = torch.cat([b for _, b in part.blocks(5)])
+            torch.testing.assert_close(rows, whole[:used][r::count], rtol=0, atol=0)
+            assert len(part) == used // count  # every replica the same rows, so the same steps
+            assert sum(b.shape[0] for _, b in _epoch(part, 0, 8)) == len(part)
     with pytest.raises(ValueError, match="part index"):
         s.part(2, 2)
+    with pytest.raises(ValueError, match="cannot be split over 200 data replicas"):
+        s.part(0, 200)
+
+
+def test_uneven_shards_give_every_replica_the_same_number_of_steps(tmp_path):
+    # Two shards of 4097 rows: per-shard striding would give 4098 and 4096 rows (2 steps and 1).
+    _write(tmp_path, [torch.randn(4097, 3), torch.randn(4097, 3)])
+    s = ActivationShards(tmp_path)
+    assert [len(s.part(r, 2)) for r in (0, 1)] == [4097, 4097]
+    assert [len(_epoch(s.part(r, 2), 0, 4096)) for r in (0, 1)] == [2, 2]
 
 
 def test_sample_draws_distinct_rows(shards):
@@ -125,6 +136,8 @@ def test_sample_draws_distinct_rows(shards):
     assert torch.unique(rows, dim=0).shape[0] == 20
     assert all(bool((whole == r).all(1).any()) for r in rows)
     assert s.sample(1000).shape == (165, 6)  # all rows when there are fewer
+    with pytest.raises(ValueError, match="count >= 1"):
+        s.sample(0)
 
 
 def test_scaling_streams_and_matches_the_tensor(shards):
@@ -140,7 +153,11 @@ def test_scaling_streams_and_matches_the_tensor(shards):
     [
         (lambda d: None, "no .npy, .pt or .safetensors files"),
         (lambda d: (np.save(d / "a.npy", np.zeros((3, 4), np.float32)), np.save(d / "b.npy", np.zeros((3, 5), np.float32))), "b.npy: d = 5, but .*a.npy has d = 4"),
-        (lambda d: np.save(d / "a.npy", np.zeros((3, 4), np.int32)), "a.npy: activations must be floating point"),
+        (lambda d: np.save(d / "a.npy", np.zeros((3, 4), np.int32)), "a.npy: activations must be float16, bfloat16"),
+        (lambda d: np.save(d / "a.npy", np.zeros((3, 4), ">f4")), "a.npy: .*machine's byte order, got >f4"),
+        (lambda d: np.save(d / "a.npy", np.zeros((3, 4), np.longdouble)), "a.npy: activations must be float16"),
+        (lambda d: np.save(d / "a.npy", np.asfortranarray(np.zeros((3, 4, 5), np.float32))), "C-contiguous"),
+        (lambda d: torch.save(torch.zeros(3, 5, 4).transpose(1, 2), d / "a.pt"), "C-contiguous"),
         (lambda d: (d / "a.pt").write_bytes(b"garbage"), "a.pt: not a readable .pt file"),
         (lambda d: (d / "a.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}"), "a.safetensors: not a readable"),
         (lambda d: np.save(d / "a.npy", np.zeros((0, 4), np.float32)), "a.npy: activations must have shape"),
@@ -151,6 +168,17 @@ def test_bad_shard_folders_name_the_file(tmp_path, make, message):
     make(tmp_path)
     with pytest.raises(ValueError, match=message):
         ActivationShards(tmp_path)
+
+
+def test_shards_saved_with_requires_grad_are_read_as_data(tmp_path):
+    # Activations saved without .detach(): a batch must not tie back to the file's tensor.
+    torch.save(torch.randn(40, 4).requires_grad_(), tmp_path / "a.pt")
+    s = ActivationShards(tmp_path)
+    assert not any(b.requires_grad for _, b in _epoch(s, 0, 16))
+    assert not next(s.blocks())[1].requires_grad and not s.sample(3).requires_grad
+    from spade_kernels.data import load_activations
+
+    assert not load_activations(tmp_path / "a.pt").requires_grad
 
 
 def test_a_truncated_npy_shard_is_refused_at_opening(tmp_path):
@@ -166,8 +194,17 @@ def test_a_non_finite_row_is_named_with_its_file(tmp_path):
     x[17, 2] = float("nan")
     x[20, 0] = float("inf")
     _write(tmp_path, [torch.randn(5, 4), x])
-    with pytest.raises(ValueError, match=r"part01.pt: row 17 holds NaN or inf values \(2 such rows"):
+    with pytest.raises(ValueError, match=r"part01.pt: row 17 holds NaN or inf values .* \(2 such rows"):
         scale_to_unit_norm(ActivationShards(tmp_path))
+    with pytest.raises(ValueError, match=r"x: row 17 holds NaN or inf"):
+        scale_to_unit_norm(x)
+    # A float64 shard beyond float32's range is named too (its rows are read as float32).
+    big = torch.ones(6, 4, dtype=torch.float64)
+    big[4] = 1e300
+    (tmp_path / "big").mkdir()
+    np.save(tmp_path / "big" / "zz.npy", big.numpy())
+    with pytest.raises(ValueError, match=r"zz.npy: row 4 holds .*beyond float32's range"):
+        scale_to_unit_norm(ActivationShards(tmp_path / "big"))
     with pytest.raises(ValueError, match=r"x: row 17 holds NaN or inf"):
         scale_to_unit_norm(x)
     with pytest.raises(ValueError, match="every value is 0"):
