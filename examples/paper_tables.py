@@ -80,28 +80,32 @@ def _separability_rows(result: dict) -> list[str]:
     return rows
 
 
+def _block(intro: str, rows, result: dict, full: dict | None, full_intro, paper: str) -> str:
+    """An experiment's table, the same table at a larger size when there is one, and the paper's claim."""
+    lines = [intro, "", *rows(result)]
+    if full is not None:
+        lines += ["", full_intro(full), "", *rows(full)]
+    return "\n".join([*lines, "", paper])
+
+
 def separability(result: dict, full: dict | None) -> str:
     cfg = result["config"]
-    lines = [
+    intro = (
         f"{cfg['per_cluster']:,} points per cluster (paper: {cfg['paper_per_cluster']:,}), "
         f"{len(cfg['seeds'])} seeds; best-latent F1 averaged over the three inner (radius 0.5) or "
-        "outer (radius 1.5) clusters, seed means, at the sweep setting where it is highest.",
-        "",
-        *_separability_rows(result),
-    ]
-    if full is not None:
-        fc = full["config"]
-        lines += [
-            "",
-            f"At the paper's size ({fc['per_cluster']:,} points per cluster, ~8.2k steps, "
-            f"{len(fc['seeds'])} seed{'s' if len(fc['seeds']) > 1 else ''}, {_command(full)}, "
-            f"{_minutes(full)} on one thread):",
-            "",
-            *_separability_rows(full),
-        ]
-    lines += ["", "Paper: only SpaDE, whose receptive fields are not half-spaces, gets latents for the "
-              "inner clusters; ReLU, JumpReLU and TopK cannot (half-space receptive fields)."]  # fmt: skip
-    return "\n".join(lines)
+        "outer (radius 1.5) clusters, seed means, at the sweep setting where it is highest."
+    )
+
+    def full_intro(fr: dict) -> str:
+        seeds = len(fr["config"]["seeds"])
+        return (
+            f"At the paper's size ({fr['config']['per_cluster']:,} points per cluster, ~8.2k steps, "
+            f"{seeds} seed{'s' if seeds > 1 else ''}, {_command(fr)}, {_minutes(fr)} on one thread):"
+        )
+
+    paper = ("Paper: only SpaDE, whose receptive fields are not half-spaces, gets latents for the "
+             "inner clusters; ReLU, JumpReLU and TopK cannot (half-space receptive fields).")  # fmt: skip
+    return _block(intro, _separability_rows, result, full, full_intro, paper)
 
 
 def _slope(dims, l0) -> float:
@@ -131,25 +135,22 @@ def _heterogeneity_rows(result: dict) -> list[str]:
 
 def heterogeneity(result: dict, full: dict | None) -> str:
     cfg = result["config"]
-    lines = [
+    intro = (
         f"{cfg['per_concept']:,} points per concept (paper: {cfg['paper_per_concept']:,}), "
-        f"{len(cfg['seeds'])} seeds, seed means; every setting of each sweep.",
-        "",
-        *_heterogeneity_rows(result),
-    ]
-    if full is not None:
-        fc = full["config"]
+        f"{len(cfg['seeds'])} seeds, seed means; every setting of each sweep."
+    )
+
+    def full_intro(fr: dict) -> str:
+        fc = fr["config"]
         steps = math.ceil(0.7 * 5 * fc["per_concept"] / fc["batch_size"])
-        lines += [
-            "",
+        return (
             f"One setting at {fc['per_concept']:,} points per concept ({steps:,} steps, "
-            f"{len(fc['seeds'])} seed, {_command(full)}, {_minutes(full)}):",
-            "",
-            *_heterogeneity_rows(full),
-        ]
-    lines += ["", "Paper: SpaDE's per-concept L0 grows with the concept's intrinsic dimension; TopK's "
-              "is k for every concept (slope 0)."]  # fmt: skip
-    return "\n".join(lines)
+            f"{len(fc['seeds'])} seed, {_command(fr)}, {_minutes(fr)}):"
+        )
+
+    paper = ("Paper: SpaDE's per-concept L0 grows with the concept's intrinsic dimension; TopK's "
+             "is k for every concept (slope 0).")  # fmt: skip
+    return _block(intro, _heterogeneity_rows, result, full, full_intro, paper)
 
 
 def formal_language(result: dict) -> str:

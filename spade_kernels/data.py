@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "ActivationShards",
     "SyntheticDataset",
+    "check_rows",
     "load_activations",
     "make_heterogeneity",
     "make_separability",
@@ -330,6 +331,15 @@ def row_blocks(x: torch.Tensor | ActivationShards, rows: int | None = None):
         return
     for start in range(0, x.shape[0], rows):
         yield start, x[start : start + rows]
+
+
+def check_rows(x: torch.Tensor | ActivationShards, d_in: int) -> None:
+    """``x`` must be (N, d_in) with N > 0: a tensor or shards (whose N > 0 their opening checked)."""
+    if isinstance(x, ActivationShards):
+        if x.d != d_in:
+            raise ValueError(f"the shards in {x.folder} have d = {x.d}, expected d_in = {d_in}")
+    elif x.dim() != 2 or x.shape[1] != d_in or x.shape[0] == 0:
+        raise ValueError(f"x must have shape (N, {d_in}) with N > 0, got {tuple(x.shape)}")
 
 
 def open_activations(path: str | os.PathLike) -> torch.Tensor | ActivationShards:

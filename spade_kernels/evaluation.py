@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .data import ActivationShards, row_blocks
+from .data import ActivationShards, check_rows, row_blocks
 from .layer import SpaDE
 
 __all__ = ["evaluate_checkpoint", "plot_evaluation", "training_curves"]
@@ -28,13 +28,7 @@ def evaluate_checkpoint(layer: SpaDE, x: torch.Tensor | ActivationShards, *, bat
     Two passes over ``x`` in blocks (the mean, then the rest), so neither a
     tensor nor shards are ever copied whole.
     """
-    if isinstance(x, ActivationShards):
-        if x.d != layer.d_in:
-            raise ValueError(
-                f"the shards in {x.folder} have d = {x.d}, the checkpoint takes d_in = {layer.d_in}"
-            )
-    elif x.dim() != 2 or x.shape[1] != layer.d_in or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (N, {layer.d_in}) with N > 0, got {tuple(x.shape)}")
+    check_rows(x, layer.d_in)
     device = layer.prototypes.device
     n = x.shape[0]
     mean = sum(block.double().sum(0) for _, block in row_blocks(x)) / n

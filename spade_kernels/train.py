@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 
 from .codes import SparseCodes
-from .data import ActivationShards, row_blocks
+from .data import ActivationShards, check_rows, row_blocks
 from .layer import SpaDE
 
 __all__ = [
@@ -247,11 +247,7 @@ def train_spade(
     TrainHistory
         Per-step loss, MSE, mean L0 (support size), λ and learning rate.
     """
-    if isinstance(x, ActivationShards):
-        if x.d != layer.d_in:
-            raise ValueError(f"the shards in {x.folder} have d = {x.d}, the layer d_in = {layer.d_in}")
-    elif x.dim() != 2 or x.shape[1] != layer.d_in or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (N, {layer.d_in}) with N > 0, got {tuple(x.shape)}")
+    check_rows(x, layer.d_in)
     if batch_size < 1 or epochs < 1:
         raise ValueError(f"batch_size and epochs must be >= 1, got {batch_size} and {epochs}")
     n = x.shape[0]
