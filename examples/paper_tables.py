@@ -1,8 +1,9 @@
 """README tables "paper vs this package", generated from the experiments' JSON results.
 
 Reads ``examples/results/separability.json``, ``heterogeneity.json``,
-``formal_language.json`` (and ``separability_full.json``,
-``heterogeneity_full.json``, the runs at larger sizes, when present) and rewrites the README between the markers
+``formal_language.json`` (and the runs at larger sizes when present:
+``separability_full.json``, ``heterogeneity_1m.json``, ``heterogeneity_full.json``; and
+SpaDE's γ sweeps ``*_gamma.json``) and rewrites the README between the markers
 ``<!-- paper-table:NAME -->`` and ``<!-- /paper-table:NAME -->``.  ``--check``
 only compares (CI: the tables are never stale).
 
@@ -80,15 +81,15 @@ def _separability_rows(result: dict) -> list[str]:
     return rows
 
 
-def _block(intro: str, rows, result: dict, full: dict | None, full_intro, paper: str) -> str:
-    """An experiment's table, the same table at a larger size when there is one, and the paper's claim."""
+def _block(intro: str, rows, result: dict, larger: list[dict], larger_intro, paper: str) -> str:
+    """An experiment's table, the same table for each run at a larger size, and the paper's claim."""
     lines = [intro, "", *rows(result)]
-    if full is not None:
-        lines += ["", full_intro(full), "", *rows(full)]
+    for run in larger:
+        lines += ["", larger_intro(run), "", *rows(run)]
     return "\n".join([*lines, "", paper])
 
 
-def separability(result: dict, full: dict | None) -> str:
+def separability(result: dict, larger: list[dict]) -> str:
     cfg = result["config"]
     intro = (
         f"{cfg['per_cluster']:,} points per cluster (paper: {cfg['paper_per_cluster']:,}), "
@@ -105,7 +106,7 @@ def separability(result: dict, full: dict | None) -> str:
 
     paper = ("Paper: only SpaDE, whose receptive fields are not half-spaces, gets latents for the "
              "inner clusters; ReLU, JumpReLU and TopK cannot (half-space receptive fields).")  # fmt: skip
-    return _block(intro, _separability_rows, result, full, full_intro, paper)
+    return _block(intro, _separability_rows, result, larger, full_intro, paper)
 
 
 def _slope(dims, l0) -> float:
@@ -119,8 +120,9 @@ def _heterogeneity_rows(result: dict) -> list[str]:
     dims = result["config"]["intrinsic_dims"]
     head = " | ".join(f"L0 at dim {k}" for k in dims)
     rows = [
-        f"| model | setting | mean L0 | {head} | L0 gained per doubling of dim | mean F1 |",
-        "|---|---|---|" + "---|" * len(dims) + "---|---|",
+        f"| model | setting | mean L0 | {head} | L0 gained per doubling of dim | mean F1, best latent "
+        "| mean F1, group of ≤ 5 |",
+        "|---|---|---|" + "---|" * len(dims) + "---|---|---|",
     ]
     for kind, points in _models(result):
         knob = _knob(result, kind)
@@ -128,29 +130,33 @@ def _heterogeneity_rows(result: dict) -> list[str]:
             per = " | ".join(f"{v:.1f}" for v in p["concept_l0_mean"])
             rows.append(
                 f"| {NAMES[kind]} | {knob} = {p[knob]:g} | {p['l0_mean']:.1f} | {per} "
-                f"| {_slope(dims, p['concept_l0_mean']):+.2f} | {statistics.fmean(p['f1_mean']):.2f} |"
+                f"| {_slope(dims, p['concept_l0_mean']):+.2f} | {statistics.fmean(p['f1_mean']):.2f} "
+                f"| {statistics.fmean(p['f1_top5_mean']):.2f} |"
             )
     return rows
 
 
-def heterogeneity(result: dict, full: dict | None) -> str:
+def heterogeneity(result: dict, larger: list[dict]) -> str:
     cfg = result["config"]
     intro = (
         f"{cfg['per_concept']:,} points per concept (paper: {cfg['paper_per_concept']:,}), "
-        f"{len(cfg['seeds'])} seeds, seed means; every setting of each sweep."
+        f"{len(cfg['seeds'])} seeds, seed means; every setting of each sweep. F1 per concept, "
+        "averaged over the concepts: of its best latent, and of its best group of at most five "
+        "latents (one of them fires), grown greedily."
     )
 
     def full_intro(fr: dict) -> str:
         fc = fr["config"]
         steps = math.ceil(0.7 * 5 * fc["per_concept"] / fc["batch_size"])
+        size = " (the paper's size)" if fc["per_concept"] == fc["paper_per_concept"] else ""
         return (
-            f"One setting at {fc['per_concept']:,} points per concept ({steps:,} steps, "
-            f"{len(fc['seeds'])} seed, {_command(fr)}, {_minutes(fr)}):"
+            f"One setting at {fc['per_concept']:,} points per concept{size} ({steps:,} steps, "
+            f"{len(fc['seeds'])} seed, {_command(fr)}, {_minutes(fr)} on one thread):"
         )
 
     paper = ("Paper: SpaDE's per-concept L0 grows with the concept's intrinsic dimension; TopK's "
              "is k for every concept (slope 0).")  # fmt: skip
-    return _block(intro, _heterogeneity_rows, result, full, full_intro, paper)
+    return _block(intro, _heterogeneity_rows, result, larger, full_intro, paper)
 
 
 def formal_language(result: dict) -> str:
@@ -178,15 +184,59 @@ def formal_language(result: dict) -> str:
     return "\n".join(lines)
 
 
+#: SpaDE swept over γ (the paper's knob) with λ at its default, one result per experiment.
+GAMMA_RUNS = {
+    "separability_gamma": "separability",
+    "heterogeneity_gamma": "heterogeneity",
+    "formal_language_gamma": "formal language",
+}
+
+
+def spade_gamma(results: dict[str, dict]) -> str:
+    """SpaDE's L0, dead latents and F1 against γ, λ starting at its default, for each experiment run."""
+    lines = [
+        "SpaDE swept over γ as the paper sweeps it, λ starting at its default 1/(2d), seed means "
+        "(± std over seeds for L0):",
+        "",
+        "| experiment | size | seeds | γ | L0 | dead % | mean F1, best latent |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in GAMMA_RUNS.items():
+        r = results.get(name)
+        if r is None:
+            continue
+        cfg = r["config"]
+        size = next(
+            f"{cfg[k]:,} {k.replace('_', ' ')}"
+            for k in ("per_cluster", "per_concept", "sentences")
+            if k in cfg
+        )
+        for p in r["models"]["spade"]:
+            lines.append(
+                f"| {label} | {size} | {len(cfg['seeds'])} | {p['gamma_reg']:g} "
+                f"| {p['l0_mean']:.1f} ± {p['l0_std']:.1f} | {p['dead_pct_mean']:.1f} | {p['mean_f1_mean']:.2f} |"
+            )
+    commands = "; ".join(f"{_command(r)} ({_minutes(r)})" for n in GAMMA_RUNS if (r := results.get(n)))
+    return "\n".join([*lines, "", f"Commands: {commands}."])
+
+
+def _larger(*names: str) -> list[dict]:
+    """The runs at larger sizes that exist, in the order given."""
+    return [r for r in map(_load, names) if r is not None]
+
+
 def tables() -> dict[str, str]:
     out = {}
     sep, het, fl = _load("separability"), _load("heterogeneity"), _load("formal_language")
     if sep is not None:
-        out["separability"] = separability(sep, _load("separability_full"))
+        out["separability"] = separability(sep, _larger("separability_full"))
     if het is not None:
-        out["heterogeneity"] = heterogeneity(het, _load("heterogeneity_full"))
+        out["heterogeneity"] = heterogeneity(het, _larger("heterogeneity_1m", "heterogeneity_full"))
     if fl is not None:
         out["formal_language"] = formal_language(fl)
+    gamma = {n: r for n in GAMMA_RUNS if (r := _load(n)) is not None}
+    if gamma:
+        out["spade_gamma"] = spade_gamma(gamma)
     return out
 
 

@@ -174,12 +174,35 @@ def test_paper_data_as_the_notebooks_build_it():
     assert x.shape == (12000, 2) and torch.bincount(labels).tolist() == [2000] * 6
     torch.testing.assert_close(x.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
     assert x.pow(2).sum(1).mean().item() == pytest.approx(2.0, rel=1e-5)
-    x, labels = paper_heterogeneity.make_data(400, 0)
-    assert x.shape == (2000, 128) and x.pow(2).sum(1).mean().item() == pytest.approx(128.0, rel=1e-4)
-    # Each concept varies along its first k coordinates only (beyond the 1e-6 jitter).
+    x, labels, n_train = paper_heterogeneity.make_data(400, 0)
+    assert x.shape == (2000, 128) and n_train == 1400
+    train = x[:n_train]
+    torch.testing.assert_close(train.mean(0), torch.zeros(128), atol=1e-5, rtol=0)
+    assert train.pow(2).sum(1).mean().item() == pytest.approx(128.0, rel=1e-4)
+    # Equal counts per concept in each part; each concept varies along its first k coordinates
+    # only (beyond the 1e-6 jitter), around its own centre.
+    assert torch.bincount(labels[:n_train]).tolist() == [280] * 5
+    assert torch.bincount(labels[n_train:]).tolist() == [120] * 5
     for c, k in enumerate(paper_heterogeneity.INTRINSIC_DIMS):
         var = x[labels == c].var(0)
         assert (var[:k] > 100 * var[k:].max()).all() if k < 128 else True
+    # Generated a chunk at a time: the chunk size changes nothing but the memory.
+    small = paper_heterogeneity.CHUNK
+    try:
+        paper_heterogeneity.CHUNK = 300
+        again = paper_heterogeneity.make_data(400, 0)
+    finally:
+        paper_heterogeneity.CHUNK = small
+    assert torch.equal(again[1], labels) and again[2] == n_train
+    torch.testing.assert_close(again[0], x, atol=1e-5, rtol=1e-5)
+    # The held-out part is capped: EVAL_CAP rows per concept at most.
+    cap = paper_heterogeneity.EVAL_CAP
+    try:
+        paper_heterogeneity.EVAL_CAP = 50
+        x, labels, n_train = paper_heterogeneity.make_data(400, 0)
+    finally:
+        paper_heterogeneity.EVAL_CAP = cap
+    assert n_train == 1400 and len(x) == 1650 and torch.bincount(labels[n_train:]).tolist() == [50] * 5
 
 
 @pytest.mark.parametrize(
@@ -273,17 +296,76 @@ def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monke
     assert paper_separability.main(["--per-cluster", "100", *small]) == 0
     assert paper_heterogeneity.main(["--per-concept", "100", *small]) == 0
     assert paper_formal_language.main(["--sentences", "100", "--lm-steps", "5", *small]) == 0
+    gamma = ["--sweep", "spade:gamma_reg=0.1,3", "--name", "separability_gamma"]
+    assert paper_separability.main(["--per-cluster", "100", *small, *gamma]) == 0
     monkeypatch.setattr(paper_tables, "RESULTS", out)
     readme = tmp_path / "README.md"
     blocks = "".join(f"x\n<!-- paper-table:{n} -->\nold\n<!-- /paper-table:{n} -->\n" for n in
-                     ("separability", "heterogeneity", "formal_language"))  # fmt: skip
+                     ("separability", "heterogeneity", "formal_language", "spade_gamma"))  # fmt: skip
     readme.write_text(blocks)
     assert paper_tables.main(["--readme", str(readme), "--check"]) == 1
     assert paper_tables.main(["--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and "| SpaDE |" in text and "| TopK |" in text and "| ReLU |" not in text
     assert "0.69/0.87/0.89/0.89/0.95/0.98" in text  # the authors' numbers beside ours
+    assert (
+        "| separability | 100 per cluster | 1 | 0.1 |" in text
+        and "| separability | 100 per cluster | 1 | 3 |" in text
+    )
+    assert "mean F1, group of ≤ 5" in text
     assert paper_tables.main(["--readme", str(readme), "--check"]) == 0
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="no <!-- paper-table:separability -->"):
         paper_tables.main(["--readme", str(readme)])
+
+
+def test_paper_scores_best_latent_and_top_group_f1():
+    # Concept 0 is split between latents 0 and 1 (half its rows each), concept 1 owns latent 2;
+    # latent 3 fires on everything, latent 4 never (dead).
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    codes = torch.zeros(6, 5)
+    codes[:2, 0] = codes[2:4, 1] = 1.0
+    codes[4:, 2] = 0.5
+    codes[:, 3] = 1e-3
+    s = paper_separability.scores(codes, labels, 2)
+    # Best single latent for concept 0: latent 3 (P 4/6, R 1) F1 0.8 beats latent 0 (P 1, R 1/2) 0.67.
+    assert s["f1"] == pytest.approx([0.8, 1.0])
+    # The greedy group for concept 0: latent 3 first (0.8), then nothing raises it (latent 3
+    # already fires everywhere); for concept 1 latent 2 alone (1.0), latent 3 would lower it.
+    assert s["f1_top5"] == pytest.approx([0.8, 1.0])
+    codes[:, 3] = 0.0
+    s = paper_separability.scores(codes, labels, 2)
+    # Without the catch-all: the best single latent of the split concept has F1 2/3, the group of
+    # latents 0 and 1 finds it whole; the group is never worse than the best single latent.
+    assert s["f1"] == pytest.approx([2 / 3, 1.0]) and s["f1_top5"] == pytest.approx([1.0, 1.0])
+    assert (
+        s["l0"] == pytest.approx(1.0)
+        and s["concept_l0"] == [1.0, 1.0]
+        and s["dead_pct"] == pytest.approx(40.0)
+    )
+    # At most TOP_GROUP latents: a concept split six ways is only 5/6 found by a group of 5.
+    labels = torch.zeros(6, dtype=torch.long)
+    s = paper_separability.scores(torch.eye(6), labels, 1)
+    assert s["f1"] == pytest.approx([2 / 7]) and s["f1_top5"] == pytest.approx([2 * 5 / 11])
+    assert s["mean_f1_top5"] == s["f1_top5"][0]
+
+
+def test_sweep_overrides_one_models_knob_for_one_run(tmp_path, monkeypatch):
+    import paper_separability as common
+
+    made = []
+    real = common.SpaDE
+    monkeypatch.setattr(common, "SpaDE", lambda *a, **kw: made.append(kw) or real(*a, **kw))
+    before = dict(paper_separability.SWEEPS)
+    base = ["--per-cluster", "100", "--seeds", "1", "--models", "spade", "--out", str(tmp_path)]
+    assert paper_separability.main([*base, "--sweep", "spade:gamma_reg=0.01,2"]) == 0
+    res = json.loads((tmp_path / "separability.json").read_text())
+    assert res["config"]["sweeps"]["spade"] == {"knob": "gamma_reg", "values": [0.01, 2.0]}
+    assert [p["gamma_reg"] for p in res["models"]["spade"]] == [0.01, 2.0]
+    # γ is the knob; λ keeps its default (no lambda_init passed).
+    assert [kw["gamma_reg"] for kw in made] == [0.01, 2.0] and all("lambda_init" not in kw for kw in made)
+    assert paper_separability.SWEEPS == before  # the module's sweeps are untouched afterwards
+    for bad in ("nosuch:k=1", "spade:gamma_reg=", "spade:gamma_reg=a,b", "spade=1"):
+        with pytest.raises(SystemExit):
+            paper_separability.main([*base, "--sweep", bad])
+    assert paper_separability.SWEEPS == before
