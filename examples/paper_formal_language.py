@@ -324,7 +324,7 @@ def plot(results: dict, path: Path) -> None:
     left.legend(fontsize=8)
     cfg = results["config"]
     title = f"formal language: {cfg['tokens']} tokens, width {cfg['width']}, d = {cfg['d']}, "
-    common.finish_figure(fig, title + f"{len(cfg['seeds'])} seeds (mean ± std)", path)
+    common.finish_figure(fig, title + common.seeds_text(len(cfg["seeds"])), path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,7 +249,7 @@ def plot(results: dict, path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     cfg = results["config"]
     title = f"separability, paper configuration ({cfg['per_cluster']} points per cluster, "
-    finish_figure(fig, title + f"{len(cfg['seeds'])} seeds, mean ± std)", path)
+    finish_figure(fig, title + seeds_text(len(cfg["seeds"])) + ")", path)
 
 
 def f1_vs_l0(axes, results: dict, titles: list[str]) -> None:
@@ -265,6 +265,11 @@ def f1_vs_l0(axes, results: dict, titles: list[str]) -> None:
         ax.grid(True, alpha=0.3)
 
 
+def seeds_text(n: int) -> str:
+    """The figures' seed count: 1 seed, or n seeds with mean ± std."""
+    return "1 seed" if n == 1 else f"{n} seeds, mean ± std"
+
+
 def finish_figure(fig, title: str, path: Path) -> None:
     """Every experiment's figure ends alike: the title, a tight layout, a PNG at 110 dpi."""
     import matplotlib.pyplot as plt
@@ -273,6 +278,17 @@ def finish_figure(fig, title: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _command_line(args: list[str]) -> str:
+    """The command that reproduces a run, without ``--out`` (where it was written is not what it ran)."""
+    kept, skip = [], False
+    for a in args:
+        if skip or a == "--out" or a.startswith("--out="):
+            skip = a == "--out"
+            continue
+        kept.append(a)
+    return " ".join(["python", f"examples/{Path(sys.argv[0]).name}", *kept])
 
 
 def cli(
@@ -351,7 +367,7 @@ def cli(
     finally:
         sweeps.update(saved)
     results["cpu_s"] = time.perf_counter() - t0
-    results["command"] = " ".join(["python", f"examples/{Path(sys.argv[0]).name}", *(argv or sys.argv[1:])])
+    results["command"] = _command_line(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}.json"
     if args.merge and path.exists():

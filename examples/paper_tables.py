@@ -148,9 +148,9 @@ def heterogeneity(result: dict, larger: list[dict]) -> str:
     def full_intro(fr: dict) -> str:
         fc = fr["config"]
         steps = math.ceil(0.7 * 5 * fc["per_concept"] / fc["batch_size"])
-        size = " (the paper's size)" if fc["per_concept"] == fc["paper_per_concept"] else ""
+        size = "the paper's size, " if fc["per_concept"] == fc["paper_per_concept"] else ""
         return (
-            f"One setting at {fc['per_concept']:,} points per concept{size} ({steps:,} steps, "
+            f"One setting at {fc['per_concept']:,} points per concept ({size}{steps:,} steps, "
             f"{len(fc['seeds'])} seed, {_command(fr)}, {_minutes(fr)} on one thread):"
         )
 
@@ -189,6 +189,7 @@ GAMMA_RUNS = {
     "separability_gamma": "separability",
     "heterogeneity_gamma": "heterogeneity",
     "formal_language_gamma": "formal language",
+    "formal_language_5x": "formal language",  # 5× the sentences: does longer training revive latents?
 }
 
 

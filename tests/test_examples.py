@@ -361,6 +361,9 @@ def test_sweep_overrides_one_models_knob_for_one_run(tmp_path, monkeypatch):
     assert paper_separability.main([*base, "--sweep", "spade:gamma_reg=0.01,2"]) == 0
     res = json.loads((tmp_path / "separability.json").read_text())
     assert res["config"]["sweeps"]["spade"] == {"knob": "gamma_reg", "values": [0.01, 2.0]}
+    # The recorded command reproduces the run; where it was written is left out.
+    assert res["command"].endswith("--models spade --sweep spade:gamma_reg=0.01,2")
+    assert "--out" not in res["command"] and str(tmp_path) not in res["command"]
     assert [p["gamma_reg"] for p in res["models"]["spade"]] == [0.01, 2.0]
     # γ is the knob; λ keeps its default (no lambda_init passed).
     assert [kw["gamma_reg"] for kw in made] == [0.01, 2.0] and all("lambda_init" not in kw for kw in made)
