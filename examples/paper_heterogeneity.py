@@ -51,6 +51,14 @@ EVAL_CAP = 100_000
 CHUNK = 1 << 18
 
 
+def split_sizes(per_concept: int) -> tuple[int, int]:
+    """(training rows, held-out rows): 70% of the ``5·per_concept`` rows, and the rest capped at
+    ``EVAL_CAP`` per concept."""
+    n = len(INTRINSIC_DIMS) * per_concept
+    n_train = int(0.7 * n)
+    return n_train, min(n - n_train, len(INTRINSIC_DIMS) * EVAL_CAP)
+
+
 def make_data(per_concept: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The notebook's five concepts, shuffled and standardised to mean 0 and E‖x‖² = d.
 
@@ -69,8 +77,7 @@ def make_data(per_concept: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     std = torch.full((n_concepts, D), 1e-3)  # the notebook's 1e-6 variance on every coordinate
     for c, k in enumerate(INTRINSIC_DIMS):
         std[c, :k] = (K / k + 1e-6) ** 0.5
-    n_train = int(0.7 * n_concepts * per_concept)
-    n_eval = min(n_concepts * per_concept - n_train, n_concepts * EVAL_CAP)
+    n_train, n_eval = split_sizes(per_concept)
 
     def labels_of(n: int) -> torch.Tensor:
         counts = [n // n_concepts + (c < n % n_concepts) for c in range(n_concepts)]
@@ -103,7 +110,7 @@ def run(per_concept: int, seeds: list[int], kinds=None, log=print) -> dict:
         "config": {
             "d": D, "intrinsic_dims": INTRINSIC_DIMS, "per_concept": per_concept,
             "paper_per_concept": 6_400_000, "train_fraction": 0.7,
-            "eval_per_concept": min(round(0.3 * per_concept), EVAL_CAP), "width": 512, "batch_size": 2048,
+            "eval_per_concept": split_sizes(per_concept)[1] // len(INTRINSIC_DIMS), "width": 512, "batch_size": 2048,
             "epochs": 1, "optimizer": "adam", "lr": 1e-2, "lr_final": 1e-4, "clip": 1.0,
             "firing_threshold": common.FIRING, "seeds": seeds,
             "sweeps": {k: {"knob": knob, "values": vals} for k, (knob, vals) in chosen.items()},
