@@ -364,6 +364,10 @@ def cli(
     try:
         sweeps.update(chosen)  # the experiment reads the module's sweeps: changed for this run only
         results = run_fn(size, list(range(args.seeds)), kinds=kinds)
+    except KeyboardInterrupt:
+        print(f"stopped by Ctrl-C after {time.perf_counter() - t0:.0f} s: nothing written (the results "
+              "are written once every run of the sweep has finished)", file=sys.stderr)  # fmt: skip
+        return 130
     finally:
         sweeps.update(saved)
     results["cpu_s"] = time.perf_counter() - t0

@@ -372,3 +372,18 @@ def test_sweep_overrides_one_models_knob_for_one_run(tmp_path, monkeypatch):
         with pytest.raises(SystemExit):
             paper_separability.main([*base, "--sweep", bad])
     assert paper_separability.SWEEPS == before
+
+
+def test_ctrl_c_in_a_sweep_stops_cleanly_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import paper_separability as common
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "train_one", interrupted)
+    before = dict(paper_separability.SWEEPS)
+    args = ["--per-cluster", "100", "--seeds", "1", "--models", "spade", "--out", str(tmp_path)]
+    assert paper_separability.main([*args, "--sweep", "spade:gamma_reg=1"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by Ctrl-C" in err and "nothing written" in err
+    assert list(tmp_path.iterdir()) == [] and paper_separability.SWEEPS == before
