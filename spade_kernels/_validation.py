@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["check_encode_inputs", "check_has_data", "check_lambda", "check_tensor"]
+__all__ = ["check_encode_inputs", "check_has_data", "check_lambda", "check_no_functorch", "check_tensor"]
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None) -> None:
@@ -54,10 +54,31 @@ def check_has_data(x: torch.Tensor) -> None:
         )
 
 
+def check_no_functorch(what: str, *tensors) -> None:
+    """Refuse tensors of a ``torch.func`` transform (vmap, grad, jvp, jacrev, functionalize) with one clear error.
+
+    The sparse codes' width depends on the data (no vmap), and the encoder's
+    derivative is a ``torch.autograd`` formula (docs/design.md, "Autograd").
+    """
+    if torch.compiler.is_compiling():
+        return  # torch.compile's own tracing tensors are not torch.func's
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors):
+        raise RuntimeError(
+            f"{what} does not support torch.func transforms (vmap, grad, jvp, jacrev, functionalize): each "
+            "row's support, and so the codes' shape, depends on the data, and the encoder's derivative is a "
+            "torch.autograd formula. Use torch.autograd instead (loss.backward(), or torch.autograd.grad "
+            "with create_graph=True for a second derivative: exact on every backend); under torch.func, "
+            "spade_kernels.sparsemax(layer.scores(x)) gives the same codes densely (B×K memory) and "
+            "supports every transform"
+        )
+
+
 def check_encode_inputs(x, prototypes, lam) -> torch.dtype:
     """Validate ``spade_encode`` arguments; returns the common compute dtype."""
     check_tensor("x", x, min_ndim=1)
     check_tensor("prototypes", prototypes, ndim=2)
+    check_no_functorch("spade_encode", x, prototypes, lam)
     if x.shape[-1] != prototypes.shape[1]:
         raise ValueError(
             f"x has d={x.shape[-1]} features (shape {tuple(x.shape)}) but prototypes has "

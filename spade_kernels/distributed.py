@@ -163,6 +163,16 @@ class _ShardedEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, _grad_idx, _grad_size, grad_D):
         x, A, lam, z, idx, D = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, A, lam, grad_z, grad_D)
+        ):
+            # (torch.distributed's collectives have no derivative: a second derivative through this
+            # backward would silently miss the other shards' terms.)
+            raise RuntimeError(
+                "ShardedSpaDE has no double backward (create_graph=True): its backward's collectives are "
+                "not differentiable; a SpaDE layer in one process gives the exact second derivative on "
+                "every backend"
+            )
         cd = z.dtype
         on = z > 0  # false on NaN rows
         zero = torch.zeros((), dtype=cd, device=z.device)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_has_data, check_tensor
+from ._validation import check_has_data, check_no_functorch, check_tensor
 from .backends import canonical_name, resolve_backend
 from .codes import SparseCodes
 from .encode import encode_sparse
@@ -305,6 +305,9 @@ class SpaDE(nn.Module):
         self._check_device("x", x)
         check_has_data(x)
 
+    def _check_no_functorch(self, what: str, *tensors: torch.Tensor) -> None:
+        check_no_functorch(what, *tensors, *(p for p in self.parameters()))
+
     def _backend(self, x: torch.Tensor, dtype: torch.dtype):
         return resolve_backend(self.backend, x.device, dtype)
 
@@ -349,6 +352,7 @@ class SpaDE(nn.Module):
         rows = A if to == "encoder" else self.W_dec.to(flat.dtype)
         if codes is None:
             return squared_distances(flat, rows, naive=False).reshape(*x.shape[:-1], self.d_sae)
+        self._check_no_functorch("SpaDE.distances on a support", x, codes.values)
         idx = codes.indices.reshape(-1, codes.width)
         if idx.shape[0] != flat.shape[0]:
             raise ValueError(f"codes hold {idx.shape[0]} rows but x has {flat.shape[0]}")
@@ -358,6 +362,7 @@ class SpaDE(nn.Module):
     def _codes(self, x: torch.Tensor, dense: bool):
         """The codes of x flattened: dense (B, d_sae) when ``dense`` and ``reference``, :class:`SparseCodes` otherwise."""
         self._check_input(x)
+        self._check_no_functorch("SpaDE.encode", x)
         flat, A = self._operands(x)
         backend = self._backend(x, flat.dtype)
         if backend.dense:
@@ -384,6 +389,7 @@ class SpaDE(nn.Module):
         densifying); its backward is sparse as well.
         """
         if isinstance(z, SparseCodes):
+            self._check_no_functorch("SpaDE.decode of SparseCodes", z.values)
             if z.n_latents != self.d_sae:
                 raise ValueError(f"codes have n_latents={z.n_latents}, expected {self.d_sae}")
             self._check_device("codes", z.values)
@@ -408,6 +414,7 @@ class SpaDE(nn.Module):
     def forward(self, x: torch.Tensor) -> SpaDEOutput:
         """Encode, decode and compute the SpaDE loss (docs/design.md, "Mathematics")."""
         self._check_input(x)
+        self._check_no_functorch("SpaDE.forward", x)
         flat, A = self._operands(x)
         backend = self._backend(x, flat.dtype)
         lam = self.lam

@@ -58,16 +58,28 @@ def _forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
 
 class _Sparsemax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
-        z = _forward(input, dim, sort_based)
-        ctx.save_for_backward(z)
+    def forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:
+        return _forward(input, dim, sort_based)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, dim, _ = inputs
+        ctx.save_for_backward(output)
         ctx.dim = dim
-        return z
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (z,) = ctx.saved_tensors
         return sparsemax_backward(z, grad_output, ctx.dim), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, dim, sort_based):
+        # A per-row op: the vmapped dimension moved to the front is one more batch dimension.
+        batch_dim = in_dims[0]
+        if batch_dim is None:
+            return _Sparsemax.apply(input, dim, sort_based), None
+        input = input.movedim(batch_dim, 0)
+        return _Sparsemax.apply(input, dim + 1 if dim >= 0 else dim, sort_based), 0
 
 
 def sparsemax_sort(input: torch.Tensor, dim: int = -1) -> torch.Tensor:

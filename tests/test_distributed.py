@@ -283,6 +283,23 @@ def test_different_weights_are_caught_at_construction(tmp_path):
         assert message is not None and "checksums disagree" in message
 
 
+def _second_derivative(rank, world):
+    sharded = D.ShardedSpaDE.from_dense(_layer(10, "torch"))
+    loss = sharded(_batches(1)[0]).loss
+    try:  # refused at the backward that autograd would record
+        torch.autograd.grad(loss, sharded.prototypes, create_graph=True)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def test_double_backward_is_refused_not_wrong(tmp_path):
+    # The backward's collectives have no derivative: a clear error, never a second derivative
+    # that silently misses the other shards' terms.
+    for message in _run(_second_derivative, 2, tmp_path):
+        assert message is not None and "ShardedSpaDE has no double backward" in message
+
+
 def _dies(rank, world, timeout_s):
     sharded = D.ShardedSpaDE.from_dense(_layer(10, "torch"))
     if rank == 1:

@@ -20,13 +20,12 @@ import time).  ``auto`` is decided here and nowhere else (:func:`auto_backend`).
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -104,7 +103,7 @@ class Backend:
     dense: bool
     _status: Callable[[], str | None]
     _device: Callable[[torch.device], str | None]
-    _module: str | None = None
+    _load: Callable[[], ModuleType] | None = None
 
     def unavailable_reason(self) -> str | None:
         """``None`` when usable in this environment, else why not."""
@@ -119,13 +118,29 @@ class Backend:
 
     def primitives(self):
         """The backend's :class:`~spade_kernels.backends.interface.Primitives` (imports its module once)."""
-        if self._module is None:
+        if self._load is None:
             raise TypeError(f"backend {self.name!r} is dense: it has no primitives")
-        # sys.modules first: torch.compile traces this, and dynamo will not trace an import.
-        module = sys.modules.get(f"{__name__}{self._module}")
-        if module is None:
-            module = importlib.import_module(self._module, __name__)
-        return module.PRIMITIVES
+        return self._load().PRIMITIVES
+
+
+# One function per module, each a plain import statement: torch.compile traces the first call of a
+# process through here, and dynamo runs an import statement but not importlib.import_module.
+def _load_torch() -> ModuleType:
+    from . import torch_
+
+    return torch_
+
+
+def _load_native() -> ModuleType:
+    from . import native
+
+    return native
+
+
+def _load_triton() -> ModuleType:
+    from . import triton_
+
+    return triton_
 
 
 BACKENDS: dict[str, Backend] = {
@@ -142,7 +157,7 @@ BACKENDS: dict[str, Backend] = {
         False,
         _always,
         _anywhere,
-        ".torch_",
+        _load_torch,
     ),
     "native": Backend(
         "native",
@@ -150,7 +165,7 @@ BACKENDS: dict[str, Backend] = {
         False,
         _native_status,
         _native_device,
-        ".native",
+        _load_native,
     ),
     "triton": Backend(
         "triton",
@@ -158,7 +173,7 @@ BACKENDS: dict[str, Backend] = {
         False,
         _triton_status,
         _triton_device,
-        ".triton_",
+        _load_triton,
     ),
 }
 

@@ -58,7 +58,15 @@ CACHE_BUDGET = 1 << 18
 
 
 def row_blocks(n_rows: int, per_row: int, budget: int = GATHER_BUDGET):
-    """Slices of at most ``budget // per_row`` rows (at least one) covering ``n_rows``."""
+    """Slices of at most ``budget // per_row`` rows (at least one) covering ``n_rows``.
+
+    One slice while traced (``torch.compile``: dynamo, or AOT autograd's
+    symbolic sizes), where the support's width is data-dependent: the
+    compiler plans that memory.
+    """
+    if torch.compiler.is_compiling() or isinstance(n_rows, torch.SymInt) or isinstance(per_row, torch.SymInt):
+        yield slice(0, n_rows)
+        return
     step = max(1, budget // max(per_row, 1))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
@@ -131,7 +139,7 @@ def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
     g = torch.where(support, grad_z.to(z.dtype), zero) if grad_z is not None else torch.zeros_like(z)
     mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
     gs = torch.where(support, g - mean, zero)  # ∂L/∂s (fact 5)
-    G = -lam.detach().to(z.dtype) * gs
+    G = -lam.to(z.dtype) * gs  # not detached: a second derivative reaches λ through it
     if grad_D is not None:
         G = G + torch.where(support, grad_D.to(z.dtype), zero)
     # where, not a product: D is NaN on rows whose input was NaN (no support).

@@ -3,9 +3,11 @@
 Written as ``((x − x̂)²).sum(-1).mean()`` autograd keeps the difference, its
 square and, in the backward, three more B×d tensors (2·diff, ·grad, the
 negation): at small K and large d they are most of a training step's memory
-(docs/design.md, "Memory model").  Here the forward keeps only the difference
-and reduces it with one dot product; the backward forms ∂/∂x̂ = 2·g/B·diff
-(and its negation only if x itself needs a gradient).
+(docs/design.md, "Memory model").  Here the forward reduces the difference
+with one dot product and keeps no tensor of its own (only references to x̂
+and x); the backward forms ∂/∂x̂ = 2·g/B·(x̂ − x) in one B×d tensor (and its
+negation only if x itself needs a gradient), recorded by autograd when a
+second derivative is asked for.
 """
 
 from __future__ import annotations
@@ -19,20 +21,28 @@ _HALF = (torch.float16, torch.bfloat16)
 
 class _MeanSquaredError(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         diff = x_hat - x
         flat = diff.reshape(-1)
         # Half types: the sum of squares in float32 (a half accumulator would lose it).
         acc = flat.float() if flat.dtype in _HALF else flat
         value = torch.dot(acc, acc) / max(diff.shape[0], 1) if diff.numel() else acc.new_zeros(())
-        ctx.save_for_backward(diff)
         return value.to(x_hat.dtype)
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        # The operands, not the difference: the backward recomputes it, differentiably when a
+        # second derivative is asked for (a difference made in forward would carry no graph).
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (diff,) = ctx.saved_tensors
-        scale = grad * (2.0 / max(diff.shape[0], 1))
-        g_hat = diff * scale.to(diff.dtype)
+        x_hat, x = ctx.saved_tensors
+        scale = (grad * (2.0 / max(x_hat.shape[0], 1))).to(x_hat.dtype)
+        if torch.is_grad_enabled():  # create_graph: out of place, so autograd records it
+            g_hat = (x_hat - x) * scale
+        else:
+            g_hat = torch.sub(x_hat, x).mul_(scale)
         return g_hat if ctx.needs_input_grad[0] else None, -g_hat if ctx.needs_input_grad[1] else None
 
 

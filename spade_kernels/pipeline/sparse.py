@@ -34,6 +34,7 @@ from .memory import budget_bytes, row_blocks
 
 __all__ = [
     "DENSE_FRACTION",
+    "backward_primitives",
     "dense_products",
     "encode_backward",
     "gather_sq_dist",
@@ -137,6 +138,20 @@ def sq_dist_backward(prims: Primitives, x, M, indices, G, needs=(True, True)):
     return grad_x, grad_M
 
 
+def backward_primitives(prims: Primitives, *tensors) -> Primitives:
+    """The primitives a backward pass runs on: the backend's, or the ``torch`` backend's when autograd records it.
+
+    With ``create_graph=True`` (a second derivative, a gradient penalty) the
+    backward itself is differentiated, and only PyTorch ops carry a
+    derivative: the compiled and Triton kernels have none.  So that backward
+    runs on the ``torch`` primitives (same formulas, same values), and every
+    backend gives the exact second derivative (docs/design.md, "Autograd").
+    """
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return T.PRIMITIVES
+    return prims
+
+
 def _traced(t: torch.Tensor) -> bool:
     """Whether ``t`` is being traced (dynamo, or AOT autograd's fake/proxy tensors, which run outside dynamo)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -167,6 +182,7 @@ def encode_backward(prims: Primitives, x, A, lam, z, idx, D, grad_z, grad_D=None
     or None where ``needs`` says not needed.  Cost O(B·C·d), no B×K tensor.
     """
     cd = z.dtype
+    prims = backward_primitives(prims, x, A, lam, z, D, grad_z, grad_D)
     # λ stays a tensor: a Python float here would stop torch.compile's tracing.
     jacobian = prims.support_jacobian if cd in prims.product_dtypes else T.support_jacobian
     G, lam_rows = jacobian(z, grad_z, D, grad_D, lam)
@@ -181,22 +197,31 @@ def encode_backward(prims: Primitives, x, A, lam, z, idx, D, grad_z, grad_D=None
     return grad_x, grad_A, grad_lam
 
 
+# The autograd Functions below have a separate setup_context, as torch.func's transforms require.
+
+
 class _GatherSqDistFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, M, indices, prims):
+    def forward(x, M, indices, prims):
         cd = compute_dtype(torch.promote_types(x.dtype, M.dtype))
-        xc, Mc = x.to(cd), M.to(cd)
-        ctx.save_for_backward(xc, Mc, indices)
-        ctx.x_dtype, ctx.M_dtype, ctx.prims = x.dtype, M.dtype, prims
-        ctx.mark_non_differentiable(indices)
-        return product(prims, "gather_sq_dist", xc, indices, Mc).to(torch.promote_types(x.dtype, M.dtype))
+        out = product(prims, "gather_sq_dist", x.to(cd), indices, M.to(cd))
+        return out.to(torch.promote_types(x.dtype, M.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, M, indices, prims = inputs
+        # The inputs themselves are saved (a cast made here would carry no graph for a second derivative).
+        ctx.save_for_backward(x, M, indices)
+        ctx.prims = prims
 
     @staticmethod
     def backward(ctx, grad):
-        xc, Mc, indices = ctx.saved_tensors
-        gx, gM = sq_dist_backward(ctx.prims, xc, Mc, indices, grad.to(xc.dtype), ctx.needs_input_grad[:2])
-        gx = gx.to(ctx.x_dtype) if gx is not None else None
-        return gx, gM.to(ctx.M_dtype) if gM is not None else None, None, None
+        x, M, indices = ctx.saved_tensors
+        prims = backward_primitives(ctx.prims, x, M, grad)
+        cd = compute_dtype(torch.promote_types(x.dtype, M.dtype))
+        gx, gM = sq_dist_backward(prims, x.to(cd), M.to(cd), indices, grad.to(cd), ctx.needs_input_grad[:2])
+        gx = gx.to(x.dtype) if gx is not None else None
+        return gx, gM.to(M.dtype) if gM is not None else None, None, None
 
 
 def gather_sq_dist(
@@ -208,28 +233,31 @@ def gather_sq_dist(
 
 class _SparseDecodeFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, W, bias, prims):
+    def forward(values, indices, W, bias, prims):
         out = product(prims, "gather_matmul", values, indices, W)
-        if bias is not None:
-            out = out + bias
+        return out + bias if bias is not None else out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        values, indices, W, bias, prims = inputs
         ctx.save_for_backward(values, indices, W)
         ctx.has_bias, ctx.prims = bias is not None, prims
-        return out
 
     @staticmethod
     def backward(ctx, grad):
         values, indices, W = ctx.saved_tensors
+        prims = backward_primitives(ctx.prims, values, W, grad)
         grad_v = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             # ∂L/∂z only on the stored support: gathered dot products.
-            grad_v = product(ctx.prims, "gather_dot", grad, indices, W).to(values.dtype)
+            grad_v = product(prims, "gather_dot", grad, indices, W).to(values.dtype)
         if ctx.needs_input_grad[2]:
             # Rows whose input was NaN have NaN values in their padding slots
             # (index 0): keep 0·NaN out of W_dec's gradient.
             clean = torch.where(
                 torch.isnan(values), torch.zeros((), dtype=values.dtype, device=values.device), values
             )
-            grad_W = product(ctx.prims, "scatter_matmul", clean, indices, grad.to(W.dtype), W.shape[0])
+            grad_W = product(prims, "scatter_matmul", clean, indices, grad.to(W.dtype), W.shape[0])
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = grad.sum(0)
         return grad_v, None, grad_W, grad_b, None
