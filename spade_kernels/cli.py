@@ -35,7 +35,23 @@ INFO_NAME = "train_info.json"
 #: a file is 4·d; the synthetic sizes keep the separability run to seconds on
 #: a laptop CPU while giving the cosine schedule ~500 steps.
 _SYNTHETIC_DEFAULTS = {"separability": (65536, 128, 128), "heterogeneity": (131072, 512, 256)}
-_FILE_BATCH_SIZE = 4096
+#: The batch size of a file is a power of two in this range giving about STEPS_TARGET steps per epoch.
+_FILE_BATCH_RANGE = (16, 4096)
+STEPS_TARGET = 500
+
+#: Defaults of the train options that have a fixed one (the parser's defaults are None, so that a
+#: resumed run can tell a flag given on its command line from one left out).
+_TRAIN_DEFAULTS = {
+    "epochs": 1, "lr": 1e-2, "lr_final": 1e-4, "clip": 1.0, "gamma_reg": 0.1, "init": "paper",
+    "backend": "auto", "seed": 0, "checkpoint_every": 1000, "checkpoint_every_s": 600.0, "latent_shards": 1,
+}  # fmt: skip
+
+
+def _file_batch_size(rows: int) -> int:
+    """A power of two in :data:`_FILE_BATCH_RANGE` giving about :data:`STEPS_TARGET` steps per epoch."""
+    lo, hi = _FILE_BATCH_RANGE
+    size = 1 << max(0, (max(1, rows // STEPS_TARGET)).bit_length() - 1)
+    return max(lo, min(hi, size))
 
 
 def _positive(kind):
@@ -70,11 +86,23 @@ _non_negative_int.__name__ = "int"
 
 #: The resumable training state ``train`` keeps in its output directory until the run completes.
 STATE_NAME = "train_state.pt"
-#: Settings that describe the run (saved in the state; --resume takes them from there).
-_RUN_SETTINGS = (
-    "dataset", "data", "d_sae", "batch_size", "epochs", "lr", "lr_final", "clip", "gamma_reg", "lambda_init",
-    "init", "backend", "device", "seed", "n_samples", "checkpoint_every", "checkpoint_every_s",
+#: Settings that define a run's model and data: a resumed run keeps them (a flag that differs is refused).
+_RUN_FIXED = (
+    "dataset", "data", "n_samples", "seed", "d_sae", "batch_size", "gamma_reg", "lambda_init", "init",
+    "latent_shards",
 )  # fmt: skip
+#: Settings of how a run proceeds: a resumed run takes a flag that differs, and says so.
+_RUN_CHANGEABLE = (
+    "epochs",
+    "lr",
+    "lr_final",
+    "clip",
+    "backend",
+    "device",
+    "checkpoint_every",
+    "checkpoint_every_s",
+)
+_RUN_SETTINGS = _RUN_FIXED + _RUN_CHANGEABLE
 
 #: Fewer optimizer steps than this and ``train`` warns (a SpaDE needs hundreds of steps to fit).
 FEW_STEPS = 200
@@ -104,7 +132,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--resume",
         type=Path,
         metavar="DIR",
-        help="continue the interrupted run whose --out was DIR, with its saved settings",
+        help="continue the interrupted run whose --out was DIR with its saved settings: flags that would "
+        "change its model or data are refused; --epochs, --lr, --lr-final, --clip, --backend, --device and the "
+        "checkpoint intervals may change (printed)",
     )
     train.add_argument(
         "--d-sae",
@@ -112,27 +142,30 @@ def _build_parser() -> argparse.ArgumentParser:
         help="latents K (default 128 separability, 512 heterogeneity, 4·d files)",
     )
     train.add_argument(
-        "--batch-size", type=_positive(int), help="default 128 separability, 256 heterogeneity, 4096 files"
+        "--batch-size",
+        type=_positive(int),
+        help=f"default 128 separability, 256 heterogeneity; files: a power of two in {list(_FILE_BATCH_RANGE)} "
+        f"giving ~{STEPS_TARGET} steps per epoch",
     )
-    train.add_argument("--epochs", type=_positive(int), default=1, help="passes over the data (default 1)")
-    train.add_argument("--lr", type=_positive(float), default=1e-2, help="initial Adam lr (default 1e-2)")
+    train.add_argument("--epochs", type=_positive(int), default=None, help="passes over the data (default 1)")
+    train.add_argument("--lr", type=_positive(float), default=None, help="initial Adam lr (default 1e-2)")
     train.add_argument(
-        "--lr-final", type=_positive(float), default=1e-4, help="lr at the last step (default 1e-4)"
+        "--lr-final", type=_positive(float), default=None, help="lr at the last step (default 1e-4)"
     )
-    train.add_argument("--clip", type=_positive(float), default=1.0, help="max gradient norm (default 1.0)")
+    train.add_argument("--clip", type=_positive(float), default=None, help="max gradient norm (default 1.0)")
     train.add_argument(
-        "--gamma-reg", type=_non_negative_float, default=0.1, help="regulariser weight γ (default 0.1)"
+        "--gamma-reg", type=_non_negative_float, default=None, help="regulariser weight γ (default 0.1)"
     )
     train.add_argument("--lambda-init", type=_positive(float), help="initial λ (default 1/(2d))")
     train.add_argument(
         "--init",
         choices=("paper", "data"),
-        default="paper",
+        default=None,
         help="paper: prototypes ~ N(0, 1); data: random training samples (default paper)",
     )
-    train.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="encoder backend")
+    train.add_argument("--backend", choices=("auto", *BACKENDS), default=None, help="encoder backend")
     train.add_argument("--device", help="torch device (default cuda if available, else cpu)")
-    train.add_argument("--seed", type=int, default=0, help="seed for data, init and shuffling (default 0)")
+    train.add_argument("--seed", type=int, default=None, help="seed for data, init and shuffling (default 0)")
     train.add_argument(
         "--threads",
         type=_positive(int),
@@ -140,24 +173,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--n-samples", type=_positive(int), help="synthetic set size (default 65536 / 131072)")
     train.add_argument(
-        "--out", type=Path, help="checkpoint directory (default runs/spade-<dataset or file stem>)"
+        "--out",
+        type=Path,
+        help="checkpoint directory (default runs/spade-<dataset or file stem>); one run at a time (locked)",
     )
     train.add_argument(
         "--checkpoint-every",
         type=_non_negative_int,
-        default=1000,
+        default=None,
         help=f"steps between resumable states in --out/{STATE_NAME} (default 1000; 0: off)",
     )
     train.add_argument(
         "--checkpoint-every-s",
         type=_non_negative_float,
-        default=600.0,
+        default=None,
         help="seconds between resumable states as well (default 600; 0: off); SIGINT/SIGTERM always write one",
     )
     train.add_argument(
         "--latent-shards",
         type=_positive(int),
-        default=1,
+        default=None,
         help="under torchrun: split the latents over groups of this many ranks (data parallel over "
         "WORLD_SIZE / this many groups); default 1 (plain data parallel when WORLD_SIZE > 1)",
     )
@@ -191,10 +226,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .data import open_activations
+    from .data import check_raw_scale, open_activations, scan_rows
     from .evaluation import evaluate_checkpoint, plot_evaluation
-    from .layer import SpaDE
+    from .layer import SpaDE, read_checkpoint
 
+    folder = args.checkpoint.parent if args.checkpoint.name == "cfg.json" else args.checkpoint
+    out = args.out or folder / "eval.json"
+    try:
+        read_checkpoint(args.checkpoint)  # cfg.json and the weights' header: nothing loaded yet
+    except (FileNotFoundError, ValueError) as exc:
+        return _error(str(exc))
+    # Where the report goes is checked before anything is computed.
+    problem = _unwritable(out.parent, create=args.out is not None) or (
+        "exists and is a directory" if out.is_dir() else None
+    )
+    if problem is not None:
+        return _error(f"--out {os.fspath(out)}: {problem}")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -203,19 +250,21 @@ def _eval(args: argparse.Namespace) -> int:
         x = open_activations(args.data)
         if x.shape[1] != layer.d_in:
             raise ValueError(f"{args.data} has d = {x.shape[1]} but the checkpoint takes d_in = {layer.d_in}")
+        # The rule train applies to its data: finite rows, a scale a float32 checkpoint can encode.
+        check_raw_scale(scan_rows(x, name=os.fspath(args.data)), os.fspath(args.data))
         metrics = evaluate_checkpoint(layer, x, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return _error(str(exc))
-    folder = args.checkpoint.parent if args.checkpoint.name == "cfg.json" else args.checkpoint
-    out = args.out or folder / "eval.json"
     metrics["checkpoint"], metrics["data"] = os.fspath(args.checkpoint), os.fspath(args.data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=1) + "\n")
     png = out.with_suffix(".png")
-    drawn = plot_evaluation(metrics, os.fspath(png))
+    try:
+        out.write_text(json.dumps(metrics, indent=1) + "\n")
+        drawn = plot_evaluation(metrics, os.fspath(png))
+    except OSError as exc:
+        return _error(f"writing {os.fspath(out)} failed ({exc.strerror or exc})")
     print(
-        f"FVU {metrics['fvu']:.4g}  MSE {metrics['mse']:.4g}  L0 {metrics['l0_mean']:.2f}  "
-        f"dead {metrics['dead_latents']}/{metrics['d_sae']}  λ {metrics['lambda']:.4g}"
+        f"on raw activations (the scale the checkpoint takes): FVU {metrics['fvu']:.4g}  MSE {metrics['mse']:.4g}  "
+        f"L0 {metrics['l0_mean']:.2f}  dead {metrics['dead_latents']}/{metrics['d_sae']}  λ {metrics['lambda']:.4g}"
     )
     print(f"wrote {os.fspath(out)}" + (f" and {os.fspath(png)}" if drawn else ""))
     return 0
@@ -268,14 +317,15 @@ def _info() -> int:
     return 0
 
 
-def _unwritable(path: Path) -> str | None:
-    """Why ``path`` cannot hold the checkpoint (None if it can): checked before the first step."""
+def _unwritable(path: Path, *, create: bool = True) -> str | None:
+    """Why ``path`` cannot hold the run's files (None if it can): checked before anything is computed."""
     import tempfile
 
     if path.exists() and not path.is_dir():
         return "exists and is not a directory"
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
@@ -288,8 +338,20 @@ def _error(message: str) -> int:
     return 2
 
 
-def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
-    """The settings of the run in ``args.resume`` (its own), with its state; ValueError if there is none."""
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, list[str]]:
+    """The settings of the run in ``args.resume`` with the changes its flags may make, its state, and those changes.
+
+    ValueError (one line) for a missing or damaged state, or a flag that
+    would change the run's model or data.
+    """
     from .train import load_train_state
 
     state = load_train_state(os.fspath(args.resume / STATE_NAME))
@@ -297,16 +359,31 @@ def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     missing = [k for k in _RUN_SETTINGS if k not in saved]
     if missing:
         raise ValueError(f"{args.resume / STATE_NAME} lacks the settings {missing}")
+    if args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise ValueError(f"--out {os.fspath(args.out)}: a resumed run writes into its own directory")
     run = argparse.Namespace(**vars(args))
+    changes = []
     for key in _RUN_SETTINGS:
-        setattr(run, key, saved[key])
+        given = getattr(args, key, None)
+        if key in _RUN_FIXED and given is not None and given != saved[key]:
+            raise ValueError(
+                f"{_flag(key)} {_show(given)} would change the run's model or data (it has {key} = "
+                f"{_show(saved[key])}); a resumed run keeps them: drop the flag, or start a new run with another --out"
+            )
+        if key in _RUN_CHANGEABLE and given is not None and given != saved[key]:
+            changes.append(f"{_flag(key)} {_show(given)} (the run had {_show(saved[key])})")
+        setattr(run, key, given if key in _RUN_CHANGEABLE and given is not None else saved[key])
     run.data = Path(saved["data"]) if saved["data"] is not None else None
     run.out = args.resume
-    return run, state
+    return run, state, changes
 
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "training_curves.png"
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 class _MetricsLog:
@@ -315,7 +392,8 @@ class _MetricsLog:
     About 500 lines per run (and the last step).  The data are scaled to
     E‖x‖² = d, so the normalised MSE is MSE/d.  A resumed run first drops
     the lines past its state's step (what a killed run logged after its last
-    checkpoint), so the log reads as one run.
+    checkpoint), so the log reads as one run.  The log is a convenience: a
+    write that fails (a full disk) warns once and stops the log, never the run.
     """
 
     def __init__(self, path: Path, total: int, d: int, batch_size: int) -> None:
@@ -323,14 +401,23 @@ class _MetricsLog:
         self.every = max(1, total // 500)
         self.enabled = False
 
+    def _failed(self, exc: OSError) -> None:
+        self.enabled = False
+        _warn(
+            f"writing {os.fspath(self.path)} failed ({exc.strerror or exc}); training goes on without the metrics log"
+        )
+
     def start(self, step: int, enabled: bool = True) -> None:
         self.enabled = enabled
         if not enabled:
             return
-        kept = [r for r in self.rows() if r["step"] <= step] if step > 0 else []
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
         self.t0, self.step0 = time.perf_counter(), step
+        try:
+            kept = [r for r in self.rows() if r["step"] <= step] if step > 0 else []
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        except OSError as exc:
+            self._failed(exc)
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -351,8 +438,11 @@ class _MetricsLog:
             "step": step, "loss": history.loss[-1], "mse": history.mse[-1], "nmse": history.mse[-1] / self.d,
             "l0": history.l0[-1], "lam": history.lam[-1], "lr": history.lr[-1], "samples_per_s": rate,
         }  # fmt: skip
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as exc:
+            self._failed(exc)
 
 
 class _StopOnSignal:
@@ -387,33 +477,95 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-def _fingerprint(x) -> list:
-    if not isinstance(x, torch.Tensor):  # shards: their files' names, sizes and rows
-        return x.fingerprint()
-    return [
-        list(x.shape),
-        float(x.double().sum()),
-        float(x[:: max(1, x.shape[0] // 64)].double().abs().sum()),
-    ]
+def _fingerprint(summary) -> list:
+    """The data of a run: (N, d) and a CRC-32 of every row's bytes in order (content and order)."""
+    return ["rows-crc32", summary.n, summary.d, summary.crc32]
+
+
+def _likely_cause(exc, args, first_step: bool) -> tuple[str, str | None]:
+    """(the flag that most likely made a run diverge, the flag to change on resume or None: a new run)."""
+    lr = f"--lr {_show(args.lr)}"
+    if first_step:
+        lam = "its default 1/(2d)" if args.lambda_init is None else _show(args.lambda_init)
+        return (
+            f"the settings (--gamma-reg {_show(args.gamma_reg)}, --lambda-init {lam}) give a non-finite value "
+            "on the first batch",
+            None,
+        )
+    if exc.what == "loss":  # MSE and regulariser finite: γ·regulariser overflowed
+        return f"likely --gamma-reg {_show(args.gamma_reg)} is too large", None
+    if exc.what == "gradient norm":
+        return f"likely {lr} is too large (or --clip {_show(args.clip)})", "--lr"
+    if exc.what == "λ":
+        return f"likely {lr} or --gamma-reg {_show(args.gamma_reg)} is too large", "--lr"
+    return f"likely {lr} is too large", "--lr"
+
+
+def _diverged(exc, args, state, out_dir: Path) -> int:
+    """One line for a run that diverged: the step, what, the likely flag, what is kept and the way on."""
+    first = exc.step == 1 + (0 if state is None else state["step"])
+    cause, on_resume = _likely_cause(exc, args, first)
+    if exc.saved_step is None or exc.saved_step == 0:
+        kept = "nothing to resume from was written: start again"
+        kept += " with other settings" if on_resume is None else f" with a smaller {on_resume}"
+    else:
+        which = "the last finite one" if exc.saved_step == exc.step - 1 else "the last one written"
+        kept = f"the state of step {exc.saved_step} ({which}) is in {os.fspath(out_dir / STATE_NAME)}"
+        if on_resume is not None:
+            kept += f": resume with {PROG} train --resume {os.fspath(out_dir)} {on_resume} <smaller>"
+        else:
+            kept += " (that flag cannot change on resume: start a new run with a smaller one)"
+    return _error(f"{exc}; {cause}; {kept}")
+
+
+def _write_failed(what: str, exc: BaseException, out_dir: Path, saved_step: int | None, total: int) -> int:
+    """One line for a write that failed (a full disk, a lost mount): what is intact and how to finish."""
+    from ._io import write_error
+
+    if saved_step is None:
+        return _error(f"{what} failed ({write_error(exc)}); no training state was written yet")
+    return _error(
+        f"{what} failed ({write_error(exc)}); the state of step {saved_step}/{total} in "
+        f"{os.fspath(out_dir / STATE_NAME)} is intact: free space and finish with {PROG} train --resume "
+        f"{os.fspath(out_dir)}"
+    )
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise), before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ._io import DirectoryLock
     from .data import (
         ActivationShards,
+        check_raw_scale,
         make_heterogeneity,
         make_separability,
         open_activations,
         scale_to_unit_norm,
+        scan_rows,
     )
     from .layer import SpaDE
-    from .train import Checkpointer, concept_metrics, evaluate, train_spade
 
-    state = None
+    state, changes = None, []
     if args.resume is not None:
         try:
-            args, state = _resumed_args(args)
+            args, state, changes = _resumed_args(args)
         except (FileNotFoundError, ValueError) as exc:
             return _error(f"--resume {os.fspath(args.resume)}: {exc}")
+    else:
+        for key, value in _TRAIN_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    # The layer's settings, named by their flags, before any data is read.
+    for key in ("lambda_init", "gamma_reg"):
+        if getattr(args, key) is not None:
+            try:
+                SpaDE.validate_settings(1, **{key: getattr(args, key)})
+            except ValueError as exc:
+                return _error(f"{_flag(key)} {_show(getattr(args, key))}: {exc}")
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -431,11 +583,17 @@ def _train(args: argparse.Namespace) -> int:
             x = open_activations(args.data)
         except (FileNotFoundError, ValueError) as exc:
             return _error(str(exc))
-        d_sae, batch_size, name = 4 * x.shape[1], _FILE_BATCH_SIZE, args.data.stem
-    try:
-        x, factor = scale_to_unit_norm(
-            x, name=os.fspath(args.data) if args.data is not None else args.dataset
+        d_sae, batch_size, name = 4 * x.shape[1], None, args.data.stem
+    source = os.fspath(args.data) if args.data is not None else args.dataset
+    if dataset is None and _rank() == 0:
+        print(
+            f"checking {x.shape[0]} rows × {x.shape[1]} of {source} (values, scale, fingerprint)", flush=True
         )
+    try:
+        summary = scan_rows(x, name=source)  # finite rows, their scale, the fingerprint: one pass
+        if dataset is None:
+            check_raw_scale(summary, source)
+        x, factor = scale_to_unit_norm(x, summary=summary)
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as exc:
@@ -447,13 +605,12 @@ def _train(args: argparse.Namespace) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available (torch {torch.__version__})")
         resolve_backend(args.backend, device)
+        args.d_sae = args.d_sae or d_sae
         # Initialise on the CPU from a private RNG state, so the run depends only on --seed
         # (and is the same on every device); the backend is attached once the layer is there.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            layer = SpaDE(
-                x.shape[1], args.d_sae or d_sae, lambda_init=args.lambda_init, gamma_reg=args.gamma_reg
-            )
+            layer = SpaDE(x.shape[1], args.d_sae, lambda_init=args.lambda_init, gamma_reg=args.gamma_reg)
             if args.init == "data":
                 gen = torch.Generator().manual_seed(args.seed)
                 if isinstance(x, ActivationShards):  # a sample of rows, not the whole data in memory
@@ -473,55 +630,80 @@ def _train(args: argparse.Namespace) -> int:
         part = run.part(x)  # this rank's rows (all of them in one process)
     except ValueError as exc:
         return _error(str(exc))
-    bs = args.batch_size or batch_size
-    total_steps = args.epochs * math.ceil(part.shape[0] / bs)
-    if total_steps < FEW_STEPS and run.rank == 0:
-        per = f"{part.shape[0]} samples" + (" per data replica" if run.replicas > 1 else "")
-        print(
-            f"{PROG}: warning: only {total_steps} optimizer steps ({per}, batch {bs}, "
-            f"{args.epochs} epoch(s)); a SpaDE needs a few hundred to fit: raise --epochs or lower --batch-size",
-            file=sys.stderr,
-        )
+    lock = None
     if run.rank == 0:
+        try:
+            lock = DirectoryLock(out_dir).acquire()
+        except RuntimeError as exc:
+            return _error(f"--out {os.fspath(out_dir)}: {exc}")
+    try:
+        return _train_locked(args, state, changes, x, part, dataset, name, factor, summary, layer, device, run,
+                             out_dir, batch_size)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(args, state, changes, x, part, dataset, name, factor, summary, layer, device, run, out_dir,
+                  batch_size) -> int:  # fmt: skip
+    """The run once its output directory is locked: train, save, report."""
+    from .train import Checkpointer, Diverged, concept_metrics, evaluate, train_spade
+
+    chosen = args.batch_size is None
+    args.batch_size = bs = args.batch_size or batch_size or _file_batch_size(part.shape[0])
+    total_steps = args.epochs * math.ceil(part.shape[0] / bs)
+    if run.rank == 0:
+        for change in changes:
+            print(f"resuming with {change}")
+        if total_steps < FEW_STEPS:
+            per = f"{part.shape[0]} samples" + (" per data replica" if run.replicas > 1 else "")
+            _warn(
+                f"only {total_steps} optimizer steps ({per}, batch {bs}, {args.epochs} epoch(s)); a SpaDE needs "
+                f"a few hundred to fit: raise --epochs (e.g. --epochs {math.ceil(FEW_STEPS / max(total_steps, 1)) * args.epochs}) "
+                "or lower --batch-size"
+            )
+        how = " (from the data's size; --batch-size sets it)" if chosen and dataset is None else ""
         print(
             f"training SpaDE d_in={layer.d_in} d_sae={layer.d_sae} (backend {args.backend}, {device}) "
-            f"on {x.shape[0]} samples of {name}, scaled by {factor:.4g}{run.describe()}"
+            f"on {x.shape[0]} samples of {name}, scaled by {factor:.4g}, batch {bs}{how}{run.describe()}"
         )
     trained, module = run.wrap(layer)
     checkpoint = None
     state_path = out_dir / STATE_NAME
+    fingerprint = _fingerprint(summary)
     if run.world == 1:  # (under torchrun the run is not checkpointed yet: the shards' states differ)
         settings = {k: getattr(args, k) for k in _RUN_SETTINGS}
         settings["data"] = None if args.data is None else os.fspath(Path(args.data).resolve())
         checkpoint = Checkpointer(
             os.fspath(state_path), args.checkpoint_every, args.checkpoint_every_s,
-            extra={"settings": settings, "data_fingerprint": _fingerprint(x)},
+            extra={"settings": settings, "data_fingerprint": fingerprint},
+            saved_step=None if state is None else state["step"],
         )  # fmt: skip
-    if state is not None and state["extra"].get("data_fingerprint") != _fingerprint(x):
-        return _error(f"--resume {os.fspath(out_dir)}: the data differ from the interrupted run's")
+    if state is not None and state["extra"].get("data_fingerprint") != fingerprint:
+        return _error(
+            f"--resume {os.fspath(out_dir)}: the data differ from the interrupted run's (their rows' CRC-32, "
+            "which covers every value and the rows' order)"
+        )
     log = _MetricsLog(out_dir / METRICS_NAME, total_steps, x.shape[1], bs * run.replicas)
     log.start(0 if state is None else state["step"], enabled=run.rank == 0)
     started = time.perf_counter()
     with _StopOnSignal() if run.world == 1 else contextlib.nullcontext() as stop:
         try:
             history = train_spade(
-                trained,
-                part,
-                batch_size=bs,
-                lr=args.lr,
-                lr_final=args.lr_final,
-                clip=args.clip,
-                epochs=args.epochs,
-                seed=args.seed,
-                progress=run.rank == 0,
-                module=module,
-                checkpoint=checkpoint,
-                resume=state,
-                should_stop=stop if run.world == 1 else None,
-                on_step=log,
-            )
+                trained, part, batch_size=bs, lr=args.lr, lr_final=args.lr_final, clip=args.clip,
+                epochs=args.epochs, seed=args.seed, progress=run.rank == 0, module=module,
+                checkpoint=checkpoint, resume=state, should_stop=stop if run.world == 1 else None, on_step=log,
+            )  # fmt: skip
+        except Diverged as exc:
+            return _diverged(exc, args, state, out_dir)
         except ValueError as exc:
             return _error(str(exc))
+        except Exception as exc:  # the state write (torch.save) fails its own way on a full disk
+            if checkpoint is None or not _is_write_error(exc):
+                raise
+            return _write_failed(
+                f"writing {os.fspath(state_path)}", exc, out_dir, checkpoint.saved_step, total_steps
+            )
     if history.stopped_at is not None:
         import signal
 
@@ -539,30 +721,43 @@ def _train(args: argparse.Namespace) -> int:
     final = evaluate(layer, x)
     concepts = concept_metrics(layer, x, dataset.labels, dataset.n_concepts) if dataset is not None else None
     # The checkpoint takes raw activations: the training scale is folded into the weights.
-    layer.fold_input_scale(factor)
-    layer.save_pretrained(out_dir)
+    try:
+        layer.fold_input_scale(factor)
+    except ValueError as exc:
+        return _error(f"the trained layer cannot take raw activations: {exc}")
+    saved = None if checkpoint is None else checkpoint.saved_step
     info = {
-        "data": args.dataset or str(args.data),
-        "seed": args.seed,
-        "n_samples": x.shape[0],
-        "scale_factor": factor,
-        "steps": len(history),
-        **final,
-    }
-    (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        "data": args.dataset or str(args.data), "seed": args.seed, "n_samples": x.shape[0],
+        "scale_factor": factor, "steps": len(history), **final,
+    }  # fmt: skip
+    try:
+        layer.save_pretrained(out_dir)
+        (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    except Exception as exc:
+        if not _is_write_error(exc):
+            raise
+        return _write_failed(f"saving the weights to {os.fspath(out_dir)}", exc, out_dir, saved, total_steps)
     if state_path.exists():  # the run is complete: its checkpoint is the save_pretrained layout
         state_path.unlink()
     from .evaluation import training_curves
 
-    curves = training_curves(log.rows(), os.fspath(out_dir / CURVES_NAME))
+    try:
+        curves = training_curves(log.rows(), os.fspath(out_dir / CURVES_NAME))
+    except OSError as exc:
+        curves = False
+        _warn(f"writing {os.fspath(out_dir / CURVES_NAME)} failed ({exc.strerror or exc})")
     if concepts is not None:
         _print_concepts(dataset, concepts)
     done = len(history) - (0 if state is None else state["step"])
     rate = done * bs * run.replicas / max(seconds, 1e-9)
     print(f"trained {done} steps in {seconds:.1f} s ({rate:,.0f} samples/s)")
     print(
-        f"final over all samples: loss {final['loss']:.4g}  mse {final['mse']:.4g}  "
-        f"L0 {final['l0']:.2f}  λ {final['lam']:.4g}"
+        f"final, on the training scale (data × {factor:.4g}, so E‖x‖² = d): loss {final['loss']:.4g}  "
+        f"mse {final['mse']:.4g}  L0 {final['l0']:.2f}  λ {final['lam']:.4g}"
+    )
+    print(
+        f"on raw activations (the scale the checkpoint takes, what eval reports): mse {final['mse'] / factor**2:.4g}  "
+        f"λ {layer.lam.item():.4g}"
     )
     print(f"saved to {os.fspath(out_dir)}")
     if curves:
@@ -570,6 +765,13 @@ def _train(args: argparse.Namespace) -> int:
             f"training curves: {os.fspath(out_dir / CURVES_NAME)} (log: {os.fspath(out_dir / METRICS_NAME)})"
         )
     return 0
+
+
+def _is_write_error(exc: BaseException) -> bool:
+    """An error of writing a file: an OSError, or torch's/safetensors' wrappers of one."""
+    from ._io import exception_chain
+
+    return any(isinstance(e, OSError) or type(e).__name__ == "SafetensorError" for e in exception_chain(exc))
 
 
 class _Distributed:
@@ -659,14 +861,22 @@ def _print_concepts(dataset, metrics: dict[str, torch.Tensor]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``spade-kernels`` / ``python -m spade_kernels``; returns the exit code."""
-    args = _build_parser().parse_args(argv)
-    if args.command == "info":
-        return _info()
-    if args.command == "bench":
-        from .bench import run_from_args
+    """Entry point of ``spade-kernels`` / ``python -m spade_kernels``; returns the exit code.
 
-        return run_from_args(args)
-    if args.command == "eval":
-        return _eval(args)
-    return _train(args)
+    Ctrl-C at any moment (outside a training loop, which stops after its
+    step and writes its state) ends the command with one line and exit 130.
+    """
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.command == "info":
+            return _info()
+        if args.command == "bench":
+            from .bench import run_from_args
+
+            return run_from_args(args)
+        if args.command == "eval":
+            return _eval(args)
+        return _train(args)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted (Ctrl-C); files already written are intact", file=sys.stderr)
+        return 130

@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "RAW_SCALE",
     "ActivationShards",
+    "RowSummary",
     "SyntheticDataset",
+    "check_raw_scale",
     "check_rows",
     "load_activations",
     "make_heterogeneity",
@@ -26,6 +29,7 @@ __all__ = [
     "open_activations",
     "row_blocks",
     "scale_to_unit_norm",
+    "scan_rows",
 ]
 
 
@@ -210,15 +214,17 @@ def _reading(path: Path):
     EOFError, pickle and zip errors, SafetensorError, RuntimeError from
     torch's stream reader, NumPy's ValueError, …
     """
+    from ._io import one_line
+
     suffix = path.suffix.lower()
     try:
         yield
     except ValueError as exc:
         if str(path) in str(exc):
             raise
-        raise ValueError(f"{path}: not a readable {suffix} file ({exc})") from None
+        raise ValueError(f"{path}: not a readable {suffix} file ({one_line(exc)})") from None
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable {suffix} file ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path}: not a readable {suffix} file ({one_line(exc)})") from None
 
 
 def _read_npy(path: Path) -> torch.Tensor:
@@ -258,14 +264,81 @@ def _pick_tensor(obj: object, path: Path) -> torch.Tensor:
     raise ValueError(f"{path}: no tensor found (the file holds a {type(obj).__name__})")
 
 
+@dataclass(frozen=True)
+class RowSummary:
+    """What one streaming pass over (N, d) activations found (:func:`scan_rows`).
+
+    ``mean_sq`` and ``max_sq``: the mean and largest squared row norm (in
+    float64); ``crc32``: a CRC-32 of every row's float32 bytes in order, so
+    it changes with any value and with the rows' order (the data fingerprint
+    of a resumable run).
+    """
+
+    n: int
+    d: int
+    mean_sq: float
+    max_sq: float
+    crc32: int
+
+
+#: The raw activations a float32 SpaDE checkpoint can take (the checkpoint holds the training scale
+#: folded into its weights, docs/training.md): every row's ‖x‖² ≤ float32's largest number / 4
+#: (squared distances stay finite), and a mean ‖x‖² in [1e-30, 1e30] (λ·scale² and the prototypes/scale
+#: of the fold stay in float32's normal range, with room for λ to move in training).
+RAW_SCALE = (1e-30, 1e30)
+RAW_MAX_SQ = float(torch.finfo(torch.float32).max) / 4
+
+
+def scan_rows(x: torch.Tensor | ActivationShards, *, name: str = "x") -> RowSummary:
+    """One pass over ``x`` (N, d) or shards, block by block: the :class:`RowSummary`, refusing bad rows.
+
+    A non-finite value (or one beyond float32's range) is a ``ValueError``
+    naming the first such row and ``name`` or, for shards, the file.
+    """
+    import zlib
+
+    if isinstance(x, ActivationShards):
+        blocks = x.blocks(with_source=True)
+    else:
+        if x.dim() != 2 or x.shape[0] == 0:
+            raise ValueError(f"x must have shape (N, d) with N > 0, got {tuple(x.shape)}")
+        blocks = (((name, s), b) for s, b in row_blocks(x))
+    total, largest, crc = 0.0, 0.0, 0
+    for where, block in blocks:
+        sq = _row_norms_checked(block, where)
+        total += float(sq.sum())
+        largest = max(largest, float(sq.max()))
+        crc = zlib.crc32(memoryview(block.float().contiguous().numpy()).cast("B"), crc)
+    return RowSummary(x.shape[0], x.shape[1], total / x.shape[0], largest, crc)
+
+
+def check_raw_scale(summary: RowSummary, name: str) -> None:
+    """Refuse activations a float32 checkpoint cannot encode (:data:`RAW_SCALE`, :data:`RAW_MAX_SQ`), naming ``name``."""
+    lo, hi = RAW_SCALE
+    if lo <= summary.mean_sq <= hi and summary.max_sq <= RAW_MAX_SQ:
+        return
+    size = math.sqrt(summary.mean_sq)
+    fix = (
+        f"divide them by ~{size:.0e}"
+        if summary.mean_sq > hi or summary.max_sq > RAW_MAX_SQ
+        else (f"multiply them by ~{1 / size:.0e}")
+    )
+    raise ValueError(
+        f"{name}: activations of mean ‖x‖² = {summary.mean_sq:.3g} (largest {summary.max_sq:.3g}) are outside "
+        f"what a float32 SpaDE checkpoint takes (mean ‖x‖² in [{lo:g}, {hi:g}], every ‖x‖² ≤ {RAW_MAX_SQ:.3g}): "
+        f"its squared distances or its folded λ would leave float32's range; {fix} first"
+    )
+
+
 def scale_to_unit_norm(
-    x: torch.Tensor | ActivationShards, *, name: str = "x"
+    x: torch.Tensor | ActivationShards, *, name: str = "x", summary: RowSummary | None = None
 ) -> tuple[torch.Tensor | ActivationShards, float]:
     """Scale ``x`` (N, d) so that E‖x‖² = d, the paper's preprocessing.
 
-    Also the data's sanity check: values must be finite (the message names
-    the first row, and ``name`` or, for shards, the file) and not all zero.  Shards are
-    read once, block by block, and scaled as their batches are read.
+    Also the data's sanity check (:func:`scan_rows`, unless its ``summary``
+    is passed): values must be finite (the message names the first row, and
+    ``name`` or, for shards, the file) and not all zero.  Shards are read
+    once, block by block, and scaled as their batches are read.
 
     Returns
     -------
@@ -275,15 +348,8 @@ def scale_to_unit_norm(
         √(d / mean_n ‖x_n‖²); divide reconstructions by it to return to the
         original scale.
     """
-    if isinstance(x, ActivationShards):
-        total = 0.0
-        for where, block in x.blocks(with_source=True):
-            total += _sum_sq_checked(block, where)
-        mean_sq = total / len(x)
-    else:
-        if x.dim() != 2 or x.shape[0] == 0:
-            raise ValueError(f"x must have shape (N, d) with N > 0, got {tuple(x.shape)}")
-        mean_sq = sum(_sum_sq_checked(b, (name, s)) for s, b in row_blocks(x)) / x.shape[0]
+    summary = summary or scan_rows(x, name=name)
+    mean_sq = summary.mean_sq
     if not mean_sq > 0:
         raise ValueError("cannot scale the data: every value is 0")
     if not math.isfinite(mean_sq):
@@ -295,8 +361,8 @@ def scale_to_unit_norm(
     return (x.scaled(factor) if isinstance(x, ActivationShards) else x * factor), factor
 
 
-def _sum_sq_checked(block: torch.Tensor, where: tuple) -> float:
-    """Σ‖row‖² of ``block`` in float64; ValueError naming the first non-finite row.
+def _row_norms_checked(block: torch.Tensor, where: tuple) -> torch.Tensor:
+    """‖row‖² of ``block`` in float64; ValueError naming the first non-finite row.
 
     ``where``: (source, the block's first row[, row stride]).
     """
@@ -309,7 +375,7 @@ def _sum_sq_checked(block: torch.Tensor, where: tuple) -> float:
             f"{name}: row {first + bad * stride} holds NaN or inf values (or values beyond float32's "
             f"range) ({int((~finite).sum())} such rows in rows {first}–{last}); SpaDE needs finite activations"
         )
-    return float(block.double().pow(2).sum())
+    return block.double().pow(2).sum(1)
 
 
 #: float32 bytes read at a time by the streaming passes (scaling, evaluation).
@@ -531,7 +597,9 @@ class ActivationShards:
         return block if self.factor == 1.0 else block.mul_(self.factor)
 
     def _read_error(self, shard: _Shard, exc: Exception) -> ValueError:
-        return ValueError(f"{shard.path}: reading failed ({type(exc).__name__}: {exc})")
+        from ._io import one_line
+
+        return ValueError(f"{shard.path}: reading failed ({one_line(exc)})")
 
     def blocks(self, rows: int | None = None, *, with_source: bool = False):
         """float32 blocks of up to ``rows`` rows, shard by shard in file order (scaled; this part's rows).

@@ -29,7 +29,6 @@ latent indices); :meth:`ShardedSpaDE.mean_l0` gives the global L0.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 
@@ -39,7 +38,7 @@ from torch import nn
 
 from .backends import canonical_name, resolve_backend
 from .codes import SparseCodes
-from .layer import CONFIG_NAME, WEIGHTS_NAME, SpaDE, SpaDEOutput
+from .layer import SpaDE, SpaDEOutput, read_checkpoint
 from .numerics import compute_dtype, sorted_threshold
 from .pipeline import encode_forward, mean_squared_error, sparse_decode
 from .pipeline.sparse import sq_dist_backward, zero_nan_rows
@@ -262,31 +261,30 @@ class ShardedSpaDE(nn.Module):
     def from_pretrained(
         cls, path, process_group=None, *, device=None, dtype=None, backend: str = "auto"
     ) -> ShardedSpaDE:
-        """Load this rank's slice of a :meth:`SpaDE.save_pretrained` checkpoint (no rank reads the whole layer)."""
-        from safetensors import safe_open
+        """Load this rank's slice of a :meth:`SpaDE.save_pretrained` checkpoint (no rank reads the whole layer).
 
-        cfg_path = os.path.join(path, CONFIG_NAME)
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        The checkpoint is checked as :meth:`SpaDE.from_pretrained` checks it
+        (settings, header, finite weights, λ), except the per-tensor CRC-32 of
+        the sliced weights: a rank reads only its rows.
+        """
+        ckpt = read_checkpoint(path, dtype)
+        settings = ckpt.settings
         group = process_group if process_group is not None else dist.group.WORLD
-        lo, hi = shard_range(cfg["d_sae"], dist.get_world_size(group), dist.get_rank(group))
-        dtype = dtype or getattr(torch, cfg.get("dtype", "float32"))
-        with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
-            protos = f.get_slice("prototypes")[lo:hi].to(device=device, dtype=dtype)
-            wdec = f.get_slice("W_dec")[lo:hi].to(device=device, dtype=dtype)
-            raw = f.get_tensor("lambda_raw")
-            b_dec = f.get_tensor("b_dec") if "b_dec" in f.keys() else None
+        lo, hi = shard_range(settings["d_sae"], dist.get_world_size(group), dist.get_rank(group))
+        if device is None:
+            device = torch.empty(()).device
+        protos = torch.empty(hi - lo, settings["d_in"], device=device, dtype=ckpt.dtype)
+        wdec = torch.empty_like(protos)
+        ckpt.read("prototypes", protos, rows=(lo, hi))
+        ckpt.read("W_dec", wdec, rows=(lo, hi))
         # A one-latent stand-in carries the settings and the replicated parameters.
-        shell = SpaDE(
-            cfg["d_in"], 1, lambda_init=cfg.get("lambda_init"), gamma_reg=cfg.get("gamma_reg", 0.1),
-            use_bias=cfg.get("use_bias", False), reg_on=cfg.get("reg_on", "encoder"), backend=backend,
-            device=device, dtype=dtype,
-        )  # fmt: skip
-        shell.d_sae = cfg["d_sae"]
+        shell = SpaDE(**{**settings, "d_sae": 1}, backend=backend, device=device, dtype=ckpt.dtype)
+        shell.d_sae = settings["d_sae"]
         with torch.no_grad():
-            shell.lambda_raw.copy_(raw)
-            if b_dec is not None:
-                shell.b_dec.copy_(b_dec)
+            ckpt.read("lambda_raw", shell.lambda_raw)
+            if shell.b_dec is not None:
+                ckpt.read("b_dec", shell.b_dec)
+        ckpt.check_lambda(shell.lambda_raw)
         return cls(shell, process_group, _slice=(protos, wdec))
 
     def _check_same_settings(self, layer: SpaDE) -> None:

@@ -23,7 +23,7 @@ from .pipeline import gather_sq_dist, mean_squared_error, sparse_decode
 from .pipeline.dense import dense_codes, dense_sparse_codes
 from .reference import squared_distances
 
-__all__ = ["SpaDE", "SpaDEOutput"]
+__all__ = ["Checkpoint", "SpaDE", "SpaDEOutput", "read_checkpoint"]
 
 WEIGHTS_NAME = "sae_weights.safetensors"
 CONFIG_NAME = "cfg.json"
@@ -45,6 +45,8 @@ class SpaDEOutput(NamedTuple):
 
 #: The smallest λ a layer holds without underflow: float32's smallest normal number.
 _LAMBDA_MIN = float(torch.finfo(torch.float32).tiny)
+#: The largest λ a layer holds: float32's largest finite number.
+_LAMBDA_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -168,7 +170,8 @@ class SpaDE(nn.Module):
         raw_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         self.lambda_raw = nn.Parameter(torch.empty((), device=device, dtype=raw_dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory)) if use_bias else None
-        self.reset_parameters()
+        if self.prototypes.device.type != "meta":  # (meta: nothing to fill; to_empty, then reset_parameters)
+            self.reset_parameters()
 
     @staticmethod
     def validate_settings(
@@ -190,10 +193,15 @@ class SpaDE(nn.Module):
         if lambda_init is None:
             lambda_init = 1.0 / (2 * d_in)
         if isinstance(lambda_init, (bool, np.bool_)) or not isinstance(lambda_init, numbers.Real):
-            raise TypeError(f"lambda_init must be a float, got {type(lambda_init).__name__}")
+            raise TypeError(f"lambda_init must be a float, got {lambda_init!r}")
         lambda_init = float(lambda_init)
         if not (math.isfinite(lambda_init) and lambda_init > 0):
             raise ValueError(f"lambda_init must be a finite float > 0, got {lambda_init!r}")
+        if lambda_init > _LAMBDA_MAX:
+            raise ValueError(
+                f"lambda_init = {lambda_init!r} overflows float32 (λ is held in float32): it must be "
+                f"≤ {_LAMBDA_MAX:.3g}"
+            )
         if lambda_init < _LAMBDA_MIN:
             # λ = softplus(raw) is held in float32: below its smallest normal value it
             # underflows towards 0, where the codes stop depending on the data.
@@ -250,16 +258,33 @@ class SpaDE(nn.Module):
         SpaDE is not scale-homogeneous: ‖s·x − a‖² = s²·‖x − a/s‖², so the
         prototypes become a/s and λ becomes λ·s² (the codes are unchanged), and
         W_dec, b_dec become W_dec/s, b_dec/s (the output is x̂/s, in x's units).
+
+        Raises a ``ValueError`` naming ``scale`` and its allowed range for this
+        layer when λ·s² or the divided weights would leave the parameters'
+        range (λ is held in float32); the layer is then unchanged.
         """
+        if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"scale must be a float, got {scale!r}")
         scale = float(scale)
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
-        lam = F.softplus(self.lambda_raw.double()).item() * scale * scale  # float64: λ·s² may be large
+        lam = F.softplus(self.lambda_raw.double()).item()  # float64: λ·s² may be large
+        # λ·s² within float32's normal range; the weights divided by s within their dtype's range.
+        lo, hi = math.sqrt(_LAMBDA_MIN / lam), math.sqrt(_LAMBDA_MAX / lam)
+        weights = [self.prototypes, self.W_dec] + ([self.b_dec] if self.b_dec is not None else [])
+        largest = max(float(w.detach().abs().max()) if w.numel() else 0.0 for w in weights)
+        if largest > 0:
+            lo = max(lo, largest / float(torch.finfo(self.prototypes.dtype).max))
+        if not lo <= scale <= hi:
+            raise ValueError(
+                f"scale = {scale:.6g} is outside [{lo:.3g}, {hi:.3g}], the range this layer can fold: λ·scale² "
+                f"(λ = {lam:.3g}) must stay in float32's normal range and the weights divided by scale finite"
+            )
         self.prototypes.div_(scale)
         self.W_dec.div_(scale)
         if self.b_dec is not None:
             self.b_dec.div_(scale)
-        self.lambda_raw.fill_(_inverse_softplus(lam))
+        self.lambda_raw.fill_(_inverse_softplus(lam * scale * scale))
         return self
 
     @torch.no_grad()
@@ -478,12 +503,14 @@ class SpaDE(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``sae_weights.safetensors`` and ``cfg.json`` into directory ``path``.
 
-        Each file is written atomically (a temporary file, fsync, rename), and
-        temporaries a killed earlier write left there are removed first.
+        Each file is written atomically (a temporary file, fsync, rename) with
+        the mode the user's umask gives, and temporaries a killed earlier write
+        left there are removed first.  The safetensors metadata holds a CRC-32
+        of every tensor's bytes, which :meth:`from_pretrained` checks.
         """
         from safetensors.torch import save_file
 
-        from ._io import atomic_write, remove_stale_temporaries
+        from ._io import CHECKSUM_KEY, atomic_write, checksums, remove_stale_temporaries
 
         os.makedirs(path, exist_ok=True)
         remove_stale_temporaries(path)
@@ -495,7 +522,8 @@ class SpaDE(nn.Module):
         if self.b_dec is not None:
             tensors["b_dec"] = self.b_dec
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(cpu, tmp))
+        metadata = {CHECKSUM_KEY: json.dumps(checksums(cpu))}
+        atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(cpu, tmp, metadata=metadata))
         text = json.dumps(self.config(), indent=2)
 
         def write_cfg(tmp):
@@ -510,92 +538,181 @@ class SpaDE(nn.Module):
     ) -> SpaDE:
         """Load a layer written by :meth:`save_pretrained`.
 
-        ``path`` is the checkpoint directory or its ``cfg.json``.  Every
-        problem raises with the file and the field: a missing, truncated or
-        malformed ``cfg.json``, a missing or non-integer ``d_in``/``d_sae``,
-        weights of another shape or dtype kind, NaN/inf weights, λ ≤ 0.
+        ``path`` is the checkpoint directory or its ``cfg.json``.  Everything
+        is checked before the weights are allocated, and every problem raises
+        a ``ValueError`` (``FileNotFoundError`` for a missing file) naming the
+        file and the field: a malformed ``cfg.json`` or any of its settings,
+        weights of another shape or dtype kind, a truncated file.  Then the
+        layer is built without initialising it and each tensor is read
+        straight into its parameter (memory: the weights once), its CRC-32
+        checked where the file records one (files this package wrote), its
+        values checked finite, and λ = softplus(lambda_raw) checked to be
+        representable in the layer's float32 λ.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        backend = canonical_name(backend)
+        ckpt = read_checkpoint(path, dtype)
+        if device is None:
+            device = torch.empty(()).device  # torch's default device, as for any module
+        layer = cls(**ckpt.settings, backend=backend, device="meta", dtype=ckpt.dtype)
+        layer.to_empty(device=device)
+        with torch.no_grad():
+            for name, param in layer.state_dict().items():
+                ckpt.read(name, param)
+        ckpt.check_lambda(layer.lambda_raw)
+        return layer
 
-        path = os.fspath(path)
-        if os.path.basename(path) == CONFIG_NAME and os.path.isfile(path):
-            path = os.path.dirname(path) or "."
-        cfg_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
+
+class Checkpoint(NamedTuple):
+    """A ``save_pretrained`` checkpoint whose ``cfg.json`` and safetensors header were checked (nothing allocated)."""
+
+    cfg_path: str
+    weights_path: str
+    settings: dict
+    dtype: torch.dtype
+    header: dict
+    start: int
+    crcs: dict
+
+    def read(self, name: str, dest: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Read tensor ``name`` (or its ``rows`` lo:hi) into ``dest`` and check it: CRC-32 (whole tensors), finite."""
+        from ._io import one_line, read_tensor_into
+
         try:
-            with open(cfg_path) as f:
-                cfg = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{cfg_path} is not valid JSON ({exc})") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
-        if cfg.get("architecture") != "spade":
-            raise ValueError(f"{cfg_path} describes architecture {cfg.get('architecture')!r}, not 'spade'")
-        for key in ("d_in", "d_sae"):
-            value = cfg.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{cfg_path}: {key!r} must be a positive integer, got {value!r}")
-        # SAELens options this layer does not implement: refuse rather than load a different model.
-        unsupported = {
-            "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input") and cfg.get("use_bias", False),
-            # (SAELens folds an "expected_average_only_in" scale into the weights it saves.)
-            "normalize_activations": cfg.get("normalize_activations")
-            not in (None, "none", "expected_average_only_in"),
-            "reshape_activations": cfg.get("reshape_activations") not in (None, "none"),
-        }
-        for key, bad in unsupported.items():
-            if bad:
-                raise ValueError(
-                    f"{cfg_path} sets {key}={cfg[key]!r}, which SpaDE.from_pretrained does not implement; "
-                    "load it with sae_lens.SAE.load_from_disk (after importing spade_kernels.integrations.sae_lens)"
-                )
-        if dtype is None:
-            dtype = cfg.get("dtype", "float32")
-        if isinstance(dtype, str):
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"dtype must be a torch dtype or its name, got {dtype!r}")
-            dtype = getattr(torch, dtype)
-        layer = cls(
+            read_tensor_into(
+                self.weights_path,
+                self.header,
+                self.start,
+                name,
+                dest,
+                None if rows else self.crcs.get(name),
+                rows,
+            )
+        except OSError as exc:
+            raise ValueError(f"{self.weights_path} cannot be read ({one_line(exc)})") from None
+        if not _all_finite(dest):
+            raise ValueError(f"{self.weights_path}: {name!r} must hold finite floats (it holds NaN or inf)")
+
+    def check_lambda(self, raw: torch.Tensor) -> None:
+        """λ = softplus(raw), in raw's dtype, must be a normal float32 number (the layer's λ would round to ~0)."""
+        lam = F.softplus(raw.detach())
+        if not float(lam) >= _LAMBDA_MIN:
+            exact = F.softplus(raw.detach().double()).item()
+            raise ValueError(
+                f"{self.weights_path}: 'lambda_raw' = {raw.item():.6g} gives λ = softplus(lambda_raw) = {exact:.3g}, "
+                f"below float32's smallest normal number {_LAMBDA_MIN:.3g}: λ would round to ~0"
+            )
+
+
+def _all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
+    """``torch.isfinite(t).all()`` in blocks (the mask of a whole weight matrix would be a quarter of it again)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.numel(), block))
+
+
+def _dtype_arg(value, where: str) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name; ValueError naming ``where`` otherwise."""
+    if isinstance(value, str):
+        value = getattr(torch, value, value)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"{where} must be a floating torch dtype (float32, float64, bfloat16, float16), got {value!r}"
+        )
+    return value
+
+
+def read_checkpoint(path: str | os.PathLike, dtype=None) -> Checkpoint:
+    """Check a checkpoint's ``cfg.json`` and its weights' header (:meth:`SpaDE.from_pretrained`'s first half)."""
+    from ._io import CHECKSUM_KEY, header_dtype, one_line, read_safetensors_header
+
+    path = os.fspath(path)
+    if os.path.basename(path) == CONFIG_NAME and os.path.isfile(path):
+        path = os.path.dirname(path) or "."
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{cfg_path} cannot be read ({one_line(exc)})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    if cfg.get("architecture") != "spade":
+        raise ValueError(f"{cfg_path} describes architecture {cfg.get('architecture')!r}, not 'spade'")
+    for key in ("d_in", "d_sae"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{cfg_path}: {key!r} must be a positive integer, got {value!r}")
+    # SAELens options this layer does not implement: refuse rather than load a different model.
+    unsupported = {
+        "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input") and cfg.get("use_bias", False),
+        # (SAELens folds an "expected_average_only_in" scale into the weights it saves.)
+        "normalize_activations": cfg.get("normalize_activations")
+        not in (None, "none", "expected_average_only_in"),
+        "reshape_activations": cfg.get("reshape_activations") not in (None, "none"),
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise ValueError(
+                f"{cfg_path} sets {key}={cfg[key]!r}, which SpaDE.from_pretrained does not implement; "
+                "load it with sae_lens.SAE.load_from_disk (after importing spade_kernels.integrations.sae_lens)"
+            )
+    use_bias = cfg.get("use_bias", False)
+    if not isinstance(use_bias, bool):
+        raise ValueError(f"{cfg_path}: 'use_bias' must be true or false, got {use_bias!r}")
+    try:
+        checked = SpaDE.validate_settings(
             cfg["d_in"],
-            cfg["d_sae"],
             # SAELens inference checkpoints carry no training-only keys.
             lambda_init=cfg.get("lambda_init"),
             gamma_reg=cfg.get("gamma_reg", 0.1),
-            use_bias=cfg.get("use_bias", False),
             reg_on=cfg.get("reg_on", "encoder"),
-            backend=backend,
-            device=device,
-            dtype=dtype,
         )
-        weights_path = os.path.join(path, WEIGHTS_NAME)
-        if not os.path.exists(weights_path):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!r}")
-        try:
-            state = load_file(weights_path)
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{weights_path} is not a readable safetensors file ({exc})") from None
-        expected = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ValueError(f"{weights_path} lacks {missing} (holds {sorted(state)})")
-        for name, shape in expected.items():
-            t = state[name]
-            if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"{weights_path}: {name!r} has shape {tuple(t.shape)} but {cfg_path} "
-                    f"(d_in={cfg['d_in']}, d_sae={cfg['d_sae']}) says {shape}"
-                )
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{weights_path}: {name!r} must hold finite floats")
-        lam = F.softplus(state["lambda_raw"].double()).item()
-        if not lam > 0:
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from None
+    settings = {
+        "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "lambda_init": checked["lambda_init"],
+        "gamma_reg": checked["gamma_reg"], "use_bias": use_bias, "reg_on": checked["reg_on"],
+    }  # fmt: skip
+    dtype = (
+        _dtype_arg(dtype, "dtype")
+        if dtype is not None
+        else _dtype_arg(cfg.get("dtype", "float32"), f"{cfg_path}: 'dtype'")
+    )
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.exists(weights_path):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!r}")
+    try:
+        header, start = read_safetensors_header(weights_path)
+    except OSError as exc:
+        raise ValueError(f"{weights_path} cannot be read ({one_line(exc)})") from None
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    expected = {"prototypes": (d_sae, d_in), "W_dec": (d_sae, d_in), "lambda_raw": ()}
+    if use_bias:
+        expected["b_dec"] = (d_in,)
+    held = sorted(k for k in header if k != "__metadata__")
+    missing = sorted(set(expected) - set(held))
+    if missing:
+        raise ValueError(f"{weights_path} lacks {missing} (holds {held})")
+    unexpected = sorted(set(held) - set(expected))
+    if unexpected:
+        raise ValueError(f"{weights_path} holds tensors this layer does not have: {unexpected}")
+    for name, shape in expected.items():
+        info = header[name]
+        if tuple(info["shape"]) != shape:
             raise ValueError(
-                f"{weights_path}: 'lambda_raw' gives λ = softplus(lambda_raw) = {lam!r}, not > 0"
+                f"{weights_path}: {name!r} has shape {tuple(info['shape'])} but {cfg_path} "
+                f"(d_in={d_in}, d_sae={d_sae}) says {shape}"
             )
-        unexpected = sorted(set(state) - set(expected))
-        if unexpected:
-            raise ValueError(f"{weights_path} holds tensors this layer does not have: {unexpected}")
-        layer.load_state_dict(state)
-        return layer
+        if not header_dtype(info).is_floating_point:
+            raise ValueError(f"{weights_path}: {name!r} must hold finite floats, got dtype {info['dtype']}")
+    crcs = {}
+    recorded = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+    if recorded is not None:
+        try:
+            crcs = {k: int(v) for k, v in json.loads(recorded).items()}
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"{weights_path}: its checksum metadata {CHECKSUM_KEY!r} is damaged") from None
+    return Checkpoint(cfg_path, weights_path, settings, dtype, header, start, crcs)

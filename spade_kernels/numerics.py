@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["compute_dtype", "ieee_matmul", "sanitize", "score_margin", "sorted_threshold"]
+__all__ = ["RangeError", "compute_dtype", "ieee_matmul", "sanitize", "score_margin", "sorted_threshold"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,6 +71,10 @@ def score_margin(
     return factor * eps * scale
 
 
+class RangeError(ValueError):
+    """Finite values too large for SpaDE's squared distances in the compute dtype (a ``ValueError``)."""
+
+
 def squared_norms(t: torch.Tensor, name: str) -> torch.Tensor:
     """‖row‖² of a (N, d) tensor in its compute dtype; ValueError when a finite row's overflows.
 
@@ -84,9 +88,9 @@ def squared_norms(t: torch.Tensor, name: str) -> torch.Tensor:
     sq = torch.linalg.vector_norm(t, dim=1, dtype=cd).square()
     bad = ~torch.isfinite(sq)
     if t.numel() and bool(bad.any()) and bool(torch.isfinite(t[bad]).all(1).any()):
-        raise ValueError(
+        raise RangeError(
             f"{name} holds finite values too large for SpaDE's squared distances in {cd} "
-            f"(|entries| up to {float(t[bad].abs().nan_to_num(0, posinf=0).max()):.3g}): scale the inputs "
+            f"(|entries| up to {float(t.detach()[bad].abs().nan_to_num(0, posinf=0).max()):.3g}): scale the inputs "
             "down (e.g. spade_kernels.data.scale_to_unit_norm) or compute in float64"
         )
     return sq

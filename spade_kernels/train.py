@@ -20,9 +20,11 @@ import torch
 from .codes import SparseCodes
 from .data import ActivationShards, check_rows, row_blocks
 from .layer import SpaDE
+from .numerics import RangeError
 
 __all__ = [
     "Checkpointer",
+    "Diverged",
     "TrainHistory",
     "concept_metrics",
     "cosine_lr",
@@ -61,17 +63,21 @@ STATE_VERSION = 1
 class Checkpointer:
     """Where and how often :func:`train_spade` writes a resumable training state.
 
-    ``path``: the state file (written atomically; see :mod:`spade_kernels._io`).
+    ``path``: the state file (written atomically; see :mod:`spade_kernels._io`),
+    with a CRC-32 of every tensor's bytes that :func:`load_train_state` checks.
     A state is written every ``every_steps`` optimizer steps and whenever
     ``every_s`` seconds have passed since the last one (either None or 0:
-    not by that rule), and always when the run is stopped early.  ``extra``
-    is stored alongside (the command line's settings, a data fingerprint).
+    not by that rule), always when the run is stopped early or ends, and
+    before a step that diverged.  ``extra`` is stored alongside (the command
+    line's settings, a data fingerprint).  ``saved_step`` is the step of the
+    last state written (None before the first).
     """
 
     path: str
     every_steps: int | None = 1000
     every_s: float | None = 600.0
     extra: dict = field(default_factory=dict)
+    saved_step: int | None = None
     _last: float = field(default_factory=time.monotonic, repr=False)
 
     def due(self, step: int) -> bool:
@@ -80,26 +86,54 @@ class Checkpointer:
         return by_steps or by_time
 
     def save(self, state: dict) -> None:
-        from ._io import atomic_write, remove_stale_temporaries
+        """Write ``state`` atomically (an ``OSError`` — e.g. a full disk — leaves the previous state intact)."""
+        from ._io import CHECKSUM_KEY, atomic_write, checksums, remove_stale_temporaries, save_torch
 
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
-        atomic_write(self.path, lambda tmp: torch.save({**state, "extra": self.extra}, tmp))
+        full = {**state, "extra": self.extra}
+        full[CHECKSUM_KEY] = checksums(full)
+        atomic_write(self.path, lambda tmp: save_torch(full, tmp))
         self._last = time.monotonic()
+        self.saved_step = state["step"]
 
 
 def load_train_state(path: str) -> dict:
-    """Read a state written by :class:`Checkpointer`; a clear ``ValueError`` naming the file otherwise."""
+    """Read a state written by :class:`Checkpointer`; a one-line ``ValueError`` naming the file otherwise.
+
+    Every tensor's CRC-32 is checked against the one recorded when the state
+    was written: a damaged file is refused, never resumed from.
+    """
+    from ._io import CHECKSUM_KEY, one_line, verify_checksums
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no training state at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file fails in the unpickler's own way
-        raise ValueError(f"{path} is not a readable training state ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path} is not a readable training state ({one_line(exc)})") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError(f"{path} is not a version-{STATE_VERSION} training state of spade_kernels")
+    expected = state.pop(CHECKSUM_KEY, None)
+    if not isinstance(expected, dict):
+        raise ValueError(f"{path} has no checksums: it was not written by this version of spade_kernels")
+    verify_checksums(state, expected, path)
     return state
+
+
+class Diverged(RuntimeError):
+    """A training step produced a non-finite value (or parameters too large for the distances).
+
+    ``step`` is the step that diverged (1-based); ``what`` names the
+    quantity (``"loss"``, ``"regulariser"``, ``"λ"``, ``"gradient"``,
+    ``"parameters"``); ``saved_step`` the step whose state the checkpoint
+    holds (None without one, or when no finite state could be written).
+    """
+
+    def __init__(self, step: int, total: int, what: str, detail: str, saved_step: int | None) -> None:
+        self.step, self.total, self.what, self.detail, self.saved_step = step, total, what, detail, saved_step
+        super().__init__(f"training diverged at step {step}/{total}: {detail}")
 
 
 def lr_schedule(
@@ -232,8 +266,10 @@ def train_spade(
         order, the shuffling generator, the history) as it says.
     resume : dict, optional
         A state from :func:`load_train_state`: continue that run (same
-        ``x``, settings and ``seed``); the result equals the uninterrupted
-        run's on the same machine.
+        ``x``, ``batch_size`` and ``seed``); with the same settings the
+        result equals the uninterrupted run's on the same machine.  More
+        ``epochs`` extend it (the cosine schedule then runs to the new last
+        step); ``lr``, ``lr_final`` and ``clip`` apply from the resumed step.
     should_stop : callable, optional
         Checked after every step; when it returns True the current state is
         written (with ``checkpoint``) and the history returned with
@@ -246,6 +282,14 @@ def train_spade(
     -------
     TrainHistory
         Per-step loss, MSE, mean L0 (support size), λ and learning rate.
+
+    Raises
+    ------
+    Diverged
+        When a step's loss, MSE, regulariser, λ or gradient norm is not
+        finite, or the parameters grew too large for the squared distances:
+        the step is not applied, and with ``checkpoint`` the state before it
+        (the last finite one) is written first.
     """
     check_rows(x, layer.d_in)
     if batch_size < 1 or epochs < 1:
@@ -259,10 +303,14 @@ def train_spade(
     history = TrainHistory()
     step, first_epoch, first_start = 0, 0, 0
     if resume is not None:
-        if resume.get("total") != total or resume.get("n") != n:
+        if resume.get("n") != n or resume.get("total", 0) % steps_per_epoch:
             raise ValueError(
-                f"the training state is of a run of {resume.get('total')} steps over {resume.get('n')} "
-                f"samples; this one has {total} over {n}"
+                f"the training state is of a run over {resume.get('n')} samples in {resume.get('total')} steps; "
+                f"this one has {n} samples in {steps_per_epoch} steps per epoch"
+            )
+        if resume["step"] > total:
+            raise ValueError(
+                f"the training state is at step {resume['step']}, past this run's {total} steps ({epochs} epoch(s))"
             )
         layer.load_state_dict(resume["layer"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -279,23 +327,51 @@ def train_spade(
             "optimizer": optimizer.state_dict(), "history": asdict(history),
         }  # fmt: skip
 
+    def diverged(what: str, detail: str, epoch: int, start: int, epoch_gen_state) -> Diverged:
+        """The error to raise, after saving the state before this step when it is the last finite one.
+
+        A non-finite loss, λ or gradient is caught before its update: the
+        parameters are still those of the last finite step, saved here (if
+        any step was trained).  Parameters too large for the distances were
+        made by the previous update: nothing new is saved (the last state
+        written, if any, is older and usable).
+        """
+        saved = checkpoint.saved_step if checkpoint is not None else None
+        trained = step > (resume["step"] if resume is not None else 0)
+        if checkpoint is not None and trained and what != "parameters":
+            checkpoint.save(state(epoch, start, epoch_gen_state))
+            saved = step
+        if bar is not None and bar.bar is not None:
+            bar.bar.close()
+        return Diverged(step + 1, total, what, detail, saved)
+
     for epoch in range(first_epoch, epochs):
         epoch_gen_state = gen.get_state()
         for start, batch in _epoch_batches(x, gen, batch_size, first_start if epoch == first_epoch else 0):
             step_lr = cosine_lr(step, total, lr, lr_final)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
-            out = (module or layer)(batch.to(device, non_blocking=True))
-            # Logged values of this step (λ as used in its forward pass), read back after the
-            # optimizer step in one device sync.
-            stats = torch.stack([out.loss, out.mse, layer.mean_l0(out.codes).to(out.loss), layer.lam])
-            stats = stats.detach().float()
+            try:
+                out = (module or layer)(batch.to(device, non_blocking=True))
+            except RangeError as exc:  # the data were checked: the parameters grew out of range
+                detail = str(exc).split(":")[0].replace("prototypes holds", "the prototypes hold")
+                raise diverged("parameters", detail, epoch, start, epoch_gen_state) from None
+            # Logged values of this step (λ as used in its forward pass) and the gradient norm, read back
+            # in one device sync before the optimizer step, so a non-finite step is never applied.
+            stats = [out.loss, out.mse, out.reg, layer.mean_l0(out.codes).to(out.loss), layer.lam]
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if clip is not None:
-                layer.clip_grad_norm_(clip)
+                stats.append(layer.clip_grad_norm_(clip))
+            values = torch.stack([v.detach().float().reshape(()) for v in stats]).tolist()
+            names = ("loss", "MSE", "regulariser", "L0", "λ", "gradient norm")
+            bad = {name: v for name, v in zip(names, values) if not math.isfinite(v)}
+            if bad:
+                what = next(w for w in ("λ", "MSE", "regulariser", "loss", "gradient norm") if w in bad)
+                found = ", ".join(f"{name} {v:g}" for name, v in bad.items())
+                raise diverged(what, f"non-finite {found}", epoch, start, epoch_gen_state)
             optimizer.step()
-            for name, value in zip(("loss", "mse", "l0", "lam"), stats.tolist()):
+            for name, value in zip(("loss", "mse", "l0", "lam"), values[:2] + values[3:5]):
                 getattr(history, name).append(value)
             history.lr.append(step_lr)
             step += 1
@@ -304,7 +380,7 @@ def train_spade(
             if on_step is not None:
                 on_step(step, history)
             stop = should_stop is not None and should_stop()
-            if checkpoint is not None and (stop or checkpoint.due(step)):
+            if checkpoint is not None and (stop or step == total or checkpoint.due(step)):
                 # The position of the next step: this epoch's next batch, or the next epoch's first
                 # (whose order the generator, already past this epoch's permutation, will draw).
                 if start + batch_size < n:

@@ -44,7 +44,9 @@ def test_train_separability_checkpoint(tmp_path, capsys):
     assert (out_dir / "sae_weights.safetensors").is_file() and (out_dir / "cfg.json").is_file()
     stdout, stderr = capsys.readouterr()
     assert "step 9/9" in stderr
-    assert "top-5 F1" in stdout and "final over all samples" in stdout
+    assert (
+        "top-5 F1" in stdout and "final, on the training scale" in stdout and "on raw activations" in stdout
+    )
     rows = [line.split() for line in stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [int(r[0]) for r in rows] == list(range(13))
 

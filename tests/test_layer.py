@@ -338,7 +338,7 @@ def test_constructor_type_errors_and_dtype_names(tmp_path):
         sk.SpaDE(4, 8, lambda_init=True)
     sk.SpaDE(4, 8).save_pretrained(tmp_path)
     assert sk.SpaDE.from_pretrained(tmp_path, dtype="float64").prototypes.dtype == torch.float64
-    with pytest.raises(ValueError, match="dtype must be a torch dtype"):
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
         sk.SpaDE.from_pretrained(tmp_path, dtype="float99")
 
 
@@ -392,5 +392,5 @@ def test_from_pretrained_names_the_file_and_field(tmp_path):
             sk.SpaDE.from_pretrained(path)
     bad = case("garbage")
     (bad / "sae_weights.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match="is not a safetensors file"):
         sk.SpaDE.from_pretrained(bad)

@@ -102,11 +102,12 @@ def test_resume_refuses_other_data(tmp_path, capsys):
     out = tmp_path / "run"
     done = _start_and_signal(out, signal.SIGINT)
     assert done.returncode == 128 + signal.SIGINT
-    from spade_kernels.train import load_train_state
+    from spade_kernels.train import Checkpointer, load_train_state
 
     state = load_train_state(str(out / STATE_NAME))
-    state["extra"]["settings"]["seed"] = 1  # another seed: other synthetic data
-    torch.save(state, out / STATE_NAME)
+    extra = state.pop("extra")
+    extra["settings"]["seed"] = 1  # another seed: other synthetic data
+    Checkpointer(str(out / STATE_NAME), extra=extra).save(state)
     assert main(["train", "--resume", str(out)]) == 2
     assert "the data differ" in capsys.readouterr().err
 

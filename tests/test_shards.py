@@ -301,7 +301,18 @@ def test_shards_larger_than_a_memory_cap_train(tmp_path):
     )  # fmt: skip
     assert control.returncode == 0 and "refused" in control.stdout, control.stdout + control.stderr[-2000:]
     out = tmp_path / "run"
-    run = [str(cap_mib), "train", "--data", str(folder), "--d-sae", "128", "--threads", "1"]
+    run = [
+        str(cap_mib),
+        "train",
+        "--data",
+        str(folder),
+        "--d-sae",
+        "128",
+        "--threads",
+        "1",
+        "--batch-size",
+        "4096",
+    ]
     proc = subprocess.run(
         [sys.executable, "-c", _CAPPED, *run, "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=env,
