@@ -94,6 +94,8 @@ step "Triton kernels compiled for sm_90 by triton 3.6"
 
 step "the test suite"
 "$PY" -m pytest -q -p no:cacheprovider tests
+# The slow ones too: torch.distributed.checkpoint and gloo's failures on this stack's torch.
+"$PY" -m pytest -q -p no:cacheprovider -m slow tests
 
 step "a failing CUDA build still installs the CPU ops"
 rm -rf "$STACK/fallback"

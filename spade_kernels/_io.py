@@ -130,12 +130,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def exception_chain(exc: BaseException | None):
-    """``exc`` and what it was raised from or during (torch and safetensors wrap the OS error)."""
+    """``exc`` and what it was raised from or during (torch and safetensors wrap the OS error), and the
+    per-rank failures a ``torch.distributed.checkpoint`` error collects."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
+    todo = [exc]
+    while todo:
+        exc = todo.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        todo.append(exc.__cause__ or exc.__context__)
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict):
+            todo.extend(f for f in failures.values() if isinstance(f, BaseException))
 
 
 def is_disk_full(exc: BaseException) -> bool:

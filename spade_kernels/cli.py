@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -196,6 +195,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="under torchrun: split the latents over groups of this many ranks (data parallel over "
         "WORLD_SIZE / this many groups); default 1 (plain data parallel when WORLD_SIZE > 1)",
     )
+    train.add_argument(
+        "--dist-timeout-s",
+        type=_positive(float),
+        help="under torchrun: seconds a collective waits for a peer (default 120); a rank that dies or "
+        "stalls ends the others within about this, each with one line naming it",
+    )
     bench = sub.add_parser(
         "bench",
         help="benchmark backends against the floor (torch.mm) and the paper-style baseline",
@@ -333,8 +338,10 @@ def _unwritable(path: Path, *, create: bool = True) -> str | None:
     return None
 
 
-def _error(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+def _error(message: str, *, every_rank: bool = False) -> int:
+    """Print one error line (under torchrun: rank 0's, unless ``every_rank``); returns exit code 2."""
+    if every_rank or _rank() == 0:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -346,19 +353,35 @@ def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+#: The resumable state of a run over several processes: a folder (spade_kernels.train.ShardedCheckpointer).
+SHARDED_STATE_NAME = "train_state.dcp"
+
+
 def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, list[str]]:
     """The settings of the run in ``args.resume`` with the changes its flags may make, its state, and those changes.
 
-    ValueError (one line) for a missing or damaged state, or a flag that
-    would change the run's model or data.
+    One process: the state itself.  Under torchrun: the ``LATEST`` record of
+    its state folder (each rank reads its part once its layer exists), with
+    ``"sharded": True``.  ValueError (one line) for a missing or damaged
+    state, or a flag that would change the run's model or data.
     """
-    from .train import load_train_state
+    from .train import load_train_state, read_sharded_latest
 
-    state = load_train_state(os.fspath(args.resume / STATE_NAME))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        state = read_sharded_latest(os.fspath(args.resume / SHARDED_STATE_NAME))
+        state["sharded"] = True
+    else:
+        if (args.resume / SHARDED_STATE_NAME).is_dir() and not (args.resume / STATE_NAME).exists():
+            layout = read_sharded_latest(os.fspath(args.resume / SHARDED_STATE_NAME)).get("layout", {})
+            raise ValueError(
+                f"the run was on {layout.get('world')} processes: resume it under torchrun --nproc-per-node "
+                f"{layout.get('world')} (with --latent-shards {layout.get('latent_shards')})"
+            )
+        state = load_train_state(os.fspath(args.resume / STATE_NAME))
     saved = state["extra"].get("settings", {})
     missing = [k for k in _RUN_SETTINGS if k not in saved]
     if missing:
-        raise ValueError(f"{args.resume / STATE_NAME} lacks the settings {missing}")
+        raise ValueError(f"{args.resume} holds a state without the settings {missing}")
     if args.out is not None and args.out.resolve() != args.resume.resolve():
         raise ValueError(f"--out {os.fspath(args.out)}: a resumed run writes into its own directory")
     run = argparse.Namespace(**vars(args))
@@ -446,11 +469,17 @@ class _MetricsLog:
 
 
 class _StopOnSignal:
-    """SIGINT/SIGTERM set a flag that the training loop reads after its current step."""
+    """SIGINT/SIGTERM set a flag that the training loop reads after its current step.
 
-    def __init__(self) -> None:
+    In one process a second signal stops at once (``KeyboardInterrupt``).
+    Under torchrun it does not: the agent forwards the terminal's Ctrl-C
+    (a second SIGINT) and then SIGTERM while the ranks write their state.
+    """
+
+    def __init__(self, escalate: bool = True) -> None:
         self.signum = None
         self.previous = {}
+        self.escalate = escalate
 
     def __enter__(self):
         import signal
@@ -463,8 +492,10 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            if self.escalate:  # a second signal: stop now
+                raise KeyboardInterrupt
+            return
         self.signum = signum
 
     def __call__(self) -> bool:
@@ -518,7 +549,9 @@ def _diverged(exc, args, state, out_dir: Path) -> int:
     return _error(f"{exc}; {cause}; {kept}")
 
 
-def _write_failed(what: str, exc: BaseException, out_dir: Path, saved_step: int | None, total: int) -> int:
+def _write_failed(
+    what: str, exc: BaseException, out_dir: Path, saved_step: int | None, total: int, state_path: Path
+) -> int:
     """One line for a write that failed (a full disk, a lost mount): what is intact and how to finish."""
     from ._io import write_error
 
@@ -526,8 +559,7 @@ def _write_failed(what: str, exc: BaseException, out_dir: Path, saved_step: int 
         return _error(f"{what} failed ({write_error(exc)}); no training state was written yet")
     return _error(
         f"{what} failed ({write_error(exc)}); the state of step {saved_step}/{total} in "
-        f"{os.fspath(out_dir / STATE_NAME)} is intact: free space and finish with {PROG} train --resume "
-        f"{os.fspath(out_dir)}"
+        f"{os.fspath(state_path)} is intact: free space and finish with {PROG} train --resume {os.fspath(out_dir)}"
     )
 
 
@@ -630,24 +662,58 @@ def _train(args: argparse.Namespace) -> int:
         part = run.part(x)  # this rank's rows (all of them in one process)
     except ValueError as exc:
         return _error(str(exc))
-    lock = None
-    if run.rank == 0:
-        try:
-            lock = DirectoryLock(out_dir).acquire()
-        except RuntimeError as exc:
-            return _error(f"--out {os.fspath(out_dir)}: {exc}")
+    lock, problem = None, None
     try:
+        if run.rank == 0:
+            try:
+                lock = DirectoryLock(out_dir).acquire()
+            except RuntimeError as exc:
+                problem = f"--out {os.fspath(out_dir)}: {exc}"
+        if run.agree([int(problem is not None)])[0]:
+            return _error(problem or "rank 0 could not lock the output directory")
         return _train_locked(args, state, changes, x, part, dataset, name, factor, summary, layer, device, run,
                              out_dir, batch_size)  # fmt: skip
+    except Exception as exc:
+        if run.world == 1 or not _is_comm_error(exc):
+            raise
+        return _lost_contact(run, exc, out_dir)
     finally:
         if lock is not None:
             lock.release()
 
 
+def _lost_contact(run, exc: BaseException, out_dir: Path) -> int:
+    """Under torchrun, a collective failed: one line naming the lost rank and what is kept, then exit 1.
+
+    The process exits at once (``os._exit``): tearing the process group down
+    would wait on the lost peer again.
+    """
+    from .train import LATEST_NAME, read_sharded_latest
+
+    folder = out_dir / SHARDED_STATE_NAME
+    try:
+        step = read_sharded_latest(os.fspath(folder))["step"]
+        kept = f"the state of step {step} in {os.fspath(folder)} is intact: resume with the same torchrun layout and --resume {os.fspath(out_dir)}"
+    except (OSError, ValueError, KeyError):
+        kept = f"no training state was written yet ({os.fspath(folder / LATEST_NAME)})"
+    _error(f"rank {run.rank}: lost {run.lost()} ({_comm_reason(exc)}); {kept}", every_rank=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def _train_locked(args, state, changes, x, part, dataset, name, factor, summary, layer, device, run, out_dir,
                   batch_size) -> int:  # fmt: skip
     """The run once its output directory is locked: train, save, report."""
-    from .train import Checkpointer, Diverged, concept_metrics, evaluate, train_spade
+    from .train import (
+        Checkpointer,
+        Diverged,
+        ShardedCheckpointer,
+        concept_metrics,
+        evaluate,
+        load_sharded_state,
+        train_spade,
+    )
 
     chosen = args.batch_size is None
     args.batch_size = bs = args.batch_size or batch_size or _file_batch_size(part.shape[0])
@@ -668,17 +734,32 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
             f"on {x.shape[0]} samples of {name}, scaled by {factor:.4g}, batch {bs}{how}{run.describe()}"
         )
     trained, module = run.wrap(layer)
-    checkpoint = None
-    state_path = out_dir / STATE_NAME
+    settings = {k: getattr(args, k) for k in _RUN_SETTINGS}
+    settings["data"] = None if args.data is None else os.fspath(Path(args.data).resolve())
     fingerprint = _fingerprint(summary)
-    if run.world == 1:  # (under torchrun the run is not checkpointed yet: the shards' states differ)
-        settings = {k: getattr(args, k) for k in _RUN_SETTINGS}
-        settings["data"] = None if args.data is None else os.fspath(Path(args.data).resolve())
+    extra = {"settings": settings, "data_fingerprint": fingerprint}
+    every = (args.checkpoint_every, args.checkpoint_every_s)
+    if run.world == 1:
+        state_path = out_dir / STATE_NAME
         checkpoint = Checkpointer(
-            os.fspath(state_path), args.checkpoint_every, args.checkpoint_every_s,
-            extra={"settings": settings, "data_fingerprint": fingerprint},
-            saved_step=None if state is None else state["step"],
-        )  # fmt: skip
+            os.fspath(state_path), *every, extra=extra, saved_step=state and state["step"]
+        )
+    else:
+        state_path = out_dir / SHARDED_STATE_NAME
+        layout = {"world": run.world, "latent_shards": run.shards}
+        if state is not None:
+            if state.get("layout") != layout:
+                return _error(
+                    f"--resume {os.fspath(out_dir)}: the run was on {state.get('layout')} (world size, latent "
+                    f"shards); this one is on {layout}: resume with the run's layout"
+                )
+            try:
+                state = load_sharded_state(os.fspath(state_path), trained)
+            except (FileNotFoundError, ValueError) as exc:
+                return _error(f"--resume {os.fspath(out_dir)}: {exc}", every_rank=True)
+        checkpoint = ShardedCheckpointer(
+            os.fspath(state_path), *every, extra=extra, saved_step=state and state["step"], layout=layout
+        )
     if state is not None and state["extra"].get("data_fingerprint") != fingerprint:
         return _error(
             f"--resume {os.fspath(out_dir)}: the data differ from the interrupted run's (their rows' CRC-32, "
@@ -687,32 +768,43 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
     log = _MetricsLog(out_dir / METRICS_NAME, total_steps, x.shape[1], bs * run.replicas)
     log.start(0 if state is None else state["step"], enabled=run.rank == 0)
     started = time.perf_counter()
-    with _StopOnSignal() if run.world == 1 else contextlib.nullcontext() as stop:
+    with _StopOnSignal(escalate=run.world == 1) as stop:
         try:
             history = train_spade(
                 trained, part, batch_size=bs, lr=args.lr, lr_final=args.lr_final, clip=args.clip,
                 epochs=args.epochs, seed=args.seed, progress=run.rank == 0, module=module,
-                checkpoint=checkpoint, resume=state, should_stop=stop if run.world == 1 else None, on_step=log,
+                checkpoint=checkpoint, resume=state, should_stop=stop, on_step=log,
+                agree=run.agree if run.world > 1 else None,
             )  # fmt: skip
         except Diverged as exc:
             return _diverged(exc, args, state, out_dir)
         except ValueError as exc:
             return _error(str(exc))
-        except Exception as exc:  # the state write (torch.save) fails its own way on a full disk
-            if checkpoint is None or not _is_write_error(exc):
+        except Exception as exc:  # the state write (torch.save, DCP) fails its own way on a full disk
+            if not _is_write_error(exc):
                 raise
             return _write_failed(
-                f"writing {os.fspath(state_path)}", exc, out_dir, checkpoint.saved_step, total_steps
+                f"writing {os.fspath(state_path)}",
+                exc,
+                out_dir,
+                checkpoint.saved_step,
+                total_steps,
+                state_path,
             )
     if history.stopped_at is not None:
         import signal
 
         where = f"the state of step {history.stopped_at}/{total_steps} is in {os.fspath(state_path)}"
-        print(
-            f"\n{PROG}: stopped by {signal.Signals(stop.signum).name}; {where}; resume with: "
-            f"{PROG} train --resume {os.fspath(out_dir)}",
-            file=sys.stderr,
-        )
+        how = f"{PROG} train --resume {os.fspath(out_dir)}"
+        if run.world > 1:
+            how = (
+                f"torchrun --nproc-per-node {run.world} -m spade_kernels train --resume {os.fspath(out_dir)}"
+            )
+        if run.rank == 0:
+            print(
+                f"\n{PROG}: stopped by {signal.Signals(stop.signum).name}; {where}; resume with: {how}",
+                file=sys.stderr,
+            )
         return 128 + stop.signum
     seconds = time.perf_counter() - started
     layer = run.finish(trained)
@@ -725,7 +817,7 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
         layer.fold_input_scale(factor)
     except ValueError as exc:
         return _error(f"the trained layer cannot take raw activations: {exc}")
-    saved = None if checkpoint is None else checkpoint.saved_step
+    saved = checkpoint.saved_step
     info = {
         "data": args.dataset or str(args.data), "seed": args.seed, "n_samples": x.shape[0],
         "scale_factor": factor, "steps": len(history), **final,
@@ -736,8 +828,15 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
     except Exception as exc:
         if not _is_write_error(exc):
             raise
-        return _write_failed(f"saving the weights to {os.fspath(out_dir)}", exc, out_dir, saved, total_steps)
-    if state_path.exists():  # the run is complete: its checkpoint is the save_pretrained layout
+        return _write_failed(
+            f"saving the weights to {os.fspath(out_dir)}", exc, out_dir, saved, total_steps, state_path
+        )
+    # The run is complete: its checkpoint is the save_pretrained layout.
+    if state_path.is_dir():
+        import shutil
+
+        shutil.rmtree(state_path, ignore_errors=True)
+    elif state_path.exists():
         state_path.unlink()
     from .evaluation import training_curves
 
@@ -777,10 +876,15 @@ def _is_write_error(exc: BaseException) -> bool:
 class _Distributed:
     """The process layout of a ``train`` run: one process, or ``torchrun`` ranks (data × latent shards)."""
 
-    def __init__(self, rank=0, world=1, shards=1, data_group=None, latent_group=None):
+    def __init__(
+        self, rank=0, world=1, shards=1, data_group=None, latent_group=None, peers=None, device=None
+    ):
         self.rank, self.world, self.shards = rank, world, shards
         self.replicas = world // shards
         self.data_group, self.latent_group = data_group, latent_group
+        #: (host, PID) of every rank, gathered at start: what names a lost rank.
+        self.peers = peers or []
+        self.device = device
 
     @classmethod
     def start(cls, args, device: torch.device) -> _Distributed:
@@ -793,20 +897,63 @@ class _Distributed:
             return cls()
         if world % args.latent_shards:
             raise ValueError(f"--latent-shards {args.latent_shards} must divide WORLD_SIZE={world}")
+        import socket
+
         from . import distributed
 
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        distributed.init()
+        timeout = args.dist_timeout_s or distributed.DEFAULT_TIMEOUT_S
+        try:
+            distributed.init(timeout_s=timeout)
+        except Exception as exc:
+            if not _is_comm_error(exc):
+                raise
+            raise ValueError(
+                f"the {world} processes did not meet within {timeout:g} s (--dist-timeout-s): a rank did not "
+                f"start or cannot reach the others ({_comm_reason(exc)})"
+            ) from None
+        peers = [None] * world
+        torch.distributed.all_gather_object(peers, (socket.gethostname(), os.getpid()))
         data_group, latent_group = distributed.mesh_groups(
             world // args.latent_shards, args.latent_shards, device.type
         )
-        return cls(torch.distributed.get_rank(), world, args.latent_shards, data_group, latent_group)
+        rank = torch.distributed.get_rank()
+        return cls(rank, world, args.latent_shards, data_group, latent_group, peers, device)
 
     def describe(self) -> str:
         if self.world == 1:
             return ""
         return f" on {self.world} processes: {self.replicas} data replica(s) × {self.shards} latent shard(s)"
+
+    def agree(self, flags: list[int]) -> list[int]:
+        """Every rank's ``flags`` combined (element-wise maximum); the flags themselves in one process."""
+        if self.world == 1:
+            return flags
+        t = torch.tensor(
+            flags, dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu"
+        )
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.tolist()
+
+    def lost(self) -> str:
+        """Which rank was lost, as far as this host can tell (ranks on it whose process ended or stopped)."""
+        import socket
+
+        host = socket.gethostname()
+        found = []
+        for r, (h, pid) in enumerate(self.peers):
+            if r == self.rank or h != host:
+                continue
+            state = _process_state(pid)
+            if state != "running":
+                found.append(f"rank {r} (PID {pid}, {state})")
+        if found:
+            return ", ".join(found)
+        elsewhere = sorted({h for h, _ in self.peers} - {host})
+        return "another rank (none on this host ended or stopped" + (
+            f"; the others run on {', '.join(elsewhere)})" if elsewhere else "; one may have stalled)"
+        )
 
     def part(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part of the data: its replica's rows (every rank of a latent group the same)."""
@@ -843,6 +990,44 @@ class _Distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         return layer if self.rank == 0 else None
+
+
+def _process_state(pid: int) -> str:
+    """ "running", "exited" or "stopped" for a PID on this host (Linux's /proc; a signal 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "exited"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "exited"
+        return "running"
+    return {"Z": "exited", "X": "exited", "T": "stopped", "t": "stopped"}.get(state, "running")
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective or rendezvous that failed (a lost peer, a timeout)."""
+    from ._io import exception_chain
+
+    dist_error = getattr(torch.distributed, "DistError", ())
+    signs = ("gloo", "NCCL", "Connection", "connection", "Timed out", "timed out", "Socket", "peer")
+    return any(
+        (dist_error and isinstance(e, dist_error))
+        or (isinstance(e, RuntimeError) and any(x in str(e) for x in signs))
+        for e in exception_chain(exc)
+    )
+
+
+def _comm_reason(exc: BaseException) -> str:
+    """A communication error in a few words (gloo's messages start with a source location)."""
+    import re
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ", 1)[0].rstrip(".")[:200]
 
 
 def _print_concepts(dataset, metrics: dict[str, torch.Tensor]) -> None:

@@ -25,10 +25,12 @@ from .numerics import RangeError
 __all__ = [
     "Checkpointer",
     "Diverged",
+    "ShardedCheckpointer",
     "TrainHistory",
     "concept_metrics",
     "cosine_lr",
     "evaluate",
+    "load_sharded_state",
     "load_train_state",
     "lr_schedule",
     "train_spade",
@@ -81,9 +83,12 @@ class Checkpointer:
     _last: float = field(default_factory=time.monotonic, repr=False)
 
     def due(self, step: int) -> bool:
-        by_steps = bool(self.every_steps) and step % self.every_steps == 0
-        by_time = bool(self.every_s) and time.monotonic() - self._last >= self.every_s
-        return by_steps or by_time
+        """A state is due after ``step`` by the step rule."""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def due_by_time(self) -> bool:
+        """A state is due by the time rule (a per-process clock: several ranks agree on it first)."""
+        return bool(self.every_s) and time.monotonic() - self._last >= self.every_s
 
     def save(self, state: dict) -> None:
         """Write ``state`` atomically (an ``OSError`` — e.g. a full disk — leaves the previous state intact)."""
@@ -120,6 +125,139 @@ def load_train_state(path: str) -> dict:
         raise ValueError(f"{path} has no checksums: it was not written by this version of spade_kernels")
     verify_checksums(state, expected, path)
     return state
+
+
+@dataclass
+class ShardedCheckpointer(Checkpointer):
+    """:class:`Checkpointer` for a run over several processes (``torch.distributed``): each rank writes its part.
+
+    ``path`` is a folder.  Every rank writes its own state — its slice of a
+    latent-sharded layer or its data replica's copy, its optimizer moments,
+    its place in the data order — with a CRC-32 of every tensor, through
+    ``torch.distributed.checkpoint`` into ``path/step-NNNNNNNNN`` (one file
+    per rank); then rank 0 points ``path/LATEST`` (JSON: the step, the
+    process layout, ``extra``) at that folder, atomically, and removes the
+    older ones.  A save killed midway leaves ``LATEST`` at the previous
+    complete state.  ``layout`` (world size, latent shards) must match on resume.
+    """
+
+    layout: dict = field(default_factory=dict)
+
+    def save(self, state: dict) -> None:
+        """Collective: every rank calls it at the same step."""
+        import json
+        import shutil
+
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        from ._io import CHECKSUM_KEY, atomic_write, checksums, remove_stale_temporaries
+
+        rank = dist.get_rank()
+        name = f"step-{state['step']:09d}"
+        full = {**state, CHECKSUM_KEY: json.dumps(checksums(state))}
+        dcp.save({f"rank{rank}": full}, checkpoint_id=os.path.join(self.path, name))
+        if rank == 0:  # dcp.save returned: every rank's part and the metadata are written
+            latest = {
+                "version": STATE_VERSION, "step": state["step"], "dir": name, "layout": self.layout,
+                "extra": self.extra,
+            }  # fmt: skip
+            text = json.dumps(latest, indent=1)
+
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    f.write(text)
+
+            atomic_write(os.path.join(self.path, LATEST_NAME), write)
+            remove_stale_temporaries(self.path)
+            for entry in os.scandir(self.path):
+                if entry.is_dir() and entry.name.startswith("step-") and entry.name != name:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+        self._last = time.monotonic()
+        self.saved_step = state["step"]
+
+
+#: The file of a :class:`ShardedCheckpointer` folder that names its last complete state.
+LATEST_NAME = "LATEST"
+
+
+def read_sharded_latest(folder: str) -> dict:
+    """The ``LATEST`` record of a :class:`ShardedCheckpointer` folder; a one-line ``ValueError`` otherwise."""
+    import json
+
+    from ._io import one_line
+
+    path = os.path.join(folder, LATEST_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no training state at {folder}")
+    try:
+        with open(path) as f:
+            latest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable training state ({one_line(exc)})") from None
+    if not isinstance(latest, dict) or latest.get("version") != STATE_VERSION or "dir" not in latest:
+        raise ValueError(f"{path} is not a version-{STATE_VERSION} training state of spade_kernels")
+    return latest
+
+
+def load_sharded_state(folder: str, layer: torch.nn.Module) -> dict:
+    """This rank's state from a :class:`ShardedCheckpointer` folder, shaped like :func:`load_train_state`'s.
+
+    Collective.  ``layer`` is what this rank trains (its shard); the state is
+    read into tensors shaped like its parameters and an Adam state over them.
+    Every tensor's CRC-32 is checked.
+    """
+    import json
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from ._io import CHECKSUM_KEY, one_line, verify_checksums
+
+    latest = read_sharded_latest(folder)
+    rank = dist.get_rank()
+    step_dir = os.path.join(folder, latest["dir"])
+    template = {
+        "version": 0, "step": 0, "total": 0, "n": 0, "epoch": 0, "start": 0,
+        "epoch_gen_state": torch.Generator().get_state(),
+        "layer": {k: torch.empty_like(v) for k, v in layer.state_dict().items()},
+        "optimizer": _adam_template(layer), "history": asdict(TrainHistory()), CHECKSUM_KEY: "",
+    }  # fmt: skip
+    try:
+        dcp.load({f"rank{rank}": template}, checkpoint_id=step_dir)
+    except Exception as exc:  # a missing or damaged part fails in DCP's own way
+        raise ValueError(
+            f"{step_dir} is not a readable training state for rank {rank} ({one_line(exc)})"
+        ) from None
+    expected = template.pop(CHECKSUM_KEY)
+    try:
+        expected = {k: int(v) for k, v in json.loads(expected).items()}
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{step_dir}: rank {rank}'s part has no readable checksums") from None
+    verify_checksums(template, expected, f"{step_dir} (rank {rank}'s part)")
+    template["extra"] = latest.get("extra", {})
+    return template
+
+
+def _adam_template(layer: torch.nn.Module) -> dict:
+    """An Adam state over ``layer``'s parameters with every entry present (Adam creates them at its first step).
+
+    A step with zero gradients at lr 0 creates them and leaves the
+    parameters as they are; the gradients are restored.
+    """
+    params = list(layer.parameters())
+    grads = [p.grad for p in params]
+    optimizer = torch.optim.Adam(params, lr=0.0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, g in zip(params, grads):
+        p.grad = g
+    return optimizer.state_dict()
+
+
+#: What a diverged step reports, in the order one is named when several are not finite.
+_DIVERGED = ("λ", "MSE", "regulariser", "loss", "gradient norm")
 
 
 class Diverged(RuntimeError):
@@ -225,6 +363,7 @@ def train_spade(
     resume: dict | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, TrainHistory], None] | None = None,
+    agree: Callable[[list[int]], list[int]] | None = None,
 ) -> TrainHistory:
     """Train ``layer`` on ``x`` with the paper's recipe.
 
@@ -277,6 +416,11 @@ def train_spade(
     on_step : callable, optional
         ``on_step(step, history)`` after every optimizer step (the command
         line's metrics log).
+    agree : callable, optional
+        Under several processes: ``agree(flags)`` returns the element-wise
+        maximum of every rank's per-step flags (diverged, stop, checkpoint due
+        by time), so that every rank diverges, stops and checkpoints at the
+        same step (the command line's all-reduce).
 
     Returns
     -------
@@ -366,10 +510,21 @@ def train_spade(
             values = torch.stack([v.detach().float().reshape(()) for v in stats]).tolist()
             names = ("loss", "MSE", "regulariser", "L0", "λ", "gradient norm")
             bad = {name: v for name, v in zip(names, values) if not math.isfinite(v)}
-            if bad:
-                what = next(w for w in ("λ", "MSE", "regulariser", "loss", "gradient norm") if w in bad)
-                found = ", ".join(f"{name} {v:g}" for name, v in bad.items())
-                raise diverged(what, f"non-finite {found}", epoch, start, epoch_gen_state)
+            what = next((w for w in _DIVERGED if w in bad), None)
+            # This step's decisions, the same on every rank (``agree``): diverged (which), stop, checkpoint.
+            flags = [_DIVERGED.index(what) + 1 if what else 0, int(should_stop is not None and should_stop())]
+            flags.append(int(checkpoint is not None and checkpoint.due_by_time()))
+            if agree is not None:
+                flags = agree(flags)
+            if flags[0]:
+                if what is None:
+                    what, found = (
+                        _DIVERGED[flags[0] - 1],
+                        f"non-finite {_DIVERGED[flags[0] - 1]} on another rank",
+                    )
+                else:
+                    found = "non-finite " + ", ".join(f"{name} {v:g}" for name, v in bad.items())
+                raise diverged(what, found, epoch, start, epoch_gen_state)
             optimizer.step()
             for name, value in zip(("loss", "mse", "l0", "lam"), values[:2] + values[3:5]):
                 getattr(history, name).append(value)
@@ -379,8 +534,8 @@ def train_spade(
                 bar.update(step, history)
             if on_step is not None:
                 on_step(step, history)
-            stop = should_stop is not None and should_stop()
-            if checkpoint is not None and (stop or step == total or checkpoint.due(step)):
+            stop = bool(flags[1])
+            if checkpoint is not None and (stop or flags[2] or step == total or checkpoint.due(step)):
                 # The position of the next step: this epoch's next batch, or the next epoch's first
                 # (whose order the generator, already past this epoch's permutation, will draw).
                 if start + batch_size < n:

@@ -407,3 +407,134 @@ def test_cli_data_parallel_over_a_shard_directory(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 12  # 768 rows per replica
     assert run.stdout.count("saved to") == 1 and (out / "sae_weights.safetensors").exists()
+
+
+# -- faults under torchrun: a lost rank is named, a killed or interrupted run resumes exactly -------------
+
+FAULT_RUN = [
+    "train", "--dataset", "separability", "--n-samples", "4000", "--batch-size", "16", "--d-sae", "32",
+    "--backend", "torch", "--checkpoint-every", "10",
+]  # fmt: skip
+LATEST = os.path.join("train_state.dcp", "LATEST")
+
+
+def _torchrun(args, tmp_path, logs=None, timeout_s=None):
+    """A torchrun of 2 ranks, started in its own session (so a signal can go to all of it, as Ctrl-C does)."""
+    import subprocess
+    import sys
+
+    extra = ["--log-dir", str(logs), "--redirects", "3"] if logs else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port", str(_port()),
+           *extra, "-m", "spade_kernels", *args]  # fmt: skip
+    if timeout_s:
+        cmd += ["--dist-timeout-s", str(timeout_s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path, start_new_session=True)  # fmt: skip
+
+
+def _finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _wait_for(path, proc, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _workers(out: str) -> list[int]:
+    """PIDs of the rank processes training into ``out`` (rank order = PID order: torchrun starts them in order)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if (
+            "spade_kernels" in args
+            and "train" in args
+            and f"{out}" in args
+            and "torch.distributed.run" not in args
+        ):
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def _rank_stderr(logs, rank) -> str:
+    files = list(logs.rglob(f"attempt_0/{rank}/stderr.log"))
+    return files[0].read_text() if files else ""
+
+
+def _same_weights(a, b):
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "sae_weights.safetensors"), load_file(b / "sae_weights.safetensors")
+    for name, t in wa.items():
+        torch.testing.assert_close(wb[name], t, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--latent-shards", "2"], []], ids=["latent-shards", "data-parallel"])
+def test_torchrun_runs_resume_to_the_uninterrupted_weights(layout, tmp_path):
+    import signal
+
+    whole = _torchrun([*FAULT_RUN, *layout, "--out", "whole"], tmp_path)
+    code, _, err = _finish(whole)
+    assert code == 0, err[-3000:]
+    # Ctrl-C to the whole job (torchrun and its ranks): every rank writes its part of the state.
+    stopped = _torchrun([*FAULT_RUN, *layout, "--out", "stopped"], tmp_path)
+    _wait_for(tmp_path / "stopped" / LATEST, stopped)
+    os.killpg(stopped.pid, signal.SIGINT)
+    _, _, err = _finish(stopped)
+    ours = [line for line in err.splitlines() if line.startswith("spade-kernels") and "warning:" not in line]
+    assert len(ours) == 1 and "stopped by SIGINT" in ours[0], err[-3000:]
+    # SIGKILL of every process of the job (torchrun's ranks run in process groups of their own): the last
+    # complete state remains.
+    killed = _torchrun([*FAULT_RUN, *layout, "--out", "killed"], tmp_path)
+    _wait_for(tmp_path / "killed" / LATEST, killed)
+    for pid in _workers("killed"):
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(killed.pid, signal.SIGKILL)
+    _finish(killed)
+    assert not (tmp_path / "killed" / "sae_weights.safetensors").exists()
+    for name in ("stopped", "killed"):
+        resumed = _torchrun(["train", "--resume", name], tmp_path)
+        code, out, err = _finish(resumed)
+        assert code == 0, err[-3000:]
+        assert out.count("saved to") == 1 and not (tmp_path / name / "train_state.dcp").exists()
+        _same_weights(tmp_path / "whole", tmp_path / name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_lost_rank_is_named_by_the_survivor_within_twice_the_timeout(fault, tmp_path):
+    import signal
+
+    timeout_s = 4
+    logs = tmp_path / "logs"
+    run = _torchrun([*FAULT_RUN, "--n-samples", "60000", "--latent-shards", "2", "--out", "r"], tmp_path,
+                    logs=logs, timeout_s=timeout_s)  # fmt: skip
+    _wait_for(tmp_path / "r" / LATEST, run)
+    victim = _workers("r")[-1]
+    start = time.monotonic()
+    os.kill(victim, getattr(signal, fault))
+    try:
+        while "error" not in _rank_stderr(logs, 0):
+            assert time.monotonic() - start < 2 * timeout_s + 5, _rank_stderr(logs, 0)
+            time.sleep(0.1)
+        elapsed = time.monotonic() - start
+    finally:
+        if fault == "SIGSTOP":
+            os.kill(victim, signal.SIGCONT)
+        _finish(run)
+    assert elapsed <= 2 * timeout_s, elapsed
+    err = _rank_stderr(logs, 0)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("step ")]
+    state = "exited" if fault == "SIGKILL" else "stopped"
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"rank 0: lost rank 1 (PID {victim}, {state})" in lines[0] and "is intact" in lines[0], lines[0]
