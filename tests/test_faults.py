@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 
 import spade_kernels as sk
 from spade_kernels import cli
-from spade_kernels._io import read_safetensors_header
 from spade_kernels.cli import STATE_NAME, main
 from spade_kernels.train import load_train_state
 
@@ -554,4 +553,6 @@ def test_a_files_batch_size_comes_from_its_size_and_scales_are_labelled(tmp_path
     assert "final, on the training scale" in captured.out and "on raw activations" in captured.out
     assert main(["eval", str(out), "--data", str(path)]) == 0
     assert capsys.readouterr().out.startswith("on raw activations")
+    from spade_kernels._io import read_safetensors_header
+
     assert read_safetensors_header(out / "sae_weights.safetensors")[0]["__metadata__"]

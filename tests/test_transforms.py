@@ -90,23 +90,36 @@ def test_gradgradcheck_of_the_loss(backend):
 
 
 @pytest.mark.parametrize("backend", EVERY)
-def test_second_derivative_of_spade_encode(backend):
+def test_second_derivative_of_spade_encode(backend, product_route):
+    # A loss whose gradient on the codes depends on the inputs (z², z·D), so the second derivative runs
+    # through the support Jacobian and every product of the encoder's backward, on both product routes.
+    from spade_kernels.reference import squared_distances
+
     x = torch.randn(16, 6, dtype=torch.float64, requires_grad=True)
-    A = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(20, dtype=torch.float64)
+    A = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, dtype=torch.float64)
 
-    def penalty(codes_fn):
-        g = torch.autograd.grad(codes_fn(x, A), x, create_graph=True)[0]
-        return torch.autograd.grad((g * g).sum(), A)[0]
+    def penalty(loss_fn):
+        g = torch.autograd.grad(loss_fn(x, A, lam), x, create_graph=True)[0]
+        return torch.autograd.grad((g * g).sum(), (A, lam))
 
-    def ours(x, A):
-        codes = sk.spade_encode(x, A, 0.3, backend=backend)
-        return (codes.values * w[codes.indices]).sum()
+    def ours(x, A, lam):
+        codes = sk.spade_encode(x, A, lam, backend=backend)
+        z, D = codes.values, codes.distances
+        if D is None:  # the reference's codes carry no support distances
+            D = ((x.unsqueeze(1) - A[codes.indices]) ** 2).sum(-1)
+        return (z * z * w[codes.indices]).sum() + (z * D).sum()
 
-    def dense(x, A):
-        return (spade_encode_reference(x, A, 0.3) * w).sum()
+    def dense(x, A, lam):
+        z = spade_encode_reference(x, A, lam)
+        return (z * z * w).sum() + (z * squared_distances(x, A)).sum()
 
-    torch.testing.assert_close(penalty(ours), penalty(dense), rtol=1e-8, atol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = penalty(ours)
+    for g, e in zip(got, penalty(dense)):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", [b for b in SPARSE if b != "torch"])
