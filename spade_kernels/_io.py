@@ -142,8 +142,11 @@ def exception_chain(exc: BaseException | None):
         yield exc
         todo.append(exc.__cause__ or exc.__context__)
         failures = getattr(exc, "failures", None)
-        if isinstance(failures, dict):
-            todo.extend(f for f in failures.values() if isinstance(f, BaseException))
+        if isinstance(failures, dict):  # DCP: {rank: (exception, traceback)}
+            for value in failures.values():
+                inner = value[0] if isinstance(value, tuple) and value else value
+                if isinstance(inner, BaseException):
+                    todo.append(inner)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -248,6 +251,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
             raise ValueError(f"{path} is not a safetensors file (header: {exc})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise ValueError(f"{path} is damaged: its __metadata__ is not a map of strings")
     start = 8 + n
     for name, info in header.items():
         if name == "__metadata__":
@@ -256,6 +264,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
             dtype = _DTYPES[info["dtype"]]
             shape = [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
+            if any(s < 0 for s in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -365,15 +375,33 @@ class DirectoryLock:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / LOCK_NAME
         self.fd: int | None = None
+        #: Why the lock could not be taken on a filesystem without locks (None otherwise).
+        self.why_not: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> DirectoryLock:
+        """Take the lock; RuntimeError naming the holder when another process has it.
+
+        A filesystem that does not lock (some network mounts) leaves it
+        untaken, with ``why_not`` saying why; the caller may go on.
+        """
         import fcntl
 
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise RuntimeError(f"cannot open the lock file {self.path} ({exc.strerror or exc})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    self.why_not = f"its filesystem cannot lock {self.path.name} ({exc.strerror or exc})"
+                    return self
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise RuntimeError(

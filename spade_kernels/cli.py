@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -180,7 +182,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every",
         type=_non_negative_int,
         default=None,
-        help=f"steps between resumable states in --out/{STATE_NAME} (default 1000; 0: off)",
+        help=f"steps between resumable states in --out/{STATE_NAME} (default 1000; 0: none by steps; a state is "
+        "still written on SIGINT/SIGTERM and after the last step, before the weights)",
     )
     train.add_argument(
         "--checkpoint-every-s",
@@ -194,6 +197,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="under torchrun: split the latents over groups of this many ranks (data parallel over "
         "WORLD_SIZE / this many groups); default 1 (plain data parallel when WORLD_SIZE > 1)",
+    )
+    train.add_argument(
+        "--nproc-per-node",
+        type=_positive(int),
+        help="run N processes on this machine, as torchrun does (torch's elastic launcher), reporting a failed "
+        "or interrupted job in one line instead of torchrun's own report; with --latent-shards as under torchrun",
     )
     train.add_argument(
         "--dist-timeout-s",
@@ -255,8 +264,10 @@ def _eval(args: argparse.Namespace) -> int:
         x = open_activations(args.data)
         if x.shape[1] != layer.d_in:
             raise ValueError(f"{args.data} has d = {x.shape[1]} but the checkpoint takes d_in = {layer.d_in}")
-        # The rule train applies to its data: finite rows, a scale a float32 checkpoint can encode.
-        check_raw_scale(scan_rows(x, name=os.fspath(args.data)), os.fspath(args.data))
+        # The rule train applies to its data: finite rows, and (float32 layers) a scale they can encode.
+        summary = scan_rows(x, name=os.fspath(args.data))
+        if layer.prototypes.dtype != torch.float64:
+            check_raw_scale(summary, os.fspath(args.data))
         metrics = evaluate_checkpoint(layer, x, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return _error(str(exc))
@@ -360,24 +371,22 @@ SHARDED_STATE_NAME = "train_state.dcp"
 def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, list[str]]:
     """The settings of the run in ``args.resume`` with the changes its flags may make, its state, and those changes.
 
-    One process: the state itself.  Under torchrun: the ``LATEST`` record of
-    its state folder (each rank reads its part once its layer exists), with
-    ``"sharded": True``.  ValueError (one line) for a missing or damaged
+    One process: the state itself.  Several: the ``LATEST`` record of its
+    state folder (each rank reads its part once its layer exists).  ValueError (one line) for a missing or damaged
     state, or a flag that would change the run's model or data.
     """
     from .train import load_train_state, read_sharded_latest
 
+    single, sharded = args.resume / STATE_NAME, args.resume / SHARDED_STATE_NAME
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        state = read_sharded_latest(os.fspath(args.resume / SHARDED_STATE_NAME))
-        state["sharded"] = True
+        if single.exists() and not sharded.is_dir():
+            raise ValueError("the run was in one process: resume it without --nproc-per-node (or torchrun)")
+        state = read_sharded_latest(os.fspath(sharded))
     else:
-        if (args.resume / SHARDED_STATE_NAME).is_dir() and not (args.resume / STATE_NAME).exists():
-            layout = read_sharded_latest(os.fspath(args.resume / SHARDED_STATE_NAME)).get("layout", {})
-            raise ValueError(
-                f"the run was on {layout.get('world')} processes: resume it under torchrun --nproc-per-node "
-                f"{layout.get('world')} (with --latent-shards {layout.get('latent_shards')})"
-            )
-        state = load_train_state(os.fspath(args.resume / STATE_NAME))
+        if sharded.is_dir() and not single.exists():
+            world = read_sharded_latest(os.fspath(sharded)).get("layout", {}).get("world")
+            raise ValueError(f"the run was on {world} processes: resume it with --nproc-per-node {world}")
+        state = load_train_state(os.fspath(single))
     saved = state["extra"].get("settings", {})
     missing = [k for k in _RUN_SETTINGS if k not in saved]
     if missing:
@@ -498,8 +507,9 @@ class _StopOnSignal:
             return
         self.signum = signum
 
-    def __call__(self) -> bool:
-        return self.signum is not None
+    def __call__(self) -> int:
+        """The signal received (0: none): the training loop stops after its step, all ranks agreeing on it."""
+        return self.signum or 0
 
     def __exit__(self, *exc) -> None:
         import signal
@@ -532,7 +542,7 @@ def _likely_cause(exc, args, first_step: bool) -> tuple[str, str | None]:
     return f"likely {lr} is too large", "--lr"
 
 
-def _diverged(exc, args, state, out_dir: Path) -> int:
+def _diverged(exc, args, state, state_path: Path, resume: str) -> int:
     """One line for a run that diverged: the step, what, the likely flag, what is kept and the way on."""
     first = exc.step == 1 + (0 if state is None else state["step"])
     cause, on_resume = _likely_cause(exc, args, first)
@@ -541,16 +551,16 @@ def _diverged(exc, args, state, out_dir: Path) -> int:
         kept += " with other settings" if on_resume is None else f" with a smaller {on_resume}"
     else:
         which = "the last finite one" if exc.saved_step == exc.step - 1 else "the last one written"
-        kept = f"the state of step {exc.saved_step} ({which}) is in {os.fspath(out_dir / STATE_NAME)}"
+        kept = f"the state of step {exc.saved_step} ({which}) is in {os.fspath(state_path)}"
         if on_resume is not None:
-            kept += f": resume with {PROG} train --resume {os.fspath(out_dir)} {on_resume} <smaller>"
+            kept += f": resume with {resume} {on_resume} <smaller>"
         else:
             kept += " (that flag cannot change on resume: start a new run with a smaller one)"
     return _error(f"{exc}; {cause}; {kept}")
 
 
 def _write_failed(
-    what: str, exc: BaseException, out_dir: Path, saved_step: int | None, total: int, state_path: Path
+    what: str, exc: BaseException, saved_step: int | None, total: int, state_path: Path, resume: str
 ) -> int:
     """One line for a write that failed (a full disk, a lost mount): what is intact and how to finish."""
     from ._io import write_error
@@ -559,8 +569,24 @@ def _write_failed(
         return _error(f"{what} failed ({write_error(exc)}); no training state was written yet")
     return _error(
         f"{what} failed ({write_error(exc)}); the state of step {saved_step}/{total} in "
-        f"{os.fspath(state_path)} is intact: free space and finish with {PROG} train --resume {os.fspath(out_dir)}"
+        f"{os.fspath(state_path)} is intact: free space and finish with {resume}"
     )
+
+
+def _resume_command(run, out_dir: Path) -> str:
+    """The command that resumes this run (with its process layout)."""
+    if run.world == 1:
+        return f"{PROG} train --resume {os.fspath(out_dir)}"
+    return f"{PROG} train --nproc-per-node {run.world} --resume {os.fspath(out_dir)} (or torchrun, the same layout)"
+
+
+#: What a failure can raise: torch.distributed.checkpoint's errors are BaseExceptions.
+try:
+    from torch.distributed.checkpoint.api import CheckpointException as _CheckpointException
+
+    _FAULTS: tuple = (Exception, _CheckpointException)
+except ImportError:  # torch.distributed without the checkpoint package
+    _FAULTS = (Exception,)
 
 
 def _rank() -> int:
@@ -568,17 +594,31 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+@dataclass
+class _Job:
+    """A ``train`` run as it is set up: its settings, where it writes, its processes, its data and layer."""
+
+    args: argparse.Namespace
+    state: dict | None
+    changes: list[str]
+    out_dir: Path
+    device: torch.device
+    run: _Distributed
+    x: object = None
+    part: object = None
+    dataset: object = None
+    name: str = ""
+    factor: float = 1.0
+    summary: object = None
+    layer: object = None
+    batch_size: int | None = None
+    #: The flags a resumed run's command line names: the resume hint repeats them.
+    launch: str = ""
+
+
 def _train(args: argparse.Namespace) -> int:
+    """``spade-kernels train``: checks, then (locked) data, layer, training, the saved layer and the report."""
     from ._io import DirectoryLock
-    from .data import (
-        ActivationShards,
-        check_raw_scale,
-        make_heterogeneity,
-        make_separability,
-        open_activations,
-        scale_to_unit_norm,
-        scan_rows,
-    )
     from .layer import SpaDE
 
     state, changes = None, []
@@ -598,45 +638,104 @@ def _train(args: argparse.Namespace) -> int:
                 SpaDE.validate_settings(1, **{key: getattr(args, key)})
             except ValueError as exc:
                 return _error(f"{_flag(key)} {_show(getattr(args, key))}: {exc}")
-
+    try:
+        device = _device(args)
+        resolve_backend(args.backend, device)
+    except ValueError as exc:
+        return _error(str(exc))
+    name = args.dataset if args.dataset is not None else args.data.stem
+    if args.data is not None and not args.data.exists():
+        return _error(f"activation file not found: {args.data}")
+    out_dir = args.out or Path("runs") / f"spade-{name}"
+    created = not out_dir.exists()
+    problem = _unwritable(out_dir)
+    if problem is not None:
+        return _error(f"--out {os.fspath(out_dir)}: {problem}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dataset = None
+    try:
+        run = _Distributed.start(args, device)
+    except ValueError as exc:
+        return _error(str(exc), every_rank=True)
+    job = _Job(args, state, changes, out_dir, device, run, name=name)
+    lock, problem = DirectoryLock(out_dir), None
+    try:
+        # The output directory is locked before the data are read: a second run refuses at once.
+        if run.rank == 0:
+            try:
+                lock.acquire()
+            except RuntimeError as exc:
+                problem = f"--out {os.fspath(out_dir)}: {exc}"
+            if not lock.held and problem is None:
+                _warn(f"--out {os.fspath(out_dir)}: {lock.why_not}; two runs there would not be told apart")
+        if run.agree([int(problem is not None)])[0]:
+            code = _error(problem or "rank 0 could not lock the output directory")
+        else:
+            code = _prepare(job) or _train_locked(job)
+        run.end()
+        return code
+    except _FAULTS as exc:
+        if run.world == 1 or not _is_comm_error(exc):
+            raise
+        return _lost_contact(run, exc, out_dir)
+    finally:
+        lock.release()
+        if created and run.rank == 0:  # a run refused before writing anything leaves no directory behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device}: not a torch device ({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: SpaDE trains on cpu or cuda devices, not {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available (torch {torch.__version__})")
+    return device
+
+
+def _prepare(job: _Job) -> int | None:
+    """Read, check and scale the data and build the layer; an exit code on failure, None otherwise."""
+    from .data import (
+        ActivationShards,
+        check_raw_scale,
+        make_heterogeneity,
+        make_separability,
+        open_activations,
+        scale_to_unit_norm,
+        scan_rows,
+    )
+    from .layer import SpaDE
+
+    args = job.args
     if args.dataset is not None:
-        n_samples, d_sae, batch_size = _SYNTHETIC_DEFAULTS[args.dataset]
+        n_samples, d_sae, job.batch_size = _SYNTHETIC_DEFAULTS[args.dataset]
         make = make_separability if args.dataset == "separability" else make_heterogeneity
         try:
-            dataset = make(args.n_samples or n_samples, seed=args.seed)
+            job.dataset = make(args.n_samples or n_samples, seed=args.seed)
         except ValueError as exc:
             return _error(f"--n-samples {args.n_samples}: {exc}")
-        x, name = dataset.x, args.dataset
+        x = job.dataset.x
     else:
         try:
             x = open_activations(args.data)
         except (FileNotFoundError, ValueError) as exc:
             return _error(str(exc))
-        d_sae, batch_size, name = 4 * x.shape[1], None, args.data.stem
+        d_sae = 4 * x.shape[1]
     source = os.fspath(args.data) if args.data is not None else args.dataset
-    if dataset is None and _rank() == 0:
+    if job.dataset is None and job.run.rank == 0:
         print(
             f"checking {x.shape[0]} rows × {x.shape[1]} of {source} (values, scale, fingerprint)", flush=True
         )
     try:
-        summary = scan_rows(x, name=source)  # finite rows, their scale, the fingerprint: one pass
-        if dataset is None:
-            check_raw_scale(summary, source)
-        x, factor = scale_to_unit_norm(x, summary=summary)
-        try:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as exc:
-            raise ValueError(f"--device {args.device}: not a torch device ({exc})") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(
-                f"--device {args.device}: SpaDE trains on cpu or cuda devices, not {device.type}"
-            )
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available (torch {torch.__version__})")
-        resolve_backend(args.backend, device)
+        # Finite rows, their scale and the fingerprint, in one pass.
+        job.summary = scan_rows(x, name=source, fingerprint=True)
+        if job.dataset is None:
+            check_raw_scale(job.summary, source)
+        job.x, job.factor = scale_to_unit_norm(x, summary=job.summary)
         args.d_sae = args.d_sae or d_sae
         # Initialise on the CPU from a private RNG state, so the run depends only on --seed
         # (and is the same on every device); the backend is attached once the layer is there.
@@ -645,41 +744,17 @@ def _train(args: argparse.Namespace) -> int:
             layer = SpaDE(x.shape[1], args.d_sae, lambda_init=args.lambda_init, gamma_reg=args.gamma_reg)
             if args.init == "data":
                 gen = torch.Generator().manual_seed(args.seed)
-                if isinstance(x, ActivationShards):  # a sample of rows, not the whole data in memory
-                    layer.init_from_data(x.sample(layer.d_sae, gen), generator=gen)
+                if isinstance(job.x, ActivationShards):  # a sample of rows, not the whole data in memory
+                    layer.init_from_data(job.x.sample(layer.d_sae, gen), generator=gen)
                 else:
-                    layer.init_from_data(x, generator=gen)
+                    layer.init_from_data(job.x, generator=gen)
+        job.part = job.run.part(job.x)  # this rank's rows (all of them in one process)
     except (RuntimeError, ValueError) as exc:
         return _error(str(exc))
-    layer.to(device)
+    layer.to(job.device)
     layer.backend = args.backend
-    out_dir = args.out or Path("runs") / f"spade-{name}"
-    problem = _unwritable(out_dir)
-    if problem is not None:
-        return _error(f"--out {os.fspath(out_dir)}: {problem}")
-    try:
-        run = _Distributed.start(args, device)
-        part = run.part(x)  # this rank's rows (all of them in one process)
-    except ValueError as exc:
-        return _error(str(exc))
-    lock, problem = None, None
-    try:
-        if run.rank == 0:
-            try:
-                lock = DirectoryLock(out_dir).acquire()
-            except RuntimeError as exc:
-                problem = f"--out {os.fspath(out_dir)}: {exc}"
-        if run.agree([int(problem is not None)])[0]:
-            return _error(problem or "rank 0 could not lock the output directory")
-        return _train_locked(args, state, changes, x, part, dataset, name, factor, summary, layer, device, run,
-                             out_dir, batch_size)  # fmt: skip
-    except Exception as exc:
-        if run.world == 1 or not _is_comm_error(exc):
-            raise
-        return _lost_contact(run, exc, out_dir)
-    finally:
-        if lock is not None:
-            lock.release()
+    job.layer = layer
+    return None
 
 
 def _lost_contact(run, exc: BaseException, out_dir: Path) -> int:
@@ -688,12 +763,16 @@ def _lost_contact(run, exc: BaseException, out_dir: Path) -> int:
     The process exits at once (``os._exit``): tearing the process group down
     would wait on the lost peer again.
     """
+    import signal
+
     from .train import LATEST_NAME, read_sharded_latest
 
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the launcher's shutdown signal must not cut this line short
+        signal.signal(sig, signal.SIG_IGN)
     folder = out_dir / SHARDED_STATE_NAME
     try:
         step = read_sharded_latest(os.fspath(folder))["step"]
-        kept = f"the state of step {step} in {os.fspath(folder)} is intact: resume with the same torchrun layout and --resume {os.fspath(out_dir)}"
+        kept = f"the state of step {step} in {os.fspath(folder)} is intact: resume with {_resume_command(run, out_dir)}"
     except (OSError, ValueError, KeyError):
         kept = f"no training state was written yet ({os.fspath(folder / LATEST_NAME)})"
     _error(f"rank {run.rank}: lost {run.lost()} ({_comm_reason(exc)}); {kept}", every_rank=True)
@@ -702,9 +781,8 @@ def _lost_contact(run, exc: BaseException, out_dir: Path) -> int:
     os._exit(1)
 
 
-def _train_locked(args, state, changes, x, part, dataset, name, factor, summary, layer, device, run, out_dir,
-                  batch_size) -> int:  # fmt: skip
-    """The run once its output directory is locked: train, save, report."""
+def _train_locked(job: _Job) -> int:
+    """The run once its output directory is locked and its data and layer are ready: train, save, report."""
     from .train import (
         Checkpointer,
         Diverged,
@@ -715,11 +793,13 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
         train_spade,
     )
 
+    args, state, run, out_dir, layer = job.args, job.state, job.run, job.out_dir, job.layer
+    x, part, dataset, factor, device = job.x, job.part, job.dataset, job.factor, job.device
     chosen = args.batch_size is None
-    args.batch_size = bs = args.batch_size or batch_size or _file_batch_size(part.shape[0])
+    args.batch_size = bs = args.batch_size or job.batch_size or _file_batch_size(part.shape[0])
     total_steps = args.epochs * math.ceil(part.shape[0] / bs)
     if run.rank == 0:
-        for change in changes:
+        for change in job.changes:
             print(f"resuming with {change}")
         if total_steps < FEW_STEPS:
             per = f"{part.shape[0]} samples" + (" per data replica" if run.replicas > 1 else "")
@@ -731,12 +811,12 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
         how = " (from the data's size; --batch-size sets it)" if chosen and dataset is None else ""
         print(
             f"training SpaDE d_in={layer.d_in} d_sae={layer.d_sae} (backend {args.backend}, {device}) "
-            f"on {x.shape[0]} samples of {name}, scaled by {factor:.4g}, batch {bs}{how}{run.describe()}"
+            f"on {x.shape[0]} samples of {job.name}, scaled by {factor:.4g}, batch {bs}{how}{run.describe()}"
         )
     trained, module = run.wrap(layer)
     settings = {k: getattr(args, k) for k in _RUN_SETTINGS}
     settings["data"] = None if args.data is None else os.fspath(Path(args.data).resolve())
-    fingerprint = _fingerprint(summary)
+    fingerprint = _fingerprint(job.summary)
     extra = {"settings": settings, "data_fingerprint": fingerprint}
     every = (args.checkpoint_every, args.checkpoint_every_s)
     if run.world == 1:
@@ -753,13 +833,19 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
                     f"--resume {os.fspath(out_dir)}: the run was on {state.get('layout')} (world size, latent "
                     f"shards); this one is on {layout}: resume with the run's layout"
                 )
+            problem = None
             try:
                 state = load_sharded_state(os.fspath(state_path), trained)
             except (FileNotFoundError, ValueError) as exc:
-                return _error(f"--resume {os.fspath(out_dir)}: {exc}", every_rank=True)
+                problem = f"--resume {os.fspath(out_dir)}: {exc}"
+            if run.agree([int(problem is not None)])[0]:  # every rank stops
+                # A rank's own part failing its checksums is named by that rank; DCP's read errors reach
+                # every rank alike and are named once.
+                return _error(problem, every_rank="rank " in problem) if problem else 2
         checkpoint = ShardedCheckpointer(
-            os.fspath(state_path), *every, extra=extra, saved_step=state and state["step"], layout=layout
-        )
+            os.fspath(state_path), *every, extra=extra, saved_step=state and state["step"], layout=layout,
+            agree=run.agree,
+        )  # fmt: skip
     if state is not None and state["extra"].get("data_fingerprint") != fingerprint:
         return _error(
             f"--resume {os.fspath(out_dir)}: the data differ from the interrupted run's (their rows' CRC-32, "
@@ -777,35 +863,28 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
                 agree=run.agree if run.world > 1 else None,
             )  # fmt: skip
         except Diverged as exc:
-            return _diverged(exc, args, state, out_dir)
+            return _diverged(exc, args, state, state_path, _resume_command(run, out_dir))
         except ValueError as exc:
             return _error(str(exc))
-        except Exception as exc:  # the state write (torch.save, DCP) fails its own way on a full disk
-            if not _is_write_error(exc):
+        except _FAULTS as exc:  # the state write (torch.save, DCP) fails its own way on a full disk
+            if not _is_write_error(exc) or _is_comm_error(exc):
                 raise
             return _write_failed(
-                f"writing {os.fspath(state_path)}",
-                exc,
-                out_dir,
-                checkpoint.saved_step,
-                total_steps,
-                state_path,
-            )
+                f"writing {os.fspath(state_path)}", exc, checkpoint.saved_step, total_steps, state_path,
+                _resume_command(run, out_dir),
+            )  # fmt: skip
     if history.stopped_at is not None:
         import signal
 
+        signum = history.stopped_by  # agreed by every rank: the signal some rank received
         where = f"the state of step {history.stopped_at}/{total_steps} is in {os.fspath(state_path)}"
-        how = f"{PROG} train --resume {os.fspath(out_dir)}"
-        if run.world > 1:
-            how = (
-                f"torchrun --nproc-per-node {run.world} -m spade_kernels train --resume {os.fspath(out_dir)}"
-            )
         if run.rank == 0:
             print(
-                f"\n{PROG}: stopped by {signal.Signals(stop.signum).name}; {where}; resume with: {how}",
+                f"\n{PROG}: stopped by {signal.Signals(signum).name}; {where}; resume with: "
+                f"{_resume_command(run, out_dir)}",
                 file=sys.stderr,
             )
-        return 128 + stop.signum
+        return 128 + signum
     seconds = time.perf_counter() - started
     layer = run.finish(trained)
     if layer is None:  # ranks other than 0: the checkpoint and the report are rank 0's
@@ -829,8 +908,9 @@ def _train_locked(args, state, changes, x, part, dataset, name, factor, summary,
         if not _is_write_error(exc):
             raise
         return _write_failed(
-            f"saving the weights to {os.fspath(out_dir)}", exc, out_dir, saved, total_steps, state_path
-        )
+            f"saving the weights to {os.fspath(out_dir)}", exc, saved, total_steps, state_path,
+            _resume_command(run, out_dir),
+        )  # fmt: skip
     # The run is complete: its checkpoint is the save_pretrained layout.
     if state_path.is_dir():
         import shutil
@@ -901,25 +981,34 @@ class _Distributed:
 
         from . import distributed
 
+        rank = int(os.environ.get("RANK", "0"))
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= count:
+                raise ValueError(
+                    f"rank {rank}: its local rank {local} has no GPU of its own (this machine has {count}); run "
+                    f"at most {count} processes per machine, or --device cpu"
+                )
+            torch.cuda.set_device(local)
         timeout = args.dist_timeout_s or distributed.DEFAULT_TIMEOUT_S
         try:
-            distributed.init(timeout_s=timeout)
-        except Exception as exc:
+            # NCCL for CUDA tensors, gloo for CPU ones (whatever the machine has).
+            distributed.init("nccl" if device.type == "cuda" else "gloo", timeout_s=timeout)
+            peers = [None] * world
+            torch.distributed.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+            data_group, latent_group = distributed.mesh_groups(
+                world // args.latent_shards, args.latent_shards, device.type
+            )
+        except _FAULTS as exc:
             if not _is_comm_error(exc):
                 raise
             raise ValueError(
-                f"the {world} processes did not meet within {timeout:g} s (--dist-timeout-s): a rank did not "
-                f"start or cannot reach the others ({_comm_reason(exc)})"
+                f"rank {rank}: the {world} processes did not meet within {timeout:g} s (--dist-timeout-s): a "
+                f"rank did not start or cannot reach the others ({_comm_reason(exc)})"
             ) from None
-        peers = [None] * world
-        torch.distributed.all_gather_object(peers, (socket.gethostname(), os.getpid()))
-        data_group, latent_group = distributed.mesh_groups(
-            world // args.latent_shards, args.latent_shards, device.type
+        return cls(
+            torch.distributed.get_rank(), world, args.latent_shards, data_group, latent_group, peers, device
         )
-        rank = torch.distributed.get_rank()
-        return cls(rank, world, args.latent_shards, data_group, latent_group, peers, device)
 
     def describe(self) -> str:
         if self.world == 1:
@@ -936,18 +1025,27 @@ class _Distributed:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return t.tolist()
 
-    def lost(self) -> str:
-        """Which rank was lost, as far as this host can tell (ranks on it whose process ended or stopped)."""
+    def lost(self, wait_s: float = 2.0) -> str:
+        """Which rank was lost, as far as this host can tell: ranks on it whose process ended or stopped.
+
+        A peer's socket closes while its process is still exiting: its state
+        is polled for up to ``wait_s`` seconds before none is named.
+        """
         import socket
 
         host = socket.gethostname()
-        found = []
-        for r, (h, pid) in enumerate(self.peers):
-            if r == self.rank or h != host:
-                continue
-            state = _process_state(pid)
-            if state != "running":
-                found.append(f"rank {r} (PID {pid}, {state})")
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = []
+            for r, (h, pid) in enumerate(self.peers):
+                if r == self.rank or h != host:
+                    continue
+                state = _process_state(pid)
+                if state != "running":
+                    found.append(f"rank {r} (PID {pid}, {state})")
+            if found or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
         if found:
             return ", ".join(found)
         elsewhere = sorted({h for h, _ in self.peers} - {host})
@@ -987,9 +1085,14 @@ class _Distributed:
         if self.world == 1:
             return trained
         layer = trained.to_dense() if self.shards > 1 else trained
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        self.end()
         return layer if self.rank == 0 else None
+
+    def end(self) -> None:
+        """Every rank done, then the process group torn down (a group left to the interpreter's exit aborts in gloo)."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def _process_state(pid: int) -> str:
@@ -1045,12 +1148,61 @@ def _print_concepts(dataset, metrics: dict[str, torch.Tensor]) -> None:
     print(row("mean", "", "", f"{f1:.3f}", f"{l0:.2f}"))
 
 
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """``train --nproc-per-node N``: the N ranks under torch's elastic launcher (torchrun's), on this machine.
+
+    Each rank runs ``python -m spade_kernels train`` with the other flags
+    and prints its own line on a fault; the launcher's logging and its
+    ``ChildFailedError``/``SignalException`` reports are replaced by at most
+    one line naming the ranks that failed and how.
+    """
+    import logging
+    import signal
+    import socket
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in list(logging.Logger.manager.loggerDict):  # its own reports are replaced by ours
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks share the cores
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0, monitor_interval=0.1,
+    )  # fmt: skip
+    # The ranks see WORLD_SIZE and ignore --nproc-per-node.
+    try:
+        elastic_launch(config, sys.executable)("-m", "spade_kernels", *argv)
+    except SignalException as exc:  # the ranks were stopped by it and said so
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in sorted(exc.failures.items())}
+        handled = {2, 130, 143}
+        if all(code in handled for code in codes.values()):
+            return max(codes.values())  # each rank printed its own line
+        how = [
+            f"rank {rank} "
+            + (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}")
+            for rank, code in codes.items()
+        ]
+        _error(f"the run on {args.nproc_per_node} processes failed: {', '.join(how)}")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``spade-kernels`` / ``python -m spade_kernels``; returns the exit code.
 
     Ctrl-C at any moment (outside a training loop, which stops after its
     step and writes its state) ends the command with one line and exit 130.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "info":
@@ -1061,6 +1213,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_from_args(args)
         if args.command == "eval":
             return _eval(args)
+        if args.nproc_per_node and args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch(args, argv)
         return _train(args)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted (Ctrl-C); files already written are intact", file=sys.stderr)

@@ -289,11 +289,15 @@ RAW_SCALE = (1e-30, 1e30)
 RAW_MAX_SQ = float(torch.finfo(torch.float32).max) / 4
 
 
-def scan_rows(x: torch.Tensor | ActivationShards, *, name: str = "x") -> RowSummary:
+def scan_rows(
+    x: torch.Tensor | ActivationShards, *, name: str = "x", fingerprint: bool = False
+) -> RowSummary:
     """One pass over ``x`` (N, d) or shards, block by block: the :class:`RowSummary`, refusing bad rows.
 
     A non-finite value (or one beyond float32's range) is a ``ValueError``
-    naming the first such row and ``name`` or, for shards, the file.
+    naming the first such row and ``name`` or, for shards, the file.  The
+    CRC-32 is computed only with ``fingerprint`` (on the CPU: a GPU tensor's
+    blocks are copied back for it); otherwise ``crc32`` is 0.
     """
     import zlib
 
@@ -308,7 +312,9 @@ def scan_rows(x: torch.Tensor | ActivationShards, *, name: str = "x") -> RowSumm
         sq = _row_norms_checked(block, where)
         total += float(sq.sum())
         largest = max(largest, float(sq.max()))
-        crc = zlib.crc32(memoryview(block.float().contiguous().numpy()).cast("B"), crc)
+        if fingerprint:
+            rows = block.detach().float().contiguous().cpu().numpy()
+            crc = zlib.crc32(memoryview(rows).cast("B"), crc)
     return RowSummary(x.shape[0], x.shape[1], total / x.shape[0], largest, crc)
 
 

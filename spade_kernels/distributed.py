@@ -39,7 +39,7 @@ from torch import nn
 from .backends import canonical_name, resolve_backend
 from .codes import SparseCodes
 from .layer import SpaDE, SpaDEOutput, read_checkpoint
-from .numerics import compute_dtype, sorted_threshold
+from .numerics import RangeError, compute_dtype, sorted_threshold
 from .pipeline import encode_forward, mean_squared_error, sparse_decode
 from .pipeline.sparse import sq_dist_backward, zero_nan_rows
 
@@ -130,14 +130,27 @@ class _ShardedEncode(torch.autograd.Function):
         prims = resolve_backend(backend, x.device, x.dtype).primitives()
         cd = compute_dtype(x.dtype)
         # The local support (a superset of this slice's part of the global support) and its exact D.
-        z_loc, idx, size, D = encode_forward(prims, x, A, float(lam), options)
+        # A shard whose prototypes are too large for the distances must not leave the others waiting in
+        # the collective below: its failure travels with the NaN rows, and every rank raises it.
+        try:
+            z_loc, idx, size, D = encode_forward(prims, x, A, float(lam), options)
+            range_error = None
+        except RangeError as exc:
+            range_error = exc
+            z_loc = torch.zeros(x.shape[0], 1, dtype=cd, device=x.device)
+        # A row is NaN everywhere if it is NaN anywhere (a non-finite prototype on any shard).
+        flags = torch.cat(
+            [torch.isnan(z_loc).any(1).to(cd), z_loc.new_full((1,), float(range_error is not None))]
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        if flags[-1] > 0:
+            raise range_error or RangeError(
+                "another shard's prototypes hold finite values too large for the distances"
+            )
+        nan_rows = flags[:-1] > 0
         valid = torch.arange(z_loc.shape[1], device=x.device) < size.unsqueeze(1)
         lam_c = lam.detach().to(cd)
         s = torch.where(valid, -lam_c * D, torch.full_like(D, -math.inf))
-        # A row is NaN everywhere if it is NaN anywhere (a non-finite prototype on any shard).
-        nan_rows = torch.isnan(z_loc).any(1).to(cd)
-        dist.all_reduce(nan_rows, op=dist.ReduceOp.MAX, group=group)
-        nan_rows = nan_rows > 0
         union = _all_gather_padded(torch.where(nan_rows.unsqueeze(1), -math.inf, s), group, -math.inf)
         tau = sorted_threshold(torch.sort(union, dim=1, descending=True).values)
         z = torch.where(valid, (s - tau.unsqueeze(1)).clamp_min(0), torch.zeros_like(s))

@@ -269,8 +269,10 @@ class SpaDE(nn.Module):
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
         lam = F.softplus(self.lambda_raw.double()).item()  # float64: λ·s² may be large
-        # λ·s² within float32's normal range; the weights divided by s within their dtype's range.
-        lo, hi = math.sqrt(_LAMBDA_MIN / lam), math.sqrt(_LAMBDA_MAX / lam)
+        # λ·s² within the normal range of λ's dtype (float32, or float64 for a float64 layer); the weights
+        # divided by s within their dtype's range.
+        info = torch.finfo(self.lambda_raw.dtype)
+        lo, hi = math.sqrt(float(info.tiny) / lam), math.sqrt(float(info.max) / lam)
         weights = [self.prototypes, self.W_dec] + ([self.b_dec] if self.b_dec is not None else [])
         largest = max(float(w.detach().abs().max()) if w.numel() else 0.0 for w in weights)
         if largest > 0:
@@ -278,7 +280,8 @@ class SpaDE(nn.Module):
         if not lo <= scale <= hi:
             raise ValueError(
                 f"scale = {scale:.6g} is outside [{lo:.3g}, {hi:.3g}], the range this layer can fold: λ·scale² "
-                f"(λ = {lam:.3g}) must stay in float32's normal range and the weights divided by scale finite"
+                f"(λ = {lam:.3g}) must stay in {self.lambda_raw.dtype}'s normal range and the weights divided by "
+                "scale finite"
             )
         self.prototypes.div_(scale)
         self.W_dec.div_(scale)
@@ -593,13 +596,14 @@ class Checkpoint(NamedTuple):
             raise ValueError(f"{self.weights_path}: {name!r} must hold finite floats (it holds NaN or inf)")
 
     def check_lambda(self, raw: torch.Tensor) -> None:
-        """λ = softplus(raw), in raw's dtype, must be a normal float32 number (the layer's λ would round to ~0)."""
+        """λ = softplus(raw), in raw's dtype (float32, or float64 for a float64 layer), must be a normal number."""
         lam = F.softplus(raw.detach())
-        if not float(lam) >= _LAMBDA_MIN:
+        tiny = float(torch.finfo(raw.dtype).tiny)
+        if not float(lam) >= tiny:
             exact = F.softplus(raw.detach().double()).item()
             raise ValueError(
                 f"{self.weights_path}: 'lambda_raw' = {raw.item():.6g} gives λ = softplus(lambda_raw) = {exact:.3g}, "
-                f"below float32's smallest normal number {_LAMBDA_MIN:.3g}: λ would round to ~0"
+                f"below {str(raw.dtype).removeprefix('torch.')}'s smallest normal number {tiny:.3g}: λ would round to ~0"
             )
 
 

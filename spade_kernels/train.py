@@ -52,6 +52,8 @@ class TrainHistory:
     lr: list[float] = field(default_factory=list)
     #: The step after which ``should_stop`` ended the run early (None: it ran to the end).
     stopped_at: int | None = None
+    #: What ``should_stop`` returned then (agreed by every rank; the command line's signal number).
+    stopped_by: int | None = None
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -121,9 +123,17 @@ def load_train_state(path: str) -> dict:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError(f"{path} is not a version-{STATE_VERSION} training state of spade_kernels")
     expected = state.pop(CHECKSUM_KEY, None)
-    if not isinstance(expected, dict):
-        raise ValueError(f"{path} has no checksums: it was not written by this version of spade_kernels")
-    verify_checksums(state, expected, path)
+    if expected is None:  # written before states carried checksums: loaded, unverified
+        import warnings
+
+        warnings.warn(
+            f"{path} carries no checksums (an earlier version wrote it): it is loaded unverified",
+            stacklevel=2,
+        )
+    elif not isinstance(expected, dict):
+        raise ValueError(f"{path} is damaged: its checksums are unreadable")
+    else:
+        verify_checksums(state, expected, path)
     return state
 
 
@@ -142,9 +152,11 @@ class ShardedCheckpointer(Checkpointer):
     """
 
     layout: dict = field(default_factory=dict)
+    #: Combines every rank's flags (element-wise maximum): a failed LATEST write stops every rank.
+    agree: Callable[[list[int]], list[int]] | None = None
 
     def save(self, state: dict) -> None:
-        """Collective: every rank calls it at the same step."""
+        """Collective: every rank calls it at the same step; a failure raises on every rank."""
         import json
         import shutil
 
@@ -156,7 +168,12 @@ class ShardedCheckpointer(Checkpointer):
         rank = dist.get_rank()
         name = f"step-{state['step']:09d}"
         full = {**state, CHECKSUM_KEY: json.dumps(checksums(state))}
-        dcp.save({f"rank{rank}": full}, checkpoint_id=os.path.join(self.path, name))
+        step_dir = os.path.join(self.path, name)
+        try:
+            dcp.save({f"rank{rank}": full}, checkpoint_id=step_dir)
+        except _CHECKPOINT_ERRORS as exc:  # DCP gathers every rank's failure and raises it on all
+            raise _unwrapped(exc, f"writing {step_dir}") from _first_failure(exc)
+        failed = None
         if rank == 0:  # dcp.save returned: every rank's part and the metadata are written
             latest = {
                 "version": STATE_VERSION, "step": state["step"], "dir": name, "layout": self.layout,
@@ -168,17 +185,54 @@ class ShardedCheckpointer(Checkpointer):
                 with open(tmp, "w") as f:
                     f.write(text)
 
-            atomic_write(os.path.join(self.path, LATEST_NAME), write)
-            remove_stale_temporaries(self.path)
-            for entry in os.scandir(self.path):
-                if entry.is_dir() and entry.name.startswith("step-") and entry.name != name:
-                    shutil.rmtree(entry.path, ignore_errors=True)
+            try:
+                atomic_write(os.path.join(self.path, LATEST_NAME), write)
+            except OSError as exc:
+                failed = exc
+            else:
+                remove_stale_temporaries(self.path)
+                for entry in os.scandir(self.path):
+                    if entry.is_dir() and entry.name.startswith("step-") and entry.name != name:
+                        shutil.rmtree(entry.path, ignore_errors=True)
+        if self.agree is not None and self.agree([int(failed is not None)])[0] and failed is None:
+            raise OSError(f"rank 0 could not write {os.path.join(self.path, LATEST_NAME)}")
+        if failed is not None:
+            raise failed
         self._last = time.monotonic()
         self.saved_step = state["step"]
 
 
 #: The file of a :class:`ShardedCheckpointer` folder that names its last complete state.
 LATEST_NAME = "LATEST"
+
+try:  # torch.distributed.checkpoint raises a BaseException that gathers every rank's failure
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _CHECKPOINT_ERRORS: tuple = (CheckpointException,)
+except ImportError:
+    _CHECKPOINT_ERRORS = ()
+
+
+def _first_failure(exc: BaseException) -> BaseException | None:
+    """The first rank's exception inside a DCP ``CheckpointException`` (None for any other error)."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict):
+        return None
+    for value in failures.values():
+        inner = value[0] if isinstance(value, tuple) else value
+        if isinstance(inner, BaseException):
+            return inner
+    return None
+
+
+def _unwrapped(exc: BaseException, what: str) -> Exception:
+    """A DCP failure as an ordinary error (an ``OSError`` when a rank's write failed), naming ``what``."""
+    from ._io import one_line
+
+    inner = _first_failure(exc)
+    if isinstance(inner, OSError):
+        return OSError(inner.errno, f"{what} failed: {inner.strerror or one_line(inner)}")
+    return RuntimeError(f"{what} failed ({one_line(inner or exc)})")
 
 
 def read_sharded_latest(folder: str) -> dict:
@@ -225,10 +279,10 @@ def load_sharded_state(folder: str, layer: torch.nn.Module) -> dict:
     }  # fmt: skip
     try:
         dcp.load({f"rank{rank}": template}, checkpoint_id=step_dir)
-    except Exception as exc:  # a missing or damaged part fails in DCP's own way
-        raise ValueError(
-            f"{step_dir} is not a readable training state for rank {rank} ({one_line(exc)})"
-        ) from None
+    except (Exception, *_CHECKPOINT_ERRORS) as exc:  # a missing or damaged part fails in DCP's own way
+        inner = _first_failure(exc) or exc
+        reason = "a part of it ends early: truncated" if isinstance(inner, EOFError) else one_line(inner)
+        raise ValueError(f"{step_dir} is not a readable training state ({reason})") from None
     expected = template.pop(CHECKSUM_KEY)
     try:
         expected = {k: int(v) for k, v in json.loads(expected).items()}
@@ -410,9 +464,10 @@ def train_spade(
         ``epochs`` extend it (the cosine schedule then runs to the new last
         step); ``lr``, ``lr_final`` and ``clip`` apply from the resumed step.
     should_stop : callable, optional
-        Checked after every step; when it returns True the current state is
-        written (with ``checkpoint``) and the history returned with
-        ``stopped_at`` set (how the command line handles SIGINT/SIGTERM).
+        Checked at every step; when it returns a true value (an int, e.g. a
+        signal number) the step finishes, the state is written (with
+        ``checkpoint``) and the history returned with ``stopped_at`` and
+        ``stopped_by`` set (how the command line handles SIGINT/SIGTERM).
     on_step : callable, optional
         ``on_step(step, history)`` after every optimizer step (the command
         line's metrics log).
@@ -458,7 +513,9 @@ def train_spade(
             )
         layer.load_state_dict(resume["layer"])
         optimizer.load_state_dict(resume["optimizer"])
-        history = TrainHistory(**{k: list(v) for k, v in resume["history"].items() if k != "stopped_at"})
+        history = TrainHistory(
+            **{k: list(v) for k, v in resume["history"].items() if k not in ("stopped_at", "stopped_by")}
+        )
         step, first_epoch, first_start = resume["step"], resume["epoch"], resume["start"]
         gen.set_state(resume["epoch_gen_state"])
     bar = _Progress(stream or sys.stderr, total, log_every or max(1, total // 10), step) if progress else None
@@ -482,7 +539,7 @@ def train_spade(
         """
         saved = checkpoint.saved_step if checkpoint is not None else None
         trained = step > (resume["step"] if resume is not None else 0)
-        if checkpoint is not None and trained and what != "parameters":
+        if checkpoint is not None and trained and what != "parameters" and checkpoint.saved_step != step:
             checkpoint.save(state(epoch, start, epoch_gen_state))
             saved = step
         if bar is not None and bar.bar is not None:
@@ -512,7 +569,7 @@ def train_spade(
             bad = {name: v for name, v in zip(names, values) if not math.isfinite(v)}
             what = next((w for w in _DIVERGED if w in bad), None)
             # This step's decisions, the same on every rank (``agree``): diverged (which), stop, checkpoint.
-            flags = [_DIVERGED.index(what) + 1 if what else 0, int(should_stop is not None and should_stop())]
+            flags = [_DIVERGED.index(what) + 1 if what else 0, int(should_stop() or 0) if should_stop else 0]
             flags.append(int(checkpoint is not None and checkpoint.due_by_time()))
             if agree is not None:
                 flags = agree(flags)
@@ -543,7 +600,7 @@ def train_spade(
                 else:
                     checkpoint.save(state(epoch + 1, 0, gen.get_state()))
             if stop and step < total:
-                history.stopped_at = step
+                history.stopped_at, history.stopped_by = step, flags[1]
                 if bar is not None and bar.bar is not None:
                     bar.bar.close()
                 return history

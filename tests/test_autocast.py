@@ -133,7 +133,11 @@ def test_autocast_disabled_region_is_float32():
     torch.testing.assert_close(z, layer.encode(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    # The Triton interpreter's run takes ~15 s: in the slow set, which CI runs.
+    "backend",
+    [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS],
+)
 def test_float16_grad_scaler_never_skips_a_step(backend, device):
     """fp16 AMP as trainers run it (GradScaler defaults): no inf/NaN gradients from the kernels, no skipped step."""
     torch.manual_seed(3)

@@ -26,6 +26,7 @@ def test_measure_reports_times_memory_and_l0():
     assert small["peak_bytes"] < B * K * 4
 
 
+@pytest.mark.slow  # 26 s of measuring: in the slow set, which CI runs
 def test_bench_main_writes_json_csv_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--shape", "16,8,64", "--shape", "16,8,256", "--modes", "encode,train", "--repeats", "2"]

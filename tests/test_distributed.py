@@ -418,19 +418,17 @@ FAULT_RUN = [
 LATEST = os.path.join("train_state.dcp", "LATEST")
 
 
-def _torchrun(args, tmp_path, logs=None, timeout_s=None):
-    """A torchrun of 2 ranks, started in its own session (so a signal can go to all of it, as Ctrl-C does)."""
+def _job(args, tmp_path, stderr=None, timeout_s=None):
+    """A 2-rank job through ``train --nproc-per-node 2`` (torch's elastic launcher, as torchrun)."""
     import subprocess
     import sys
 
-    extra = ["--log-dir", str(logs), "--redirects", "3"] if logs else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port", str(_port()),
-           *extra, "-m", "spade_kernels", *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "spade_kernels", *args[:1], "--nproc-per-node", "2", *args[1:]]
     if timeout_s:
         cmd += ["--dist-timeout-s", str(timeout_s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=tmp_path, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr or subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path)  # fmt: skip
 
 
 def _finish(proc, timeout=300):
@@ -465,11 +463,6 @@ def _workers(out: str) -> list[int]:
     return sorted(pids)
 
 
-def _rank_stderr(logs, rank) -> str:
-    files = list(logs.rglob(f"attempt_0/{rank}/stderr.log"))
-    return files[0].read_text() if files else ""
-
-
 def _same_weights(a, b):
     from safetensors.torch import load_file
 
@@ -478,34 +471,37 @@ def _same_weights(a, b):
         torch.testing.assert_close(wb[name], t, rtol=0, atol=1e-6, msg=name)
 
 
+def _our_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("spade-kernels") and "warning:" not in line]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--latent-shards", "2"], []], ids=["latent-shards", "data-parallel"])
-def test_torchrun_runs_resume_to_the_uninterrupted_weights(layout, tmp_path):
+def test_multi_process_runs_resume_to_the_uninterrupted_weights(layout, tmp_path):
     import signal
 
-    whole = _torchrun([*FAULT_RUN, *layout, "--out", "whole"], tmp_path)
-    code, _, err = _finish(whole)
-    assert code == 0, err[-3000:]
-    # Ctrl-C to the whole job (torchrun and its ranks): every rank writes its part of the state.
-    stopped = _torchrun([*FAULT_RUN, *layout, "--out", "stopped"], tmp_path)
+    code, _, err = _finish(_job([*FAULT_RUN, *layout, "--out", "whole"], tmp_path))
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    # Ctrl-C: the launcher forwards it, every rank finishes its step and writes its part of the state.
+    stopped = _job([*FAULT_RUN, *layout, "--out", "stopped"], tmp_path)
     _wait_for(tmp_path / "stopped" / LATEST, stopped)
-    os.killpg(stopped.pid, signal.SIGINT)
-    _, _, err = _finish(stopped)
-    ours = [line for line in err.splitlines() if line.startswith("spade-kernels") and "warning:" not in line]
-    assert len(ours) == 1 and "stopped by SIGINT" in ours[0], err[-3000:]
-    # SIGKILL of every process of the job (torchrun's ranks run in process groups of their own): the last
-    # complete state remains.
-    killed = _torchrun([*FAULT_RUN, *layout, "--out", "killed"], tmp_path)
+    stopped.send_signal(signal.SIGINT)
+    code, _, err = _finish(stopped)
+    assert code == 130 and "Traceback" not in err, err[-3000:]
+    lines = _our_lines(err)
+    assert (
+        len(lines) == 1 and "stopped by SIGINT" in lines[0] and "--nproc-per-node 2 --resume" in lines[0]
+    ), err
+    # SIGKILL of every process of the job (the launcher and each rank): the last complete state remains.
+    killed = _job([*FAULT_RUN, *layout, "--out", "killed"], tmp_path)
     _wait_for(tmp_path / "killed" / LATEST, killed)
-    for pid in _workers("killed"):
+    for pid in [killed.pid, *_workers("killed")]:
         os.kill(pid, signal.SIGKILL)
-    os.killpg(killed.pid, signal.SIGKILL)
     _finish(killed)
     assert not (tmp_path / "killed" / "sae_weights.safetensors").exists()
     for name in ("stopped", "killed"):
-        resumed = _torchrun(["train", "--resume", name], tmp_path)
-        code, out, err = _finish(resumed)
-        assert code == 0, err[-3000:]
+        code, out, err = _finish(_job(["train", "--resume", name], tmp_path))
+        assert code == 0 and "Traceback" not in err, err[-3000:]
         assert out.count("saved to") == 1 and not (tmp_path / name / "train_state.dcp").exists()
         _same_weights(tmp_path / "whole", tmp_path / name)
 
@@ -516,25 +512,80 @@ def test_a_lost_rank_is_named_by_the_survivor_within_twice_the_timeout(fault, tm
     import signal
 
     timeout_s = 4
-    logs = tmp_path / "logs"
-    run = _torchrun([*FAULT_RUN, "--n-samples", "60000", "--latent-shards", "2", "--out", "r"], tmp_path,
-                    logs=logs, timeout_s=timeout_s)  # fmt: skip
-    _wait_for(tmp_path / "r" / LATEST, run)
-    victim = _workers("r")[-1]
-    start = time.monotonic()
-    os.kill(victim, getattr(signal, fault))
-    try:
-        while "error" not in _rank_stderr(logs, 0):
-            assert time.monotonic() - start < 2 * timeout_s + 5, _rank_stderr(logs, 0)
-            time.sleep(0.1)
-        elapsed = time.monotonic() - start
-    finally:
-        if fault == "SIGSTOP":
-            os.kill(victim, signal.SIGCONT)
-        _finish(run)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        run = _job([*FAULT_RUN, "--n-samples", "60000", "--latent-shards", "2", "--out", "r"], tmp_path,
+                   stderr=stderr, timeout_s=timeout_s)  # fmt: skip
+        _wait_for(tmp_path / "r" / LATEST, run)
+        victim = _workers("r")[-1]
+        start = time.monotonic()
+        os.kill(victim, getattr(signal, fault))
+        try:
+            while "rank 0: lost" not in log.read_text():
+                assert time.monotonic() - start < 2 * timeout_s + 5, log.read_text()
+                time.sleep(0.1)
+            elapsed = time.monotonic() - start
+        finally:
+            if fault == "SIGSTOP":
+                os.kill(victim, signal.SIGCONT)
+            code = run.wait(timeout=120)
+    err = log.read_text()
     assert elapsed <= 2 * timeout_s, elapsed
-    err = _rank_stderr(logs, 0)
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("step ")]
     state = "exited" if fault == "SIGKILL" else "stopped"
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert f"rank 0: lost rank 1 (PID {victim}, {state})" in lines[0] and "is intact" in lines[0], lines[0]
+    lines = _our_lines(err)
+    assert code == 1 and "Traceback" not in err, err
+    assert f"rank 0: lost rank 1 (PID {victim}, {state})" in lines[0] and "is intact" in lines[0], lines
+    # A stopped rank that runs again finds rank 0 gone and says so; then the launcher's own line: which
+    # ranks failed, and how.
+    if fault == "SIGSTOP" and len(lines) == 3:
+        assert "rank 1: lost rank 0" in lines[1], lines
+    assert len(lines) in (2, 3) and "the run on 2 processes failed: rank 0 exited with 1" in lines[-1], lines
+
+
+def _huge_prototypes_on_one_shard(rank, world, timeout_s):
+    layer = _layer(10, "torch", dtype=torch.float32)
+    sharded = D.ShardedSpaDE.from_dense(layer)
+    if rank == 1:
+        with torch.no_grad():
+            sharded.prototypes.mul_(1e30)  # this shard's distances overflow float32
+    from spade_kernels.numerics import RangeError
+
+    try:
+        sharded(_batches(1, dtype=torch.float32)[0])
+    except RangeError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_shard_out_of_range_fails_every_rank_at_once(tmp_path):
+    # The failing shard's error travels with the forward's first collective: no rank waits for a timeout.
+    start = time.monotonic()
+    messages = _run(_huge_prototypes_on_one_shard, 2, tmp_path, timeout_s=60)
+    assert time.monotonic() - start < 30
+    assert "the prototypes hold" in messages[1] or "prototypes holds" in messages[1]
+    assert messages[0] is not None and "another shard" in messages[0]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path):
+    import signal
+
+    run = _job([*FAULT_RUN, "--n-samples", "60000", "--latent-shards", "2", "--out", "r"], tmp_path)
+    _wait_for(tmp_path / "r" / LATEST, run)
+    os.kill(_workers("r")[-1], signal.SIGTERM)  # rank 1 only, as a scheduler might
+    code, _, err = _finish(run)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    lines = _our_lines(err)
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], err
+    # A damaged part is refused on resume, one line from the rank that reads it.
+    import shutil
+
+    shutil.copytree(tmp_path / "r", tmp_path / "damaged")
+    part = next((tmp_path / "damaged" / "train_state.dcp").glob("step-*/__1_0.distcp"))
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    code, _, err = _finish(_job(["train", "--resume", "damaged"], tmp_path))
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    lines = _our_lines(err)
+    assert any("not a readable training state" in line or "damaged" in line for line in lines), err
+    code, out, err = _finish(_job(["train", "--resume", "r"], tmp_path))
+    assert code == 0 and out.count("saved to") == 1, err[-3000:]

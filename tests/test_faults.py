@@ -556,3 +556,47 @@ def test_a_files_batch_size_comes_from_its_size_and_scales_are_labelled(tmp_path
     from spade_kernels._io import read_safetensors_header
 
     assert read_safetensors_header(out / "sae_weights.safetensors")[0]["__metadata__"]
+
+
+# -- review follow-ups: old states, odd headers, float64 checkpoints ------------------------------
+
+
+def test_a_state_written_before_checksums_still_resumes_with_a_warning(stopped_run, capsys):
+    from spade_kernels._io import CHECKSUM_KEY
+
+    raw = torch.load(stopped_run / STATE_NAME, weights_only=True)
+    raw.pop(CHECKSUM_KEY)
+    torch.save(raw, stopped_run / STATE_NAME)
+    with pytest.warns(UserWarning, match="carries no checksums"):
+        state = load_train_state(str(stopped_run / STATE_NAME))
+    assert state["step"] == raw["step"]
+
+
+def test_a_safetensors_header_with_odd_metadata_or_shapes_is_refused(tmp_path):
+    import struct
+
+    from spade_kernels._io import read_safetensors_header
+
+    def write(header: dict, data: bytes = b"") -> str:
+        text = json.dumps(header).encode()
+        path = tmp_path / f"{uuid.uuid4().hex}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+        return str(path)
+
+    with pytest.raises(ValueError, match="__metadata__ is not a map of strings"):
+        read_safetensors_header(write({"__metadata__": ["x"]}))
+    with pytest.raises(ValueError, match="malformed header entry"):
+        read_safetensors_header(write({"t": {"dtype": "F32", "shape": [-1, 2], "data_offsets": [0, 0]}}))
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        read_safetensors_header(
+            write({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+        )
+
+
+def test_eval_takes_data_of_any_finite_scale_for_a_float64_checkpoint(tmp_path, capsys):
+    layer = sk.SpaDE(2, 8, dtype=torch.float64)
+    layer.fold_input_scale(1e-25)  # a layer for data of scale ~1e25
+    layer.save_pretrained(tmp_path / "ck")
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(500, 2)) * 1e25)  # float64 rows, mean ‖x‖² ~ 2e50
+    assert main(["eval", str(tmp_path / "ck"), "--data", str(data)]) == 0, capsys.readouterr().err

@@ -205,7 +205,9 @@ class _GatherSqDistFn(torch.autograd.Function):
     def forward(x, M, indices, prims):
         cd = compute_dtype(torch.promote_types(x.dtype, M.dtype))
         out = product(prims, "gather_sq_dist", x.to(cd), indices, M.to(cd))
-        return out.to(torch.promote_types(x.dtype, M.dtype))
+        dtype = torch.promote_types(x.dtype, M.dtype)
+        # No no-op .to() on the output: torch 2.11's AOT autograd then gave a wrong ∂M (tested).
+        return out if out.dtype == dtype else out.to(dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
