@@ -42,6 +42,7 @@ __all__ = [
     "header_dtype",
     "is_disk_full",
     "one_line",
+    "read_json",
     "read_safetensors_header",
     "read_tensor_into",
     "remove_stale_temporaries",
@@ -174,6 +175,17 @@ def save_torch(obj, path: str) -> None:
     """``torch.save`` through a Python file, so a failed write carries the OS error (torch's own is opaque)."""
     with open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def read_json(path: str | os.PathLike, what: str = "valid JSON"):
+    """The JSON value in ``path``; a one-line ``ValueError`` naming it (``not {what}``) when unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not {what} ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({one_line(exc)})") from None
 
 
 # -- checksums ---------------------------------------------------------------------------------

@@ -626,7 +626,7 @@ def _dtype_arg(value, where: str) -> torch.dtype:
 
 def read_checkpoint(path: str | os.PathLike, dtype=None) -> Checkpoint:
     """Check a checkpoint's ``cfg.json`` and its weights' header (:meth:`SpaDE.from_pretrained`'s first half)."""
-    from ._io import CHECKSUM_KEY, header_dtype, one_line, read_safetensors_header
+    from ._io import CHECKSUM_KEY, header_dtype, one_line, read_json, read_safetensors_header
 
     path = os.fspath(path)
     if os.path.basename(path) == CONFIG_NAME and os.path.isfile(path):
@@ -634,13 +634,7 @@ def read_checkpoint(path: str | os.PathLike, dtype=None) -> Checkpoint:
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise ValueError(f"{cfg_path} cannot be read ({one_line(exc)})") from None
+    cfg = read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("architecture") != "spade":

@@ -237,18 +237,12 @@ def _unwrapped(exc: BaseException, what: str) -> Exception:
 
 def read_sharded_latest(folder: str) -> dict:
     """The ``LATEST`` record of a :class:`ShardedCheckpointer` folder; a one-line ``ValueError`` otherwise."""
-    import json
-
-    from ._io import one_line
+    from ._io import read_json
 
     path = os.path.join(folder, LATEST_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no training state at {folder}")
-    try:
-        with open(path) as f:
-            latest = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable training state ({one_line(exc)})") from None
+    latest = read_json(path, "a readable training state")
     if not isinstance(latest, dict) or latest.get("version") != STATE_VERSION or "dir" not in latest:
         raise ValueError(f"{path} is not a version-{STATE_VERSION} training state of spade_kernels")
     return latest
