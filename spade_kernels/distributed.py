@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .backends import canonical_name, resolve_backend
+from .backends import check_backend_name, resolve_backend
 from .codes import SparseCodes
 from .layer import SpaDE, SpaDEOutput, read_checkpoint
 from .numerics import RangeError, compute_dtype, sorted_threshold
@@ -345,7 +345,7 @@ class ShardedSpaDE(nn.Module):
         flat = x.reshape(-1, self.d_in)
         dtype = torch.promote_types(flat.dtype, self.prototypes.dtype)
         flat, A = flat.to(dtype), self.prototypes.to(dtype)
-        backend = canonical_name(self.backend)
+        backend = check_backend_name(self.backend)
         impl = resolve_backend(backend, flat.device, dtype)
         if impl.dense:
             raise ValueError("ShardedSpaDE runs a sparse backend (torch, native or triton), not 'reference'")

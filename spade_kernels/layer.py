@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_has_data, check_no_functorch, check_tensor
-from .backends import canonical_name, resolve_backend
+from .backends import check_backend_name, resolve_backend
 from .codes import SparseCodes
 from .encode import encode_sparse
 from .pipeline import gather_sq_dist, mean_squared_error, sparse_decode
@@ -225,7 +225,7 @@ class SpaDE(nn.Module):
             "lambda_init": float(lambda_init),
             "gamma_reg": float(gamma_reg),
             "reg_on": reg_on,
-            "backend": canonical_name(backend),
+            "backend": check_backend_name(backend),
         }
 
     # -- parameters ---------------------------------------------------------
@@ -552,7 +552,7 @@ class SpaDE(nn.Module):
         values checked finite, and λ = softplus(lambda_raw) checked to be
         representable in the layer's float32 λ.
         """
-        backend = canonical_name(backend)
+        backend = check_backend_name(backend)
         ckpt = read_checkpoint(path, dtype)
         if device is None:
             device = torch.empty(()).device  # torch's default device, as for any module

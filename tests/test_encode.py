@@ -235,14 +235,12 @@ def test_backend_errors_and_registry():
         sk.spade_encode(x, A, 0.1, backend="reference", chunk=4)
 
 
-@pytest.mark.skipif(not _ext.available(), reason="C++ extension unavailable")
-def test_former_backend_name_cuda_means_native():
+def test_the_former_name_cuda_is_an_unknown_backend():
     x, A = torch.randn(5, 3), torch.randn(9, 3)
-    with pytest.warns(DeprecationWarning, match="'cuda' is now called 'native'"):
-        codes = sk.spade_encode(x, A, 0.1, backend="cuda")
-    assert torch.equal(codes.indices, sk.spade_encode(x, A, 0.1, backend="native").indices)
-    with pytest.warns(DeprecationWarning):
-        assert sk.SpaDE(3, 9, backend="cuda").backend == "native"
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'; expected one of \['auto', 'reference'"):
+        sk.spade_encode(x, A, 0.1, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        sk.SpaDE(3, 9, backend="cuda")
 
 
 def test_mixed_dtypes_promote():

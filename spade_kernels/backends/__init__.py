@@ -14,15 +14,12 @@ The sparse backends are :class:`~spade_kernels.backends.interface.Primitives`
 values, composed by :mod:`spade_kernels.pipeline`; this module only
 imports them when they are used (nothing touches a GPU or imports triton at
 import time).  ``auto`` is decided here and nowhere else (:func:`auto_backend`).
-``cuda`` is the former name of ``native`` and still accepted, with a
-``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,7 +33,6 @@ __all__ = [
     "auto_search",
     "available_backends",
     "backend_status",
-    "canonical_name",
     "check_backend_name",
     "resolve_backend",
 ]
@@ -177,10 +173,6 @@ BACKENDS: dict[str, Backend] = {
     ),
 }
 
-#: Former names, still accepted with a DeprecationWarning.
-ALIASES = {"cuda": "native"}
-
-
 def auto_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
     """What ``backend="auto"`` runs for tensors on ``device`` of ``dtype``: (name, why).
 
@@ -237,31 +229,18 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def canonical_name(name) -> str:
-    """``name`` checked (``"auto"`` or a backend) and with a former name replaced, with a DeprecationWarning."""
+def check_backend_name(name) -> str:
+    """``name`` itself when it is ``"auto"`` or a backend's name (availability is checked per call)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
-    if name in ALIASES:
-        warnings.warn(
-            f"backend {name!r} is now called {ALIASES[name]!r} (it runs C++ kernels on CPU tensors "
-            "and CUDA kernels on CUDA tensors)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        return ALIASES[name]
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {['auto', *BACKENDS]}")
     return name
 
 
-def check_backend_name(name) -> None:
-    """Raise unless ``name`` is ``"auto"``, a backend or a former name (availability is checked per call)."""
-    canonical_name(name)
-
-
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Backend:
     """The backend object for ``name`` on tensors of ``device`` and ``dtype`` (``"auto"``: :func:`auto_backend`)."""
-    name = canonical_name(name)
+    name = check_backend_name(name)
     if name == "auto":
         return BACKENDS[auto_backend(device, dtype)[0]]
     backend = BACKENDS[name]

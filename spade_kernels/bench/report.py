@@ -13,13 +13,12 @@ from .sweep import BASELINES, Row
 
 __all__ = ["format_scaling_table", "format_table", "plot_results", "write_results"]
 
-#: One colour per implementation across every plot ("cuda": runs before the backend was renamed native).
+#: One colour per implementation across every plot.
 _COLORS = {
     "reference": "C0",
     "torch": "C1",
     "triton": "C2",
     "native": "C3",
-    "cuda": "C3",
     "floor": "C7",
     "entmax": "C4",
 }

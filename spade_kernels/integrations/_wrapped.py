@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import canonical_name
+from ..backends import check_backend_name
 from ..layer import SpaDE
 
 
@@ -25,7 +25,7 @@ class WrappedSpaDE:
 
     @backend.setter
     def backend(self, name: str) -> None:
-        self.spade.backend = canonical_name(name)
+        self.spade.backend = check_backend_name(name)
 
     @property
     def prototypes(self) -> torch.nn.Parameter:
