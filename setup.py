@@ -11,7 +11,7 @@ says why CUDA was skipped.  The package imports without either library
 declared in Python (``spade_kernels/ops.py``); csrc/README.md lists what an
 op touches.
 
-Knobs (README, "Build options"): SPADE_SKIP_CUDA_BUILD, TORCH_CUDA_ARCH_LIST,
+Knobs (docs/contributing.md, "Build options"): SPADE_SKIP_CUDA_BUILD, TORCH_CUDA_ARCH_LIST,
 MAX_JOBS.  Supported setuptools: >= 66.1 (the oldest that runs on Python
 3.12); CI builds with setuptools 66.1 on the GPU machine's stack
 (scripts/test_gpu_stack.sh) and with the newest on its own.

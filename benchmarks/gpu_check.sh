@@ -34,7 +34,7 @@
 #   sparse    rest   benchmarks/bench_sparse.py (support products, torch vs Triton vs CUDA)
 #
 # Copy what comes back to benchmarks/results/gpu-<device>-encode|train and
-# regenerate the README with `python benchmarks/make_readme_table.py`.
+# regenerate the tables with `python benchmarks/make_tables.py`.
 set -uo pipefail
 set -m  # job control: each step is a process group the deadline guard can interrupt whole
 cd "$(dirname "$0")/.."

@@ -19,7 +19,7 @@ Plain PyTorch, written for the examples (the package itself only ships SpaDE):
   a gradient towards what the live ones miss.
 
 Both are trained by :func:`train_sae` with the SpaDE recipe of
-:func:`spade_kernels.train.train_spade` (Adam, per-step cosine lr decay,
+:func:`spade_kernels.sae.train.train_spade` (Adam, per-step cosine lr decay,
 gradient clipping, shuffled mini-batches), so all three models see the same
 batches in the same order for a given seed.  :func:`match_relu_l0` and
 :func:`match_topk_l0` tune α and k until the baseline's mean L0 matches a
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spade_kernels.train import cosine_lr
+from spade_kernels.sae.train import cosine_lr
 
 __all__ = [
     "JumpReLUSAE",

@@ -12,7 +12,7 @@
    offsets, so each row can be traced back to its text).
 4. Training: the package's own command, ``spade-kernels train --data
    activations.pt --d-sae K --batch-size B --epochs E --out DIR`` (run here
-   in-process through ``spade_kernels.cli.main``; the exact command is printed).
+   in-process through ``spade_kernels.sae.cli.main``; the exact command is printed).
 5. Inspection: the trained layer is loaded back, every token is encoded, and
    a few latents drawn at random among the live ones are shown with their
    top-activating tokens in context.
@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 
 import spade_kernels
-from spade_kernels.cli import INFO_NAME
-from spade_kernels.cli import main as cli_main
-from spade_kernels.data import load_activations
+from spade_kernels.sae.cli import INFO_NAME
+from spade_kernels.sae.cli import main as cli_main
+from spade_kernels.sae.data import load_activations
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = 3

@@ -33,7 +33,7 @@ import torch
 from baselines import JumpReLUSAE, ReLUSAE, TopKSAE, train_sae
 
 from spade_kernels import SpaDE
-from spade_kernels.train import train_spade
+from spade_kernels.sae.train import train_spade
 
 FIRING = 1e-6
 #: Each SAE's sparsity knob and the values swept (L0 ≈ 30 down to ≈ 2 at width 128).  SpaDE is

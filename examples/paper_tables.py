@@ -1,14 +1,14 @@
-"""README tables "paper vs this package", generated from the experiments' JSON results.
+"""The tables "paper vs this package" of docs/paper.md, generated from the experiments' JSON results.
 
 Reads ``examples/results/separability.json``, ``heterogeneity.json``,
 ``formal_language.json`` (and the runs at larger sizes when present:
 ``separability_full.json``, ``heterogeneity_1m.json``, ``heterogeneity_full.json``; and
-SpaDE's γ sweeps ``*_gamma.json``) and rewrites the README between the markers
+SpaDE's γ sweeps ``*_gamma.json``) and rewrites docs/paper.md between the markers
 ``<!-- paper-table:NAME -->`` and ``<!-- /paper-table:NAME -->``.  ``--check``
 only compares (CI: the tables are never stale).
 
-    python examples/paper_tables.py            # rewrite README.md
-    python examples/paper_tables.py --check    # exit 1 if README.md differs
+    python examples/paper_tables.py            # rewrite docs/paper.md
+    python examples/paper_tables.py --check    # exit 1 if docs/paper.md differs
 """
 
 from __future__ import annotations
@@ -241,32 +241,32 @@ def tables() -> dict[str, str]:
     return out
 
 
-def render(readme: str) -> str:
+def render(page: str) -> str:
     for name, body in tables().items():
         pattern = re.compile(rf"(<!-- paper-table:{name} -->\n).*?(<!-- /paper-table:{name} -->)", re.S)
-        if not pattern.search(readme):
+        if not pattern.search(page):
             raise SystemExit(
-                f"README.md has no <!-- paper-table:{name} --> … <!-- /paper-table:{name} --> block"
+                f"the page has no <!-- paper-table:{name} --> … <!-- /paper-table:{name} --> block"
             )
-        readme = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), readme)
-    return readme
+        page = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), page)
+    return page
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the page is not up to date")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "paper.md")
     args = p.parse_args(argv)
-    text = args.readme.read_text()
+    text = args.doc.read_text()
     new = render(text)
     if args.check:
         if new != text:
-            print(f"{args.readme}: the paper tables are stale; run python examples/paper_tables.py")
+            print(f"{args.doc}: the paper tables are stale; run python examples/paper_tables.py")
             return 1
-        print(f"{args.readme}: paper tables up to date")
+        print(f"{args.doc}: paper tables up to date")
         return 0
-    args.readme.write_text(new)
-    print(f"wrote the paper tables into {args.readme}")
+    args.doc.write_text(new)
+    print(f"wrote the paper tables into {args.doc}")
     return 0
 
 

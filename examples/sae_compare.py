@@ -4,7 +4,7 @@ Shared by ``synthetic_separability.py`` and ``synthetic_heterogeneity.py``:
 train SpaDE with the paper's recipe, measure its mean L0 over the data, tune
 TopK's k and the ReLU SAE's L1 coefficient until their mean L0 matches it,
 then score all three with the same per-concept metrics
-(:func:`spade_kernels.train.concept_metrics`: top-5 F1 and mean L0 per
+(:func:`spade_kernels.sae.train.concept_metrics`: top-5 F1 and mean L0 per
 concept).
 """
 
@@ -21,8 +21,8 @@ import torch
 from baselines import match_relu_l0, match_topk_l0
 
 from spade_kernels import SpaDE
-from spade_kernels.data import SyntheticDataset, scale_to_unit_norm
-from spade_kernels.train import concept_metrics, evaluate, train_spade
+from spade_kernels.sae.data import SyntheticDataset, scale_to_unit_norm
+from spade_kernels.sae.train import concept_metrics, evaluate, train_spade
 
 __all__ = ["MODELS", "Comparison", "compare", "print_table", "write_json"]
 

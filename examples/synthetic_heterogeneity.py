@@ -1,7 +1,7 @@
 """The paper's heterogeneity experiment (128-D): does an SAE's L0 adapt to a concept's dimension?
 
 Six concepts on random affine subspaces of intrinsic dimension 1, 2, 4, 8, 16
-and 32 in R^128 (``spade_kernels.data.make_heterogeneity``).  A TopK SAE gives
+and 32 in R^128 (``spade_kernels.sae.data.make_heterogeneity``).  A TopK SAE gives
 every sample the same number of latents; SpaDE's sparsemax threshold adapts
 per input, so its per-concept L0 should grow with the concept's dimension.
 SpaDE, TopK and ReLU SAEs are trained at matched mean L0 and compared by
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from sae_compare import MODELS, Comparison, compare, parse_args, print_table, write_json
 
-from spade_kernels.data import make_heterogeneity
+from spade_kernels.sae.data import make_heterogeneity
 
 
 def run(

@@ -1,6 +1,6 @@
 """The paper's separability experiment (2-D): SpaDE vs TopK vs ReLU SAEs at matched L0.
 
-Thirteen Gaussian concepts in the plane (``spade_kernels.data.make_separability``):
+Thirteen Gaussian concepts in the plane (``spade_kernels.sae.data.make_separability``):
 one at the origin, six on an inner ring, six on an outer ring.  The centre and
 inner concepts are not linearly separable from the rest, so a latent that is a
 half-space (ReLU) or close to one (TopK) cannot fire on exactly one of them;
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from sae_compare import MODELS, Comparison, compare, parse_args, print_table, write_json
 
-from spade_kernels.data import make_separability
+from spade_kernels.sae.data import make_separability
 
 #: Concepts whose best latent's receptive field is drawn: the centre and one inner-ring concept.
 SHOWN = (0, 1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Test the dictionary_learning integration
-# (spade_kernels/integrations/dictionary_learning.py) in its own virtual
+# (spade_kernels/sae/integrations/dictionary_learning.py) in its own virtual
 # environment, .venv-dictionary-learning, kept apart from the main one.
 #
 #   scripts/test_dictionary_learning.sh [pytest args]

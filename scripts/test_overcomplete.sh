@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test the Overcomplete integration (spade_kernels/integrations/overcomplete.py)
+# Test the Overcomplete integration (spade_kernels/sae/integrations/overcomplete.py)
 # in its own virtual environment, .venv-overcomplete, kept apart from the main one.
 #
 #   scripts/test_overcomplete.sh [pytest args]

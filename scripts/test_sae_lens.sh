@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test the SAELens integration (spade_kernels/integrations/sae_lens.py) in its
+# Test the SAELens integration (spade_kernels/sae/integrations/sae_lens.py) in its
 # own virtual environment, .venv-sae-lens, kept apart from the main one.
 #
 #   scripts/test_sae_lens.sh [pytest args]

@@ -1,5 +1,5 @@
 """``python -m spade_kernels``: the ``spade-kernels`` command."""
 
-from .cli import main
+from .sae.cli import main
 
 raise SystemExit(main())

@@ -513,7 +513,7 @@ class SpaDE(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from ._io import CHECKSUM_KEY, atomic_write, checksums, remove_stale_temporaries
+        from .files import CHECKSUM_KEY, atomic_write, checksums, remove_stale_temporaries
 
         os.makedirs(path, exist_ok=True)
         remove_stale_temporaries(path)
@@ -578,7 +578,7 @@ class Checkpoint(NamedTuple):
 
     def read(self, name: str, dest: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
         """Read tensor ``name`` (or its ``rows`` lo:hi) into ``dest`` and check it: CRC-32 (whole tensors), finite."""
-        from ._io import one_line, read_tensor_into
+        from .files import one_line, read_tensor_into
 
         try:
             read_tensor_into(
@@ -626,7 +626,7 @@ def _dtype_arg(value, where: str) -> torch.dtype:
 
 def read_checkpoint(path: str | os.PathLike, dtype=None) -> Checkpoint:
     """Check a checkpoint's ``cfg.json`` and its weights' header (:meth:`SpaDE.from_pretrained`'s first half)."""
-    from ._io import CHECKSUM_KEY, header_dtype, one_line, read_json, read_safetensors_header
+    from .files import CHECKSUM_KEY, header_dtype, one_line, read_json, read_safetensors_header
 
     path = os.fspath(path)
     if os.path.basename(path) == CONFIG_NAME and os.path.isfile(path):
@@ -655,7 +655,7 @@ def read_checkpoint(path: str | os.PathLike, dtype=None) -> Checkpoint:
         if bad:
             raise ValueError(
                 f"{cfg_path} sets {key}={cfg[key]!r}, which SpaDE.from_pretrained does not implement; "
-                "load it with sae_lens.SAE.load_from_disk (after importing spade_kernels.integrations.sae_lens)"
+                "load it with sae_lens.SAE.load_from_disk (after importing spade_kernels.sae.integrations.sae_lens)"
             )
     use_bias = cfg.get("use_bias", False)
     if not isinstance(use_bias, bool):

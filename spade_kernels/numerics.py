@@ -91,7 +91,7 @@ def squared_norms(t: torch.Tensor, name: str) -> torch.Tensor:
         raise RangeError(
             f"{name} holds finite values too large for SpaDE's squared distances in {cd} "
             f"(|entries| up to {float(t.detach()[bad].abs().nan_to_num(0, posinf=0).max()):.3g}): scale the inputs "
-            "down (e.g. spade_kernels.data.scale_to_unit_norm) or compute in float64"
+            "down (e.g. spade_kernels.sae.data.scale_to_unit_norm) or compute in float64"
         )
     return sq
 

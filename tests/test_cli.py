@@ -8,9 +8,9 @@ import torch
 
 from spade_kernels import SpaDE, __version__
 from spade_kernels.backends import backend_status
-from spade_kernels.cli import main
-from spade_kernels.data import make_heterogeneity, make_separability, scale_to_unit_norm
-from spade_kernels.train import evaluate
+from spade_kernels.sae.cli import main
+from spade_kernels.sae.data import make_heterogeneity, make_separability, scale_to_unit_norm
+from spade_kernels.sae.train import evaluate
 
 TINY = ["--n-samples", "520", "--d-sae", "16", "--batch-size", "64"]
 
@@ -183,8 +183,8 @@ def test_few_steps_warn_with_the_numbers_and_threads_apply(tmp_path, capsys):
 def test_train_writes_a_metrics_log_and_curves_and_eval_reports(tmp_path, capsys):
     import json as _json
 
-    from spade_kernels.data import make_separability
     from spade_kernels.layer import SpaDE
+    from spade_kernels.sae.data import make_separability
 
     out = tmp_path / "run"
     assert main(["train", "--dataset", "separability", *TINY, "--out", str(out)]) == 0

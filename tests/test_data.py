@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spade_kernels.data import load_activations, make_heterogeneity, make_separability, scale_to_unit_norm
+from spade_kernels.sae.data import load_activations, make_heterogeneity, make_separability, scale_to_unit_norm
 
 
 def test_separability_shapes_and_determinism():
@@ -152,7 +152,7 @@ def test_truncated_files_are_value_errors(tmp_path):
 
 
 def test_damaged_file_is_a_clean_cli_error(tmp_path, capsys):
-    from spade_kernels.cli import main
+    from spade_kernels.sae.cli import main
 
     path = tmp_path / "acts.pt"
     path.write_bytes(b"")
@@ -162,7 +162,7 @@ def test_damaged_file_is_a_clean_cli_error(tmp_path, capsys):
 
 
 def test_a_file_with_a_non_finite_row_is_refused_naming_it(tmp_path, capsys):
-    from spade_kernels.cli import main
+    from spade_kernels.sae.cli import main
 
     x = torch.randn(300, 4)
     x[123, 1] = float("inf")

@@ -299,12 +299,12 @@ def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monke
     gamma = ["--sweep", "spade:gamma_reg=0.1,3", "--name", "separability_gamma"]
     assert paper_separability.main(["--per-cluster", "100", *small, *gamma]) == 0
     monkeypatch.setattr(paper_tables, "RESULTS", out)
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "paper.md"
     blocks = "".join(f"x\n<!-- paper-table:{n} -->\nold\n<!-- /paper-table:{n} -->\n" for n in
                      ("separability", "heterogeneity", "formal_language", "spade_gamma"))  # fmt: skip
     readme.write_text(blocks)
-    assert paper_tables.main(["--readme", str(readme), "--check"]) == 1
-    assert paper_tables.main(["--readme", str(readme)]) == 0
+    assert paper_tables.main(["--doc", str(readme), "--check"]) == 1
+    assert paper_tables.main(["--doc", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and "| SpaDE |" in text and "| TopK |" in text and "| ReLU |" not in text
     assert "0.69/0.87/0.89/0.89/0.95/0.98" in text  # the authors' numbers beside ours
@@ -313,10 +313,10 @@ def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monke
         and "| separability | 100 per cluster | 1 | 3 |" in text
     )
     assert "mean F1, group of ≤ 5" in text
-    assert paper_tables.main(["--readme", str(readme), "--check"]) == 0
+    assert paper_tables.main(["--doc", str(readme), "--check"]) == 0
     readme.write_text("no markers")
-    with pytest.raises(SystemExit, match="no <!-- paper-table:separability -->"):
-        paper_tables.main(["--readme", str(readme)])
+    with pytest.raises(SystemExit, match="has no <!-- paper-table:separability -->"):
+        paper_tables.main(["--doc", str(readme)])
 
 
 def test_paper_scores_best_latent_and_top_group_f1():

@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file
 
 import spade_kernels as sk
-from spade_kernels import cli
-from spade_kernels.cli import STATE_NAME, main
-from spade_kernels.train import load_train_state
+from spade_kernels.sae import cli
+from spade_kernels.sae.cli import STATE_NAME, main
+from spade_kernels.sae.train import load_train_state
 
 SEP = [
     "--dataset",
@@ -144,7 +144,7 @@ def test_eval_refuses_a_nan_row_as_train_does(tmp_path, checkpoint, capsys):
 
 
 def test_eval_checks_its_output_before_computing(tmp_path, checkpoint, capsys, monkeypatch):
-    from spade_kernels import evaluation
+    from spade_kernels.sae import evaluation
 
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("computed first"))
     data = tmp_path / "x.pt"
@@ -211,7 +211,7 @@ def test_parameters_that_outgrow_the_distances_stop_the_run_at_that_step(tmp_pat
 
 
 def test_a_non_finite_step_is_not_applied_and_the_last_finite_state_resumes(tmp_path, capsys, monkeypatch):
-    from spade_kernels import train
+    from spade_kernels.sae import train
 
     # λ's gradient turns NaN at step 30 (as --gamma-reg 1e38 makes it later in a run): caught before the update.
     real, calls = sk.SpaDE.clip_grad_norm_, []
@@ -294,7 +294,7 @@ def _same_weights(out, expected):
 def test_a_full_disk_at_a_checkpoint_keeps_the_last_state_and_resumes(
     tmp_path, whole_run, capsys, monkeypatch
 ):
-    from spade_kernels import train
+    from spade_kernels.sae import train
 
     with _tmpfs(tmp_path / "disk") as disk:
         out, filler = disk / "run", []
@@ -553,7 +553,7 @@ def test_a_files_batch_size_comes_from_its_size_and_scales_are_labelled(tmp_path
     assert "final, on the training scale" in captured.out and "on raw activations" in captured.out
     assert main(["eval", str(out), "--data", str(path)]) == 0
     assert capsys.readouterr().out.startswith("on raw activations")
-    from spade_kernels._io import read_safetensors_header
+    from spade_kernels.files import read_safetensors_header
 
     assert read_safetensors_header(out / "sae_weights.safetensors")[0]["__metadata__"]
 
@@ -562,7 +562,7 @@ def test_a_files_batch_size_comes_from_its_size_and_scales_are_labelled(tmp_path
 
 
 def test_a_state_written_before_checksums_still_resumes_with_a_warning(stopped_run, capsys):
-    from spade_kernels._io import CHECKSUM_KEY
+    from spade_kernels.files import CHECKSUM_KEY
 
     raw = torch.load(stopped_run / STATE_NAME, weights_only=True)
     raw.pop(CHECKSUM_KEY)
@@ -575,7 +575,7 @@ def test_a_state_written_before_checksums_still_resumes_with_a_warning(stopped_r
 def test_a_safetensors_header_with_odd_metadata_or_shapes_is_refused(tmp_path):
     import struct
 
-    from spade_kernels._io import read_safetensors_header
+    from spade_kernels.files import read_safetensors_header
 
     def write(header: dict, data: bytes = b"") -> str:
         text = json.dumps(header).encode()

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spade_kernels._io import TMP_PREFIX
-from spade_kernels.cli import STATE_NAME, main
+from spade_kernels.files import TMP_PREFIX
+from spade_kernels.sae.cli import STATE_NAME, main
 
 RUN = ["--dataset", "separability", "--n-samples", "20000", "--batch-size", "16", "--d-sae", "32"]
 RUN += ["--epochs", "2", "--threads", "1", "--checkpoint-every", "25"]
@@ -110,7 +110,7 @@ def test_resume_refuses_other_data(tmp_path, capsys):
     out = tmp_path / "run"
     done = _start_and_signal(out, signal.SIGINT)
     assert done.returncode == 128 + signal.SIGINT
-    from spade_kernels.train import Checkpointer, load_train_state
+    from spade_kernels.sae.train import Checkpointer, load_train_state
 
     state = load_train_state(str(out / STATE_NAME))
     extra = state.pop("extra")

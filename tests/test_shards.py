@@ -1,4 +1,4 @@
-"""Data larger than RAM: a directory of activation shards (spade_kernels.data.ActivationShards).
+"""Data larger than RAM: a directory of activation shards (spade_kernels.sae.data.ActivationShards).
 
 Reading (every format, leading dimensions, a float16 shard), an epoch's
 order (every row once, shuffled, deterministic, resumable mid-epoch, batches
@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spade_kernels.cli import main
-from spade_kernels.data import ActivationShards, open_activations, row_blocks, scale_to_unit_norm
 from spade_kernels.layer import SpaDE
-from spade_kernels.train import Checkpointer, load_train_state, train_spade
+from spade_kernels.sae.cli import main
+from spade_kernels.sae.data import ActivationShards, open_activations, row_blocks, scale_to_unit_norm
+from spade_kernels.sae.train import Checkpointer, load_train_state, train_spade
 
 
 def _write(folder, parts):
@@ -176,7 +176,7 @@ def test_shards_saved_with_requires_grad_are_read_as_data(tmp_path):
     s = ActivationShards(tmp_path)
     assert not any(b.requires_grad for _, b in _epoch(s, 0, 16))
     assert not next(s.blocks())[1].requires_grad and not s.sample(3).requires_grad
-    from spade_kernels.data import load_activations
+    from spade_kernels.sae.data import load_activations
 
     assert not load_activations(tmp_path / "a.pt").requires_grad
 
@@ -267,8 +267,8 @@ def test_train_and_eval_commands_take_a_directory(shards, tmp_path, capsys):
 _CAPPED = r"""
 import resource, sys
 import numpy, safetensors.torch, torch
-import spade_kernels.cli as cli
-from spade_kernels.data import ActivationShards
+import spade_kernels.sae.cli as cli
+from spade_kernels.sae.data import ActivationShards
 cap = int(sys.argv[1]) << 20
 vm = [int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("VmSize")][0]
 resource.setrlimit(resource.RLIMIT_AS, (vm + cap, vm + cap))

@@ -95,3 +95,85 @@ def test_nothing_cites_a_document_outside_the_repository():
             if pattern.search(line)
         ]
     assert not offenders, offenders
+
+
+#: The library's public modules: what the SAE toolkit (spade_kernels.sae) may import.
+PUBLIC = {
+    "spade_kernels",
+    "spade_kernels.backends",
+    "spade_kernels.bench",
+    "spade_kernels.distributed",
+    "spade_kernels.files",
+    "spade_kernels.layer",
+    "spade_kernels.ops",
+    "spade_kernels.reference",
+    "spade_kernels.testing",
+}
+
+
+def test_two_floors_the_library_never_imports_the_toolkit():
+    _, graph = _import_graph()
+    # (spade_kernels.__main__ is the command's entry point, `python -m spade_kernels`: the toolkit's door.)
+    library = {m for m in graph if not m.startswith("spade_kernels.sae") and m != "spade_kernels.__main__"}
+    offenders = {m: sorted(t for t in graph[m] if t.startswith("spade_kernels.sae")) for m in library}
+    assert not {m: t for m, t in offenders.items() if t}, offenders
+
+
+def test_two_floors_the_toolkit_uses_the_library_public_api_only():
+    _, graph = _import_graph()
+    offenders = {}
+    for module, targets in graph.items():
+        if not module.startswith("spade_kernels.sae"):
+            continue
+        bad = sorted(t for t in targets if not t.startswith("spade_kernels.sae") and t not in PUBLIC)
+        if bad:
+            offenders[module] = bad
+    assert not offenders, offenders
+
+
+def test_former_import_paths_keep_working_and_say_where_they_moved():
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, importlib\n"
+        "warnings.simplefilter('error')\n"
+        "import spade_kernels\n"
+        "from spade_kernels._moved import MOVED\n"
+        "for old, new in MOVED.items():\n"
+        "    if old.endswith(('sae_lens', 'dictionary_learning', 'overcomplete')):\n"
+        "        continue  # they import their trainer library\n"
+        "    try:\n"
+        "        importlib.import_module(old)\n"
+        "    except DeprecationWarning as w:\n"
+        "        assert f'{old} moved to {new}' in str(w), w\n"
+        "    else:\n"
+        "        raise AssertionError(old + ' imported without a warning')\n"
+        "warnings.simplefilter('ignore')\n"
+        "import spade_kernels.train as t, spade_kernels.sae.train as s\n"
+        "assert t is s and t.__name__ == 'spade_kernels.sae.train'\n"
+        "from spade_kernels.cli import main\n"
+        "from spade_kernels.integrations import _wrapped\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in link.findall(page.read_text()):
+            if "://" in target:
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} → {target}")
+    assert not broken, broken
+
+
+def test_the_readme_stays_short_and_cites_no_issue_numbers():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    texts = [readme, *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
+    texts += [p.read_text() for p in PACKAGE.rglob("*.py")]
+    assert not [t for t in texts if re.search(r"\bissue (#?\d+)", t, re.I)]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from spade_kernels import SpaDE
-from spade_kernels.data import make_separability, scale_to_unit_norm
-from spade_kernels.train import concept_metrics, evaluate, train_spade
+from spade_kernels.sae.data import make_separability, scale_to_unit_norm
+from spade_kernels.sae.train import concept_metrics, evaluate, train_spade
 
 
 def _layer(d_in=2, d_sae=32, seed=0, **kwargs):

@@ -34,6 +34,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "check_backend_name",
+    "extension_summary",
     "resolve_backend",
 ]
 
@@ -173,6 +174,7 @@ BACKENDS: dict[str, Backend] = {
     ),
 }
 
+
 def auto_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
     """What ``backend="auto"`` runs for tensors on ``device`` of ``dtype``: (name, why).
 
@@ -202,7 +204,7 @@ def auto_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> tu
 #: The largest K at which the pipeline's dense search (dense scores of a row
 #: block and a sort) beats a backend's pruned search, per (device type,
 #: backend) — measured on the CPU at B = 16384, d ∈ {2, 128}, K ∈ {128, 256,
-#: 512, 2048} (benchmarks/NOTES.md, "Issue 13"): the ``torch`` backend's
+#: 512, 2048} (benchmarks/NOTES.md, "Cost at every shape"): the ``torch`` backend's
 #: top-k search loses to it at K = 128 (0.209 vs 0.139 s at d = 2) and wins
 #: from K = 256; ``native``'s selection wins at every K (0.071 vs 0.126 s at
 #: K = 128).  Pairs without a measurement always prune.
@@ -218,6 +220,20 @@ def auto_search(device: torch.device, K: int, d: int, backend: str) -> str:
 def backend_status() -> dict[str, str | None]:
     """``{name: None if available else the reason it is not}`` for every backend."""
     return {name: b.unavailable_reason() for name, b in BACKENDS.items()}
+
+
+def extension_summary() -> str:
+    """One line on the compiled extension: loaded or why not, with or without its CUDA kernels."""
+    from .. import _ext
+
+    if not _ext.available():
+        return f"not loaded ({_ext.reason})"
+    if _ext.cuda_kernels():
+        return "spade_kernels._C: CPU ops + CUDA kernels (spade_kernels._C_cuda)"
+    return (
+        "spade_kernels._C: CPU ops only (the native backend runs on CPU tensors; no CUDA kernels: "
+        f"{_ext.cuda_reason})"
+    )
 
 
 def available_backends() -> list[str]:

@@ -126,7 +126,7 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of result rows (used by the README generator and the CLI)."""
+    """A Markdown table of result rows (used by benchmarks/make_tables.py and the CLI)."""
     cols = ["shape (B, d, K)", "dtype", "mode", "implementation", "median ms (p10–p90)", "TFLOP/s"]
     cols += ["extra peak MiB", "mean L0", "× vs reference", "× floor"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -20,7 +20,7 @@ from dictionary_learning.dictionary import Dictionary  # noqa: E402
 from dictionary_learning.trainers.trainer import SAETrainer  # noqa: E402
 
 import spade_kernels as sk  # noqa: E402
-from spade_kernels.integrations.dictionary_learning import (  # noqa: E402
+from spade_kernels.sae.integrations.dictionary_learning import (  # noqa: E402
     LossLog,
     SpaDEDictionary,
     SpaDETrainer,

@@ -14,7 +14,7 @@ from overcomplete.sae.train import train_sae_amp
 from torch.utils.data import DataLoader, TensorDataset
 
 import spade_kernels as sk
-from spade_kernels.integrations.overcomplete import SpaDESAE, spade_criterion
+from spade_kernels.sae.integrations.overcomplete import SpaDESAE, spade_criterion
 
 D, K = 16, 64
 CPU_BACKENDS = [b for b in ("reference", "torch", "native") if b in sk.available_backends()]

@@ -1,4 +1,4 @@
-"""SpaDE as a SAELens architecture (spade_kernels.integrations.sae_lens).
+"""SpaDE as a SAELens architecture (spade_kernels.sae.integrations.sae_lens).
 
 Needs sae-lens, which the main environment does not install: run
 ``scripts/test_sae_lens.sh`` (its own venv).  Everything is offline: random
@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 import spade_kernels as sk
 from spade_kernels import layer as layer_module
-from spade_kernels.integrations import sae_lens as sl
 from spade_kernels.layer import _inverse_softplus
+from spade_kernels.sae.integrations import sae_lens as sl
 
 D_IN, D_SAE = 16, 64
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import check_backend_name
-from ..layer import SpaDE
+from spade_kernels.backends import check_backend_name
+from spade_kernels.layer import SpaDE
 
 
 class WrappedSpaDE:

@@ -15,8 +15,9 @@ import sys
 
 import torch
 
+from spade_kernels.layer import SpaDE
+
 from .data import ActivationShards, check_rows, row_blocks
-from .layer import SpaDE
 
 __all__ = ["evaluate_checkpoint", "plot_evaluation", "training_curves"]
 

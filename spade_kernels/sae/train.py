@@ -2,7 +2,7 @@
 
 Recipe (docs/design.md, "Mathematics"): Adam with lr 1e-2 decayed per step by a cosine to 1e-4,
 gradient-norm clipping at 1.0, shuffled mini-batches, one pass over data that
-was scaled so that E‖x‖² = d (:func:`spade_kernels.data.scale_to_unit_norm`).
+was scaled so that E‖x‖² = d (:func:`spade_kernels.sae.data.scale_to_unit_norm`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import TextIO
 
 import torch
 
-from .codes import SparseCodes
+from spade_kernels import RangeError, SparseCodes
+from spade_kernels.layer import SpaDE
+
 from .data import ActivationShards, check_rows, row_blocks
-from .layer import SpaDE
-from .numerics import RangeError
 
 __all__ = [
     "Checkpointer",
@@ -67,7 +67,7 @@ STATE_VERSION = 1
 class Checkpointer:
     """Where and how often :func:`train_spade` writes a resumable training state.
 
-    ``path``: the state file (written atomically; see :mod:`spade_kernels._io`),
+    ``path``: the state file (written atomically; see :mod:`spade_kernels.files`),
     with a CRC-32 of every tensor's bytes that :func:`load_train_state` checks.
     A state is written every ``every_steps`` optimizer steps and whenever
     ``every_s`` seconds have passed since the last one (either None or 0:
@@ -94,7 +94,13 @@ class Checkpointer:
 
     def save(self, state: dict) -> None:
         """Write ``state`` atomically (an ``OSError`` — e.g. a full disk — leaves the previous state intact)."""
-        from ._io import CHECKSUM_KEY, atomic_write, checksums, remove_stale_temporaries, save_torch
+        from spade_kernels.files import (
+            CHECKSUM_KEY,
+            atomic_write,
+            checksums,
+            remove_stale_temporaries,
+            save_torch,
+        )
 
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
@@ -112,7 +118,7 @@ def load_train_state(path: str) -> dict:
     Every tensor's CRC-32 is checked against the one recorded when the state
     was written: a damaged file is refused, never resumed from.
     """
-    from ._io import CHECKSUM_KEY, one_line, verify_checksums
+    from spade_kernels.files import CHECKSUM_KEY, one_line, verify_checksums
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no training state at {path}")
@@ -163,7 +169,7 @@ class ShardedCheckpointer(Checkpointer):
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
-        from ._io import CHECKSUM_KEY, atomic_write, checksums, remove_stale_temporaries
+        from spade_kernels.files import CHECKSUM_KEY, atomic_write, checksums, remove_stale_temporaries
 
         rank = dist.get_rank()
         name = f"step-{state['step']:09d}"
@@ -227,7 +233,7 @@ def _first_failure(exc: BaseException) -> BaseException | None:
 
 def _unwrapped(exc: BaseException, what: str) -> Exception:
     """A DCP failure as an ordinary error (an ``OSError`` when a rank's write failed), naming ``what``."""
-    from ._io import one_line
+    from spade_kernels.files import one_line
 
     inner = _first_failure(exc)
     if isinstance(inner, OSError):
@@ -237,7 +243,7 @@ def _unwrapped(exc: BaseException, what: str) -> Exception:
 
 def read_sharded_latest(folder: str) -> dict:
     """The ``LATEST`` record of a :class:`ShardedCheckpointer` folder; a one-line ``ValueError`` otherwise."""
-    from ._io import read_json
+    from spade_kernels.files import read_json
 
     path = os.path.join(folder, LATEST_NAME)
     if not os.path.isfile(path):
@@ -260,7 +266,7 @@ def load_sharded_state(folder: str, layer: torch.nn.Module) -> dict:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    from ._io import CHECKSUM_KEY, one_line, verify_checksums
+    from spade_kernels.files import CHECKSUM_KEY, one_line, verify_checksums
 
     latest = read_sharded_latest(folder)
     rank = dist.get_rank()
@@ -422,7 +428,7 @@ def train_spade(
     x : Tensor, shape (N, d_in), or ActivationShards
         Training data, already scaled (see ``scale_to_unit_norm``).  It may
         live on the CPU while the layer is on a GPU; batches are moved.
-        :class:`~spade_kernels.data.ActivationShards` (a directory of files,
+        :class:`~spade_kernels.sae.data.ActivationShards` (a directory of files,
         data larger than RAM) are read a shard at a time, in a shuffled
         shard and row order per epoch.
     batch_size : int

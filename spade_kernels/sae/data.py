@@ -214,7 +214,7 @@ def _reading(path: Path):
     EOFError, pickle and zip errors, SafetensorError, RuntimeError from
     torch's stream reader, NumPy's ValueError, …
     """
-    from ._io import one_line
+    from spade_kernels.files import one_line
 
     suffix = path.suffix.lower()
     try:
@@ -603,7 +603,7 @@ class ActivationShards:
         return block if self.factor == 1.0 else block.mul_(self.factor)
 
     def _read_error(self, shard: _Shard, exc: Exception) -> ValueError:
-        from ._io import one_line
+        from spade_kernels.files import one_line
 
         return ValueError(f"{shard.path}: reading failed ({one_line(exc)})")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .backends import BACKENDS, auto_backend, backend_status, resolve_backend
+from spade_kernels import __version__
+from spade_kernels.backends import BACKENDS, auto_backend, backend_status, extension_summary, resolve_backend
 
 __all__ = ["main"]
 
@@ -216,7 +216,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Time encode / layer forward / training step per backend, dtype and shape; "
         "report median and spread, TFLOP/s, extra peak memory, speedup and ratio to the floor.",
     )
-    from .bench import add_arguments
+    from spade_kernels.bench import add_arguments
 
     add_arguments(bench)
     ev = sub.add_parser(
@@ -240,9 +240,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from spade_kernels.layer import SpaDE, read_checkpoint
+
     from .data import check_raw_scale, open_activations, scan_rows
     from .evaluation import evaluate_checkpoint, plot_evaluation
-    from .layer import SpaDE, read_checkpoint
 
     folder = args.checkpoint.parent if args.checkpoint.name == "cfg.json" else args.checkpoint
     out = args.out or folder / "eval.json"
@@ -293,16 +294,6 @@ def _dist_version(name: str) -> str:
         return "not installed"
 
 
-def _extension_summary() -> str:
-    from . import _ext
-
-    if not _ext.available():
-        return f"not loaded ({_ext.reason})"
-    if _ext.cuda_kernels():
-        return "spade_kernels._C: CPU ops + CUDA kernels (spade_kernels._C_cuda)"
-    return f"spade_kernels._C: CPU ops only (the native backend runs on CPU tensors; no CUDA kernels: {_ext.cuda_reason})"
-
-
 def _info() -> int:
     if torch.cuda.is_available():
         device = (
@@ -317,7 +308,7 @@ def _info() -> int:
         ("numpy", _dist_version("numpy")),
         ("triton", _dist_version("triton")),
         ("device", device),
-        ("extension", _extension_summary()),
+        ("extension", extension_summary()),
     ]
     for key, value in rows:
         print(f"{key:<14} {value}")
@@ -364,7 +355,7 @@ def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-#: The resumable state of a run over several processes: a folder (spade_kernels.train.ShardedCheckpointer).
+#: The resumable state of a run over several processes: a folder (spade_kernels.sae.train.ShardedCheckpointer).
 SHARDED_STATE_NAME = "train_state.dcp"
 
 
@@ -563,7 +554,7 @@ def _write_failed(
     what: str, exc: BaseException, saved_step: int | None, total: int, state_path: Path, resume: str
 ) -> int:
     """One line for a write that failed (a full disk, a lost mount): what is intact and how to finish."""
-    from ._io import write_error
+    from spade_kernels.files import write_error
 
     if saved_step is None:
         return _error(f"{what} failed ({write_error(exc)}); no training state was written yet")
@@ -618,8 +609,8 @@ class _Job:
 
 def _train(args: argparse.Namespace) -> int:
     """``spade-kernels train``: checks, then (locked) data, layer, training, the saved layer and the report."""
-    from ._io import DirectoryLock
-    from .layer import SpaDE
+    from spade_kernels.files import DirectoryLock
+    from spade_kernels.layer import SpaDE
 
     state, changes = None, []
     if args.resume is not None:
@@ -699,6 +690,8 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 def _prepare(job: _Job) -> int | None:
     """Read, check and scale the data and build the layer; an exit code on failure, None otherwise."""
+    from spade_kernels.layer import SpaDE
+
     from .data import (
         ActivationShards,
         check_raw_scale,
@@ -708,7 +701,6 @@ def _prepare(job: _Job) -> int | None:
         scale_to_unit_norm,
         scan_rows,
     )
-    from .layer import SpaDE
 
     args = job.args
     if args.dataset is not None:
@@ -948,7 +940,7 @@ def _train_locked(job: _Job) -> int:
 
 def _is_write_error(exc: BaseException) -> bool:
     """An error of writing a file: an OSError, or torch's/safetensors' wrappers of one."""
-    from ._io import exception_chain
+    from spade_kernels.files import exception_chain
 
     return any(isinstance(e, OSError) or type(e).__name__ == "SafetensorError" for e in exception_chain(exc))
 
@@ -979,7 +971,7 @@ class _Distributed:
             raise ValueError(f"--latent-shards {args.latent_shards} must divide WORLD_SIZE={world}")
         import socket
 
-        from . import distributed
+        from spade_kernels import distributed
 
         rank = int(os.environ.get("RANK", "0"))
         if device.type == "cuda":
@@ -1070,7 +1062,7 @@ class _Distributed:
         """(the layer to train, the module to run): sharded and/or data parallel under torchrun."""
         if self.world == 1:
             return layer, None
-        from . import distributed
+        from spade_kernels import distributed
 
         trained = distributed.ShardedSpaDE.from_dense(layer, self.latent_group) if self.shards > 1 else layer
         module = (
@@ -1113,7 +1105,7 @@ def _process_state(pid: int) -> str:
 
 def _is_comm_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective or rendezvous that failed (a lost peer, a timeout)."""
-    from ._io import exception_chain
+    from spade_kernels.files import exception_chain
 
     dist_error = getattr(torch.distributed, "DistError", ())
     signs = ("gloo", "NCCL", "Connection", "connection", "Timed out", "timed out", "Socket", "peer")
@@ -1208,7 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             return _info()
         if args.command == "bench":
-            from .bench import run_from_args
+            from spade_kernels.bench import run_from_args
 
             return run_from_args(args)
         if args.command == "eval":

@@ -6,7 +6,7 @@ machinery works on SpaDE: ``SAE.load_from_disk``, ``SAE.from_pretrained``,
 ``HookedSAETransformer.add_sae``, ``SAETrainer`` and
 ``LanguageModelSAETrainingRunner``::
 
-    from spade_kernels.integrations import sae_lens  # registers "spade"
+    from spade_kernels.sae.integrations import sae_lens  # registers "spade"
     from sae_lens import SAE
 
     cfg = sae_lens.SpaDETrainingSAEConfig(d_in=768, d_sae=16384, gamma_reg=0.1)
@@ -64,9 +64,10 @@ from sae_lens.saes.sae import (
 )
 from typing_extensions import override
 
-from ..codes import SparseCodes
-from ..layer import SpaDE
-from ..sparsemax import sparsemax
+import spade_kernels as sk
+from spade_kernels import SparseCodes
+from spade_kernels.layer import SpaDE
+
 from ._wrapped import WrappedSpaDE
 
 __all__ = [
@@ -248,7 +249,7 @@ class _SpaDEMixin(WrappedSpaDE):
         )
 
     def get_activation_fn(self):
-        return sparsemax
+        return sk.sparsemax
 
     def init_from_data(self, x: torch.Tensor, *, generator: torch.Generator | None = None):
         """Prototypes and W_dec = random rows of ``x`` (see :meth:`spade_kernels.SpaDE.init_from_data`)."""

@@ -12,7 +12,7 @@ Three pieces that plug into that library's own machinery:
   for ``dictionary_learning.training.trainSAE``::
 
       from dictionary_learning.training import trainSAE
-      from spade_kernels.integrations.dictionary_learning import SpaDETrainer
+      from spade_kernels.sae.integrations.dictionary_learning import SpaDETrainer
 
       cfg = {"trainer": SpaDETrainer, "steps": steps, "activation_dim": 768,
              "dict_size": 16384, "layer": 6, "lm_name": "gpt2", "device": "cuda"}
@@ -46,8 +46,9 @@ import torch
 from dictionary_learning.dictionary import Dictionary
 from dictionary_learning.trainers.trainer import SAETrainer, get_sparsity_warmup_fn
 
-from ..codes import SparseCodes
-from ..layer import SpaDE
+from spade_kernels import SparseCodes
+from spade_kernels.layer import SpaDE
+
 from ..train import lr_schedule
 from ._wrapped import WrappedSpaDE
 
@@ -393,7 +394,7 @@ class SpaDETrainer(SAETrainer):
     # -- schedule ---------------------------------------------------------------
 
     def _lr_factor(self, step: int) -> float:
-        """lr(step) / lr: linear warm-up, constant, cosine decay to lr_final / lr (:func:`~spade_kernels.train.lr_schedule`)."""
+        """lr(step) / lr: linear warm-up, constant, cosine decay to lr_final / lr (:func:`~spade_kernels.sae.train.lr_schedule`)."""
         rate = lr_schedule(
             step,
             self.steps,

@@ -4,7 +4,7 @@
 package's layer and kernels, so Overcomplete's own training loops work on it::
 
     from overcomplete.sae import train_sae, train_sae_amp
-    from spade_kernels.integrations.overcomplete import SpaDESAE, spade_criterion
+    from spade_kernels.sae.integrations.overcomplete import SpaDESAE, spade_criterion
 
     sae = SpaDESAE(768, 16384, gamma_reg=0.1)
     logs = train_sae(sae, loader, spade_criterion(), torch.optim.Adam(sae.parameters(), 1e-3), nb_epochs=1)
@@ -54,8 +54,9 @@ import torch
 from overcomplete.base import BaseDictionaryLearning
 from overcomplete.sae import SAE
 
-from ..codes import SparseCodes
-from ..layer import SpaDE
+from spade_kernels import SparseCodes
+from spade_kernels.layer import SpaDE
+
 from ._wrapped import WrappedSpaDE
 
 __all__ = ["SpaDESAE", "SpaDETerms", "spade_criterion"]
