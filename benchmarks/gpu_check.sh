@@ -60,7 +60,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STAGE1_DEADLINE="${STAGE1_DEADLINE:-300}"
 STAGE2_DEADLINE="${STAGE2_DEADLINE:-390}"
 
-GPU_TESTS=(tests/test_triton_encode.py tests/test_triton_sparse.py tests/test_ops.py tests/test_native.py)
+# The contracts and the backends' own knobs on CUDA tensors (their CPU cases run in CI: -k "not cpu").
+GPU_TESTS=(tests/test_contract_encode.py tests/test_contract_training.py tests/test_contract_products.py
+  tests/test_backend_triton.py tests/test_backend_native.py tests/test_ops.py -k "not cpu")
 BENCH_COMMON=(--dtypes bfloat16 --backends reference,torch,triton,native --baselines floor --no-plots)
 ENCODE=(--modes encode --shape S1 --shape S2 --shape S3)
 TRAIN=(--modes train --shape S1 --shape S2)

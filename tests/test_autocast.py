@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import registered_backends, runs_on
 
 import spade_kernels as sk
-from spade_kernels import _ext
 from spade_kernels.reference import spade_forward_reference
 from spade_kernels.testing import assert_codes_match_reference
 
-BACKENDS = (
-    ["reference", "torch"]
-    + (["native"] if _ext.available() else [])
-    + (["triton"] if "triton" in sk.available_backends() else [])
-)
 HALF = [torch.bfloat16, torch.float16]
 PARAMS = ["prototypes", "W_dec", "lambda_raw"]
 
@@ -61,7 +56,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_encode_under_autocast_meets_the_half_contract(backend, dtype, device):
     layer = _layer(backend, device=device)
     x = torch.randn(40, 16, device=device)
@@ -78,7 +72,6 @@ def test_encode_under_autocast_meets_the_half_contract(backend, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_runs_the_backends_half_path(backend, dtype, device):
     """Under autocast the float32 layer computes what a layer in ``dtype`` computes on x in ``dtype``."""
     layer = _layer(backend, device=device)
@@ -91,7 +84,6 @@ def test_autocast_runs_the_backends_half_path(backend, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_backward_under_autocast(backend, dtype, device):
     layer = _layer(backend, device=device)
     x = torch.randn(32, 16, device=device)
@@ -135,10 +127,12 @@ def test_autocast_disabled_region_is_float32():
 
 @pytest.mark.parametrize(
     # The Triton interpreter's run takes ~15 s: in the slow set, which CI runs.
-    "backend",
-    [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS],
-)
-def test_float16_grad_scaler_never_skips_a_step(backend, device):
+    "backend_name",
+    [pytest.param(*p.values, id=p.id, marks=[*p.marks, *([pytest.mark.slow] if p.id == "triton" else [])])
+     for p in registered_backends()],
+)  # fmt: skip
+def test_float16_grad_scaler_never_skips_a_step(backend_name, device):
+    backend = runs_on(backend_name, device)
     """fp16 AMP as trainers run it (GradScaler defaults): no inf/NaN gradients from the kernels, no skipped step."""
     torch.manual_seed(3)
     d, K = 32, 128
@@ -163,7 +157,6 @@ def test_float16_grad_scaler_never_skips_a_step(backend, device):
     assert scales == [2.0**16] * len(scales), scales
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_functional_encode_ignores_an_enclosing_autocast(backend):
     """``sk.spade_encode`` computes in its arguments' dtypes: autocast must not recast its exact stage."""
     x, A = torch.randn(48, 32), torch.randn(256, 32)

@@ -17,21 +17,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import backends_on
 
 import spade_kernels as sk
-from spade_kernels import _ext
 from spade_kernels import distributed as D
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-BACKENDS = ["torch"] + (["native"] if _ext.available() else [])
-# The Triton kernels on the interpreter (the spawned ranks inherit TRITON_INTERPRET=1): one layout.
-TRITON = (
-    ["triton"]
-    if os.environ.get("TRITON_INTERPRET") == "1"
-    and sk.backends.BACKENDS["triton"].unavailable_reason() is None
-    else []
-)
+# The Triton kernels on the interpreter (the spawned ranks inherit TRITON_INTERPRET=1) get one layout of
+# their own below; every other registered sparse backend that runs on CPU tensors gets them all.
+BACKENDS = [b for b in backends_on("cpu", sparse_only=True) if b != "triton"]
+TRITON = ["triton"] if "triton" in backends_on("cpu", sparse_only=True) else []
 
 
 def _port() -> int:

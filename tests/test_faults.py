@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -380,9 +381,10 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
 # -- 13. resume takes only what may change ----------------------------------------------------------
 
 
-@pytest.fixture()
-def stopped_run(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def _stopped_once(tmp_path_factory):
+    """One run stopped by a real SIGINT once its first state exists (copied for each test that uses it)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "spade_kernels", "train", *LONG, "--n-samples", "30000", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -395,6 +397,13 @@ def stopped_run(tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode == 130
     return out
+
+
+@pytest.fixture()
+def stopped_run(_stopped_once, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(_stopped_once, tmp_path / "run"))
 
 
 def test_resume_refuses_flags_that_change_the_model_and_applies_the_rest(stopped_run, capsys):

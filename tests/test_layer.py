@@ -3,13 +3,14 @@ import math
 
 import pytest
 import torch
+from conftest import backends_on
 
 import spade_kernels as sk
 from spade_kernels import _ext
 from spade_kernels.reference import spade_forward_reference
 
-# "native" runs its C++/OpenMP kernels on CPU tensors when the extension is built.
-CPU_BACKENDS = ["reference", "torch"] + (["native"] if _ext.available() else [])
+#: Every registered backend that runs on CPU tensors here (loops across backends).
+CPU_BACKENDS = backends_on("cpu")
 
 
 def _layer(backend, d=6, K=40, dtype=torch.float64, search=None, **kw):
@@ -27,7 +28,6 @@ def test_paper_init():
     assert math.isclose(sk.SpaDE(8, 4, lambda_init=0.3).lam.item(), 0.3, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reg_on", ["encoder", "decoder"])
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_forward_and_gradients_match_float64_reference(backend, reg_on, use_bias, product_route, search):

@@ -2,25 +2,16 @@
 backward, mixed dtypes, reduced-precision matmul settings.  Every backend."""
 
 import math
-import os
 
 import pytest
 import torch
 
 import spade_kernels as sk
-from spade_kernels import _ext
 from spade_kernels.numerics import score_margin
 from spade_kernels.reference import spade_encode_reference
 from spade_kernels.testing import assert_codes_match_reference
 
-BACKENDS = (
-    ["reference", "torch"]
-    + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
-    + (["native"] if _ext.available() else [])
-)
 
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_scores_beyond_float32_integers(backend):
     # |s| ≈ 2e7 > 2^24: thresholds must be taken relative to the row maximum.
     A, x = torch.randn(64, 16), torch.randn(3, 16)
@@ -32,7 +23,6 @@ def test_scores_beyond_float32_integers(backend):
     torch.testing.assert_close(dense.double(), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_row_far_from_a_tight_cluster_sums_to_one(backend):
     # All prototypes in a tiny cluster far from x: |s| ≈ 100 with differences ≈ 1e-2.
     A = 5e-3 * torch.randn(400, 2)
@@ -48,7 +38,6 @@ def test_sparsemax_of_large_scores():
     torch.testing.assert_close(z, torch.tensor([[0.75, 0.25]], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     codes = sk.spade_encode(torch.randn(0, 4), torch.randn(20, 4), 0.1, backend=backend)
     assert codes.indices.shape[0] == 0 and codes.to_dense().shape == (0, 20)
@@ -56,8 +45,8 @@ def test_empty_batch(backend):
     assert m.encode(torch.randn(0, 4)).shape == (0, 20)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_nan_row_does_not_poison_other_gradients(backend):
+def test_nan_row_does_not_poison_other_gradients(sparse_backend):
+    backend = sparse_backend
     x = torch.randn(4, 6)
     x[1, 2] = math.nan
     A = torch.randn(30, 6, requires_grad=True)
@@ -68,7 +57,6 @@ def test_nan_row_does_not_poison_other_gradients(backend):
     assert torch.isfinite(A.grad).all() and torch.isfinite(lam.grad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtype_layer(backend):
     m = sk.SpaDE(8, 37, backend=backend, dtype=torch.bfloat16)
     out = m(torch.randn(5, 8))  # float32 activations, bfloat16 parameters
@@ -104,7 +92,6 @@ def test_margin_is_a_worst_case_bound():
     assert ((approx - exact).abs() <= margin[:, None] / 2).all()
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"] + (["native"] if _ext.available() else []))
 def test_numpy_scalar_lambda_is_a_number_on_every_backend(backend):
     import numpy as np
 
@@ -132,7 +119,6 @@ def test_layer_settings_refuse_lambda_underflow_and_non_finite_gamma():
     assert layer.lam.item() == pytest.approx(0.5, rel=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_nan_policy_for_a_non_finite_prototype(backend):
     x, A = torch.randn(6, 4), torch.randn(10, 4)
     for bad in (math.inf, -math.inf, math.nan):
@@ -142,7 +128,6 @@ def test_one_nan_policy_for_a_non_finite_prototype(backend):
         assert torch.isnan(z).all(), (backend, bad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_inputs_too_large_for_their_squares_are_refused_not_nan(backend):
     x, A = torch.randn(6, 4), torch.randn(10, 4)
     with pytest.raises(ValueError, match="too large for SpaDE's squared distances"):
@@ -161,7 +146,6 @@ def test_float32_inputs_too_large_for_their_squares_are_refused_not_nan(backend)
     ).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_meta_tensors_get_one_error_on_every_backend(backend):
     # The codes' shape depends on the values: no backend can run on meta tensors, and all say so alike.
     x, A = torch.randn(4, 8, device="meta"), torch.randn(16, 8, device="meta")

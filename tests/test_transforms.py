@@ -17,13 +17,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import registered_backends, runs_on
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import spade_kernels as sk
 from spade_kernels.reference import spade_encode_reference, spade_forward_reference, sparsemax_reference
 
-SPARSE = [b for b in ("torch", "native", "triton") if b in sk.available_backends()]
-EVERY = ["reference", *SPARSE]
 PARAMS = ("prototypes", "W_dec", "lambda_raw", "b_dec")
 
 
@@ -59,7 +58,6 @@ def _oracle(layer, x, wrt):
     return _second_derivatives(loss, p, wrt)
 
 
-@pytest.mark.parametrize("backend", EVERY)
 @pytest.mark.parametrize("reg_on,use_bias", [("encoder", False), ("decoder", True)])
 @pytest.mark.parametrize("wrt", ["prototypes", "W_dec", "lambda_raw", "x"])
 def test_second_derivative_is_exact_on_every_backend(backend, reg_on, use_bias, wrt):
@@ -76,7 +74,6 @@ def test_second_derivative_is_exact_on_every_backend(backend, reg_on, use_bias, 
         torch.testing.assert_close(ours[name], h, rtol=1e-8, atol=1e-10, msg=f"∂/∂{name} of ‖∂L/∂{wrt}‖²")
 
 
-@pytest.mark.parametrize("backend", EVERY)
 def test_gradgradcheck_of_the_loss(backend):
     # Finite differences of the gradient itself: independent of any formula above.
     layer = _layer(backend, K=12, d=4)
@@ -89,7 +86,6 @@ def test_gradgradcheck_of_the_loss(backend):
     assert torch.autograd.gradgradcheck(loss, args, eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", EVERY)
 def test_second_derivative_of_spade_encode(backend, product_route):
     # A loss whose gradient on the codes depends on the inputs (z², z·D), so the second derivative runs
     # through the support Jacobian and every product of the encoder's backward, on both product routes.
@@ -122,8 +118,10 @@ def test_second_derivative_of_spade_encode(backend, product_route):
         torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", [b for b in SPARSE if b != "torch"])
-def test_float32_second_derivative_runs_on_the_torch_primitives(backend, monkeypatch):
+def test_float32_second_derivative_runs_on_the_torch_primitives(sparse_backend, monkeypatch):
+    backend = sparse_backend
+    if backend == "torch":
+        pytest.skip("the torch backend's primitives are the ones a recorded backward runs on")
     # create_graph=True: the kernels have no derivative, so the backward that autograd records runs on
     # the torch backend's ops (backward_primitives); a plain backward keeps the backend's kernels.
     from spade_kernels.pipeline import sparse
@@ -174,11 +172,21 @@ def test_native_ops_refuse_inputs_that_require_grad():
 # -- torch.compile ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", SPARSE)
-@pytest.mark.parametrize(
-    "compiler,reg_on,use_bias", [("aot_eager", "decoder", True), ("inductor", "encoder", False)]
-)
-def test_full_graph_compile_of_a_training_step_equals_eager(backend, compiler, reg_on, use_bias):
+def _compile_cases():
+    # Under the interpreter the Triton ops are opaque custom ops: aot_eager checks their tracing;
+    # inductor adds only time here, so that case runs with -m slow (on a GPU it compiles the kernels).
+    cases = []
+    for p in registered_backends(sparse_only=True):
+        for compiler, reg_on, use_bias in (("aot_eager", "decoder", True), ("inductor", "encoder", False)):
+            slow = [pytest.mark.slow] if p.id == "triton" and compiler == "inductor" else []
+            cases.append(pytest.param(p.id, compiler, reg_on, use_bias, id=f"{p.id}-{compiler}",
+                                      marks=[*p.marks, *slow]))  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize("backend,compiler,reg_on,use_bias", _compile_cases())
+def test_full_graph_compile_of_a_training_step_equals_eager(backend, compiler, reg_on, use_bias, device):
+    runs_on(backend, device)
     torch._dynamo.reset()
     layer = _layer(backend, reg_on=reg_on, use_bias=use_bias, dtype=torch.float32, K=64, d=16)
     x = torch.randn(20, 16)
@@ -200,9 +208,25 @@ def test_full_graph_compile_of_a_training_step_equals_eager(backend, compiler, r
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
     x2 = torch.randn(33, 16)  # another batch size: a recompile, dynamic
     torch.testing.assert_close(compiled(x2)[0], step(x2)[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the inference path through the compiled kernels, too
+        torch.testing.assert_close(compiled(x)[0], loss, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif("native" not in SPARSE, reason="the extension is not built")
+def test_full_graph_compile_of_the_functional_encoder(sparse_backend):
+    torch._dynamo.reset()
+    x, A = torch.randn(6, 16), torch.randn(40, 16)
+    lam = torch.tensor(1 / 32)
+
+    def f(x, A, lam):
+        codes = sk.spade_encode(x, A, lam, backend=sparse_backend)
+        return codes.values.sum(-1), codes.support_size
+
+    sums, sizes = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=False)(x, A, lam)
+    torch.testing.assert_close(sums, torch.ones(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sizes, sk.spade_encode(x, A, lam, backend="torch").support_size)
+
+
+@pytest.mark.skipif("native" not in sk.available_backends(), reason="the extension is not built")
 def test_full_graph_compile_as_the_first_call_of_a_process():
     # The backend's module is imported while dynamo traces (no eager call before): a plain import
     # statement, which dynamo runs, not importlib.import_module, which it refuses.
@@ -246,7 +270,6 @@ def test_torch_func_derivatives_of_sparsemax():
     assert torch.autograd.gradgradcheck(sk.sparsemax, (x.clone().requires_grad_(),))
 
 
-@pytest.mark.parametrize("backend", EVERY)
 def test_torch_func_on_the_layer_is_one_clear_error(backend):
     layer = _layer(backend)
     x = torch.randn(6, 8, dtype=torch.float64)
