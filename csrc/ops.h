@@ -69,7 +69,7 @@ inline void check_shared_memory(size_t bytes, const char* op, const char* what, 
   int device = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes + kStaticSharedBound <= static_cast<size_t>(optin), "spade::", op, ": ", what, " = ", value,
+  TORCH_CHECK(bytes + kStaticSharedBound <= static_cast<size_t>(optin), "spade_kernels::", op, ": ", what, " = ", value,
               " needs ", bytes, " bytes of shared memory per block; this GPU allows ", optin, " (use a smaller ",
               what, ")");
 }
@@ -98,49 +98,49 @@ void dispatch_float(at::ScalarType dtype, const char* op, Fn&& fn) {
   } else if (dtype == at::kDouble) {
     fn(double{});
   } else {
-    TORCH_CHECK(false, "spade::", op, ": expected float32 or float64, got ", dtype);
+    TORCH_CHECK(false, "spade_kernels::", op, ": expected float32 or float64, got ", dtype);
   }
 }
 
 // -- checks -----------------------------------------------------------------
 
 inline void check_matrix(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 2, "spade::", op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 2, "spade_kernels::", op, ": ", name, " must be 2-D, got shape ", t.sizes());
 }
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "spade::", op, ": ", name,
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "spade_kernels::", op, ": ", name,
               " must be float32 or float64, got ", t.scalar_type());
 }
 
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
                        const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), "spade::", op, ": ", name, " is on ", t.device(), " but ", ref_name,
+  TORCH_CHECK(t.device() == ref.device(), "spade_kernels::", op, ": ", name, " is on ", t.device(), " but ", ref_name,
               " is on ", ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "spade::", op, ": ", name, " has dtype ", t.scalar_type(),
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "spade_kernels::", op, ": ", name, " has dtype ", t.scalar_type(),
               " but ", ref_name, " has dtype ", ref.scalar_type());
 }
 
 inline void check_indices(const at::Tensor& idx, const at::Tensor& ref, const char* op, const char* name) {
   check_matrix(idx, op, name);
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "spade::", op, ": ", name, " must be int64, got ",
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "spade_kernels::", op, ": ", name, " must be int64, got ",
               idx.scalar_type());
-  TORCH_CHECK(idx.device() == ref.device(), "spade::", op, ": ", name, " is on ", idx.device(),
+  TORCH_CHECK(idx.device() == ref.device(), "spade_kernels::", op, ": ", name, " is on ", idx.device(),
               " but the data is on ", ref.device());
 }
 
 inline void check_rows(const at::Tensor& t, int64_t rows, const char* op, const char* name) {
-  TORCH_CHECK(t.size(0) == rows, "spade::", op, ": ", name, " has ", t.size(0), " rows, expected ", rows);
+  TORCH_CHECK(t.size(0) == rows, "spade_kernels::", op, ": ", name, " has ", t.size(0), " rows, expected ", rows);
 }
 
 inline void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
                              const char* ref_name) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), "spade::", op, ": ", name, " has shape ", t.sizes(), " but ", ref_name,
+  TORCH_CHECK(t.sizes() == ref.sizes(), "spade_kernels::", op, ": ", name, " has shape ", t.sizes(), " but ", ref_name,
               " has shape ", ref.sizes());
 }
 
 inline void check_lambda(double lam, const char* op) {
-  TORCH_CHECK(std::isfinite(lam) && lam > 0.0, "spade::", op, ": lam must be finite and > 0, got ", lam);
+  TORCH_CHECK(std::isfinite(lam) && lam > 0.0, "spade_kernels::", op, ": lam must be finite and > 0, got ", lam);
 }
 
 // Checks of a gather over rows of M (gather_matmul, gather_dot,
@@ -153,13 +153,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> check_gather(const at::Ten
   check_matrix(M, op, "M");
   check_floating(M, op, "M");
   check_indices(idx, M, op, "indices");
-  TORCH_CHECK(lhs.device() == M.device(), "spade::", op, ": ", lhs_name, " is on ", lhs.device(),
+  TORCH_CHECK(lhs.device() == M.device(), "spade_kernels::", op, ": ", lhs_name, " is on ", lhs.device(),
               " but M is on ", M.device());
   check_rows(lhs, idx.size(0), op, lhs_name);
   if (lhs_is_weights) {
     check_same_shape(lhs, idx, op, lhs_name, "indices");
   } else {
-    TORCH_CHECK(lhs.size(1) == M.size(1), "spade::", op, ": ", lhs_name, " has ", lhs.size(1),
+    TORCH_CHECK(lhs.size(1) == M.size(1), "spade_kernels::", op, ": ", lhs_name, " has ", lhs.size(1),
                 " columns but M has ", M.size(1));
   }
   return {lhs.to(M.scalar_type()).contiguous(), idx.contiguous(), M.contiguous()};
@@ -170,13 +170,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> check_gather(const at::Ten
 template <bool kCuda>
 std::tuple<at::Tensor, at::Tensor> sparsemax_rows(const at::Tensor& scores) {
   constexpr const char* op = "sparsemax_rows";
-  TORCH_CHECK(scores.dim() == 2, "spade::", op, ": scores must be 2-D, got ", scores.dim(), "-D");
+  TORCH_CHECK(scores.dim() == 2, "spade_kernels::", op, ": scores must be 2-D, got ", scores.dim(), "-D");
   const at::ScalarType dtype = scores.scalar_type();
   if constexpr (kCuda) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "spade::", op,
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "spade_kernels::", op,
                 ": CUDA scores must be float32, bfloat16 or float16, got ", dtype);
   } else {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "spade::", op,
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "spade_kernels::", op,
                 ": scores must be float32 or float64 on the CPU, got ", dtype);
   }
   const Guard<kCuda> guard(scores);
@@ -221,13 +221,13 @@ std::tuple<at::Tensor, at::Tensor> sparsemax_rows(const at::Tensor& scores) {
 // K-chunked GEMM-form scores s' = λ(2·x·aᵀ − ‖a‖²): the dot products of a
 // chunk by at::mm into one reused buffer (the CPU BLAS, cuBLAS on the GPU),
 // the scores formed and reduced by select.h's selection.
-// Returns the candidates (B, W ≤ cap: each row's first, then −1; W is the
-// widest row's count) and the rows that overflowed `cap` (B, bool).  Live
-// memory: O(B·chunk + B·cap).
+// Returns the candidates (B, W ≤ max_candidates: each row's first, then −1; W is the
+// widest row's count) and the rows that overflowed `max_candidates` (B, bool).  Live
+// memory: O(B·chunk + B·max_candidates).
 template <bool kCuda>
 std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const at::Tensor& A, const at::Tensor& aa,
                                                      double lam, const at::Tensor& margin, int64_t chunk,
-                                                     int64_t cap) {
+                                                     int64_t max_candidates) {
   constexpr const char* op = "select_candidates";
   check_matrix(x, op, "x");
   check_matrix(A, op, "A");
@@ -235,28 +235,28 @@ std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const 
   check_like(A, x, op, "A", "x");
   check_like(aa, x, op, "aa", "x");
   check_like(margin, x, op, "margin", "x");
-  TORCH_CHECK(A.size(1) == x.size(1), "spade::", op, ": A has ", A.size(1), " columns but x has ", x.size(1));
-  TORCH_CHECK(aa.dim() == 1 && aa.size(0) == A.size(0), "spade::", op, ": aa must have shape (", A.size(0),
+  TORCH_CHECK(A.size(1) == x.size(1), "spade_kernels::", op, ": A has ", A.size(1), " columns but x has ", x.size(1));
+  TORCH_CHECK(aa.dim() == 1 && aa.size(0) == A.size(0), "spade_kernels::", op, ": aa must have shape (", A.size(0),
               ",), got ", aa.sizes());
-  TORCH_CHECK(margin.dim() == 1 && margin.size(0) == x.size(0), "spade::", op, ": margin must have shape (",
+  TORCH_CHECK(margin.dim() == 1 && margin.size(0) == x.size(0), "spade_kernels::", op, ": margin must have shape (",
               x.size(0), ",), got ", margin.sizes());
-  TORCH_CHECK(chunk >= 1, "spade::", op, ": chunk must be >= 1, got ", chunk);
-  TORCH_CHECK(cap >= 1 && cap <= std::numeric_limits<int32_t>::max() - kThreads, "spade::", op,
-              ": cap must be >= 1, got ", cap);
-  TORCH_CHECK(A.size(0) <= std::numeric_limits<int32_t>::max(), "spade::", op, ": at most 2^31 - 1 prototypes");
+  TORCH_CHECK(chunk >= 1, "spade_kernels::", op, ": chunk must be >= 1, got ", chunk);
+  TORCH_CHECK(max_candidates >= 1 && max_candidates <= std::numeric_limits<int32_t>::max() - kThreads, "spade_kernels::", op,
+              ": max_candidates must be >= 1, got ", max_candidates);
+  TORCH_CHECK(A.size(0) <= std::numeric_limits<int32_t>::max(), "spade_kernels::", op, ": at most 2^31 - 1 prototypes");
   check_lambda(lam, op);
   const Guard<kCuda> guard(x);
 #ifdef __CUDACC__
   if constexpr (kCuda) {
-    check_shared_memory(x.scalar_type() == at::kDouble ? select_chunk_shared_bytes<double>(cap)
-                                                       : select_chunk_shared_bytes<float>(cap),
-                        op, "cap", cap);
+    check_shared_memory(x.scalar_type() == at::kDouble ? select_chunk_shared_bytes<double>(max_candidates)
+                                                       : select_chunk_shared_bytes<float>(max_candidates),
+                        op, "max_candidates", max_candidates);
   }
 #endif
   const int64_t B = x.size(0), K = A.size(0);
   const auto opts = x.options();
-  at::Tensor buf_idx = at::empty({B, cap}, opts.dtype(at::kInt));
-  at::Tensor buf_val = at::empty({B, cap}, opts);
+  at::Tensor buf_idx = at::empty({B, max_candidates}, opts.dtype(at::kInt));
+  at::Tensor buf_val = at::empty({B, max_candidates}, opts);
   at::Tensor count = at::zeros({B}, opts.dtype(at::kInt));
   at::Tensor bound = at::full({B}, -std::numeric_limits<double>::infinity(), opts);
   const at::Tensor xc = x.contiguous(), mc = margin.contiguous(), aac = aa.contiguous();
@@ -278,14 +278,14 @@ std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const 
       T* bp = bound.data_ptr<T>();
       if constexpr (kCuda) {
         SPADE_CUDA_LAUNCH(
-            spade::select_chunk<T>(sp, ap, l, B, cols, cols, c0, mp, ip, vp, cp, bp, static_cast<int>(cap), stream()));
+            spade::select_chunk<T>(sp, ap, l, B, cols, cols, c0, mp, ip, vp, cp, bp, static_cast<int>(max_candidates), stream()));
       } else {
         at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-          std::vector<T> sval(cap + kThreads);
-          std::vector<int32_t> sidx(cap + kThreads);
+          std::vector<T> sval(max_candidates + kThreads);
+          std::vector<int32_t> sidx(max_candidates + kThreads);
           for (int64_t r = begin; r < end; ++r)
-            cpu::select_chunk_row(sp + r * cols, ap, l, cols, c0, mp[r], ip + r * cap, vp + r * cap, cp[r], bp[r],
-                                  cap, sval.data(), sidx.data());
+            cpu::select_chunk_row(sp + r * cols, ap, l, cols, c0, mp[r], ip + r * max_candidates, vp + r * max_candidates, cp[r], bp[r],
+                                  max_candidates, sval.data(), sidx.data());
         });
       }
     });
@@ -293,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const 
   // Candidates trimmed to the widest row's count (one host read of count.max()).
   const int64_t width = B > 0 ? std::max<int64_t>(count.max().item<int32_t>(), 1) : 1;
   const at::Tensor slots = at::arange(width, opts.dtype(at::kLong));
-  at::Tensor cand = buf_idx.narrow(1, 0, std::min(width, cap)).to(at::kLong);
+  at::Tensor cand = buf_idx.narrow(1, 0, std::min(width, max_candidates)).to(at::kLong);
   cand.masked_fill_(slots.unsqueeze(0) >= count.unsqueeze(1), -1);
   return {cand, count.lt(0)};
 }
@@ -308,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exact_codes(const at:
   check_matrix(A_, op, "A");
   check_floating(x_, op, "x");
   check_like(A_, x_, op, "A", "x");
-  TORCH_CHECK(A_.size(1) == x_.size(1), "spade::", op, ": A has ", A_.size(1), " columns but x has ", x_.size(1));
+  TORCH_CHECK(A_.size(1) == x_.size(1), "spade_kernels::", op, ": A has ", A_.size(1), " columns but x has ", x_.size(1));
   check_indices(cand_, x_, op, "cand");
   check_rows(cand_, x_.size(0), op, "cand");
   check_lambda(lam, op);
@@ -361,12 +361,12 @@ std::tuple<at::Tensor, at::Tensor> support_jacobian(const at::Tensor& z_, const 
   check_floating(z_, op, "z");
   check_like(D_, z_, op, "D", "z");
   check_same_shape(D_, z_, op, "D", "z");
-  TORCH_CHECK(lam_.numel() == 1, "spade::", op, ": lam must hold one value, got shape ", lam_.sizes());
-  TORCH_CHECK(lam_.device() == z_.device(), "spade::", op, ": lam is on ", lam_.device(), " but z is on ",
+  TORCH_CHECK(lam_.numel() == 1, "spade_kernels::", op, ": lam must hold one value, got shape ", lam_.sizes());
+  TORCH_CHECK(lam_.device() == z_.device(), "spade_kernels::", op, ": lam is on ", lam_.device(), " but z is on ",
               z_.device());
   auto prep = [&](const std::optional<at::Tensor>& g, const char* name) -> std::optional<at::Tensor> {
     if (!g.has_value()) return std::nullopt;
-    TORCH_CHECK(g->device() == z_.device(), "spade::", op, ": ", name, " is on ", g->device(), " but z is on ",
+    TORCH_CHECK(g->device() == z_.device(), "spade_kernels::", op, ": ", name, " is on ", g->device(), " but z is on ",
                 z_.device());
     check_same_shape(*g, z_, op, name, "z");
     return g->to(z_.scalar_type()).contiguous();
@@ -466,11 +466,11 @@ at::Tensor scatter_matmul(const at::Tensor& weights, const at::Tensor& indices, 
   check_matrix(X_, op, "X");
   check_floating(X_, op, "X");
   check_indices(indices, X_, op, "indices");
-  TORCH_CHECK(weights.device() == X_.device(), "spade::", op, ": weights is on ", weights.device(),
+  TORCH_CHECK(weights.device() == X_.device(), "spade_kernels::", op, ": weights is on ", weights.device(),
               " but X is on ", X_.device());
   check_same_shape(weights, indices, op, "weights", "indices");
   check_rows(X_, indices.size(0), op, "X");
-  TORCH_CHECK(n_rows >= 0, "spade::", op, ": n_rows must be >= 0, got ", n_rows);
+  TORCH_CHECK(n_rows >= 0, "spade_kernels::", op, ": n_rows must be >= 0, got ", n_rows);
   const Guard<kCuda> guard(X_);
   const at::Tensor w = weights.to(X_.scalar_type()).contiguous(), idx = indices.contiguous(), X = X_.contiguous();
   at::Tensor sorted, order;

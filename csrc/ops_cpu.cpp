@@ -6,7 +6,7 @@
 
 #include "ops.h"
 
-TORCH_LIBRARY_IMPL(spade, CPU, m) {
+TORCH_LIBRARY_IMPL(spade_kernels, CPU, m) {
 #define SPADE_REGISTER(name) m.impl(#name, &spade::binding::name<false>);
   SPADE_OPS(SPADE_REGISTER)
 #undef SPADE_REGISTER
@@ -27,8 +27,8 @@ void no_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torc
     const size_t first = stack->size() - args.size();
     for (size_t i = 0; i < args.size(); ++i) {
       const c10::IValue& v = (*stack)[first + i];
-      TORCH_CHECK(!(v.isTensor() && v.toTensor().defined() && v.toTensor().requires_grad()), "spade::",
-                  op.schema().name().substr(7), ": argument '", args[i].name(),
+      TORCH_CHECK(!(v.isTensor() && v.toTensor().defined() && v.toTensor().requires_grad()), op.schema().name(),
+                  ": argument '", args[i].name(),
                   "' requires grad, but this op has no derivative; differentiate through "
                   "spade_kernels.spade_encode, spade_kernels.sparsemax or the SpaDE layer (their backward "
                   "passes call it), or pass a tensor detached from the graph");
@@ -39,7 +39,7 @@ void no_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torc
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spade, Autograd, m) {
+TORCH_LIBRARY_IMPL(spade_kernels, Autograd, m) {
 #define SPADE_NO_DERIVATIVE(name) m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&no_derivative>());
   SPADE_OPS(SPADE_NO_DERIVATIVE)
 #undef SPADE_NO_DERIVATIVE

@@ -6,7 +6,7 @@
 
 #include "ops.h"
 
-TORCH_LIBRARY_IMPL(spade, CUDA, m) {
+TORCH_LIBRARY_IMPL(spade_kernels, CUDA, m) {
 #define SPADE_REGISTER(name) m.impl(#name, &spade::binding::name<true>);
   SPADE_OPS(SPADE_REGISTER)
 #undef SPADE_REGISTER

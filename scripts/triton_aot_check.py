@@ -56,7 +56,7 @@ def _kernels():
     """(name, jit function, argument types, constexprs, options) per configuration."""
     common = {"aa_ptr": "*fp32", "margin_ptr": "*fp32", "bound_ptr": "*fp32", "slot_val_ptr": "*fp32"}
     common |= {"slot_idx_ptr": "*i32", "count_ptr": "*i32", "lam": "fp32"}
-    select = E._encode_fwd_select_kernel
+    select = E._select_tiles_kernel
     for cfg in select.configs:
         for dt in ("bf16", "fp32"):  # fp16 compiles like bf16
             types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", **common, "stride_xb": "i64", "stride_ak": "i64"}
@@ -73,7 +73,7 @@ def _kernels():
     merge_types = {"slot_val_ptr": "*fp32", "slot_idx_ptr": "*i32", "count_ptr": "*i32", "bound_ptr": "*fp32"}
     merge_types |= {"margin_ptr": "*fp32", "cand_ptr": "*i64", "cand_count_ptr": "*i32"}
     consts = {"SLOTS": E.OPTIONS["slots"], "BLOCK_T": 1024, "MAX_ITERS": 256}
-    yield "merge", E._encode_fwd_merge_kernel, merge_types, consts, {"num_warps": 4}
+    yield "merge", E._select_merge_kernel, merge_types, consts, {"num_warps": 4}
     for dt in ("bf16", "fp32"):
         types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": "*fp32"}
         types |= {"stride_xb": "i64", "stride_ak": "i64", "stride_ib": "i64"}

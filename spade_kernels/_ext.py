@@ -59,13 +59,13 @@ _LOADED = _load()
 
 
 def available() -> bool:
-    """Whether the C++ ops (``torch.ops.spade.sparsemax_rows``, …) are registered."""
+    """Whether the C++ ops (``torch.ops.spade_kernels.sparsemax_rows``, …) are registered."""
     return _LOADED
 
 
 def cuda_kernels() -> bool:
     """Whether the extension was built with its CUDA kernels (a CUDA torch and nvcc at build time)."""
-    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("spade::exact_codes", "CUDA")
+    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("spade_kernels::exact_codes", "CUDA")
 
 
 def require(device: torch.device) -> None:

@@ -5,7 +5,9 @@ a transport of its own.
 
 * :class:`ShardedSpaDE` holds the latents [lo, hi) of a *latent group*: its
   slice of the prototypes and of the decoder, and λ (and b_dec) replicated.
-  Its forward is exact — the same codes, loss and gradients as one process —
+  Its forward and backward are :class:`~spade_kernels.SpaDE`'s encoder and
+  loss with a :class:`LatentGroup`, which turns the pipeline's group steps
+  (:mod:`spade_kernels.pipeline.group`) into collectives.  They are exact — the same codes, loss and gradients as one process —
   by the subset bound: the sparsemax threshold of a rank's slice of a row is
   ≤ the row's, so the row's global support lies inside the union of the
   ranks' local supports.  Forward communication: an all-gather of each
@@ -36,14 +38,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .backends import check_backend_name, resolve_backend
+from .backends import resolve_backend
 from .codes import SparseCodes
+from .encode import encode_codes, product_primitives
 from .layer import SpaDE, SpaDEOutput, read_checkpoint
 from .numerics import RangeError, compute_dtype, sorted_threshold
-from .pipeline import encode_forward, mean_squared_error, sparse_decode
-from .pipeline.sparse import sq_dist_backward, zero_nan_rows
+from .pipeline import OneProcess, spade_loss
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ShardedSpaDE", "init", "mesh_groups", "shard_range"]
+__all__ = ["DEFAULT_TIMEOUT_S", "LatentGroup", "ShardedSpaDE", "init", "mesh_groups", "shard_range"]
 
 #: Seconds a collective waits for a peer before it fails (instead of torch's 30 minutes).
 DEFAULT_TIMEOUT_S = 120.0
@@ -98,18 +100,18 @@ class _SumAcrossShards(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, partial, group):
+    def forward(partial, group):
         total = partial.clone()
         dist.all_reduce(total, group=group)
         return total
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-def _sum_across_shards(partial: torch.Tensor, group) -> torch.Tensor:
-    return _SumAcrossShards.apply(partial, group)
 
 
 def _all_gather_padded(t: torch.Tensor, group, fill: float) -> torch.Tensor:
@@ -122,36 +124,46 @@ def _all_gather_padded(t: torch.Tensor, group, fill: float) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-class _ShardedEncode(torch.autograd.Function):
-    """The codes of this rank's latents under the global sparsemax threshold, and their exact backward."""
+class LatentGroup(OneProcess):
+    """The ranks of a process group that hold a layer's latents between them: the pipeline's steps as collectives.
 
-    @staticmethod
-    def forward(ctx, x, A, lam, group, backend, options):
-        prims = resolve_backend(backend, x.device, x.dtype).primitives()
+    The encoder and the loss are the one-process pipeline's
+    (:mod:`spade_kernels.pipeline.group` lists the steps); this class is all
+    a latent-sharded layer adds.  ``offset`` is where this rank's latents
+    start.
+    """
+
+    sharded = True
+
+    def __init__(self, group, offset: int):
+        self.group, self.offset = group, offset
+
+    def threshold(self, codes, error, x: torch.Tensor, lam: float):
+        """Each row's codes on this rank's latents under the sparsemax threshold of the whole row.
+
+        By the subset bound the row's support lies inside the union of the
+        ranks' local supports, so τ of their all-gathered scores is the row's
+        exact τ.  A rank whose encode failed (prototypes too large for the
+        distances) still takes part in the first collective, and every rank
+        raises.
+        """
         cd = compute_dtype(x.dtype)
-        # The local support (a superset of this slice's part of the global support) and its exact D.
-        # A shard whose prototypes are too large for the distances must not leave the others waiting in
-        # the collective below: its failure travels with the NaN rows, and every rank raises it.
-        try:
-            z_loc, idx, size, D = encode_forward(prims, x, A, float(lam), options)
-            range_error = None
-        except RangeError as exc:
-            range_error = exc
-            z_loc = torch.zeros(x.shape[0], 1, dtype=cd, device=x.device)
-        # A row is NaN everywhere if it is NaN anywhere (a non-finite prototype on any shard).
-        flags = torch.cat(
-            [torch.isnan(z_loc).any(1).to(cd), z_loc.new_full((1,), float(range_error is not None))]
-        )
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        if error is None:
+            z_loc, idx, size, D = codes
+            nan = torch.isnan(z_loc).any(1).to(cd)
+        else:
+            nan = torch.zeros(x.shape[0], dtype=cd, device=x.device)
+        flags = torch.cat([nan, nan.new_full((1,), float(error is not None))])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         if flags[-1] > 0:
-            raise range_error or RangeError(
+            raise error or RangeError(
                 "another shard's prototypes hold finite values too large for the distances"
             )
+        # A row is NaN everywhere if it is NaN anywhere (a non-finite prototype on any shard).
         nan_rows = flags[:-1] > 0
-        valid = torch.arange(z_loc.shape[1], device=x.device) < size.unsqueeze(1)
-        lam_c = lam.detach().to(cd)
-        s = torch.where(valid, -lam_c * D, torch.full_like(D, -math.inf))
-        union = _all_gather_padded(torch.where(nan_rows.unsqueeze(1), -math.inf, s), group, -math.inf)
+        valid = torch.arange(z_loc.shape[1], device=D.device) < size.unsqueeze(1)
+        s = torch.where(valid, -lam * D, torch.full_like(D, -math.inf))
+        union = _all_gather_padded(torch.where(nan_rows.unsqueeze(1), -math.inf, s), self.group, -math.inf)
         tau = sorted_threshold(torch.sort(union, dim=1, descending=True).values)
         z = torch.where(valid, (s - tau.unsqueeze(1)).clamp_min(0), torch.zeros_like(s))
         # This rank's part of the global support, sorted and trimmed (the layout of SparseCodes).
@@ -167,50 +179,19 @@ class _ShardedEncode(torch.autograd.Function):
             z = z.masked_fill(nan_rows.unsqueeze(1), math.nan)
             D = D.masked_fill(nan_rows.unsqueeze(1), math.nan)
             size = size.masked_fill(nan_rows, 0)
-        ctx.save_for_backward(x, A, lam, z, idx, D)
-        ctx.group, ctx.prims = group, prims
-        ctx.mark_non_differentiable(idx, size)
-        return z.to(torch.promote_types(x.dtype, torch.float32)), idx, size, D
+        return z, idx, size, D
 
-    @staticmethod
-    def backward(ctx, grad_z, _grad_idx, _grad_size, grad_D):
-        x, A, lam, z, idx, D = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, A, lam, grad_z, grad_D)
-        ):
-            # (torch.distributed's collectives have no derivative: a second derivative through this
-            # backward would silently miss the other shards' terms.)
-            raise RuntimeError(
-                "ShardedSpaDE has no double backward (create_graph=True): its backward's collectives are "
-                "not differentiable; a SpaDE layer in one process gives the exact second derivative on "
-                "every backend"
-            )
-        cd = z.dtype
-        on = z > 0  # false on NaN rows
-        zero = torch.zeros((), dtype=cd, device=z.device)
-        g = torch.where(on, grad_z.to(cd), zero) if grad_z is not None else torch.zeros_like(z)
-        # The sparsemax Jacobian needs the mean of ∂L/∂z over the row's *global* support.
-        stats = torch.stack([g.sum(1), on.sum(1).to(cd)])
-        dist.all_reduce(stats, group=ctx.group)
-        mean = (stats[0] / stats[1].clamp_min(1)).unsqueeze(1)
-        gs = torch.where(on, g - mean, zero)
-        G = -lam.detach().to(cd) * gs
-        if grad_D is not None:
-            G = G + torch.where(on, grad_D.to(cd), zero)
-        grad_x = grad_A = grad_lam = None
-        if ctx.needs_input_grad[2]:
-            lam_sum = -torch.where(on, gs * D, zero).sum().reshape(1)
-            dist.all_reduce(lam_sum, group=ctx.group)
-            grad_lam = lam_sum.to(lam.dtype).reshape(lam.shape)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            xc = zero_nan_rows(x, z, cd)
-            gx, gA = sq_dist_backward(ctx.prims, xc, A.to(cd), idx, G, ctx.needs_input_grad[:2])
-            if ctx.needs_input_grad[0]:
-                dist.all_reduce(gx, group=ctx.group)  # x is replicated: the sum of every shard's part
-                grad_x = gx.to(x.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_A = gA.to(A.dtype)
-        return grad_x, grad_A, grad_lam, None, None, None
+    def row_sums(self, total: torch.Tensor, count: torch.Tensor):
+        stats = torch.cat([total, count.to(total.dtype)], dim=1)
+        dist.all_reduce(stats, group=self.group)
+        return stats[:, :1], stats[:, 1:]
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def sum_partials(self, t: torch.Tensor) -> torch.Tensor:
+        return _SumAcrossShards.apply(t, self.group)
 
 
 # -- the layer -------------------------------------------------------------------------
@@ -249,6 +230,7 @@ class ShardedSpaDE(nn.Module):
         self.backend_options = dict(layer.backend_options)
         self.latent_range = shard_range(layer.d_sae, self.world_size, self.rank)
         lo, hi = self.latent_range
+        self.latent_group = LatentGroup(self.group, lo)
         if hi <= lo:
             raise ValueError(
                 f"d_sae={layer.d_sae} latents cannot be split over {self.world_size} ranks (some would hold none)"
@@ -337,50 +319,44 @@ class ShardedSpaDE(nn.Module):
         """λ = softplus(lambda_raw), the same on every rank."""
         return torch.nn.functional.softplus(self.lambda_raw)
 
-    def _prims(self, x: torch.Tensor):
-        return resolve_backend(self.backend, x.device, x.dtype).primitives()
-
-    def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
-        """This rank's part of the codes of x (..., d_in): global latent indices, the global threshold."""
-        flat = x.reshape(-1, self.d_in)
-        dtype = torch.promote_types(flat.dtype, self.prototypes.dtype)
-        flat, A = flat.to(dtype), self.prototypes.to(dtype)
-        backend = check_backend_name(self.backend)
-        impl = resolve_backend(backend, flat.device, dtype)
-        if impl.dense:
-            raise ValueError("ShardedSpaDE runs a sparse backend (torch, native or triton), not 'reference'")
-        z, idx, size, D = _ShardedEncode.apply(
-            flat, A, self.lam, self.group, impl.name, dict(self.backend_options)
-        )
-        lo = self.latent_range[0]
-        codes = SparseCodes(idx + lo, z, size, self.d_sae, distances=D)
-        return codes.reshape_batch(x.shape[:-1])
-
-    def forward(self, x: torch.Tensor) -> SpaDEOutput:
-        """Encode, decode and the SpaDE loss, exactly as one process would; every rank of the group calls it."""
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"x must have shape (..., {self.d_in}), got {tuple(x.shape)}")
+    def _encode(self, x: torch.Tensor):
+        """(flat x, the resolved backend, this rank's codes with local indices) — the one encoder, over the group."""
         flat = x.reshape(-1, self.d_in)
         dtype = torch.promote_types(flat.dtype, self.prototypes.dtype)
         flat = flat.to(dtype)
-        codes = self.encode_sparse(flat)
-        lo = self.latent_range[0]
-        local = SparseCodes(codes.indices - lo, codes.values, codes.support_size, self.W_dec.shape[0])
-        prims = self._prims(flat)
-        x_hat = _sum_across_shards(sparse_decode(prims, local, self.W_dec), self.group)
-        if self.b_dec is not None:
-            x_hat = x_hat + self.b_dec
-        if self.reg_on == "encoder":
-            D_reg = codes.distances
-        else:
-            from .pipeline import gather_sq_dist
+        backend = resolve_backend(self.backend, flat.device, dtype)
+        codes = encode_codes(
+            backend, flat, self.prototypes.to(dtype), self.lam, self.backend_options, self.latent_group
+        )
+        return flat, backend, codes
 
-            D_reg = gather_sq_dist(prims, flat, self.W_dec, local.indices)
-        reg = _sum_across_shards((codes.values * D_reg).sum(), self.group) / flat.shape[0]
-        mse = mean_squared_error(x_hat, flat.to(x_hat.dtype))
-        loss = mse + self.gamma_reg * reg
+    def _global(self, codes: SparseCodes, lead) -> SparseCodes:
+        """``codes`` with the layer's latent indices (this rank's start added)."""
+        out = SparseCodes(codes.indices + self.latent_group.offset, codes.values, codes.support_size, self.d_sae,
+                          distances=codes.distances)  # fmt: skip
+        return out.reshape_batch(lead)
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
+        """This rank's part of the codes of x (..., d_in): global latent indices, the global threshold."""
+        return self._global(self._encode(x)[2], x.shape[:-1])
+
+    def forward(self, x: torch.Tensor) -> SpaDEOutput:
+        """Encode, decode and the SpaDE loss, exactly as one process would; every rank of the group calls it.
+
+        The encoder and the loss are :class:`~spade_kernels.SpaDE`'s
+        (:func:`~spade_kernels.encode.encode_codes`,
+        :func:`~spade_kernels.pipeline.spade_loss`) with this layer's latent
+        group, whose collectives are the only difference.
+        """
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have shape (..., {self.d_in}), got {tuple(x.shape)}")
+        flat, backend, codes = self._encode(x)
+        x_hat, loss, mse, reg = spade_loss(
+            product_primitives(backend), codes, flat, flat, self.W_dec, self.b_dec, self.gamma_reg, self.reg_on,
+            self.latent_group,
+        )  # fmt: skip
         lead = x.shape[:-1]
-        return SpaDEOutput(x_hat.reshape(*lead, self.d_in), codes.reshape_batch(lead), loss, mse, reg)
+        return SpaDEOutput(x_hat.reshape(*lead, self.d_in), self._global(codes, lead), loss, mse, reg)
 
     def mean_l0(self, codes: SparseCodes) -> torch.Tensor:
         """The mean number of active latents per row over all shards (collective; a 0-d tensor)."""

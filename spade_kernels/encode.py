@@ -1,58 +1,77 @@
-"""``spade_encode``: SpaDE encoder codes through any backend.
+"""The encoder entry: SpaDE codes through any backend, in one process or over a latent group.
 
-The sparse backends run the pipeline's forward (:func:`spade_kernels.pipeline.encode_forward`)
-inside one custom op, ``spade_kernels::encode``, whose fake implementation
-has a data-dependent width (the widest support in the batch).  So
-``torch.compile(..., fullgraph=True)`` traces an encode — and a whole
-training step of the layer — through any sparse backend without a graph
-break, and its autograd formula is the pipeline's sparse backward
-(:func:`spade_kernels.pipeline.encode_backward`) on the backend's products.
+:func:`encode_codes` is the one encoder the package has; ``spade_encode``,
+``SpaDE.forward`` and ``ShardedSpaDE.forward`` all call it.  It decides, where
+the call enters, what runs (docs/design.md, "Dispatch"):
+
+* ``reference`` — dense codes of row blocks (:mod:`spade_kernels.pipeline.dense`),
+  differentiable by autograd;
+* a sparse backend in one process — the pipeline's forward
+  (:func:`spade_kernels.pipeline.encode_forward`) inside one custom op,
+  ``spade_kernels::encode``, on the plan :func:`~spade_kernels.pipeline.make_plan`
+  made, with typed options.  Its fake implementation has a data-dependent
+  width (the widest support in the batch), so ``torch.compile(...,
+  fullgraph=True)`` traces an encode, and a whole training step of the layer,
+  without a graph break; its autograd formula is the pipeline's sparse
+  backward (:func:`spade_kernels.pipeline.encode_backward`);
+* a sparse backend over a latent group (``ShardedSpaDE``) — the same forward
+  and backward with the group's collectives
+  (:mod:`spade_kernels.pipeline.group`), through an autograd Function
+  (collectives run eagerly; a custom op cannot take a process group).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Optional
+
 import torch
 
 from ._validation import check_encode_inputs
-from .backends import BACKENDS, auto_search, resolve_backend
-from .backends.interface import resolve_options
+from .backends import BACKENDS, Backend, resolve_backend
 from .codes import SparseCodes
 from .numerics import compute_dtype
-from .pipeline import encode_backward, encode_forward
-from .pipeline.encoder import dense_row_bytes
-from .pipeline.memory import SPARSE_SHARE, budget_bytes, row_blocks
+from .pipeline import encode_backward, encode_forward, memory
+from .pipeline.dense import dense_sparse_codes
+from .pipeline.group import ONE_PROCESS, OneProcess
+from .pipeline.plan import Options, make_plan, products_for, resolve_options
 from .pipeline.rows import RowWriter
 
-__all__ = ["encode_sparse", "spade_encode"]
+__all__ = ["encode_codes", "encode_sparse", "product_primitives", "spade_encode"]
 
 
-def _format_options(options: dict) -> str:
-    """The op's ``options`` string, ``name=value,...`` (ints and plain strings; traceable by torch.compile)."""
-    return ",".join(f"{k}={options[k]}" for k in sorted(options))
-
-
-def _parse_options(text: str) -> dict:
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, value = item.split("=", 1)
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
-    return out
+def product_primitives(backend: Backend):
+    """The primitives of the products over a support of ``backend``'s codes (the ``torch`` backend's for ``reference``)."""
+    return (BACKENDS["torch"] if backend.dense else backend).primitives()
 
 
 @torch.library.custom_op("spade_kernels::encode", mutates_args=())
 def _encode_op(
-    x: torch.Tensor, prototypes: torch.Tensor, lam: torch.Tensor, backend: str, options: str
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    lam: torch.Tensor,
+    backend: str,
+    search: str,
+    chunk: Optional[int],  # noqa: UP045 (the op's schema is inferred from typing.Optional)
+    topk: Optional[int],  # noqa: UP045
+    max_candidates: Optional[int],  # noqa: UP045
+    block_n: Optional[int],  # noqa: UP045
+    slots: Optional[int],  # noqa: UP045
+    prepass: Optional[int],  # noqa: UP045
+    precision: Optional[str],  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    prims = BACKENDS[backend].primitives()
+    options = Options(search, chunk, topk, max_candidates, block_n, slots, prepass, precision)
+    K, d = prototypes.shape
+    plan = make_plan(BACKENDS[backend].primitives(), x.device, x.dtype, K, d, options)
     # The op's dtypes are its inputs' (docs/design.md, "Mixed precision"): an
     # enclosing autocast must not recast the exact stage's float32 products.
     with torch.autocast(x.device.type, enabled=False):
-        z, idx, size, D = encode_forward(prims, x, prototypes, float(lam), _parse_options(options))
+        z, idx, size, D = encode_forward(plan, x, prototypes, float(lam))
     return z, idx, size, D
 
 
 @_encode_op.register_fake
-def _(x, prototypes, lam, backend, options):
+def _(x, prototypes, lam, backend, *options):
     C = torch.library.get_ctx().new_dynamic_size()
     B = x.shape[0]
     cd = compute_dtype(x.dtype)
@@ -65,7 +84,7 @@ def _(x, prototypes, lam, backend, options):
 
 
 def _setup_context(ctx, inputs, output):
-    x, prototypes, lam, backend, _ = inputs
+    x, prototypes, lam, backend = inputs[:4]
     z, idx, size, D = output
     ctx.save_for_backward(x, prototypes, lam, z, idx, D)
     ctx.backend = backend
@@ -74,23 +93,47 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_z, _gi, _gs, grad_D):
     x, prototypes, lam, z, idx, D = ctx.saved_tensors
-    prims = BACKENDS[ctx.backend].primitives()
+    products = products_for(BACKENDS[ctx.backend].primitives(), z.dtype)
     with torch.autocast(x.device.type, enabled=False):
         gx, gA, glam = encode_backward(
-            prims, x, prototypes, lam, z, idx, D, grad_z, grad_D, ctx.needs_input_grad[:3]
+            products, x, prototypes, lam, z, idx, D, grad_z, grad_D, ctx.needs_input_grad[:3]
         )
-    return gx, gA, glam, None, None
+    return gx, gA, glam, *(None,) * 9
 
 
 _encode_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _block_row_bytes(prims, K: int, d: int, itemsize: int, opts: dict) -> int:
-    """Working memory per row of one encode (search, exact stage, the row's own inputs)."""
-    work = (
-        dense_row_bytes(K, itemsize) if opts["search"] == "dense" else prims.row_bytes(K, d, itemsize, opts)
-    )
-    return work + d * itemsize
+class _LatentGroupEncode(torch.autograd.Function):
+    """The encoder over a latent group: :func:`encode_forward` / :func:`encode_backward` with the group."""
+
+    @staticmethod
+    def forward(x, A, lam, plan, group):
+        return encode_forward(plan, x, A, float(lam), group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, A, lam, plan, group = inputs
+        z, idx, size, D = output
+        ctx.save_for_backward(x, A, lam, z, idx, D)
+        ctx.plan, ctx.group = plan, group
+        ctx.mark_non_differentiable(idx, size)
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_idx, _grad_size, grad_D):
+        x, A, lam, z, idx, D = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, lam, grad_z, grad_D)):
+            # torch.distributed's collectives have no derivative: a second derivative through this
+            # backward would silently miss the other shards' terms.
+            raise RuntimeError(
+                "ShardedSpaDE has no double backward (create_graph=True): its backward's collectives are "
+                "not differentiable; a SpaDE layer in one process gives the exact second derivative on "
+                "every backend"
+            )
+        gx, gA, glam = encode_backward(
+            ctx.plan.products, x, A, lam, z, idx, D, grad_z, grad_D, ctx.needs_input_grad[:3], ctx.group
+        )
+        return gx, gA, glam, None, None
 
 
 def _concatenate(blocks, K: int) -> SparseCodes:
@@ -104,43 +147,74 @@ def _concatenate(blocks, K: int) -> SparseCodes:
     return SparseCodes(idx, z, size, K, distances=D)
 
 
-def encode_sparse(backend: str, x: torch.Tensor, prototypes: torch.Tensor, lam, **options) -> SparseCodes:
-    """Differentiable sparse codes of x (B, d) through the sparse backend ``backend`` (a canonical name).
+def _lam_tensor(lam, device: torch.device) -> torch.Tensor:
+    lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), dtype=torch.float64)
+    lam_t = lam_t.reshape(()).to(device)
+    return lam_t if lam_t.dtype in (torch.float32, torch.float64) else lam_t.float()
 
-    ``x`` and ``prototypes`` in one dtype; ``options`` are the backend's
-    candidate-search options (``OPTIONS`` of its module) and the pipeline's
-    ``search``.  Rows are processed in blocks sized from the memory budget
-    (:mod:`spade_kernels.pipeline.memory`), each block one call of the
-    pipeline's op (and of its backward), so the working memory is the budget
+
+def encode_sparse(
+    backend: str, x: torch.Tensor, prototypes: torch.Tensor, lam, options: Options
+) -> SparseCodes:
+    """Differentiable sparse codes of x (B, d) through the sparse backend ``backend`` in one process.
+
+    ``x`` and ``prototypes`` in one dtype; ``options`` resolved for the
+    backend (:func:`~spade_kernels.pipeline.resolve_options`).  Rows are
+    processed in blocks sized from the memory budget
+    (:func:`spade_kernels.pipeline.memory.encode_blocks`), each block one call
+    of the op (and of its backward), so the working memory is the budget
     whatever B is (one block under ``torch.compile``).  float16/bfloat16
     inputs give float32 codes: rounding them to an 8- or 11-bit mantissa would
     break Σz = 1 by more than the precision contract allows.
     """
-    prims = BACKENDS[backend].primitives()
-    opts = resolve_options(prims, options)  # unknown options raise here, not in the op
     B, d = x.shape
     K = prototypes.shape[0]
-    if opts["search"] == "auto":
-        opts["search"] = auto_search(x.device, K, d, backend)
-    lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), dtype=torch.float64)
-    lam_t = lam_t.reshape(()).to(x.device)
-    if lam_t.dtype not in (torch.float32, torch.float64):
-        lam_t = lam_t.float()
-    text = _format_options(opts)
-    if torch.compiler.is_compiling():
-        blocks = [slice(0, B)]
-    else:
-        per_row = _block_row_bytes(prims, K, d, compute_dtype(x.dtype).itemsize, opts)
-        blocks = list(row_blocks(B, per_row, budget_bytes(x.device) // SPARSE_SHARE))
+    plan = make_plan(BACKENDS[backend].primitives(), x.device, x.dtype, K, d, options)
+    lam_t = _lam_tensor(lam, x.device)
+    args = (backend, *plan.options)
+    blocks = memory.encode_blocks(B, plan.row_bytes, x.device)
     if len(blocks) <= 1:
-        z, idx, size, D = _encode_op(x, prototypes, lam_t, backend, text)
+        z, idx, size, D = _encode_op(x, prototypes, lam_t, *args)
         return SparseCodes(idx, z, size, K, distances=D)
     if torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad or lam_t.requires_grad):
-        return _concatenate([_encode_op(x[rs], prototypes, lam_t, backend, text) for rs in blocks], K)
+        return _concatenate([_encode_op(x[rs], prototypes, lam_t, *args) for rs in blocks], K)
     out = RowWriter(B, K)
     for rs in blocks:
-        out.add(*_encode_op(x[rs], prototypes, lam_t, backend, text))
+        out.add(*_encode_op(x[rs], prototypes, lam_t, *args))
     return out.codes()
+
+
+def encode_codes(
+    backend: Backend,
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    lam,
+    options: Mapping | None = None,
+    group: OneProcess = ONE_PROCESS,
+) -> SparseCodes:
+    """The SpaDE encoder: codes of x (B, d) with their support distances, differentiable in x, A and λ.
+
+    ``backend`` is resolved (:func:`spade_kernels.backends.resolve_backend`);
+    ``x`` and ``prototypes`` share one dtype; ``options`` are the sparse
+    backend's (unknown ones raise).  The codes index the latents of
+    ``prototypes`` (over a latent ``group``: this rank's slice, under the
+    threshold of the whole layer).
+    """
+    options = dict(options or {})
+    if backend.dense:
+        if options:
+            raise TypeError(f"backend 'reference' takes no options, got {sorted(options)}")
+        if group.sharded:
+            raise ValueError("ShardedSpaDE runs a sparse backend (torch, native or triton), not 'reference'")
+        return dense_sparse_codes(x, prototypes, lam, distances=True)
+    prims = backend.primitives()
+    resolved = resolve_options(prims, options)  # unknown options raise here, not in the op
+    if not group.sharded:
+        return encode_sparse(backend.name, x, prototypes, lam, resolved)
+    K, d = prototypes.shape
+    plan = make_plan(prims, x.device, x.dtype, K, d, resolved)
+    z, idx, size, D = _LatentGroupEncode.apply(x, prototypes, _lam_tensor(lam, x.device), plan, group)
+    return SparseCodes(idx, z, size, K, distances=D)
 
 
 def spade_encode(
@@ -179,12 +253,4 @@ def spade_encode(
     dtype = check_encode_inputs(x, prototypes, lam)
     impl = resolve_backend(backend, x.device, dtype)
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
-    if impl.dense:
-        if options:
-            raise TypeError(f"backend 'reference' takes no options, got {sorted(options)}")
-        from .pipeline.dense import dense_sparse_codes
-
-        codes = dense_sparse_codes(flat, prototypes.to(dtype), lam)
-    else:
-        codes = encode_sparse(impl.name, flat, prototypes.to(dtype), lam, **options)
-    return codes.reshape_batch(x.shape[:-1])
+    return encode_codes(impl, flat, prototypes.to(dtype), lam, options).reshape_batch(x.shape[:-1])

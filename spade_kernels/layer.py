@@ -18,9 +18,10 @@ from torch import nn
 from ._validation import check_has_data, check_no_functorch, check_tensor
 from .backends import check_backend_name, resolve_backend
 from .codes import SparseCodes
-from .encode import encode_sparse
-from .pipeline import gather_sq_dist, mean_squared_error, sparse_decode
-from .pipeline.dense import dense_codes, dense_sparse_codes
+from .encode import encode_codes, product_primitives
+from .numerics import compute_dtype
+from .pipeline import gather_sq_dist, products_for, spade_loss, sparse_decode
+from .pipeline.dense import dense_codes
 from .reference import squared_distances
 
 __all__ = ["Checkpoint", "SpaDE", "SpaDEOutput", "read_checkpoint"]
@@ -384,7 +385,7 @@ class SpaDE(nn.Module):
         idx = codes.indices.reshape(-1, codes.width)
         if idx.shape[0] != flat.shape[0]:
             raise ValueError(f"codes hold {idx.shape[0]} rows but x has {flat.shape[0]}")
-        D = gather_sq_dist(self._primitives(flat), flat, rows, idx)
+        D = gather_sq_dist(products_for(self._primitives(flat), compute_dtype(flat.dtype)), flat, rows, idx)
         return D.reshape(codes.indices.shape)
 
     def _codes(self, x: torch.Tensor, dense: bool):
@@ -393,9 +394,9 @@ class SpaDE(nn.Module):
         self._check_no_functorch("SpaDE.encode", x)
         flat, A = self._operands(x)
         backend = self._backend(x, flat.dtype)
-        if backend.dense:
-            return dense_codes(flat, A, self.lam)[0] if dense else dense_sparse_codes(flat, A, self.lam)
-        return encode_sparse(backend.name, flat, A, self.lam, **self.backend_options)
+        if backend.dense and dense:
+            return dense_codes(flat, A, self.lam)[0]
+        return encode_codes(backend, flat, A, self.lam, self.backend_options)
 
     @_follows_autocast
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -425,7 +426,9 @@ class SpaDE(nn.Module):
                 raise ValueError(
                     f"codes.indices must lie in [0, {self.d_sae}), got values outside that range"
                 )
-            return sparse_decode(self._primitives(z.values), z, self.W_dec, self.b_dec)
+            return sparse_decode(
+                products_for(self._primitives(z.values), self.W_dec.dtype), z, self.W_dec, self.b_dec
+            )
         check_tensor("z", z, min_ndim=1)
         if z.shape[-1] != self.d_sae:
             raise ValueError(f"z must have shape (..., {self.d_sae}), got {tuple(z.shape)}")
@@ -434,9 +437,8 @@ class SpaDE(nn.Module):
         return out + self.b_dec if self.b_dec is not None else out
 
     def _primitives(self, t: torch.Tensor):
-        """The primitives of the sparse backend that decodes ``t``'s codes (``torch``'s for ``reference``)."""
-        backend = self._backend(t, t.dtype)
-        return resolve_backend("torch", t.device).primitives() if backend.dense else backend.primitives()
+        """The primitives of the products over a support of ``t``'s codes."""
+        return product_primitives(self._backend(t, t.dtype))
 
     @_follows_autocast
     def forward(self, x: torch.Tensor) -> SpaDEOutput:
@@ -445,28 +447,12 @@ class SpaDE(nn.Module):
         self._check_no_functorch("SpaDE.forward", x)
         flat, A = self._operands(x)
         backend = self._backend(x, flat.dtype)
-        lam = self.lam
-        if backend.dense:
-            z, D = dense_codes(flat, A, lam)
-            x_hat = self.decode(z)
-            W = self.W_dec.to(flat.dtype)
-            D_reg = D if self.reg_on == "encoder" else squared_distances(flat, W, naive=False)
-            reg = (z * D_reg).sum(-1).mean()
-            codes = SparseCodes.from_dense(z)
-        else:
-            prims = backend.primitives()
-            codes = encode_sparse(backend.name, flat, A, lam, **self.backend_options)
-            x_hat = sparse_decode(prims, codes, self.W_dec, self.b_dec)
-            if self.reg_on == "encoder":
-                # The encoder's exact support distances: the regulariser's
-                # gradient joins the encoder's backward pass.
-                D_reg = codes.distances
-            else:
-                D_reg = gather_sq_dist(prims, flat, self.W_dec.to(flat.dtype), codes.indices)
-            reg = (codes.values * D_reg).sum(-1).mean()
+        codes = encode_codes(backend, flat, A, self.lam, self.backend_options)
         # Against x itself (not its autocast copy), in x̂'s dtype.
-        mse = mean_squared_error(x_hat, x.reshape(-1, self.d_in).to(x_hat.dtype))
-        loss = mse + self.gamma_reg * reg
+        x_hat, loss, mse, reg = spade_loss(
+            product_primitives(backend), codes, flat, x.reshape(-1, self.d_in), self.W_dec, self.b_dec,
+            self.gamma_reg, self.reg_on,
+        )  # fmt: skip
         lead = x.shape[:-1]
         return SpaDEOutput(x_hat.reshape(*lead, self.d_in), codes.reshape_batch(lead), loss, mse, reg)
 

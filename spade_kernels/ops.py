@@ -1,4 +1,4 @@
-"""The native ops ``torch.ops.spade.*``: schema, fake implementation and wrapper of each, side by side.
+"""The native ops ``torch.ops.spade_kernels.*``: schema, fake implementation and wrapper of each, side by side.
 
 The implementations are compiled (csrc/ops.h): C++/OpenMP for CPU tensors
 in ``spade_kernels._C``, CUDA kernels for CUDA tensors in
@@ -38,15 +38,15 @@ __all__ = [
     "support_jacobian",
 ]
 
-_LIB = torch.library.Library("spade", "DEF")
+_LIB = torch.library.Library("spade_kernels", "DEF")
 
 
 def _define(schema: str):
-    """Declare ``spade::<schema>``; the decorated function is its fake implementation."""
+    """Declare ``spade_kernels::<schema>``; the decorated function is its fake implementation."""
 
     def register(fake):
         _LIB.define(schema)
-        torch.library.register_fake(f"spade::{schema.split('(')[0]}", fake, lib=_LIB)
+        torch.library.register_fake(f"spade_kernels::{schema.split('(')[0]}", fake, lib=_LIB)
         return fake
 
     return register
@@ -54,7 +54,7 @@ def _define(schema: str):
 
 def _op(name: str, device: torch.device):
     _ext.require(device)
-    return getattr(torch.ops.spade, name)
+    return getattr(torch.ops.spade_kernels, name)
 
 
 # -- sparsemax_rows -------------------------------------------------------------
@@ -83,29 +83,29 @@ def sparsemax_rows(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @_define(
-    "select_candidates(Tensor x, Tensor A, Tensor aa, float lam, Tensor margin, int chunk, int cap)"
+    "select_candidates(Tensor x, Tensor A, Tensor aa, float lam, Tensor margin, int chunk, int max_candidates)"
     " -> (Tensor, Tensor)"
 )
-def _(x, A, aa, lam, margin, chunk, cap):
+def _(x, A, aa, lam, margin, chunk, max_candidates):
     B = x.shape[0]
     W = torch.library.get_ctx().new_dynamic_size()  # the widest row's count: data-dependent
     return x.new_empty((B, W), dtype=torch.long), x.new_empty((B,), dtype=torch.bool)
 
 
-def select_candidates(x, A, aa, lam: float, margin, chunk: int, cap: int):
+def select_candidates(x, A, aa, lam: float, margin, chunk: int, max_candidates: int):
     """Candidates of every row's support from K-chunked GEMM-form scores: (cand, overflow).
 
     Scores s' = λ(2·x·aᵀ − ‖a‖²) ``chunk`` prototypes at a time (the BLAS /
     cuBLAS GEMM), each chunk reduced by the selection of
-    csrc/include/spade/select.h to a buffer of ``cap`` candidates per row with
+    csrc/include/spade/select.h to a buffer of ``max_candidates`` candidates per row with
     a running bound ≤ τ, keeping every entry above bound − ``margin``.
     ``x``, ``A``, ``aa`` (‖a‖², (K,)) and ``margin`` ((B,)) share one dtype
     (float32 or float64).  cand (B, W) int64 holds each row's candidates
-    first, then −1 (W ≤ ``cap``, the widest row's count); overflow (B,) bool
-    marks the rows that needed more than ``cap`` (their cand row is all −1).
-    Live memory O(B·chunk + B·cap).
+    first, then −1 (W ≤ ``max_candidates``, the widest row's count); overflow (B,) bool
+    marks the rows that needed more than ``max_candidates`` (their cand row is all −1).
+    Live memory O(B·chunk + B·max_candidates).
     """
-    return _op("select_candidates", x.device)(x, A, aa, lam, margin, chunk, cap)
+    return _op("select_candidates", x.device)(x, A, aa, lam, margin, chunk, max_candidates)
 
 
 @_define("exact_codes(Tensor x, Tensor A, float lam, Tensor cand) -> (Tensor, Tensor, Tensor, Tensor)")

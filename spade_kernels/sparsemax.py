@@ -1,10 +1,12 @@
 """``sparsemax(input, dim)``: exact sparsemax with the closed-form backward.
 
-Forward is the sort-free extension op ``spade::sparsemax_rows`` when the
-extension is built — C++ on CPU float32/float64 tensors, the CUDA kernel on
-CUDA float32/bfloat16/float16 tensors (pruning to entries above max − 1, then
-Michelot's iteration) — and otherwise the sort-based projection of
-:mod:`spade_kernels.reference`;
+Forward is the ``native`` backend's sort-free op
+``spade_kernels::sparsemax_rows`` where the backend registry says it runs
+(``BACKENDS["native"].supports``) and it takes the dtype
+(``native.SPARSEMAX_DTYPES``) — C++ on CPU float32/float64 tensors, the CUDA
+kernel on CUDA float32/bfloat16/float16 tensors (pruning to entries above
+max − 1, then Michelot's iteration) — and otherwise the sort-based
+projection of :mod:`spade_kernels.reference`;
 backward is docs/design.md fact 5 — on the support S of each row,
 ∂L/∂s = g − mean_{j∈S} g_j, and 0 off the support — instead of autograd
 through a sort.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .backends import BACKENDS
+from .backends.native import SPARSEMAX_DTYPES
 from .reference import sparsemax_reference
 
 __all__ = ["sparsemax", "sparsemax_backward", "sparsemax_sort"]
@@ -35,15 +39,8 @@ def sparsemax_backward(z: torch.Tensor, grad: torch.Tensor, dim: int = -1) -> to
 
 
 def _native(input: torch.Tensor) -> bool:
-    """Whether ``spade::sparsemax_rows`` takes this tensor: CPU float32/float64, or
-    CUDA float32/bfloat16/float16 with the extension's CUDA kernels (fp32 math)."""
-    from . import _ext
-
-    if input.device.type == "cpu":
-        return input.dtype in (torch.float32, torch.float64) and _ext.available()
-    if input.device.type == "cuda":
-        return input.dtype in (torch.float32, torch.bfloat16, torch.float16) and _ext.cuda_kernels()
-    return False
+    """Whether the ``native`` backend's ``sparsemax_rows`` takes this tensor (the registry decides the device)."""
+    return input.dtype in SPARSEMAX_DTYPES.get(input.device.type, ()) and BACKENDS["native"].supports(input.device)
 
 
 def _forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:

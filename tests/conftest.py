@@ -46,11 +46,11 @@ def device(request):
 # contract; per-backend test files hold only the knobs one backend has.
 
 #: Options that shrink a backend's tiles and buffers so that every path (chunk merges, k-doubling, slot
-#: and cap overflow, the exact resolution of overflow rows) runs at test sizes.
+#: and max_candidates overflow, the exact resolution of overflow rows) runs at test sizes.
 SMALL_OPTIONS = {
     "torch": {"chunk": 16, "topk": 2, "max_candidates": 8},
     "native": {"chunk": 64, "max_candidates": 256},
-    "triton": {"block_n": 16, "slots": 4, "cap": 32, "prepass": 16},
+    "triton": {"block_n": 16, "slots": 4, "max_candidates": 32, "prepass": 16},
 }
 
 
@@ -104,3 +104,17 @@ def backends_on(device: str = "cpu", *, sparse_only: bool = False) -> list[str]:
         for name, b in BACKENDS.items()
         if not (sparse_only and b.dense) and b.supports(torch.device(device))
     ]
+
+
+def product(prims, name: str, first, indices, second, *rest):
+    """The product ``name`` of ``prims`` as the pipeline runs it for the matrix ``second``'s dtype."""
+    from spade_kernels.pipeline import products_for
+
+    return getattr(products_for(prims, second.dtype), name)(first, indices, second, *rest)
+
+
+def plan_of(prims, x, A, options=None):
+    """The pipeline's plan for an encode of ``x`` against ``A`` through ``prims`` (options resolved)."""
+    from spade_kernels.pipeline import make_plan, resolve_options
+
+    return make_plan(prims, x.device, x.dtype, A.shape[0], A.shape[1], resolve_options(prims, options or {}))

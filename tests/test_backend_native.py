@@ -6,6 +6,7 @@ Its score chunking, and that it runs the compiled ops.  With SPADE_TEST_GPU=1
 
 import pytest
 import torch
+from conftest import plan_of, product
 
 import spade_kernels as sk
 from spade_kernels import _ext, pipeline
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"C++ extension una
 def test_matches_reference_fp32_every_chunking(device, B, d, K, chunk):
     x, A = torch.randn(B, d, device=device), torch.randn(K, d, device=device)
     lam = 1.0 / (2 * d)
-    z, idx, size, _ = pipeline.encode_forward(N.PRIMITIVES, x, A, lam, {"chunk": chunk})
+    z, idx, size, _ = pipeline.encode_forward(plan_of(N.PRIMITIVES, x, A, {"chunk": chunk}), x, A, lam)
     codes = sk.SparseCodes(idx, z, size, K)
     assert_codes_match_reference(codes, x.cpu(), A.cpu(), lam)
 
@@ -34,7 +35,7 @@ def test_half_precision_decoders_take_the_torch_products():
     idx = torch.randint(0, 9, (4, 3))
     W = torch.randn(9, 5).bfloat16()
     with pipeline.dense_products(False):
-        got = pipeline.product(N.PRIMITIVES, "gather_matmul", w, idx, W)
+        got = product(N.PRIMITIVES, "gather_matmul", w, idx, W)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), T.gather_matmul(w, idx, W.float()), atol=2e-2, rtol=2e-2)
 
@@ -44,4 +45,8 @@ def test_the_native_backend_runs_the_compiled_ops():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         m(torch.randn(64, 16)).loss.backward()
     names = {e.name for e in prof.events()}
-    assert {"spade::select_candidates", "spade::exact_codes", "spade::support_jacobian"} <= names
+    assert {
+        "spade_kernels::select_candidates",
+        "spade_kernels::exact_codes",
+        "spade_kernels::support_jacobian",
+    } <= names

@@ -1,6 +1,6 @@
 """The ``triton`` backend's own knobs and kernels (the contracts run it too: tests/test_contract_*.py).
 
-Tiles, slots, the candidate cap and the prepass; the tf32 option; the select
+Tiles, slots, the candidate max_candidates and the prepass; the tf32 option; the select
 kernel's slots; the atomic scatter; ``opcheck`` of every Triton op.  On the
 interpreter (CPU) or a GPU (SPADE_TEST_GPU=1).
 """
@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import SMALL_OPTIONS
+from conftest import SMALL_OPTIONS, plan_of
 
 import spade_kernels as sk
 from spade_kernels import pipeline
@@ -41,7 +41,7 @@ def _inputs(B, d, K, dtype=torch.float32, lam=None):
 
 
 def _codes(x, A, lam, **opts):
-    z, idx, size, _ = pipeline.encode_forward(TR.PRIMITIVES, x, A, lam, opts)
+    z, idx, size, _ = pipeline.encode_forward(plan_of(TR.PRIMITIVES, x, A, opts), x, A, lam)
     return sk.SparseCodes(idx, z, size, A.shape[0])
 
 
@@ -65,16 +65,16 @@ def test_tf32_option_keeps_exact_codes():
 
 
 def test_slot_and_cap_overflow_rows_are_exact():
-    # Small λ: dense supports overflow every slot and the cap; large λ: one-hot.
+    # Small λ: dense supports overflow every slot and the max_candidates; large λ: one-hot.
     for lam in (1e-4, 5.0):
         x, A, _ = _inputs(12, 6, 90)
         aa = (A * A).sum(1)
         no_margin = torch.zeros(12, device=DEVICE)
         start = torch.full((12,), -math.inf, device=DEVICE)
-        counts = E.encode_fwd_select(x, A, aa, no_margin, start, lam, 16, 2, "ieee")[2]
+        counts = E.select_tiles(x, A, aa, no_margin, start, lam, 16, 2, "ieee")[2]
         if lam < 1:
             assert (counts > 2).any(), "the test must overflow slots"
-        codes = _codes(x, A, lam, block_n=16, slots=2, cap=8, prepass=8)
+        codes = _codes(x, A, lam, block_n=16, slots=2, max_candidates=8, prepass=8)
         ref = spade_encode_reference(x.double(), A.double(), lam)
         torch.testing.assert_close(codes.to_dense().double(), ref, atol=1e-5, rtol=0)
 
@@ -84,7 +84,7 @@ def test_select_kernel_slots_hold_every_survivor():
     _, _, aa, xx, _ = sanitize(x, A)
     margin = score_margin(xx, aa, lam, 12, 2.0**-24).float()
     start = torch.full((9,), -math.inf, device=DEVICE)
-    _, slot_idx, counts, bound = E.encode_fwd_select(x, A, aa.float(), margin, start, lam, 16, 16, "ieee")
+    _, slot_idx, counts, bound = E.select_tiles(x, A, aa.float(), margin, start, lam, 16, 16, "ieee")
     s = lam * (2 * x @ A.t() - aa)  # GEMM-form scores, for checking only
     tau = sorted_threshold(torch.sort(s, dim=1, descending=True).values)
     assert (bound <= tau + 1e-5).all(), "the published bound must stay below τ"
@@ -130,25 +130,27 @@ def test_opcheck_every_triton_op():
     start = torch.full((5,), -math.inf, device=DEVICE)
     sel_args = (x, A, aa.float(), margin, start, lam, 16, 4, "ieee")
     torch.library.opcheck(
-        torch.ops.spade_triton.encode_fwd_select.default, sel_args, test_utils=KERNEL_CHECKS
+        torch.ops.spade_kernels.triton_select_tiles.default, sel_args, test_utils=KERNEL_CHECKS
     )
-    slot_val, slot_idx, counts, bound = E.encode_fwd_select(*sel_args)
+    slot_val, slot_idx, counts, bound = E.select_tiles(*sel_args)
     merge_args = (slot_val, slot_idx, counts, bound, margin, 16)
     torch.library.opcheck(
-        torch.ops.spade_triton.encode_fwd_merge.default, merge_args, test_utils=KERNEL_CHECKS
+        torch.ops.spade_kernels.triton_select_merge.default, merge_args, test_utils=KERNEL_CHECKS
     )
     idx = torch.randint(0, 40, (5, 7), device=DEVICE)
     torch.library.opcheck(
-        torch.ops.spade_triton.gather_sq_dist.default, (x, idx, A), test_utils=KERNEL_CHECKS
+        torch.ops.spade_kernels.triton_gather_sq_dist.default, (x, idx, A), test_utils=KERNEL_CHECKS
     )
     w, sidx = _support(4, 6, 10)
     M, X = torch.randn(10, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE)
     torch.library.opcheck(
-        torch.ops.spade_triton.gather_matmul.default, (w, sidx, M), test_utils=KERNEL_CHECKS
+        torch.ops.spade_kernels.triton_gather_matmul.default, (w, sidx, M), test_utils=KERNEL_CHECKS
     )
-    torch.library.opcheck(torch.ops.spade_triton.gather_dot.default, (X, sidx, M), test_utils=KERNEL_CHECKS)
     torch.library.opcheck(
-        torch.ops.spade_triton.scatter_matmul.default, (w, sidx, X, 10), test_utils=KERNEL_CHECKS
+        torch.ops.spade_kernels.triton_gather_dot.default, (X, sidx, M), test_utils=KERNEL_CHECKS
+    )
+    torch.library.opcheck(
+        torch.ops.spade_kernels.triton_scatter_matmul.default, (w, sidx, X, 10), test_utils=KERNEL_CHECKS
     )
     z = torch.rand(6, 9, device=DEVICE)
     z[z < 0.4] = 0.0
@@ -159,11 +161,19 @@ def test_opcheck_every_triton_op():
         None,
         torch.tensor(0.7, device=DEVICE),
     )
-    torch.library.opcheck(torch.ops.spade_triton.support_jacobian.default, args, test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(
+        torch.ops.spade_kernels.triton_support_jacobian.default, args, test_utils=KERNEL_CHECKS
+    )
     lam_t = torch.tensor(lam, device=DEVICE, requires_grad=True)
     # The pipeline's op: schema, fake (data-dependent width) and autograd registration.
     torch.library.opcheck(
         torch.ops.spade_kernels.encode.default,
-        (x.requires_grad_(), A, lam_t, "triton", "precision=ieee"),
+        (
+            x.requires_grad_(),
+            A,
+            lam_t,
+            "triton",
+            *pipeline.resolve_options(TR.PRIMITIVES, {"precision": "ieee"}),
+        ),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )

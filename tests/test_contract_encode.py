@@ -1,7 +1,7 @@
 """The encoder's contract, for every registered backend (tests/conftest.py): codes against the float64 oracle.
 
 Exactness at every shape and search, float64 exactness on every path (small
-buffers force chunk merges, slot and cap overflow, the exact resolution of
+buffers force chunk merges, slot and candidate-limit overflow, the exact resolution of
 overflow rows), low precision, the NaN policy, layouts, and the gradients of
 the functional encoder.  The precision contract is docs/design.md's.
 """
@@ -75,8 +75,8 @@ def test_overflow_rows_are_exact_in_float32(sparse_backend, device, lam):
 
 
 def _tiny(backend):
-    """Even smaller buffers where a backend has them (two slots, a cap of eight)."""
-    return {"slots": 2, "cap": 8, "prepass": 8} if backend == "triton" else {}
+    """Even smaller buffers where a backend has them (two slots, at most eight candidates)."""
+    return {"slots": 2, "max_candidates": 8, "prepass": 8} if backend == "triton" else {}
 
 
 def test_mixed_overflow_rows_are_exact(sparse_backend, device):

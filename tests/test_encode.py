@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import product
 
 import spade_kernels as sk
 from spade_kernels import _ext, pipeline
@@ -22,7 +23,7 @@ def test_gather_sq_dist_and_sparse_decode_gradcheck(product_route):
     v = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 9, (4, 5))
-    P = T.PRIMITIVES
+    P = pipeline.products_for(T.PRIMITIVES, torch.float64)
     assert torch.autograd.gradcheck(lambda x, M: pipeline.gather_sq_dist(P, x, M, idx), (x, M))
     codes = lambda v: sk.SparseCodes(idx, v, torch.full((4,), 5), 9)  # noqa: E731
     assert torch.autograd.gradcheck(lambda v, M, b: pipeline.sparse_decode(P, codes(v), M, b), (v, M, b))
@@ -103,13 +104,13 @@ def test_dense_route_matches_sparse_route():
         with pipeline.dense_products(dense):
             results.append(
                 (
-                    pipeline.product(P, "gather_matmul", w, idx, M),
-                    pipeline.product(P, "gather_dot", G, idx, M),
-                    pipeline.product(P, "scatter_matmul", w, idx, X, K),
+                    product(P, "gather_matmul", w, idx, M),
+                    product(P, "gather_dot", G, idx, M),
+                    product(P, "scatter_matmul", w, idx, X, K),
                 )
             )
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # C/K = 0.3 takes the dense route on the CPU by default, none below the measured crossover.
-    assert pipeline.sparse._dense_route(C, K, torch.device("cpu"))
-    assert not pipeline.sparse._dense_route(1, K, torch.device("cpu"))
+    assert pipeline.plan._dense_route(C, K, torch.device("cpu"))
+    assert not pipeline.plan._dense_route(1, K, torch.device("cpu"))

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import plan_of
 
 import spade_kernels as sk
 from spade_kernels import _ext
@@ -115,7 +116,7 @@ def test_candidate_buffer_is_sized_by_the_data(monkeypatch):
     x, A = torch.randn(2000, 8), torch.randn(4000, 8)
     A[:600] = 20 + 0.01 * torch.randn(600, 8)  # a tight cluster far away ...
     x[1500] = 20.0  # ... and one row inside it: ~600 latents in its support
-    z, idx, size, _ = encoder.encode_forward(spy, x, A, 0.2, {"search": "pruned"})
+    z, idx, size, _ = encoder.encode_forward(plan_of(spy, x, A, {"search": "pruned"}), x, A, 0.2)
     assert sizes[0] == 256 and sizes[1] < 256 and max(sizes) > sizes[1], sizes
     ref = sk.spade_encode(x, A, 0.2, backend="reference").to_dense()
     assert int(size[1500]) > 256

@@ -38,7 +38,7 @@ def test_sparsemax_rows_matches_reference(device, shape, dtype, scale):
     if (device == "cpu") != (dtype != torch.bfloat16):
         pytest.skip(f"{dtype} scores are not an input of the {device} op")
     s = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
-    out, tau = torch.ops.spade.sparsemax_rows(s)
+    out, tau = torch.ops.spade_kernels.sparsemax_rows(s)
     ref = sparsemax_reference(s.double())
     if dtype == torch.float64:
         tol = 1e-12
@@ -62,7 +62,7 @@ def test_sparsemax_rows_special_values():
     s = torch.tensor(
         [[1.0, -inf, 0.5], [nan, 1.0, 2.0], [-inf, -inf, -inf], [inf, 0.0, 0.0], [-3e7, -3.1e7, -3e7]]
     )
-    out, tau = torch.ops.spade.sparsemax_rows(s)
+    out, tau = torch.ops.spade_kernels.sparsemax_rows(s)
     torch.testing.assert_close(out[0], torch.tensor([0.75, 0.0, 0.25]))
     assert torch.isnan(out[1:4]).all() and torch.isnan(tau[1:4]).all()
     torch.testing.assert_close(out[4], torch.tensor([0.5, 0.0, 0.5]))
@@ -70,12 +70,14 @@ def test_sparsemax_rows_special_values():
 
 def test_sparsemax_rows_errors_and_registration():
     with pytest.raises(RuntimeError, match="2-D"):
-        torch.ops.spade.sparsemax_rows(torch.randn(2, 3, 4))
+        torch.ops.spade_kernels.sparsemax_rows(torch.randn(2, 3, 4))
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        torch.ops.spade.sparsemax_rows(torch.randn(2, 3).half())
-    torch.library.opcheck(torch.ops.spade.sparsemax_rows.default, (torch.randn(4, 9),))
+        torch.ops.spade_kernels.sparsemax_rows(torch.randn(2, 3).half())
+    torch.library.opcheck(torch.ops.spade_kernels.sparsemax_rows.default, (torch.randn(4, 9),))
     noncontig = torch.randn(9, 4).t()
-    torch.testing.assert_close(torch.ops.spade.sparsemax_rows(noncontig)[0], sparsemax_reference(noncontig))
+    torch.testing.assert_close(
+        torch.ops.spade_kernels.sparsemax_rows(noncontig)[0], sparsemax_reference(noncontig)
+    )
 
 
 def test_cuda_tensors_need_the_cuda_kernels(monkeypatch):
@@ -102,7 +104,7 @@ def test_products_match_torch(device, B, C, d, K, dtype):
     M = torch.randn(K, d, device=device, dtype=torch.float64)
     X = torch.randn(B, d, device=device, dtype=torch.float64)
     tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
-    ops = torch.ops.spade
+    ops = torch.ops.spade_kernels
     cases = [
         (ops.gather_matmul(w.to(dtype), idx, M.to(dtype)), T.gather_matmul(w, idx, M)),
         (ops.gather_dot(X.to(dtype), idx, M.to(dtype)), T.gather_dot(X, idx, M)),
@@ -118,17 +120,19 @@ def test_products_take_strided_inputs_and_cast_weights(device):
     w, idx = _support(6, 5, 12, device, torch.float32)
     M = torch.randn(8, 12, device=device, dtype=torch.float64).t()  # non-contiguous (12, 8)
     X = torch.randn(8, 6, device=device, dtype=torch.float64).t()
-    torch.testing.assert_close(torch.ops.spade.gather_matmul(w, idx, M), T.gather_matmul(w.double(), idx, M))
     torch.testing.assert_close(
-        torch.ops.spade.scatter_matmul(w, idx, X, 12), T.scatter_matmul(w.double(), idx, X, 12)
+        torch.ops.spade_kernels.gather_matmul(w, idx, M), T.gather_matmul(w.double(), idx, M)
+    )
+    torch.testing.assert_close(
+        torch.ops.spade_kernels.scatter_matmul(w, idx, X, 12), T.scatter_matmul(w.double(), idx, X, 12)
     )
 
 
 def test_scatter_matmul_is_deterministic(device):
     w, idx = _support(500, 40, 7, device, torch.float32)  # many duplicates per latent
     X = torch.randn(500, 33, device=device)
-    first = torch.ops.spade.scatter_matmul(w, idx, X, 9)
-    assert torch.equal(first, torch.ops.spade.scatter_matmul(w, idx, X, 9))
+    first = torch.ops.spade_kernels.scatter_matmul(w, idx, X, 9)
+    assert torch.equal(first, torch.ops.spade_kernels.scatter_matmul(w, idx, X, 9))
     assert (first[7:] == 0).all()  # latents nobody points at
 
 
@@ -142,7 +146,7 @@ def test_support_jacobian_matches_torch(device, with_grads, dtype):
     gz = torch.randn(7, 9, device=device, dtype=dtype) if with_grads else None
     gD = torch.randn(7, 9, device=device, dtype=dtype) if with_grads else None
     lam = torch.tensor(0.3, device=device, dtype=dtype)
-    G, lam_rows = torch.ops.spade.support_jacobian(z, gz, D, gD, lam)
+    G, lam_rows = torch.ops.spade_kernels.support_jacobian(z, gz, D, gD, lam)
     G_ref, lam_ref = T.support_jacobian(z, gz, D, gD, lam)
     torch.testing.assert_close(G, G_ref)
     torch.testing.assert_close(lam_rows, lam_ref)
@@ -153,10 +157,10 @@ def test_support_jacobian_matches_torch(device, with_grads, dtype):
 # ---------------------------------------------------------------------------
 
 
-def _select(x, A, lam, chunk, cap):
+def _select(x, A, lam, chunk, max_candidates):
     x, A, aa, xx, _ = sanitize(x, A)
     margin = score_margin(xx, aa, lam, x.shape[1], torch.finfo(x.dtype).eps)
-    return torch.ops.spade.select_candidates(x, A, aa, lam, margin, chunk, cap)
+    return torch.ops.spade_kernels.select_candidates(x, A, aa, lam, margin, chunk, max_candidates)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +197,7 @@ def test_exact_codes_match_reference(device, dtype):
     cand = torch.arange(K, device=device).repeat(B, 1)
     cand[:, ::7] = -1  # empty slots are ignored ...
     keep = cand[0] >= 0
-    z, idx, size, D = torch.ops.spade.exact_codes(x, A, 0.05, cand)
+    z, idx, size, D = torch.ops.spade_kernels.exact_codes(x, A, 0.05, cand)
     ref = spade_encode_reference(x.double(), A.double()[keep.cpu()], 0.05)  # ... as if absent
     dense = torch.zeros(B, K, dtype=torch.float64, device=device).scatter_add_(1, idx, z.double())
     tol = 1e-12 if dtype == torch.float64 else 1e-6
@@ -219,16 +223,16 @@ def test_opcheck_every_op(device):
     x, A, aa, xx, _ = sanitize(X, M)
     margin = score_margin(xx, aa, 0.1, 6, 2.0**-23)
     cases = [
-        (torch.ops.spade.gather_matmul, (w, idx, M)),
-        (torch.ops.spade.gather_dot, (X, idx, M)),
-        (torch.ops.spade.gather_sq_dist, (X, idx, M)),
-        (torch.ops.spade.scatter_matmul, (w, idx, X, 11)),
+        (torch.ops.spade_kernels.gather_matmul, (w, idx, M)),
+        (torch.ops.spade_kernels.gather_dot, (X, idx, M)),
+        (torch.ops.spade_kernels.gather_sq_dist, (X, idx, M)),
+        (torch.ops.spade_kernels.scatter_matmul, (w, idx, X, 11)),
         (
-            torch.ops.spade.support_jacobian,
+            torch.ops.spade_kernels.support_jacobian,
             (z, w, torch.rand_like(z), None, torch.tensor(0.5, device=device)),
         ),
-        (torch.ops.spade.select_candidates, (x, A, aa, 0.1, margin, 4, 256)),
-        (torch.ops.spade.exact_codes, (x, A, 0.1, torch.arange(11, device=device).repeat(5, 1))),
+        (torch.ops.spade_kernels.select_candidates, (x, A, aa, 0.1, margin, 4, 256)),
+        (torch.ops.spade_kernels.exact_codes, (x, A, 0.1, torch.arange(11, device=device).repeat(5, 1))),
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args, test_utils=OPCHECKS)
@@ -238,51 +242,57 @@ def test_opcheck_every_op(device):
     "call,match",
     [
         (
-            lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.zeros(2, 3).long(), torch.ones(4)),
+            lambda: torch.ops.spade_kernels.gather_matmul(
+                torch.ones(2, 3), torch.zeros(2, 3).long(), torch.ones(4)
+            ),
             "M must be 2-D",
         ),
         (
-            lambda: torch.ops.spade.gather_matmul(torch.ones(2, 3), torch.zeros(2, 3), torch.ones(4, 5)),
+            lambda: torch.ops.spade_kernels.gather_matmul(
+                torch.ones(2, 3), torch.zeros(2, 3), torch.ones(4, 5)
+            ),
             "int64",
         ),
         (
-            lambda: torch.ops.spade.gather_dot(torch.ones(2, 3), torch.zeros(2, 1).long(), torch.ones(4, 5)),
+            lambda: torch.ops.spade_kernels.gather_dot(
+                torch.ones(2, 3), torch.zeros(2, 1).long(), torch.ones(4, 5)
+            ),
             "3 columns",
         ),
         (
-            lambda: torch.ops.spade.gather_dot(
+            lambda: torch.ops.spade_kernels.gather_dot(
                 torch.ones(2, 5), torch.zeros(2, 1).long(), torch.ones(4, 5).half()
             ),
             "float32 or float64",
         ),
         (
-            lambda: torch.ops.spade.scatter_matmul(
+            lambda: torch.ops.spade_kernels.scatter_matmul(
                 torch.ones(2, 3), torch.zeros(2, 2).long(), torch.ones(2, 5), 4
             ),
             "shape",
         ),
         (
-            lambda: torch.ops.spade.scatter_matmul(
+            lambda: torch.ops.spade_kernels.scatter_matmul(
                 torch.ones(2, 1), torch.zeros(2, 1).long(), torch.ones(3, 5), 4
             ),
             "rows",
         ),
         (
-            lambda: torch.ops.spade.exact_codes(
+            lambda: torch.ops.spade_kernels.exact_codes(
                 torch.ones(2, 3), torch.ones(4, 3), 0.0, torch.zeros(2, 1).long()
             ),
             "lam",
         ),
         (
-            lambda: torch.ops.spade.exact_codes(
+            lambda: torch.ops.spade_kernels.exact_codes(
                 torch.ones(2, 3), torch.ones(4, 3).double(), 1.0, torch.zeros(2, 1).long()
             ),
             "dtype",
         ),
-        (lambda: _select(torch.ones(2, 3), torch.ones(4, 3), 1.0, 2, 0), "cap must be >= 1"),
+        (lambda: _select(torch.ones(2, 3), torch.ones(4, 3), 1.0, 2, 0), "max_candidates must be >= 1"),
         (lambda: _select(torch.ones(2, 3), torch.ones(4, 3), 1.0, 0, 256), "chunk must be >= 1"),
         (
-            lambda: torch.ops.spade.support_jacobian(
+            lambda: torch.ops.spade_kernels.support_jacobian(
                 torch.ones(2, 3), None, torch.ones(2, 4), None, torch.ones(())
             ),
             "shape",
@@ -297,11 +307,11 @@ def test_op_argument_errors(call, match):
 def test_fakes_match_the_real_layout_for_strided_inputs():
     # The ops return contiguous outputs for any input strides; so must the fakes.
     torch.library.opcheck(
-        torch.ops.spade.sparsemax_rows.default, (torch.randn(9, 4).t(),), test_utils=OPCHECKS
+        torch.ops.spade_kernels.sparsemax_rows.default, (torch.randn(9, 4).t(),), test_utils=OPCHECKS
     )
     z = torch.rand(6, 5).t()
     args = (z, None, torch.rand(5, 6), None, torch.tensor(0.5))
-    torch.library.opcheck(torch.ops.spade.support_jacobian.default, args, test_utils=OPCHECKS)
+    torch.library.opcheck(torch.ops.spade_kernels.support_jacobian.default, args, test_utils=OPCHECKS)
     import spade_kernels as sk
 
     x = torch.randn(6, 9)
@@ -316,7 +326,7 @@ def test_fakes_match_the_real_layout_for_strided_inputs():
 TILE = 256  # kThreads of csrc/include/spade/common.h: the selection's tile
 
 
-def _policy_model(S_chunks, margin, cap):
+def _policy_model(S_chunks, margin, max_candidates):
     """The selection policy of csrc/include/spade/select.h, in Python (float64 math on the op's own scores)."""
     from spade_kernels.numerics import sorted_threshold
 
@@ -335,10 +345,10 @@ def _policy_model(S_chunks, margin, cap):
             slack = float(margin[r])
             for base in range(0, len(s), TILE):
                 buf += [(v, c0 + k) for k, v in enumerate(s[base : base + TILE], base) if v > b - slack]
-                if len(buf) > cap:
+                if len(buf) > max_candidates:
                     b = max(b, tau([v for v, _ in buf]))
                     buf = [(v, k) for v, k in buf if v > b - slack]
-                    if len(buf) > cap:
+                    if len(buf) > max_candidates:
                         over = True
                         break
             if over:
@@ -352,22 +362,22 @@ def _policy_model(S_chunks, margin, cap):
     return result, overflow
 
 
-@pytest.mark.parametrize("cap,lam", [(6, 0.5), (30, 0.05), (300, 0.05)])
-def test_select_candidates_follows_the_buffer_policy(device, cap, lam):
+@pytest.mark.parametrize("max_candidates,lam", [(6, 0.5), (30, 0.05), (300, 0.05)])
+def test_select_candidates_follows_the_buffer_policy(device, max_candidates, lam):
     # Small caps put rows on both sides of the overflow boundary; 600 prototypes in
     # chunks of 512 give a partial second chunk and tiles that end mid-chunk.
-    torch.manual_seed(cap)
+    torch.manual_seed(max_candidates)
     x = torch.randn(24, 6, device=device, dtype=torch.float64)
     A = torch.randn(600, 6, device=device, dtype=torch.float64)
     x[:8] *= 0.05  # near the centre: wide supports (support sizes 2–44 here)
     xs, As, aa, xx, _ = sanitize(x, A)
     margin = score_margin(xx, aa, lam, 6, 2.0**-52)
-    cand, overflow = torch.ops.spade.select_candidates(xs, As, aa, lam, margin, 512, cap)
+    cand, overflow = torch.ops.spade_kernels.select_candidates(xs, As, aa, lam, margin, 512, max_candidates)
     chunks = [(c0, torch.addmm(aa[c0 : c0 + 512], xs, As[c0 : c0 + 512].t(), beta=-lam, alpha=2 * lam).cpu())
               for c0 in range(0, 600, 512)]  # fmt: skip
-    want, want_overflow = _policy_model(chunks, margin.cpu(), cap)
+    want, want_overflow = _policy_model(chunks, margin.cpu(), max_candidates)
     assert overflow.cpu().tolist() == want_overflow
-    assert 0 < sum(want_overflow) < 24 or cap == 300
+    assert 0 < sum(want_overflow) < 24 or max_candidates == 300
     for r in range(24):
         got = cand[r].cpu()
         assert set(got[got >= 0].tolist()) == want[r], r
@@ -378,12 +388,12 @@ def test_indices_out_of_range_are_nan_empty_or_dropped(device):
     idx = torch.tensor([[0, 1, 2], [0, 7, -1]], device=device)  # row 1 points outside [0, 4)
     M = torch.randn(4, 5, device=device, dtype=torch.float64)
     X = torch.randn(2, 5, device=device, dtype=torch.float64)
-    out = torch.ops.spade.gather_matmul(w, idx, M)
+    out = torch.ops.spade_kernels.gather_matmul(w, idx, M)
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
-    for op in (torch.ops.spade.gather_dot, torch.ops.spade.gather_sq_dist):
+    for op in (torch.ops.spade_kernels.gather_dot, torch.ops.spade_kernels.gather_sq_dist):
         got = op(X, idx, M)
         assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, 0]) and torch.isnan(got[1, 1:]).all()
-    scattered = torch.ops.spade.scatter_matmul(w, idx, X, 4)
+    scattered = torch.ops.spade_kernels.scatter_matmul(w, idx, X, 4)
     torch.testing.assert_close(scattered[0], X[0] + X[1])  # entries 7 and −1 of row 1 are dropped
-    z, ind, size, _ = torch.ops.spade.exact_codes(X, M, 0.1, idx)
+    z, ind, size, _ = torch.ops.spade_kernels.exact_codes(X, M, 0.1, idx)
     assert int(size[1]) == 1 and int(ind[1, 0]) == 0 and float(z[1, 0]) == pytest.approx(1.0)

@@ -123,18 +123,18 @@ def test_float32_second_derivative_runs_on_the_torch_primitives(sparse_backend, 
     if backend == "torch":
         pytest.skip("the torch backend's primitives are the ones a recorded backward runs on")
     # create_graph=True: the kernels have no derivative, so the backward that autograd records runs on
-    # the torch backend's ops (backward_primitives); a plain backward keeps the backend's kernels.
+    # the torch backend's ops (backward_products); a plain backward keeps the backend's kernels.
     from spade_kernels.pipeline import sparse
 
     seen = []
-    real = sparse.backward_primitives
+    real = sparse.backward_products
 
-    def spy(prims, *tensors):
-        out = real(prims, *tensors)
+    def spy(products, dtype, *tensors):
+        out = real(products, dtype, *tensors)
         seen.append(out.name)
         return out
 
-    monkeypatch.setattr(sparse, "backward_primitives", spy)
+    monkeypatch.setattr(sparse, "backward_products", spy)
     layer64 = _layer(backend)
     layer = copy.deepcopy(layer64).float()
     x = torch.randn(32, 8)
@@ -159,7 +159,7 @@ def test_native_ops_refuse_inputs_that_require_grad():
     idx = torch.randint(0, 5, (6, 3))
     M = torch.randn(5, 4)
     with pytest.raises(
-        RuntimeError, match=r"spade::gather_matmul: argument 'weights' requires grad.*no derivative"
+        RuntimeError, match=r"spade_kernels::gather_matmul: argument 'weights' requires grad.*no derivative"
     ):
         ops.gather_matmul(w, idx, M)
     with torch.no_grad():

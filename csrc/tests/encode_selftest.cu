@@ -70,10 +70,10 @@ std::vector<double> sparsemax_ref(const std::vector<double>& s) {
   return z;
 }
 
-// The encoder: B rows, K prototypes, d dims, chunks of `chunk`, `cap` slots.
+// The encoder: B rows, K prototypes, d dims, chunks of `chunk`, `max_candidates` slots.
 // `dense`: every row is expected to overflow the buffer (else none may).
 template <typename T>
-int run_encode(int B, int d, int K, int chunk, int cap, T lam, bool dense, std::mt19937& gen) {
+int run_encode(int B, int d, int K, int chunk, int max_candidates, T lam, bool dense, std::mt19937& gen) {
   std::normal_distribution<T> normal(T(0), T(1));
   std::vector<T> x(size_t(B) * d), A(size_t(K) * d);
   for (auto& v : x) v = normal(gen);
@@ -90,8 +90,8 @@ int run_encode(int B, int d, int K, int chunk, int cap, T lam, bool dense, std::
 
   int32_t* buf_idx = nullptr;
   T* buf_val = nullptr;
-  cudaMalloc(&buf_idx, size_t(B) * cap * sizeof(int32_t));
-  cudaMalloc(&buf_val, size_t(B) * cap * sizeof(T));
+  cudaMalloc(&buf_idx, size_t(B) * max_candidates * sizeof(int32_t));
+  cudaMalloc(&buf_val, size_t(B) * max_candidates * sizeof(T));
   int32_t* count = to_device(std::vector<int32_t>(B, 0));
   T* bound = to_device(std::vector<T>(B, -INFINITY));
   T* d_margin = to_device(margin);
@@ -108,17 +108,17 @@ int run_encode(int B, int d, int K, int chunk, int cap, T lam, bool dense, std::
       }
     T* d_S = to_device(S);
     CHECK_CUDA(spade::select_chunk<T>(d_S, d_aa + c0, lam, B, cols, cols, c0, d_margin, buf_idx, buf_val, count,
-                                      bound, cap, nullptr));
+                                      bound, max_candidates, nullptr));
     cudaFree(d_S);
   }
   cudaFree(d_aa);
   const auto counts = to_host(count, B);
-  const auto idx32 = to_host(buf_idx, size_t(B) * cap);
+  const auto idx32 = to_host(buf_idx, size_t(B) * max_candidates);
   int width = 1;
   for (int b = 0; b < B; ++b) width = std::max(width, counts[b]);
   std::vector<int64_t> cand(size_t(B) * width, -1);
   for (int b = 0; b < B; ++b)
-    for (int j = 0; j < counts[b]; ++j) cand[size_t(b) * width + j] = idx32[size_t(b) * cap + j];
+    for (int j = 0; j < counts[b]; ++j) cand[size_t(b) * width + j] = idx32[size_t(b) * max_candidates + j];
 
   T* d_x = to_device(x);
   T* d_A = to_device(A);
@@ -172,9 +172,9 @@ int run_encode(int B, int d, int K, int chunk, int cap, T lam, bool dense, std::
   const double tol = sizeof(T) == 4 ? 1e-5 + 4e-7 * max_s : 1e-10;
   const double tol_D = sizeof(T) == 4 ? 1e-5 : 1e-12;
   const bool overflow_ok = dense ? overflowed == B : overflowed == 0;
-  std::printf("encode<%s> B %d d %d K %d chunk %d cap %d lam %g: max error %.3g (tolerance %.3g), D error %.3g, "
+  std::printf("encode<%s> B %d d %d K %d chunk %d max_candidates %d lam %g: max error %.3g (tolerance %.3g), D error %.3g, "
               "%d overflow rows (%s), %d layout errors\n",
-              sizeof(T) == 4 ? "float" : "double", B, d, K, chunk, cap, double(lam), worst, tol, worst_D, overflowed,
+              sizeof(T) == 4 ? "float" : "double", B, d, K, chunk, max_candidates, double(lam), worst, tol, worst_D, overflowed,
               dense ? "all expected" : "none expected", bad_layout);
   return worst <= tol && worst_D <= tol_D && overflow_ok && bad_layout == 0 ? 0 : 1;
 }

@@ -20,12 +20,9 @@ __all__ = [
     "DEFAULT_CHUNK",
     "DEFAULT_MAX_CANDIDATES",
     "INITIAL_BUFFER",
-    "PIPELINE_OPTIONS",
     "Primitives",
-    "backend_options",
     "default_margin_eps",
     "exact_stage_row_bytes",
-    "resolve_options",
 ]
 
 #: Prototypes per score chunk of the chunked searches (``torch``, ``native``):
@@ -66,7 +63,8 @@ class Primitives(NamedTuple):
     ``support_jacobian(z, grad_z, D, grad_D, lam_tensor)``.
 
     ``options`` are the defaults of the backend's ``select_candidates``
-    options (the only ones it accepts, besides the pipeline's ``search``);
+    options (the only ones it accepts, besides the pipeline's ``search``;
+    each a field of :class:`spade_kernels.pipeline.plan.Options`);
     ``margin_eps(dtype, options)`` gives the rounding unit of its score GEMM
     and whether the margin is the worst-case bound.
 
@@ -95,12 +93,6 @@ class Primitives(NamedTuple):
     buffer_option: str | None = None
 
 
-#: Options of the pipeline itself, accepted by every sparse backend:
-#: ``search`` — ``"pruned"`` (the backend's ``select_candidates``), ``"dense"``
-#: (dense scores of each row block and a sort: cheaper for small K), or
-#: ``"auto"`` (the measured crossover, :func:`spade_kernels.backends.auto_search`).
-PIPELINE_OPTIONS = {"search": "auto"}
-SEARCHES = ("auto", "pruned", "dense")
 #: First size of a growable candidate buffer (``Primitives.buffer_option``).
 INITIAL_BUFFER = 256
 
@@ -108,27 +100,3 @@ INITIAL_BUFFER = 256
 def exact_stage_row_bytes(width: int, itemsize: int) -> int:
     """Working memory per row of the pipeline's exact stage over ``width`` candidates (D, scores, sort, masks)."""
     return width * (4 * itemsize + 24)
-
-
-def resolve_options(prims: Primitives, options: Mapping) -> dict:
-    """The defaults updated with ``options``; unknown names or values raise, naming the allowed ones."""
-    allowed = {**PIPELINE_OPTIONS, **prims.options}
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"backend {prims.name!r} takes the options {sorted(allowed)}, got unknown option(s) {unknown}"
-        )
-    opts = {**allowed, **options}
-    if opts["search"] not in SEARCHES:
-        raise ValueError(f"search must be one of {list(SEARCHES)}, got {opts['search']!r}")
-    for name, value in opts.items():
-        if isinstance(prims.options.get(name), int) and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"option {name} of backend {prims.name!r} must be a positive int, got {value!r}")
-    return opts
-
-
-def backend_options(prims: Primitives, opts: Mapping) -> dict:
-    """The backend's own options out of resolved options (without the pipeline's)."""
-    return {k: v for k, v in opts.items() if k in prims.options}

@@ -27,23 +27,28 @@ from .. import ops
 from ..numerics import compute_dtype
 from .interface import DEFAULT_CHUNK, DEFAULT_MAX_CANDIDATES, Primitives
 
-__all__ = ["OPTIONS", "PRIMITIVES", "exact_codes", "select_candidates"]
+__all__ = ["OPTIONS", "PRIMITIVES", "SPARSEMAX_DTYPES", "exact_codes", "select_candidates"]
 
 #: Options of :func:`select_candidates` and their defaults.
 OPTIONS = {"chunk": DEFAULT_CHUNK, "max_candidates": DEFAULT_MAX_CANDIDATES}
 
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64})
+#: The dtypes ``spade_kernels::sparsemax_rows`` takes, per device type (what ``sk.sparsemax`` sends it).
+SPARSEMAX_DTYPES = {
+    "cpu": frozenset({torch.float32, torch.float64}),
+    "cuda": frozenset({torch.float32, torch.bfloat16, torch.float16}),
+}
 
 
 def select_candidates(x, A, aa, lam: float, margin, *, chunk: int, max_candidates: int):
-    """``spade::select_candidates`` on inputs in the compute dtype (see :mod:`spade_kernels.ops`)."""
+    """``spade_kernels::select_candidates`` on inputs in the compute dtype (see :mod:`spade_kernels.ops`)."""
     cd = aa.dtype
     chunk = max(1, min(chunk, A.shape[0]))
     return ops.select_candidates(x.to(cd), A.to(cd), aa, lam, margin.to(cd), chunk, max_candidates)
 
 
 def exact_codes(x, A, lam: float, cand):
-    """``spade::exact_codes`` on inputs in the compute dtype."""
+    """``spade_kernels::exact_codes`` on inputs in the compute dtype."""
     cd = compute_dtype(torch.promote_types(x.dtype, A.dtype))
     return ops.exact_codes(x.to(cd), A.to(cd), lam, cand)
 
@@ -56,9 +61,9 @@ def row_bytes(K: int, d: int, itemsize: int, options) -> int:
     to), and ``exact_codes`` writes values, indices and D of that width.
     """
     c = min(options["chunk"], K)
-    cap = min(options["max_candidates"], K)
+    max_candidates = min(options["max_candidates"], K)
     e = itemsize
-    return e * c + cap * (4 + e + 8) + cap * (2 * e + 16)
+    return e * c + max_candidates * (4 + e + 8) + max_candidates * (2 * e + 16)
 
 
 #: The ``native`` backend as the pipeline sees it.

@@ -39,10 +39,10 @@ __all__ = [
     "gather_dot",
     "gather_matmul",
     "gather_sq_dist",
-    "row_blocks",
     "scatter_matmul",
     "select_candidates",
     "support_jacobian",
+    "tiles",
 ]
 
 #: Options of :func:`select_candidates` and their defaults.
@@ -57,8 +57,12 @@ GATHER_BUDGET = 1 << 22
 CACHE_BUDGET = 1 << 18
 
 
-def row_blocks(n_rows: int, per_row: int, budget: int = GATHER_BUDGET):
-    """Slices of at most ``budget // per_row`` rows (at least one) covering ``n_rows``.
+def tiles(n_rows: int, per_row: int, budget: int = GATHER_BUDGET):
+    """The row tiles of one product kernel: slices of at most ``budget // per_row`` rows covering ``n_rows``.
+
+    A kernel's own tiling (cache-sized, like a CUDA kernel's block), not a
+    memory budget's row blocks (those are sized in
+    :mod:`spade_kernels.pipeline.memory` only).
 
     One slice while traced (``torch.compile``: dynamo, or AOT autograd's
     symbolic sizes), where the support's width is data-dependent: the
@@ -86,7 +90,7 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
     """out[b] = Σ_j weights[b, j] · M[indices[b, j]]  → (B, d), in M's dtype."""
     B, C = indices.shape
     out = torch.empty(B, M.shape[1], dtype=M.dtype, device=M.device)
-    for rs in row_blocks(B, C * M.shape[1], CACHE_BUDGET):
+    for rs in tiles(B, C * M.shape[1], CACHE_BUDGET):
         out[rs] = torch.bmm(weights[rs].unsqueeze(1).to(M.dtype), _gather_rows(M, indices[rs])).squeeze(1)
     return out
 
@@ -95,7 +99,7 @@ def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch
     """out[b, j] = ⟨G[b], M[indices[b, j]]⟩  → (B, C), in M's dtype."""
     B, C = indices.shape
     out = torch.empty(B, C, dtype=M.dtype, device=M.device)
-    for rs in row_blocks(B, C * M.shape[1], CACHE_BUDGET):
+    for rs in tiles(B, C * M.shape[1], CACHE_BUDGET):
         out[rs] = torch.bmm(_gather_rows(M, indices[rs]), G[rs].unsqueeze(2).to(M.dtype)).squeeze(2)
     return out
 
@@ -110,7 +114,7 @@ def scatter_matmul(
     B, C = indices.shape
     d = X.shape[1]
     out = torch.zeros(n_rows, d, dtype=X.dtype, device=X.device)
-    for rs in row_blocks(B, C * d):
+    for rs in tiles(B, C * d):
         contrib = weights[rs].to(X.dtype).unsqueeze(2) * X[rs].unsqueeze(1)
         out.index_add_(0, indices[rs].reshape(-1), contrib.reshape(-1, d))
     return out
@@ -121,23 +125,29 @@ def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> t
     B, C = indices.shape
     out = torch.empty(B, C, dtype=x.dtype, device=x.device)
     # Small row blocks keep the difference tensor in cache between the two passes.
-    for rs in row_blocks(B, C * x.shape[1], CACHE_BUDGET):
+    for rs in tiles(B, C * x.shape[1], CACHE_BUDGET):
         diff = x[rs].unsqueeze(1) - _gather_rows(M, indices[rs]).to(x.dtype)
         out[rs] = torch.linalg.vector_norm(diff, dim=-1).square_()
     return out
 
 
-def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
+def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor, row_sums=None):
     """Per-row backward through sparsemax and s = −λD, on the support (design facts 5–6).
 
     Returns ``G`` = ∂L/∂D (B, C) — −λ·(g − mean_S g) plus the direct gradient
     ``grad_D`` — and ``lam_rows`` (B,), each row's share of ∂L/∂λ = −Σ gs·D.
-    Entries off the support get G = 0.
+    Entries off the support get G = 0.  ``row_sums(total, count)``, where
+    given, sums each row's Σ_S g and |S| over the shards of a latent group
+    (:meth:`spade_kernels.pipeline.group.OneProcess.row_sums`): a row's
+    support then spans every shard's latents.
     """
     support = z > 0
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     g = torch.where(support, grad_z.to(z.dtype), zero) if grad_z is not None else torch.zeros_like(z)
-    mean = g.sum(1, keepdim=True) / support.sum(1, keepdim=True).clamp_min(1)
+    total, count = g.sum(1, keepdim=True), support.sum(1, keepdim=True)
+    if row_sums is not None:
+        total, count = row_sums(total, count)
+    mean = total / count.clamp_min(1)
     gs = torch.where(support, g - mean, zero)  # ∂L/∂s (fact 5)
     G = -lam.to(z.dtype) * gs  # not detached: a second derivative reaches λ through it
     if grad_D is not None:
@@ -151,13 +161,13 @@ def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
 # --------------------------------------------------------------------------
 
 
-def _chunk_survivors(s, bound, margin, k0, cap):
+def _chunk_survivors(s, bound, margin, k0, max_candidates):
     """Candidates of one score chunk ``s`` (R, kc).
 
     Returns (vals, idx, new_bound, overflow) where vals is sorted descending
     with −inf for pruned slots.  Every entry of the chunk above ``bound`` (a
     lower bound of the row's τ, raised here with the chunk's own top-k τ) is
-    returned, unless the row overflows ``cap``.
+    returned, unless the row overflows ``max_candidates``.
     """
     R, kc = s.shape
     bound = bound.clone()
@@ -171,7 +181,7 @@ def _chunk_survivors(s, bound, margin, k0, cap):
         bound[todo] = b
         thr = (b - margin[todo]).unsqueeze(1)
         complete = (v[:, -1:] <= thr).squeeze(1) | (k == kc)
-        done = complete | (k >= cap)
+        done = complete | (k >= max_candidates)
         overflow[todo[~complete & done]] = True
         keep = v > thr
         pieces.append((todo[done], torch.where(keep, v, -math.inf)[done], i[done]))
@@ -186,7 +196,7 @@ def _chunk_survivors(s, bound, margin, k0, cap):
     return vals, idx, bound, overflow
 
 
-def _merge(buf_val, buf_idx, new_val, new_idx, bound, margin, cap):
+def _merge(buf_val, buf_idx, new_val, new_idx, bound, margin, max_candidates):
     """Merge candidate buffers, re-prune with the union's τ, compact."""
     val = torch.cat([buf_val, new_val], dim=1)
     idx = torch.cat([buf_idx, new_idx], dim=1)
@@ -195,8 +205,8 @@ def _merge(buf_val, buf_idx, new_val, new_idx, bound, margin, cap):
     bound = torch.maximum(bound, sorted_threshold(val))
     keep = val > (bound - margin).unsqueeze(1)
     count = keep.sum(1)
-    overflow = count > cap
-    width = min(int(count.max()) if count.numel() else 0, cap)
+    overflow = count > max_candidates
+    width = min(int(count.max()) if count.numel() else 0, max_candidates)
     val = torch.where(keep, val, -math.inf)[:, :width]
     return val, idx[:, :width], bound, overflow
 

@@ -5,7 +5,7 @@
   programs whose epilogue prunes with an in-register Michelot threshold and a
   per-row bound shared through ``atomic_max``, keeping ≤ ``slots`` survivors
   per (row, tile), and a per-row merge kernel that takes the exact τ of the
-  GEMM-form scores and ≤ ``cap`` candidates;
+  GEMM-form scores and ≤ ``max_candidates`` candidates;
 * exact codes — none of its own: the pipeline's exact stage (the ``torch``
   backend's, a sort of a few dozen candidates per row) on distances from the
   Triton ``gather_sq_dist`` kernel;
@@ -41,8 +41,14 @@ def _row_bytes(K: int, d: int, itemsize: int, options) -> int:
     """Working memory per row: the per-tile slots and counts, the prepass, the candidates, the exact stage."""
     tiles = -(-K // options["block_n"])
     prepass = min(options["prepass"], K)
-    cap = options["cap"]
-    return tiles * options["slots"] * 8 + tiles * 4 + prepass * 16 + cap * 8 + exact_stage_row_bytes(cap, 4)
+    max_candidates = options["max_candidates"]
+    return (
+        tiles * options["slots"] * 8
+        + tiles * 4
+        + prepass * 16
+        + max_candidates * 8
+        + exact_stage_row_bytes(max_candidates, 4)
+    )
 
 
 #: The ``triton`` backend as the pipeline sees it.

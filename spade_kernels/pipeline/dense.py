@@ -29,7 +29,7 @@ from ..codes import SparseCodes
 from ..numerics import squared_norms
 from ..reference import squared_distances
 from ..sparsemax import sparsemax_sort
-from .memory import budget_bytes, row_blocks
+from . import memory
 from .rows import RowWriter
 
 __all__ = ["dense_codes", "dense_row_bytes", "dense_sparse_codes"]
@@ -85,20 +85,36 @@ def _check_range(x, prototypes) -> None:
 def dense_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense codes z and distances D (B×K each) of x (B, d); float32 codes for half inputs."""
     _check_range(x, prototypes)
-    blocks = list(row_blocks(x.shape[0], dense_row_bytes(prototypes.shape[0]), budget_bytes(x.device)))
+    blocks = memory.dense_blocks(x.shape[0], dense_row_bytes(prototypes.shape[0]), x.device)
     if len(blocks) <= 1:
         return _block(x, prototypes, lam)
     parts = [_block(x[rs], prototypes, lam) for rs in blocks]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def dense_sparse_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> SparseCodes:
-    """The reference's codes in sparse form, a row block at a time: memory is the budget plus the support."""
+def _sparse(z: torch.Tensor, D: torch.Tensor, with_distances: bool) -> SparseCodes:
+    codes = SparseCodes.from_dense(z)
+    if not with_distances:
+        return codes
+    # The distances on the support (padding slots: latent 0's, whose code is 0), differentiable.
+    return SparseCodes(
+        codes.indices, codes.values, codes.support_size, codes.n_latents, D.gather(1, codes.indices)
+    )
+
+
+def dense_sparse_codes(
+    x: torch.Tensor, prototypes: torch.Tensor, lam, *, distances: bool = False
+) -> SparseCodes:
+    """The reference's codes in sparse form, a row block at a time: memory is the budget plus the support.
+
+    With ``distances``, the codes carry D on their support (as the sparse
+    backends' do), differentiable like the values.
+    """
     _check_range(x, prototypes)
     K = prototypes.shape[0]
     if x.shape[0] == 0:
-        return SparseCodes.from_dense(_block(x, prototypes, lam)[0])
-    blocks = list(row_blocks(x.shape[0], dense_row_bytes(K), budget_bytes(x.device)))
+        return _sparse(*_block(x, prototypes, lam), distances)
+    blocks = memory.dense_blocks(x.shape[0], dense_row_bytes(K), x.device)
     grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (x, prototypes, lam)
     )
@@ -106,10 +122,10 @@ def dense_sparse_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> Sparse
         # Each block's support copied into one growing result, so the codes are held once.
         out = RowWriter(x.shape[0], K)
         for rs in blocks:
-            c = SparseCodes.from_dense(_block(x[rs], prototypes, lam)[0])
-            out.add(c.values, c.indices, c.support_size)
+            c = _sparse(*_block(x[rs], prototypes, lam), distances)
+            out.add(c.values, c.indices, c.support_size, c.distances)
         return out.codes()
-    parts = [SparseCodes.from_dense(_block(x[rs], prototypes, lam)[0]) for rs in blocks]
+    parts = [_sparse(*_block(x[rs], prototypes, lam), distances) for rs in blocks]
     if len(parts) == 1:
         return parts[0]
     C = max(p.width for p in parts)
@@ -122,4 +138,5 @@ def dense_sparse_codes(x: torch.Tensor, prototypes: torch.Tensor, lam) -> Sparse
         torch.cat([pad(p.values) for p in parts]),
         torch.cat([p.support_size for p in parts]),
         K,
+        torch.cat([pad(p.distances) for p in parts]) if distances else None,
     )

@@ -1,4 +1,6 @@
-"""The reconstruction term of the SpaDE loss, mean_b ‖x_b − x̂_b‖², with one B×d temporary.
+"""The SpaDE loss, composed once (:func:`spade_loss`), and its reconstruction term (:func:`mean_squared_error`).
+
+The reconstruction term mean_b ‖x_b − x̂_b‖² has one B×d temporary.
 
 Written as ``((x − x̂)²).sum(-1).mean()`` autograd keeps the difference, its
 square and, in the backward, three more B×d tensors (2·diff, ·grad, the
@@ -14,7 +16,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mean_squared_error"]
+from ..backends.interface import Primitives
+from ..codes import SparseCodes
+from ..numerics import compute_dtype
+from .group import ONE_PROCESS, OneProcess
+from .plan import products_for
+from .sparse import gather_sq_dist, sparse_decode
+
+__all__ = ["mean_squared_error", "spade_loss"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -57,3 +66,39 @@ def mean_squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # backward gave wrong gradients); the compiler plans its memory itself.
         return ((x_hat - x) ** 2).sum(-1).mean()
     return _MeanSquaredError.apply(x_hat, x)
+
+
+def spade_loss(
+    prims: Primitives,
+    codes: SparseCodes,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    gamma: float,
+    reg_on: str,
+    group: OneProcess = ONE_PROCESS,
+):
+    """x̂, loss, mse and reg of ``codes`` of x (B, d) — the SpaDE loss (docs/design.md, "Mathematics").
+
+    ``loss = mse + gamma·reg``, ``mse = mean_b ‖target_b − x̂_b‖²``,
+    ``reg = mean_b Σ_j z[b,j]·D[b,j]`` with D the distances to the encoder
+    prototypes (the codes' own, ``reg_on="encoder"``) or to the decoder rows.
+    ``codes`` index this process's latents (the rows of ``W_dec``); over a
+    latent ``group`` the decoder's and the regulariser's partial sums are
+    summed across the shards, the only difference from one process.  The
+    products run on ``prims`` for each matrix's dtype.
+    """
+    decoded = sparse_decode(products_for(prims, W_dec.dtype), codes, W_dec)
+    x_hat = group.sum_partials(decoded)
+    if b_dec is not None:
+        x_hat = x_hat + b_dec
+    if reg_on == "encoder":
+        # The encoder's exact support distances: the regulariser's gradient joins the encoder's backward.
+        D = codes.distances
+    else:
+        W = W_dec.to(x.dtype)
+        D = gather_sq_dist(products_for(prims, compute_dtype(x.dtype)), x, W, codes.indices)
+    reg = group.sum_partials((codes.values * D).sum(-1)).mean()
+    mse = mean_squared_error(x_hat, target.to(x_hat.dtype))
+    return x_hat, mse + gamma * reg, mse, reg

@@ -26,7 +26,16 @@ import os
 
 import torch
 
-__all__ = ["DEFAULT_CPU_BUDGET", "SPARSE_SHARE", "budget_bytes", "memory_budget", "row_blocks"]
+__all__ = [
+    "DEFAULT_CPU_BUDGET",
+    "SPARSE_SHARE",
+    "budget_bytes",
+    "dense_blocks",
+    "dense_product_blocks",
+    "encode_blocks",
+    "memory_budget",
+    "row_blocks",
+]
 
 DEFAULT_CPU_BUDGET = 256 * 2**20
 #: The sparse pipeline's row blocks take this fraction (1/SPARSE_SHARE) of the budget.
@@ -72,3 +81,27 @@ def row_blocks(n_rows: int, bytes_per_row: int, budget: int):
     step = max(1, budget // max(int(bytes_per_row), 1))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
+
+
+# Every row block of the package is sized by one of the functions below (and nowhere else).
+
+
+def encode_blocks(n_rows: int, bytes_per_row: int, device: torch.device) -> list[slice]:
+    """The row blocks of a sparse encode: ``1 / SPARSE_SHARE`` of the budget; one block while traced.
+
+    ``bytes_per_row`` is the plan's (:attr:`spade_kernels.pipeline.plan.Plan.row_bytes`).
+    Under ``torch.compile`` the batch is one block: the graph holds one op call.
+    """
+    if torch.compiler.is_compiling():
+        return [slice(0, n_rows)]
+    return list(row_blocks(n_rows, bytes_per_row, budget_bytes(device) // SPARSE_SHARE))
+
+
+def dense_blocks(n_rows: int, bytes_per_row: int, device: torch.device) -> list[slice]:
+    """The row blocks of a dense stage (the reference's codes, the dense candidate search): the whole budget."""
+    return list(row_blocks(n_rows, bytes_per_row, budget_bytes(device)))
+
+
+def dense_product_blocks(n_rows: int, K: int, t: torch.Tensor) -> list[slice]:
+    """The row blocks of a product's dense route: two dense (rows, K) temporaries of ``t``'s dtype per block."""
+    return dense_blocks(n_rows, 2 * K * t.element_size(), t.device)

@@ -6,7 +6,7 @@ For x (B, d), prototypes A (K, d), λ (docs/design.md, "The pipeline"; the
 0. ``bound`` — a per-row lower bound of τ: the sparsemax threshold of the
    GEMM-form scores of the first ``prepass`` prototypes (subset bound, fact 3).
    It makes the first wave of tiles prune as well as the later ones.
-1. ``_encode_fwd_select_kernel`` — a (row block × prototype tile) grid, so the
+1. ``_select_tiles_kernel`` — a (row block × prototype tile) grid, so the
    GPU fills at B = 4096.  Each program computes its score tile with
    ``tl.dot`` (fp32 accumulation), forms GEMM-form scores
    s' = λ(2·x·a − ‖a‖²), raises the row's bound with the tile's own Michelot
@@ -14,14 +14,14 @@ For x (B, d), prototypes A (K, d), λ (docs/design.md, "The pipeline"; the
    ``atomic_max`` for the tiles that run later, and writes the largest
    entries above ``bound − margin`` into fixed per-(row, tile) slots, with
    the full counts (a count above the slots marks the row as overflowing).
-2. ``_encode_fwd_merge_kernel`` — one program per row: Michelot over the row's
+2. ``_select_merge_kernel`` — one program per row: Michelot over the row's
    slots from the final bound gives the exact τ of the GEMM-form scores; the
-   entries above ``τ − margin`` are compacted into ≤ ``cap`` candidates.
+   entries above ``τ − margin`` are compacted into ≤ ``max_candidates`` candidates.
 3. ``_gather_sq_dist_kernel`` — D = ‖x − a‖² recomputed directly on the
    candidates (the backend's ``gather_sq_dist``; the exact τ follows in the
    pipeline's exact stage).
 
-Rows whose survivors overflow a slot or the cap are flagged; the pipeline
+Rows whose survivors overflow a slot or the max_candidates are flagged; the pipeline
 resolves them exactly.  No B×K tensor exists at any point: extra memory is
 B·(K/block_n)·slots·8 bytes of slots plus B·prepass floats.  The kernels are
 registered with ``torch.library.triton_op`` (so ``torch.compile`` sees them
@@ -39,7 +39,7 @@ import triton.language as tl
 from ..numerics import ieee_matmul, sorted_threshold
 from ._utils import _INTERPRET, _launch, kernel_op
 
-__all__ = ["OPTIONS", "encode_fwd_merge", "encode_fwd_select", "gather_sq_dist", "select_candidates"]
+__all__ = ["OPTIONS", "gather_sq_dist", "select_candidates", "select_merge", "select_tiles"]
 
 
 #: Options of :func:`select_candidates` and their defaults (tests shrink them
@@ -47,7 +47,7 @@ __all__ = ["OPTIONS", "encode_fwd_merge", "encode_fwd_select", "gather_sq_dist",
 OPTIONS = {
     "block_n": 256,  # prototypes per tile (slot layout depends on it, so not autotuned)
     "slots": 8,  # survivors stored per (row, tile)
-    "cap": 512,  # candidates per row handed to the exact stage
+    "max_candidates": 512,  # candidates per row handed to the exact stage
     "prepass": 1024,  # prototypes used for the initial per-row bound
     "precision": "ieee",  # fp32 inputs: "ieee" (exact products) or "tf32"
 }
@@ -95,7 +95,7 @@ def _prune_select_configs(configs, named_args, **_):
     configs=_select_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _prune_select_configs}
 )
 @triton.jit
-def _encode_fwd_select_kernel(
+def _select_tiles_kernel(
     x_ptr, a_ptr, aa_ptr, margin_ptr, bound_ptr,
     slot_val_ptr, slot_idx_ptr, count_ptr,
     B, K, D, N_TILES, lam,
@@ -176,7 +176,7 @@ def _encode_fwd_select_kernel(
 
 
 @triton.jit
-def _encode_fwd_merge_kernel(
+def _select_merge_kernel(
     slot_val_ptr, slot_idx_ptr, count_ptr, bound_ptr, margin_ptr,
     cand_ptr, cand_count_ptr,
     N_TILES, CAP,
@@ -256,8 +256,8 @@ def _gather_sq_dist_kernel(
 # --------------------------------------------------------------------------
 
 
-@kernel_op("spade_triton::encode_fwd_select")
-def encode_fwd_select(
+@kernel_op("spade_kernels::triton_select_tiles")
+def select_tiles(
     x: torch.Tensor,
     prototypes: torch.Tensor,
     sq_norms: torch.Tensor,
@@ -282,7 +282,7 @@ def encode_fwd_select(
         return (triton.cdiv(B, meta["BLOCK_M"]), n_tiles)
 
     _launch(
-        _encode_fwd_select_kernel, grid,
+        _select_tiles_kernel, grid,
         x, prototypes, sq_norms, margin, bound, slot_val, slot_idx, counts,
         B, K, d, n_tiles, lam,
         x.stride(0), x.stride(1), prototypes.stride(0), prototypes.stride(1),
@@ -294,29 +294,29 @@ def encode_fwd_select(
     return slot_val, slot_idx, counts, bound
 
 
-@kernel_op("spade_triton::encode_fwd_merge")
-def encode_fwd_merge(
+@kernel_op("spade_kernels::triton_select_merge")
+def select_merge(
     slot_val: torch.Tensor,
     slot_idx: torch.Tensor,
     counts: torch.Tensor,
     bound: torch.Tensor,
     margin: torch.Tensor,
-    cap: int,
+    max_candidates: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel 2: candidates (B, cap; −1 = empty) and each row's candidate count."""
+    """Kernel 2: candidates (B, max_candidates; −1 = empty) and each row's candidate count."""
     B, n_tiles, slots = slot_val.shape
-    cand = torch.full((B, cap), -1, dtype=torch.int64, device=slot_val.device)
+    cand = torch.full((B, max_candidates), -1, dtype=torch.int64, device=slot_val.device)
     cand_count = torch.empty((B,), dtype=torch.int32, device=slot_val.device)
     block_t = min(1024, triton.next_power_of_2(max(n_tiles * slots, 16)))
     _launch(
-        _encode_fwd_merge_kernel, (B,),
+        _select_merge_kernel, (B,),
         slot_val, slot_idx, counts, bound, margin, cand, cand_count,
-        n_tiles, cap, SLOTS=slots, BLOCK_T=block_t, MAX_ITERS=256,
+        n_tiles, max_candidates, SLOTS=slots, BLOCK_T=block_t, MAX_ITERS=256,
     )  # fmt: skip
     return cand, cand_count
 
 
-@kernel_op("spade_triton::gather_sq_dist")
+@kernel_op("spade_kernels::triton_gather_sq_dist")
 def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Kernel 3: D[b, j] = ‖x_b − prototypes[indices[b, j]]‖², computed directly.
 
@@ -353,12 +353,12 @@ def _prepass_bound(x, A, aa, lam, n):
     return sorted_threshold(torch.sort(s, dim=1, descending=True).values)
 
 
-def select_candidates(x, A, aa, lam: float, margin, *, block_n, slots, cap, prepass, precision):
+def select_candidates(x, A, aa, lam: float, margin, *, block_n, slots, max_candidates, prepass, precision):
     """Candidates of every row's support through kernels 1 and 2: (cand, overflow).
 
     ``x``, ``A`` float32/bfloat16/float16 (one dtype); ``aa`` and ``margin``
     float32.  cand (B, W) int64 with each row's candidates first, then −1;
-    overflow (B,) marks the rows whose survivors overflowed a slot or ``cap``.
+    overflow (B,) marks the rows whose survivors overflowed a slot or ``max_candidates``.
     """
     if precision not in DOT_EPS:
         raise ValueError(f"precision must be one of {sorted(DOT_EPS)}, got {precision!r}")
@@ -366,10 +366,10 @@ def select_candidates(x, A, aa, lam: float, margin, *, block_n, slots, cap, prep
     x, A = x.to(dtype), A.to(dtype)
     bound = _prepass_bound(x, A, aa, lam, prepass).float()
     margin = margin.float()
-    slot_val, slot_idx, counts, bound = encode_fwd_select(
+    slot_val, slot_idx, counts, bound = select_tiles(
         x, A, aa.float(), margin, bound, float(lam), block_n, slots, precision
     )
-    cand, cand_count = encode_fwd_merge(slot_val, slot_idx, counts, bound, margin, cap)
-    overflow = (counts > slots).any(1) | (cand_count > cap)
+    cand, cand_count = select_merge(slot_val, slot_idx, counts, bound, margin, max_candidates)
+    overflow = (counts > slots).any(1) | (cand_count > max_candidates)
     cand = torch.where(overflow.unsqueeze(1), torch.full_like(cand, -1), cand)
     return cand, overflow

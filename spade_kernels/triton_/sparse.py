@@ -173,7 +173,7 @@ def _launch_product(kernel, first, indices, second, out, *, over_support: bool) 
     )  # fmt: skip
 
 
-@kernel_op("spade_triton::support_jacobian")
+@kernel_op("spade_kernels::triton_support_jacobian")
 def _support_jacobian_op(
     z: torch.Tensor,
     grad_z: torch.Tensor | None,
@@ -206,7 +206,7 @@ def support_jacobian(z, grad_z, D, grad_D, lam: torch.Tensor):
     return _support_jacobian_op(z, grad_z, D, grad_D, lam)
 
 
-@kernel_op("spade_triton::gather_matmul")
+@kernel_op("spade_kernels::triton_gather_matmul")
 def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b] = Σ_j weights[b, j] · M[indices[b, j]] (float32 accumulation, M's dtype out)."""
     out = torch.empty((indices.shape[0], M.shape[1]), dtype=torch.float32, device=M.device)
@@ -214,7 +214,7 @@ def gather_matmul(weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor)
     return out.to(M.dtype)
 
 
-@kernel_op("spade_triton::gather_dot")
+@kernel_op("spade_kernels::triton_gather_dot")
 def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """out[b, j] = ⟨G[b], M[indices[b, j]]⟩ (float32 accumulation, M's dtype out)."""
     out = torch.empty(indices.shape, dtype=torch.float32, device=M.device)
@@ -222,7 +222,7 @@ def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch
     return out.to(M.dtype)
 
 
-@kernel_op("spade_triton::scatter_matmul")
+@kernel_op("spade_kernels::triton_scatter_matmul")
 def scatter_matmul(
     weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
 ) -> torch.Tensor:

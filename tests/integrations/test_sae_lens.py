@@ -24,7 +24,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file
 
 import spade_kernels as sk
-from spade_kernels import layer as layer_module
+from spade_kernels import encode as encode_module
 from spade_kernels.layer import _inverse_softplus
 from spade_kernels.sae.integrations import sae_lens as sl
 
@@ -178,13 +178,13 @@ def test_matches_the_spade_layer(backend):
 
 def test_backend_is_used(monkeypatch):
     calls = []
-    real = layer_module.encode_sparse
+    real = encode_module.encode_sparse
 
     def spy(backend, *args, **kwargs):
         calls.append(backend)
         return real(backend, *args, **kwargs)
 
-    monkeypatch.setattr(layer_module, "encode_sparse", spy)
+    monkeypatch.setattr(encode_module, "encode_sparse", spy)
     sae = sl.SpaDETrainingSAE(sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, backend="torch"))
     x = torch.randn(8, D_IN)
     sae.training_forward_pass(_step_input(x))

@@ -42,8 +42,8 @@ SPADE_HD int64_t pow2_at_least(int64_t n) {
 // Dynamic shared memory of the CUDA select and exact kernels (the binding
 // checks it against the device's limit before launching).
 template <typename T>
-inline size_t select_chunk_shared_bytes(int64_t cap) {
-  return static_cast<size_t>(cap + kThreads) * (sizeof(T) + sizeof(int32_t));
+inline size_t select_chunk_shared_bytes(int64_t max_candidates) {
+  return static_cast<size_t>(max_candidates + kThreads) * (sizeof(T) + sizeof(int32_t));
 }
 template <typename T>
 inline size_t exact_codes_shared_bytes(int64_t width) {

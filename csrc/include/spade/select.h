@@ -2,18 +2,18 @@
 // s'[b, k] = λ(2·x_b·a_k − ‖a_k‖²), k ∈ [offset, offset + cols) (the FAISS
 // pattern: a library GEMM makes a rows × chunk block of dot products x_b·a_k,
 // this forms the scores from them on the fly and reduces them to a few
-// candidates per row; only O(rows·chunk + rows·cap) memory is live).
+// candidates per row; only O(rows·chunk + rows·max_candidates) memory is live).
 //
 // The buffer policy, the same on both devices so they overflow at the same
-// point.  Each row keeps `cap` candidates (value, global index) and a bound
+// point.  Each row keeps `max_candidates` candidates (value, global index) and a bound
 // ≤ τ(row) across chunks (`count` = −1 once it overflowed).  For a chunk:
 //   1. the bound rises to the chunk's max − 1 (docs/design.md, fact 2);
 //   2. the chunk is read in tiles of kThreads entries; every entry above
 //      bound − slack is appended, in order, into a buffer with one tile of
-//      headroom (cap + kThreads);
-//   3. when the buffer then holds more than `cap`, the bound rises to the
+//      headroom (max_candidates + kThreads);
+//   3. when the buffer then holds more than `max_candidates`, the bound rises to the
 //      buffer's own τ (fact 3: τ of a subset ≤ τ of the row) and what falls
-//      to or below bound − slack is dropped; a row still above `cap` is
+//      to or below bound − slack is dropped; a row still above `max_candidates` is
 //      marked overflowed and left to the caller's exact path;
 //   4. the chunk ends with the same τ-and-compact step, so later chunks prune
 //      harder.
@@ -56,11 +56,11 @@ int64_t compact_above(T* v, int32_t* idx, int64_t n, T thr) {
 }
 
 // One row of one chunk: `dot` holds x_b·a_k and `aa` ‖a_k‖² for the chunk's
-// columns.  buf_idx / buf_val hold the row's `count` candidates (cap slots);
-// sval / sidx are the caller's scratch of cap + kThreads slots.
+// columns.  buf_idx / buf_val hold the row's `count` candidates (max_candidates slots);
+// sval / sidx are the caller's scratch of max_candidates + kThreads slots.
 template <typename T>
 void select_chunk_row(const T* dot, const T* aa, T lam, int64_t cols, int64_t offset, T slack, int32_t* buf_idx,
-                      T* buf_val, int32_t& count, T& bound, int64_t cap, T* sval, int32_t* sidx) {
+                      T* buf_val, int32_t& count, T& bound, int64_t max_candidates, T* sval, int32_t* sidx) {
   int64_t n = count;
   if (n < 0) return;  // overflowed in an earlier chunk
   std::copy(buf_val, buf_val + n, sval);
@@ -72,12 +72,12 @@ void select_chunk_row(const T* dot, const T* aa, T lam, int64_t cols, int64_t of
     const int64_t end = std::min(cols, base + kThreads);
     for (int64_t k = base; k < end; ++k) {
       const T v = gemm_score(dot[k], aa[k], lam);
-      if (v > b - slack) sval[n] = v, sidx[n] = static_cast<int32_t>(k + offset), ++n;  // n ≤ cap: fits
+      if (v > b - slack) sval[n] = v, sidx[n] = static_cast<int32_t>(k + offset), ++n;  // n ≤ max_candidates: fits
     }
-    if (n > cap) {
+    if (n > max_candidates) {
       b = std::max(b, host_tau(sval, n));
       n = compact_above(sval, sidx, n, b - slack);
-      if (n > cap) {
+      if (n > max_candidates) {
         count = -1;
         return;
       }
@@ -101,10 +101,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     select_chunk_kernel(const T* __restrict__ dots, const T* __restrict__ aa, T lam, int64_t cols, int64_t ld,
                         int64_t offset, const T* __restrict__ margin, int32_t* __restrict__ buf_idx,
-                        T* __restrict__ buf_val, int32_t* __restrict__ count, T* __restrict__ bound, int cap) {
+                        T* __restrict__ buf_val, int32_t* __restrict__ count, T* __restrict__ bound, int max_candidates) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* sval = reinterpret_cast<T*>(smem);
-  int32_t* sidx = reinterpret_cast<int32_t*>(sval + cap + kThreads);
+  int32_t* sidx = reinterpret_cast<int32_t*>(sval + max_candidates + kThreads);
   __shared__ T scratch[32];
   __shared__ int iscratch[32];
 
@@ -112,8 +112,8 @@ __global__ void __launch_bounds__(kThreads)
   int n = count[row];
   if (n < 0) return;  // overflowed in an earlier chunk (uniform across the block)
   const T* s = dots + row * ld;
-  T* bv = buf_val + row * cap;
-  int32_t* bi = buf_idx + row * cap;
+  T* bv = buf_val + row * max_candidates;
+  int32_t* bi = buf_idx + row * max_candidates;
   for (int j = threadIdx.x; j < n; j += blockDim.x) sval[j] = bv[j], sidx[j] = bi[j];
 
   T mx = -detail::infinity<T>();
@@ -129,13 +129,13 @@ __global__ void __launch_bounds__(kThreads)
     const bool keep = v > b - slack;
     int total;
     const int pos = detail::block_scan(keep, iscratch, total);
-    if (keep) sval[n + pos] = v, sidx[n + pos] = static_cast<int32_t>(k + offset);  // n ≤ cap: fits
+    if (keep) sval[n + pos] = v, sidx[n + pos] = static_cast<int32_t>(k + offset);  // n ≤ max_candidates: fits
     n += total;
-    if (n > cap) {  // uniform across the block
+    if (n > max_candidates) {  // uniform across the block
       __syncthreads();
       b = detail::max_of(b, detail::shared_tau(sval, n, scratch));
       n = detail::compact_above(sval, sidx, n, b - slack, iscratch);
-      if (n > cap) {
+      if (n > max_candidates) {
         overflow = true;
         break;
       }
@@ -158,10 +158,10 @@ __global__ void __launch_bounds__(kThreads)
 // chunk's squared norms) on `stream`.
 template <typename T>
 cudaError_t select_chunk(const T* dots, const T* aa, T lam, int64_t rows, int64_t cols, int64_t ld, int64_t offset,
-                         const T* margin, int32_t* buf_idx, T* buf_val, int32_t* count, T* bound, int cap,
+                         const T* margin, int32_t* buf_idx, T* buf_val, int32_t* count, T* bound, int max_candidates,
                          cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
-  const size_t shared = select_chunk_shared_bytes<T>(cap);
+  const size_t shared = select_chunk_shared_bytes<T>(max_candidates);
   if (shared + kStaticSharedBound > kDefaultSharedLimit) {
     const cudaError_t err = cudaFuncSetAttribute(select_chunk_kernel<T>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -169,7 +169,7 @@ cudaError_t select_chunk(const T* dots, const T* aa, T lam, int64_t rows, int64_
     if (err != cudaSuccess) return err;
   }
   select_chunk_kernel<T><<<static_cast<unsigned>(rows), kThreads, shared, stream>>>(
-      dots, aa, lam, cols, ld, offset, margin, buf_idx, buf_val, count, bound, cap);
+      dots, aa, lam, cols, ld, offset, margin, buf_idx, buf_val, count, bound, max_candidates);
   return cudaGetLastError();
 }
 
