@@ -12,7 +12,7 @@ counts check:
     forward   all-gather of the local support scores   4·B·C_max·P  (C_max: the widest local support)
               sum of the decoder's partial outputs     4·B·d
               the NaN-row flags and the width          8·B + 8
-              the regulariser's partial sum            8
+              the regulariser's per-row partial sums   4·B
     backward  Σ ∂L/∂z and |S| per row                  8·B
               ∂λ                                       4
               (∂x, 4·B·d, only when x needs a gradient)

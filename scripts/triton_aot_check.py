@@ -43,7 +43,7 @@ _DIVISIBLE = (
     "D",
     "W",
     "N_TILES",
-    "CAP",
+    "MAX_CANDIDATES",
     "stride_xb",
     "stride_ak",
     "stride_ib",

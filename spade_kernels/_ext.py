@@ -39,19 +39,42 @@ def _load_library(name: str) -> str | None:
     return None
 
 
+#: The op whose kernels show that a loaded library is this source's (a build of an older source
+#: registers other names, and would only fail at its first call).
+_PROBE = "spade_kernels::exact_codes"
+
+
+def _registers(dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(_PROBE, dispatch_key)
+    except RuntimeError:  # "operator ... does not exist": nothing registered under this name
+        return False
+
+
+def _stale(name: str) -> str:
+    return (
+        f"spade_kernels.{name} is a stale build: it does not register {_PROBE} (built from an older "
+        "source); rebuild it: pip install --no-build-isolation -e ."
+    )
+
+
 def _load() -> bool:
     global reason, cuda_reason
     reason = _load_library("_C")
+    if reason is None and not _registers("CPU"):
+        reason = _stale("_C")
     if reason is not None:
         cuda_reason = reason
         return False
-    # The CUDA implementations register into the schemas _C declared (TORCH_LIBRARY_IMPL).
+    # The CUDA implementations register into the schemas ops.py declares (TORCH_LIBRARY_IMPL).
     cuda_reason = _load_library("_C_cuda")
     if cuda_reason is not None and _library("_C_cuda") is None:
         cuda_reason = (
             "spade_kernels._C_cuda was not built (a CPU-only torch, no nvcc, SPADE_SKIP_CUDA_BUILD, "
             "or a failed CUDA build at install time: see the install log)"
         )
+    elif cuda_reason is None and not _registers("CUDA"):
+        cuda_reason = _stale("_C_cuda")
     return True
 
 
@@ -65,7 +88,7 @@ def available() -> bool:
 
 def cuda_kernels() -> bool:
     """Whether the extension was built with its CUDA kernels (a CUDA torch and nvcc at build time)."""
-    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("spade_kernels::exact_codes", "CUDA")
+    return _LOADED and _registers("CUDA")
 
 
 def require(device: torch.device) -> None:

@@ -346,7 +346,7 @@ class ShardedSpaDE(nn.Module):
         The encoder and the loss are :class:`~spade_kernels.SpaDE`'s
         (:func:`~spade_kernels.encode.encode_codes`,
         :func:`~spade_kernels.pipeline.spade_loss`) with this layer's latent
-        group, whose collectives are the only difference.
+        group, whose collectives are the only difference in the encoder and the loss.
         """
         if x.shape[-1] != self.d_in:
             raise ValueError(f"x must have shape (..., {self.d_in}), got {tuple(x.shape)}")

@@ -32,6 +32,7 @@ from .backends import BACKENDS, Backend, resolve_backend
 from .codes import SparseCodes
 from .numerics import compute_dtype
 from .pipeline import encode_backward, encode_forward, memory
+from .pipeline.dense import PRIMITIVES as DENSE_PRIMITIVES
 from .pipeline.dense import dense_sparse_codes
 from .pipeline.group import ONE_PROCESS, OneProcess
 from .pipeline.plan import Options, make_plan, products_for, resolve_options
@@ -41,8 +42,8 @@ __all__ = ["encode_codes", "encode_sparse", "product_primitives", "spade_encode"
 
 
 def product_primitives(backend: Backend):
-    """The primitives of the products over a support of ``backend``'s codes (the ``torch`` backend's for ``reference``)."""
-    return (BACKENDS["torch"] if backend.dense else backend).primitives()
+    """The primitives of the products over a support of ``backend``'s codes (``reference``: dense GEMMs)."""
+    return DENSE_PRIMITIVES if backend.dense else backend.primitives()
 
 
 @torch.library.custom_op("spade_kernels::encode", mutates_args=())
@@ -122,7 +123,9 @@ class _LatentGroupEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, _grad_idx, _grad_size, grad_D):
         x, A, lam, z, idx, D = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, lam, grad_z, grad_D)):
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, A, lam, grad_z, grad_D)
+        ):
             # torch.distributed's collectives have no derivative: a second derivative through this
             # backward would silently miss the other shards' terms.
             raise RuntimeError(

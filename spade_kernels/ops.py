@@ -28,6 +28,7 @@ import torch
 from . import _ext
 
 __all__ = [
+    "SPARSEMAX_DTYPES",
     "exact_codes",
     "gather_dot",
     "gather_matmul",
@@ -58,6 +59,13 @@ def _op(name: str, device: torch.device):
 
 
 # -- sparsemax_rows -------------------------------------------------------------
+
+
+#: The dtypes ``sparsemax_rows`` takes, per device type (what ``sk.sparsemax`` sends it).
+SPARSEMAX_DTYPES = {
+    "cpu": frozenset({torch.float32, torch.float64}),
+    "cuda": frozenset({torch.float32, torch.bfloat16, torch.float16}),
+}
 
 
 @_define("sparsemax_rows(Tensor scores) -> (Tensor, Tensor)")

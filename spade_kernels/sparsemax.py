@@ -3,7 +3,7 @@
 Forward is the ``native`` backend's sort-free op
 ``spade_kernels::sparsemax_rows`` where the backend registry says it runs
 (``BACKENDS["native"].supports``) and it takes the dtype
-(``native.SPARSEMAX_DTYPES``) — C++ on CPU float32/float64 tensors, the CUDA
+(``ops.SPARSEMAX_DTYPES``) — C++ on CPU float32/float64 tensors, the CUDA
 kernel on CUDA float32/bfloat16/float16 tensors (pruning to entries above
 max − 1, then Michelot's iteration) — and otherwise the sort-based
 projection of :mod:`spade_kernels.reference`;
@@ -18,7 +18,6 @@ import torch
 
 from . import ops
 from .backends import BACKENDS
-from .backends.native import SPARSEMAX_DTYPES
 from .reference import sparsemax_reference
 
 __all__ = ["sparsemax", "sparsemax_backward", "sparsemax_sort"]
@@ -40,7 +39,9 @@ def sparsemax_backward(z: torch.Tensor, grad: torch.Tensor, dim: int = -1) -> to
 
 def _native(input: torch.Tensor) -> bool:
     """Whether the ``native`` backend's ``sparsemax_rows`` takes this tensor (the registry decides the device)."""
-    return input.dtype in SPARSEMAX_DTYPES.get(input.device.type, ()) and BACKENDS["native"].supports(input.device)
+    return input.dtype in ops.SPARSEMAX_DTYPES.get(input.device.type, ()) and BACKENDS["native"].supports(
+        input.device
+    )
 
 
 def _forward(input: torch.Tensor, dim: int, sort_based: bool) -> torch.Tensor:

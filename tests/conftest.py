@@ -106,7 +106,7 @@ def backends_on(device: str = "cpu", *, sparse_only: bool = False) -> list[str]:
     ]
 
 
-def product(prims, name: str, first, indices, second, *rest):
+def run_product(prims, name: str, first, indices, second, *rest):
     """The product ``name`` of ``prims`` as the pipeline runs it for the matrix ``second``'s dtype."""
     from spade_kernels.pipeline import products_for
 

@@ -6,7 +6,7 @@ Its score chunking, and that it runs the compiled ops.  With SPADE_TEST_GPU=1
 
 import pytest
 import torch
-from conftest import plan_of, product
+from conftest import plan_of, run_product
 
 import spade_kernels as sk
 from spade_kernels import _ext, pipeline
@@ -35,7 +35,7 @@ def test_half_precision_decoders_take_the_torch_products():
     idx = torch.randint(0, 9, (4, 3))
     W = torch.randn(9, 5).bfloat16()
     with pipeline.dense_products(False):
-        got = product(N.PRIMITIVES, "gather_matmul", w, idx, W)
+        got = run_product(N.PRIMITIVES, "gather_matmul", w, idx, W)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), T.gather_matmul(w, idx, W.float()), atol=2e-2, rtol=2e-2)
 
@@ -50,3 +50,14 @@ def test_the_native_backend_runs_the_compiled_ops():
         "spade_kernels::exact_codes",
         "spade_kernels::support_jacobian",
     } <= names
+
+
+@pytest.mark.skipif(not _ext.available(), reason="the extension is not built")
+def test_a_stale_build_is_named_not_used(monkeypatch):
+    # A library built from an older source registers other op names: the native backend must report it
+    # as a stale build (and not be picked) instead of failing at its first call.
+    monkeypatch.setattr(_ext, "reason", _ext.reason)
+    monkeypatch.setattr(_ext, "cuda_reason", _ext.cuda_reason)
+    monkeypatch.setattr(_ext, "_PROBE", "spade_kernels::an_op_no_build_registers")
+    assert _ext._load() is False
+    assert "stale build" in _ext.reason and "rebuild it" in _ext.reason

@@ -8,7 +8,7 @@ a dense GEMM past the measured crossover; every route must give the
 
 import pytest
 import torch
-from conftest import product
+from conftest import run_product
 
 from spade_kernels import pipeline
 from spade_kernels.backends import BACKENDS
@@ -37,14 +37,14 @@ def test_products_match_the_torch_backend(sparse_backend, device, product_route,
     # tests/test_backend_triton.py).
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-2, "rtol": 2e-2}
     M32, X32 = M.float(), X.float()
-    got = product(prims, "gather_matmul", w, idx, M)
+    got = run_product(prims, "gather_matmul", w, idx, M)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), T.gather_matmul(w, idx, M32), **tol)
-    got = product(prims, "gather_dot", X, idx, M)
+    got = run_product(prims, "gather_dot", X, idx, M)
     torch.testing.assert_close(got.float(), T.gather_dot(X32, idx, M32), **tol)
-    got = product(prims, "scatter_matmul", w, idx, X, K)
+    got = run_product(prims, "scatter_matmul", w, idx, X, K)
     torch.testing.assert_close(got.float(), T.scatter_matmul(w, idx, X32, K), **tol)
-    got = product(prims, "gather_sq_dist", X32, idx, M32)
+    got = run_product(prims, "gather_sq_dist", X32, idx, M32)
     torch.testing.assert_close(got, T.gather_sq_dist(X32, idx, M32), atol=1e-4, rtol=1e-5)
 
 
@@ -54,10 +54,10 @@ def test_products_of_non_contiguous_operands(sparse_backend, device, product_rou
     M = torch.randn(25, 40).to(device)[:, ::2]  # (25, 20) strided rows
     X = torch.randn(6, 40).to(device)[:, ::2]
     wt = torch.randn(8, 6).to(device).t()  # (6, 8) non-contiguous weights
-    torch.testing.assert_close(product(prims, "gather_matmul", wt, idx, M), T.gather_matmul(wt, idx, M))
-    torch.testing.assert_close(product(prims, "gather_dot", X, idx, M), T.gather_dot(X, idx, M))
+    torch.testing.assert_close(run_product(prims, "gather_matmul", wt, idx, M), T.gather_matmul(wt, idx, M))
+    torch.testing.assert_close(run_product(prims, "gather_dot", X, idx, M), T.gather_dot(X, idx, M))
     torch.testing.assert_close(
-        product(prims, "scatter_matmul", wt, idx, X, 25), T.scatter_matmul(wt, idx, X, 25)
+        run_product(prims, "scatter_matmul", wt, idx, X, 25), T.scatter_matmul(wt, idx, X, 25)
     )
 
 
@@ -67,7 +67,7 @@ def test_float64_matrices_keep_their_dtype(sparse_backend, device):
     w, idx = _support(6, 9, 20, device)
     M = torch.randn(20, 12, dtype=torch.float64).to(device)
     with pipeline.dense_products(False):
-        got = product(prims, "gather_matmul", w.double(), idx, M)
+        got = run_product(prims, "gather_matmul", w.double(), idx, M)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, T.gather_matmul(w.double(), idx, M))
 
@@ -99,10 +99,10 @@ def test_products_take_the_kernel_unless_the_dense_route_is_faster(sparse_backen
         torch.randn(9, 5).to(device),
     )
     with pipeline.dense_products(True):
-        got = product(spy, "gather_matmul", w, idx, M)
+        got = run_product(spy, "gather_matmul", w, idx, M)
     torch.testing.assert_close(got, T.gather_matmul(w, idx, M))
     dense = pipeline.plan._dense_route(3, 9, torch.device(device))  # C/K = 1/3: past the CPU crossover
     assert calls == ([] if dense else [1])
     with pipeline.dense_products(False):
-        product(spy, "gather_matmul", w, idx, M)
+        run_product(spy, "gather_matmul", w, idx, M)
     assert calls[-1:] == [1]

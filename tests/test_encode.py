@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import product
+from conftest import run_product
 
 import spade_kernels as sk
 from spade_kernels import _ext, pipeline
@@ -104,9 +104,9 @@ def test_dense_route_matches_sparse_route():
         with pipeline.dense_products(dense):
             results.append(
                 (
-                    product(P, "gather_matmul", w, idx, M),
-                    product(P, "gather_dot", G, idx, M),
-                    product(P, "scatter_matmul", w, idx, X, K),
+                    run_product(P, "gather_matmul", w, idx, M),
+                    run_product(P, "gather_dot", G, idx, M),
+                    run_product(P, "scatter_matmul", w, idx, X, K),
                 )
             )
     for a, b in zip(*results):

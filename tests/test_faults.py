@@ -364,8 +364,14 @@ def test_a_full_disk_under_the_metrics_log_warns_once_and_training_goes_on(tmp_p
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     data = tmp_path / "x.npy"
     np.save(data, np.random.default_rng(0).normal(size=(1_500_000, 64)).astype(np.float32))
+    # A terminal's Ctrl-C reaches a process whose SIGINT has its default disposition; a test run started
+    # as a background job inherits SIGINT ignored (POSIX), so the child first restores Python's handler.
+    as_from_a_terminal = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('spade_kernels', run_name='__main__', alter_sys=True)"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "spade_kernels", "train", "--data", str(data), "--out", str(tmp_path / "r")],
+        [sys.executable, "-c", as_from_a_terminal, "train", "--data", str(data), "--out", str(tmp_path / "r")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     first = proc.stdout.readline()  # "checking N rows …": start-up has begun, the data pass is running

@@ -27,17 +27,12 @@ from .. import ops
 from ..numerics import compute_dtype
 from .interface import DEFAULT_CHUNK, DEFAULT_MAX_CANDIDATES, Primitives
 
-__all__ = ["OPTIONS", "PRIMITIVES", "SPARSEMAX_DTYPES", "exact_codes", "select_candidates"]
+__all__ = ["OPTIONS", "PRIMITIVES", "exact_codes", "select_candidates"]
 
 #: Options of :func:`select_candidates` and their defaults.
 OPTIONS = {"chunk": DEFAULT_CHUNK, "max_candidates": DEFAULT_MAX_CANDIDATES}
 
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64})
-#: The dtypes ``spade_kernels::sparsemax_rows`` takes, per device type (what ``sk.sparsemax`` sends it).
-SPARSEMAX_DTYPES = {
-    "cpu": frozenset({torch.float32, torch.float64}),
-    "cuda": frozenset({torch.float32, torch.bfloat16, torch.float16}),
-}
 
 
 def select_candidates(x, A, aa, lam: float, margin, *, chunk: int, max_candidates: int):

@@ -25,14 +25,26 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import torch_ as T
 from ..codes import SparseCodes
 from ..numerics import squared_norms
 from ..reference import squared_distances
 from ..sparsemax import sparsemax_sort
 from . import memory
+from .plan import dense_gather_dot, dense_gather_matmul, dense_scatter_matmul
 from .rows import RowWriter
 
-__all__ = ["dense_codes", "dense_row_bytes", "dense_sparse_codes"]
+__all__ = ["PRIMITIVES", "dense_codes", "dense_row_bytes", "dense_sparse_codes"]
+
+#: The ``reference`` backend's products over a support: its codes come from dense B×K codes, so it
+#: decodes and transposes them with dense GEMMs of row blocks (``z @ W_dec`` as the oracle writes it,
+#: on every device); distances and the sparsemax Jacobian are the ``torch`` backend's.
+PRIMITIVES = T.PRIMITIVES._replace(
+    name="reference",
+    gather_matmul=dense_gather_matmul,
+    gather_dot=dense_gather_dot,
+    scatter_matmul=dense_scatter_matmul,
+)
 
 _HALF = (torch.float16, torch.bfloat16)
 

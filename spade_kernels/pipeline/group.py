@@ -1,12 +1,12 @@
 """Where a layer's latents live: the one place the forward and backward differ for a latent-sharded layer.
 
-The encoder and the loss (:mod:`.encoder`, :mod:`.sparse`, :mod:`.forward`)
+The encoder and the loss (:mod:`.encoder`, :mod:`.sparse`, :mod:`.loss`)
 are written once and take a *latent group*: :data:`ONE_PROCESS` for a layer
 that holds all its K latents, or :class:`spade_kernels.distributed.LatentGroup`
 for one whose latents are split over the ranks of a process group.  Every
 step below is the identity here; the latent group replaces each with a
 collective (docs/design.md, "Sharding the latents"), and those are the only
-differences between ``SpaDE`` and ``ShardedSpaDE``:
+differences between the encoder and loss of ``SpaDE`` and ``ShardedSpaDE``:
 
 * :meth:`OneProcess.threshold` — the sparsemax threshold of each row: in one
   process the exact stage's own τ; across a latent group the τ of the

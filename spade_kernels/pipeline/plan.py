@@ -16,10 +16,11 @@ device and shape and the typed :class:`Options` into a :class:`Plan`:
   kernels, or the ``torch`` backend's PyTorch ops for a dtype the kernels
   have no instantiation for.
 
-Reading :func:`make_plan` tells which function runs.  One choice is left to
-run time, because it depends on data the encoder has not produced yet: the
-*dense route* of a product (a densified GEMM, where the support's width is a
-large fraction of K; :data:`DENSE_FRACTION`).
+Reading :func:`make_plan` tells which function runs.  Two choices are left to
+run time, because they depend on data or on autograd's state: the *dense
+route* of a product (a densified GEMM, where the support's width, known only
+after the encoder ran, is a large fraction of K; :data:`DENSE_FRACTION`), and
+a backward that autograd records (:func:`backward_products`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ __all__ = [
     "Options",
     "Plan",
     "Products",
+    "dense_gather_dot",
+    "dense_gather_matmul",
     "dense_products",
+    "dense_scatter_matmul",
     "make_plan",
     "products_for",
     "resolve_options",
@@ -146,21 +150,21 @@ def _densify(weights: torch.Tensor, indices: torch.Tensor, K: int, dtype: torch.
     return dense.scatter_add_(1, indices, weights.to(dtype))
 
 
-def _dense_gather_matmul(w, idx, M):
+def dense_gather_matmul(w, idx, M):
     out = torch.empty(idx.shape[0], M.shape[1], dtype=M.dtype, device=M.device)
     for rs in memory.dense_product_blocks(idx.shape[0], M.shape[0], M):
         out[rs] = _densify(w[rs], idx[rs], M.shape[0], M.dtype) @ M
     return out
 
 
-def _dense_gather_dot(G, idx, M):
+def dense_gather_dot(G, idx, M):
     out = torch.empty(idx.shape, dtype=M.dtype, device=M.device)
     for rs in memory.dense_product_blocks(idx.shape[0], M.shape[0], M):
         out[rs] = (G[rs].to(M.dtype) @ M.t()).gather(1, idx[rs])
     return out
 
 
-def _dense_scatter_matmul(w, idx, X, n):
+def dense_scatter_matmul(w, idx, X, n):
     out = torch.zeros(n, X.shape[1], dtype=X.dtype, device=X.device)
     for rs in memory.dense_product_blocks(idx.shape[0], n, X):
         out.addmm_(_densify(w[rs], idx[rs], n, X.dtype).t(), X[rs])
@@ -203,9 +207,9 @@ def products_for(prims: Primitives, dtype: torch.dtype) -> Products:
     kernels = prims if dtype in prims.product_dtypes else T.PRIMITIVES
     return Products(
         name=kernels.name,
-        gather_matmul=functools.partial(_routed, kernels.gather_matmul, _dense_gather_matmul, None),
-        gather_dot=functools.partial(_routed, kernels.gather_dot, _dense_gather_dot, None),
-        scatter_matmul=functools.partial(_routed, kernels.scatter_matmul, _dense_scatter_matmul, 0),
+        gather_matmul=functools.partial(_routed, kernels.gather_matmul, dense_gather_matmul, None),
+        gather_dot=functools.partial(_routed, kernels.gather_dot, dense_gather_dot, None),
+        scatter_matmul=functools.partial(_routed, kernels.scatter_matmul, dense_scatter_matmul, 0),
         gather_sq_dist=kernels.gather_sq_dist,
         support_jacobian=kernels.support_jacobian,
     )
@@ -229,7 +233,7 @@ def backward_products(products: Products, dtype: torch.dtype, *tensors) -> Produ
 
 
 class Plan(NamedTuple):
-    """What one encode runs, decided by :func:`make_plan` (every field a value or a plain function)."""
+    """What one encode runs, decided by :func:`make_plan` (every field a value or a function, often a partial)."""
 
     backend: str
     options: Options
@@ -244,7 +248,8 @@ class Plan(NamedTuple):
     worst_case_margin: bool
     #: Working memory of one row of one encode block (search, exact stage, the row's input).
     row_bytes: int
-    #: The encoder's products (compute dtype): its backward's.
+    #: The encoder's products (compute dtype), its backward's: ``products_for(prims, compute dtype)``,
+    #: which the op's backward builds again from the backend's name.
     products: Products
 
 

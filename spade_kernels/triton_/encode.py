@@ -21,7 +21,7 @@ For x (B, d), prototypes A (K, d), λ (docs/design.md, "The pipeline"; the
    candidates (the backend's ``gather_sq_dist``; the exact τ follows in the
    pipeline's exact stage).
 
-Rows whose survivors overflow a slot or the max_candidates are flagged; the pipeline
+Rows whose survivors overflow a slot or ``max_candidates`` are flagged; the pipeline
 resolves them exactly.  No B×K tensor exists at any point: extra memory is
 B·(K/block_n)·slots·8 bytes of slots plus B·prepass floats.  The kernels are
 registered with ``torch.library.triton_op`` (so ``torch.compile`` sees them
@@ -179,7 +179,7 @@ def _select_tiles_kernel(
 def _select_merge_kernel(
     slot_val_ptr, slot_idx_ptr, count_ptr, bound_ptr, margin_ptr,
     cand_ptr, cand_count_ptr,
-    N_TILES, CAP,
+    N_TILES, MAX_CANDIDATES,
     SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, MAX_ITERS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -220,7 +220,7 @@ def _select_merge_kernel(
         sel = live & (v > tau - margin)
         pos = tl.sum(total, axis=0) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
         idx = tl.load(slot_idx_ptr + base + offs, mask=sel, other=0)
-        tl.store(cand_ptr + row * CAP + pos, idx.to(tl.int64), mask=sel & (pos < CAP))
+        tl.store(cand_ptr + row * MAX_CANDIDATES + pos, idx.to(tl.int64), mask=sel & (pos < MAX_CANDIDATES))
         total += sel.to(tl.int32)
     tl.store(cand_count_ptr + row, tl.sum(total, axis=0))
 
