@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -222,3 +224,109 @@ def test_train_writes_a_metrics_log_and_curves_and_eval_reports(tmp_path, capsys
     assert "d_in = 2" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nowhere"), "--data", str(tmp_path / "x.pt")]) == 2
     assert "no cfg.json" in capsys.readouterr().err
+
+
+def test_train_takes_a_config_file_and_flags_override_it(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('dataset = "separability"\nn_samples = 520\n"d-sae" = 16\nbatch_size = 64\nseed = 1\n')
+    assert main(["train", "--config", str(toml), "--d-sae", "8", "--out", str(tmp_path / "a")]) == 0
+    assert SpaDE.from_pretrained(tmp_path / "a").d_sae == 8  # the flag, not the file's 16
+    # JSON, and a source of data on the command line replaces the file's.
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"dataset": "heterogeneity", "n_samples": 520, "d_sae": 16, "batch_size": 64}))
+    assert (
+        main(["train", "--config", str(js), "--dataset", "separability", "--out", str(tmp_path / "b")]) == 0
+    )
+    assert SpaDE.from_pretrained(tmp_path / "b").d_in == 2  # separability's d (heterogeneity's is larger)
+    # The same run from flags alone gives the same weights.
+    assert main(["train", "--dataset", "separability", *TINY, "--out", str(tmp_path / "c")]) == 0
+    a, c = SpaDE.from_pretrained(tmp_path / "b"), SpaDE.from_pretrained(tmp_path / "c")
+    torch.testing.assert_close(a.prototypes, c.prototypes, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("u.toml", "nope = 1", "--config .*u.toml: nope: train has no such flag"),
+        ("v.json", '{"lr": "fast"}', "--config .*v.json: lr = 'fast': could not convert"),
+        ("w.json", '{"backend": "gpu"}', r"--config .*w.json: backend = 'gpu': expected one of \['auto'"),
+        ("x.toml", "lr = true", "--config .*x.toml: lr = True: expected a number or a string"),
+        ("y.json", "[1, 2]", "--config .*y.json: must hold a table of settings"),
+        ("z.toml", "lr = = 1", "--config .*z.toml: not valid TOML"),
+        ("c.yaml", "lr: 1", r"--config .*c.yaml: expected a .toml or .json file"),
+    ],
+)
+def test_a_bad_config_file_is_one_error_line_naming_the_file_and_key(tmp_path, capsys, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    assert (
+        main(["train", "--config", str(path), "--dataset", "separability", "--out", str(tmp_path / "r")]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err
+    assert not (tmp_path / "r").exists()
+
+
+class _FakeWandbRun:
+    def __init__(self, **kwargs):
+        self.init, self.logged, self.summary, self.exit_code = kwargs, [], {}, None
+
+    def log(self, row, step):
+        self.logged.append((step, row))
+
+    def finish(self, exit_code=0):
+        self.exit_code = exit_code
+
+
+def test_wandb_gets_the_metrics_logs_rows(tmp_path, capsys, monkeypatch):
+    import types
+
+    runs = []
+    import importlib.machinery
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: runs.append(_FakeWandbRun(**kwargs)) or runs[-1]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "separability", *TINY, "--out", str(out), "--wandb", "proj"]) == 0
+    (run,) = runs
+    assert run.init["project"] == "proj" and run.init["dir"] == str(out) and run.init["config"]["d_sae"] == 16
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in run.logged] == [r["step"] for r in rows]
+    assert run.logged[-1][1] == {k: v for k, v in rows[-1].items() if k != "step"}
+    assert run.summary["steps"] == 9 and run.exit_code == 0
+
+
+def test_wandb_without_the_package_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "separability", *TINY, "--out", str(out), "--wandb", "proj"]) == 2
+    assert "--wandb proj: needs the wandb package" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_wandb_offline_run_is_written_under_out(tmp_path):
+    pytest.importorskip("wandb")  # a dev requirement: installed by scripts/setup_env.sh
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "spade_kernels",
+        "train",
+        "--dataset",
+        "separability",
+        *TINY,
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run([*cmd, "--wandb", "proj"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (record,) = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert record.stat().st_size > 0

@@ -210,6 +210,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="under torchrun: seconds a collective waits for a peer (default 120); a rank that dies or "
         "stalls ends the others within about this, each with one line naming it",
     )
+    train.add_argument(
+        "--wandb",
+        metavar="PROJECT",
+        help="also log the metrics to the Weights & Biases project PROJECT (needs the wandb package; "
+        "WANDB_MODE=offline keeps the run in --out/wandb without a network)",
+    )
+    train.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="settings from a TOML or JSON file whose keys are this command's flags (lr = 0.01, "
+        'lr_final or "lr-final" = 1e-4, dataset = "separability"); flags on the command line override it',
+    )
     bench = sub.add_parser(
         "bench",
         help="benchmark backends against the floor (torch.mm) and the paper-style baseline",
@@ -423,6 +436,8 @@ class _MetricsLog:
         self.path, self.total, self.d, self.batch = path, total, d, batch_size
         self.every = max(1, total // 500)
         self.enabled = False
+        #: A Weights & Biases run that gets the same rows (``--wandb``), or None.
+        self.wandb = None
 
     def _failed(self, exc: OSError) -> None:
         self.enabled = False
@@ -454,18 +469,58 @@ class _MetricsLog:
         return rows
 
     def __call__(self, step: int, history) -> None:
-        if not self.enabled or (step % self.every and step != self.total):
+        if not (self.enabled or self.wandb is not None) or (step % self.every and step != self.total):
             return
         rate = (step - self.step0) * self.batch / max(time.perf_counter() - self.t0, 1e-9)
         row = {
             "step": step, "loss": history.loss[-1], "mse": history.mse[-1], "nmse": history.mse[-1] / self.d,
             "l0": history.l0[-1], "lam": history.lam[-1], "lr": history.lr[-1], "samples_per_s": rate,
         }  # fmt: skip
+        if self.wandb is not None:
+            try:
+                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            except Exception as exc:  # W&B's own failures (network, disk) end its log, never the run
+                self.wandb = None
+                _warn(f"logging to W&B failed ({type(exc).__name__}: {exc}); training goes on without it")
+        if not self.enabled:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as exc:
             self._failed(exc)
+
+    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        """End the W&B run (if any) with ``summary`` as its summary."""
+        if self.wandb is None:
+            return
+        try:
+            if summary:
+                self.wandb.summary.update(summary)
+            self.wandb.finish(exit_code=exit_code)
+        except Exception as exc:
+            _warn(f"finishing the W&B run failed ({type(exc).__name__}: {exc})")
+        self.wandb = None
+
+
+def _start_wandb(project: str, settings: dict, out_dir: Path, resumed_from: int | None):
+    """A Weights & Biases run for ``--wandb PROJECT`` (rank 0), or an error line's exit code.
+
+    The run is named after ``--out`` and grouped by it, so a resumed run (a new
+    W&B run, its ``resumed_from_step`` in the config) sits beside the first.
+    """
+    import wandb
+
+    config = {**settings, "resumed_from_step": resumed_from}
+    try:
+        return wandb.init(
+            project=project, config=config, dir=os.fspath(out_dir), name=out_dir.name, group=out_dir.name
+        )
+    except Exception as exc:
+        return _error(
+            f"--wandb {project}: W&B could not start ({type(exc).__name__}: {exc}); log in with `wandb login`, "
+            "or set WANDB_MODE=offline"
+        )
 
 
 class _StopOnSignal:
@@ -613,6 +668,11 @@ def _train(args: argparse.Namespace) -> int:
     from spade_kernels.layer import SpaDE
 
     state, changes = None, []
+    if args.wandb is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            return _error(f"--wandb {args.wandb}: needs the wandb package (pip install wandb)")
     if args.resume is not None:
         try:
             args, state, changes = _resumed_args(args)
@@ -845,6 +905,10 @@ def _train_locked(job: _Job) -> int:
         )
     log = _MetricsLog(out_dir / METRICS_NAME, total_steps, x.shape[1], bs * run.replicas)
     log.start(0 if state is None else state["step"], enabled=run.rank == 0)
+    if args.wandb and run.rank == 0:
+        log.wandb = _start_wandb(args.wandb, settings, out_dir, state and state["step"])
+        if isinstance(log.wandb, int):
+            return log.wandb
     started = time.perf_counter()
     with _StopOnSignal(escalate=run.world == 1) as stop:
         try:
@@ -876,6 +940,7 @@ def _train_locked(job: _Job) -> int:
                 f"{_resume_command(run, out_dir)}",
                 file=sys.stderr,
             )
+        log.finish({"stopped_at": history.stopped_at}, exit_code=128 + signum)
         return 128 + signum
     seconds = time.perf_counter() - started
     layer = run.finish(trained)
@@ -931,6 +996,7 @@ def _train_locked(job: _Job) -> int:
         f"λ {layer.lam.item():.4g}"
     )
     print(f"saved to {os.fspath(out_dir)}")
+    log.finish(info)
     if curves:
         print(
             f"training curves: {os.fspath(out_dir / CURVES_NAME)} (log: {os.fspath(out_dir / METRICS_NAME)})"
@@ -1178,6 +1244,12 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         handled = {2, 130, 143}
         if all(code in handled for code in codes.values()):
             return max(codes.values())  # each rank printed its own line
+        stopped = [code for code in codes.values() if code in (130, 143)]
+        if stopped and all(code in handled or code == -signal.SIGTERM for code in codes.values()):
+            # A rank that stopped on a signal exits only after every rank agreed on the stop and the state
+            # was written; the launcher then tears the slower ranks down with SIGTERM (their handlers are
+            # gone by then). The run was stopped, not failed: rank 0 printed where its state is.
+            return max(stopped)
         how = [
             f"rank {rank} "
             + (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}")
@@ -1188,6 +1260,90 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+class ConfigError(ValueError):
+    """A ``--config`` file that cannot be read, or a setting in it that ``train`` does not take."""
+
+
+#: The flags of one source of the data: given on the command line, they replace the config's source.
+_SOURCE_FLAGS = ("dataset", "data", "resume")
+
+
+def _read_config(path: Path) -> dict:
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"--config {os.fspath(path)}: expected a .toml or .json file")
+    try:
+        if path.suffix == ".json":
+            with open(path) as f:
+                table = json.load(f)
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib
+                except ImportError:
+                    raise ConfigError(
+                        f"--config {os.fspath(path)}: TOML needs Python 3.11 or the tomli package; or use JSON"
+                    ) from None
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {os.fspath(path)}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # json.JSONDecodeError, tomllib.TOMLDecodeError
+        raise ConfigError(
+            f"--config {os.fspath(path)}: not valid {path.suffix[1:].upper()} ({exc})"
+        ) from None
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"--config {os.fspath(path)}: must hold a table of settings, got {type(table).__name__}"
+        )
+    return table
+
+
+def _config_flags(path: Path, train: argparse.ArgumentParser) -> dict[str, str]:
+    """``{dest: value as the command line would give it}`` for each setting of a ``--config`` file, checked.
+
+    Keys are the flags' names without ``--`` (``lr_final`` or ``lr-final``);
+    each value is converted and checked as its flag's would be, and an error
+    names the file and the key.
+    """
+    actions = {a.dest: a for a in train._actions if a.dest not in ("help", "config") and a.option_strings}
+    out = {}
+    for key, value in _read_config(path).items():
+        dest = str(key).replace("-", "_")
+        where = f"--config {os.fspath(path)}: {key}"
+        if dest not in actions:
+            allowed = ", ".join(sorted(actions))
+            raise ConfigError(f"{where}: train has no such flag (its settings: {allowed})")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where} = {value!r}: expected a number or a string")
+        action, text = actions[dest], str(value)
+        try:
+            converted = action.type(text) if action.type is not None else text
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{where} = {value!r}: {exc}") from None
+        if action.choices is not None and converted not in action.choices:
+            raise ConfigError(f"{where} = {value!r}: expected one of {sorted(action.choices)}")
+        out[dest] = text
+    return out
+
+
+def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``train`` arguments with a ``--config`` file's settings in front, so the command line's override them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", type=Path)
+    known, rest = pre.parse_known_args(argv[1:])
+    if known.config is None:
+        return argv
+    train = parser._subparsers._group_actions[0].choices["train"]
+    settings = _config_flags(known.config, train)
+    given = {a.dest for a in train._actions for flag in rest if flag.split("=")[0] in a.option_strings}
+    if given & set(_SOURCE_FLAGS):  # one source of data: the command line's
+        settings = {k: v for k, v in settings.items() if k not in _SOURCE_FLAGS}
+    front = [arg for dest, value in settings.items() for arg in (_flag(dest), value)]
+    return ["train", *front, *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``spade-kernels`` / ``python -m spade_kernels``; returns the exit code.
 
@@ -1196,7 +1352,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = _build_parser().parse_args(argv)
+        parser = _build_parser()
+        try:
+            expanded = _with_config(parser, argv) if argv[:1] == ["train"] else argv
+        except ConfigError as exc:
+            return _error(str(exc))
+        args = parser.parse_args(expanded)
         if args.command == "info":
             return _info()
         if args.command == "bench":

@@ -264,6 +264,21 @@ def test_trainsae_normalized_run_saves_a_model_of_raw_activations(tmp_path):
     assert loaded.lam.item() * n**2 == pytest.approx(trainer.lams[-1], rel=1e-4)
 
 
+def test_normalize_activations_consumes_the_first_batches_of_a_one_shot_iterator():
+    # What docs/integrations.md warns of: with normalize_activations=True, trainSAE reads up to 102
+    # batches of `data` for its norm factor before training; a generator loses them (a finite one
+    # of 60 batches trains no step), a list is read again from its start.
+    batches = clustered_batches(60)
+    for data, trained in ((iter([b.clone() for b in batches]), 0), ([b.clone() for b in batches], 60)):
+        # A new configuration each time: trainSAE pops from it.
+        cfg = {"trainer": RecordingTrainer, "steps": 60, "activation_dim": D, "dict_size": K, "layer": 3,
+               "lm_name": "toy-lm", "device": "cpu", "seed": 0, "backend": "torch"}  # fmt: skip
+        RecordingTrainer.instances.clear()
+        training.trainSAE(data, [cfg], steps=60, normalize_activations=True, device="cpu")
+        (trainer,) = RecordingTrainer.instances
+        assert len(trainer.losses) == trained
+
+
 def test_match_data_scale_makes_training_scale_free():
     # Data at E‖x‖² ≈ d and the same data ×c: the runs should be the same run.
     c = 4.0
