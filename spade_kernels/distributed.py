@@ -44,6 +44,7 @@ from .encode import encode_codes, product_primitives
 from .layer import SpaDE, SpaDEOutput, read_checkpoint
 from .numerics import RangeError, compute_dtype, sorted_threshold
 from .pipeline import OneProcess, spade_loss
+from .pipeline.encoder import finish_codes
 
 __all__ = ["DEFAULT_TIMEOUT_S", "LatentGroup", "ShardedSpaDE", "init", "mesh_groups", "shard_range"]
 
@@ -166,20 +167,12 @@ class LatentGroup(OneProcess):
         union = _all_gather_padded(torch.where(nan_rows.unsqueeze(1), -math.inf, s), self.group, -math.inf)
         tau = sorted_threshold(torch.sort(union, dim=1, descending=True).values)
         z = torch.where(valid, (s - tau.unsqueeze(1)).clamp_min(0), torch.zeros_like(s))
-        # This rank's part of the global support, sorted and trimmed (the layout of SparseCodes).
+        # This rank's part of the global support, sorted, then laid out as the pipeline lays out codes.
         z, order = torch.sort(z, dim=1, descending=True)
-        idx, D = idx.gather(1, order), D.gather(1, order)
-        size = (z > 0).sum(1)
-        C = max(int(size.max()) if size.numel() else 0, 1)
-        z, idx, D = z[:, :C].contiguous(), idx[:, :C].contiguous(), D[:, :C].contiguous()
         on = z > 0
-        idx = torch.where(on, idx, torch.zeros_like(idx))
-        D = torch.where(on, D, torch.zeros_like(D))
-        if nan_rows.any():
-            z = z.masked_fill(nan_rows.unsqueeze(1), math.nan)
-            D = D.masked_fill(nan_rows.unsqueeze(1), math.nan)
-            size = size.masked_fill(nan_rows, 0)
-        return z, idx, size, D
+        idx = torch.where(on, idx.gather(1, order), torch.zeros_like(idx))
+        D = torch.where(on, D.gather(1, order), torch.zeros_like(D))
+        return finish_codes(z, idx, on.sum(1), D, nan_rows)
 
     def row_sums(self, total: torch.Tensor, count: torch.Tensor):
         stats = torch.cat([total, count.to(total.dtype)], dim=1)

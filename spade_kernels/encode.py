@@ -36,7 +36,7 @@ from .pipeline.dense import PRIMITIVES as DENSE_PRIMITIVES
 from .pipeline.dense import dense_sparse_codes
 from .pipeline.group import ONE_PROCESS, OneProcess
 from .pipeline.plan import Options, make_plan, products_for, resolve_options
-from .pipeline.rows import RowWriter
+from .pipeline.rows import codes_of_blocks
 
 __all__ = ["encode_codes", "encode_sparse", "product_primitives", "spade_encode"]
 
@@ -139,17 +139,6 @@ class _LatentGroupEncode(torch.autograd.Function):
         return gx, gA, glam, None, None
 
 
-def _concatenate(blocks, K: int) -> SparseCodes:
-    """One :class:`SparseCodes` from row blocks (values, indices, support_size, D), differentiably."""
-    C = max(b[0].shape[1] for b in blocks)
-
-    def pad(t):
-        return torch.nn.functional.pad(t, (0, C - t.shape[1]))
-
-    z, idx, size, D = (torch.cat([pad(b[i]) if i != 2 else b[i] for b in blocks]) for i in range(4))
-    return SparseCodes(idx, z, size, K, distances=D)
-
-
 def _lam_tensor(lam, device: torch.device) -> torch.Tensor:
     lam_t = lam if isinstance(lam, torch.Tensor) else torch.tensor(float(lam), dtype=torch.float64)
     lam_t = lam_t.reshape(()).to(device)
@@ -176,15 +165,14 @@ def encode_sparse(
     lam_t = _lam_tensor(lam, x.device)
     args = (backend, *plan.options)
     blocks = memory.encode_blocks(B, plan.row_bytes, x.device)
-    if len(blocks) <= 1:
-        z, idx, size, D = _encode_op(x, prototypes, lam_t, *args)
-        return SparseCodes(idx, z, size, K, distances=D)
-    if torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad or lam_t.requires_grad):
-        return _concatenate([_encode_op(x[rs], prototypes, lam_t, *args) for rs in blocks], K)
-    out = RowWriter(B, K)
-    for rs in blocks:
-        out.add(*_encode_op(x[rs], prototypes, lam_t, *args))
-    return out.codes()
+
+    def encode_block(rows: slice):
+        return _encode_op(x if len(blocks) <= 1 else x[rows], prototypes, lam_t, *args)
+
+    keep_graph = torch.is_grad_enabled() and (
+        x.requires_grad or prototypes.requires_grad or lam_t.requires_grad
+    )
+    return codes_of_blocks(blocks, encode_block, B, K, keep_graph)
 
 
 def encode_codes(

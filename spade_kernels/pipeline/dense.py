@@ -32,7 +32,7 @@ from ..reference import squared_distances
 from ..sparsemax import sparsemax_sort
 from . import memory
 from .plan import dense_gather_dot, dense_gather_matmul, dense_scatter_matmul
-from .rows import RowWriter
+from .rows import codes_of_blocks
 
 __all__ = ["PRIMITIVES", "dense_codes", "dense_row_bytes", "dense_sparse_codes"]
 
@@ -127,28 +127,12 @@ def dense_sparse_codes(
     if x.shape[0] == 0:
         return _sparse(*_block(x, prototypes, lam), distances)
     blocks = memory.dense_blocks(x.shape[0], dense_row_bytes(K), x.device)
-    grad = torch.is_grad_enabled() and any(
+    keep_graph = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (x, prototypes, lam)
     )
-    if len(blocks) > 1 and not grad:
-        # Each block's support copied into one growing result, so the codes are held once.
-        out = RowWriter(x.shape[0], K)
-        for rs in blocks:
-            c = _sparse(*_block(x[rs], prototypes, lam), distances)
-            out.add(c.values, c.indices, c.support_size, c.distances)
-        return out.codes()
-    parts = [_sparse(*_block(x[rs], prototypes, lam), distances) for rs in blocks]
-    if len(parts) == 1:
-        return parts[0]
-    C = max(p.width for p in parts)
 
-    def pad(t):
-        return torch.nn.functional.pad(t, (0, C - t.shape[1]))
+    def encode_block(rows: slice):
+        c = _sparse(*_block(x[rows], prototypes, lam), distances)
+        return c.values, c.indices, c.support_size, c.distances
 
-    return SparseCodes(
-        torch.cat([pad(p.indices) for p in parts]),
-        torch.cat([pad(p.values) for p in parts]),
-        torch.cat([p.support_size for p in parts]),
-        K,
-        torch.cat([pad(p.distances) for p in parts]) if distances else None,
-    )
+    return codes_of_blocks(blocks, encode_block, x.shape[0], K, keep_graph)

@@ -86,14 +86,12 @@ class Options(NamedTuple):
         return {name: getattr(self, name) for name in prims.options}
 
 
-def resolve_options(prims: Primitives, options: Mapping | Options) -> Options:
+def resolve_options(prims: Primitives, options: Mapping) -> Options:
     """Typed options for ``prims``: the given ones checked, the backend's defaults filled in.
 
     Unknown names, names this backend does not take, non-positive or non-int
     sizes and an unknown ``search`` raise, naming the allowed ones.
     """
-    if isinstance(options, Options):
-        options = {k: v for k, v in options._asdict().items() if v is not None}
     allowed = {"search": "auto", **prims.options}
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -1,10 +1,14 @@
-"""A batch's codes written a row block at a time, held once (docs/design.md, "Memory model")."""
+"""A batch's codes from its row blocks: held once without autograd, concatenated with it (docs/design.md, "Memory model")."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from ..codes import SparseCodes
 
-__all__ = ["RowWriter"]
+__all__ = ["RowWriter", "codes_of_blocks", "concatenate"]
 
 
 class RowWriter:
@@ -51,3 +55,38 @@ class RowWriter:
         C = max(int(vs.max()) if vs.numel() else 0, 1)
         D = None if self.no_distances else vD[:, :C]
         return SparseCodes(vi[:, :C], vz[:, :C], vs, self.K, distances=D)
+
+
+def concatenate(blocks, K: int) -> SparseCodes:
+    """One :class:`SparseCodes` from row blocks' (values, indices, support_size, D or None), differentiably."""
+    C = max(b[0].shape[1] for b in blocks)
+
+    def cat(i):
+        if blocks[0][i] is None:
+            return None
+        return torch.cat(
+            [torch.nn.functional.pad(b[i], (0, C - b[i].shape[1])) if i != 2 else b[i] for b in blocks]
+        )
+
+    z, idx, size, D = (cat(i) for i in range(4))
+    return SparseCodes(idx, z, size, K, distances=D)
+
+
+def codes_of_blocks(
+    blocks: list[slice], encode_block: Callable, n_rows: int, K: int, keep_graph: bool
+) -> SparseCodes:
+    """The codes of ``n_rows`` rows, ``encode_block(rows)`` giving (values, indices, support_size, D or None).
+
+    One block (or none: zero rows): its codes.  Several: concatenated when
+    ``keep_graph`` (autograd needs every block's tensors), otherwise written
+    into a :class:`RowWriter`, so the codes are held once.
+    """
+    if len(blocks) <= 1:
+        z, idx, size, D = encode_block(slice(0, n_rows))
+        return SparseCodes(idx, z, size, K, distances=D)
+    if keep_graph:
+        return concatenate([encode_block(rs) for rs in blocks], K)
+    out = RowWriter(n_rows, K)
+    for rs in blocks:
+        out.add(*encode_block(rs))
+    return out.codes()
