@@ -28,8 +28,6 @@ dead latents SpaDE 1.2–7.4%, TopK 0.8–89.5%, JumpReLU 31–82%.
 
 from __future__ import annotations
 
-import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -38,25 +36,20 @@ import paper_separability as common
 import torch
 from torch import nn
 
-POS = ["DET", "ADJ", "NOUN", "VERB", "ADV", "PREP", "PRON", "CONJ"]
-#: Words per POS; the six words listed under both NOUN and VERB are one token each.
-AMBIGUOUS = ["run", "watch", "light", "play", "walk", "fly"]
-WORDS = {
-    "DET": ["the", "a", "this", "that", "every", "some", "no", "my"],
-    "ADJ": ["red", "small", "old", "quiet", "bright", "heavy", "young", "cold", "happy", "green",
-            "tall", "empty", "strange", "soft", "late", "wild"],
-    "NOUN": ["dog", "cat", "river", "house", "child", "teacher", "garden", "letter", "song", "city",
-             "window", "tree", "book", "road", "storm", "friend", "stone", "boat", "market", "horse",
-             *AMBIGUOUS],
-    "VERB": ["sees", "finds", "likes", "builds", "follows", "reads", "carries", "hears", "paints",
-             "opens", "leaves", "keeps", "sings", "wants", *AMBIGUOUS],
-    "ADV": ["quickly", "slowly", "often", "never", "quietly", "always", "badly", "gladly", "again"],
-    "PREP": ["in", "on", "near", "under", "with", "behind", "over", "across"],
-    "PRON": ["he", "she", "it", "they", "we", "you", "someone", "nobody"],
-    "CONJ": ["and", "but", "or", "while"],
-}  # fmt: skip
-SPECIAL = ["<bos>", "<eos>", "<pad>"]
-BOS, EOS, PAD = 0, 1, 2
+from spade_kernels.sae.formal_language import (  # the grammar and the transformer live in the package
+    AMBIGUOUS,
+    MODEL,
+    PAD,
+    POS,
+    TinyLM,
+    corpus,
+    next_token_loss,
+    pad_rows,
+    statistics_mean,
+    train_lm,
+    vocabulary,
+)
+
 #: Sparsity knobs at d = 128, width 256, six levels each so that every model spans L0 ≈ 2 … 30
 #: (TopK's k as the paper's, 64 down to 2); chosen from calibration runs at 10,000 sentences.
 #: JumpReLU is swept over its initial threshold θ₀ (bandwidth θ₀, β = 0.1): over β alone
@@ -76,136 +69,6 @@ PAPER = {
            "topk": [0.67, 0.80]},
     "dead_pct": {"spade": [1.2, 7.4], "topk": [0.8, 89.5], "jumprelu": [31.0, 82.0]},
 }  # fmt: skip
-MODEL = {"d_model": 128, "heads": 4, "layers": 2, "d_ff": 256, "max_len": 48}
-
-
-def vocabulary() -> list[str]:
-    """Token strings: the special tokens, then every word once (the ambiguous ones once)."""
-    words = [w for pos in POS for w in WORDS[pos]]
-    return SPECIAL + list(dict.fromkeys(words))
-
-
-#: The PCFG's rules: symbol → ((probability, body), …); a body's symbols are rules or POS.
-RULES = {
-    "S": ((0.85, ("NP", "VP")), (0.15, ("S", "CONJ", "S"))),
-    "NP": ((0.35, ("DET", "NOUN")), (0.25, ("DET", "ADJ", "NOUN")), (0.05, ("DET", "ADJ", "ADJ", "NOUN")),
-           (0.2, ("PRON",)), (0.15, ("NP", "PP"))),
-    "VP": ((0.35, ("VERB", "NP")), (0.15, ("VERB",)), (0.15, ("VERB", "NP", "PP")), (0.15, ("VERB", "ADV")),
-           (0.1, ("ADV", "VERB", "NP")), (0.1, ("VERB", "PP"))),
-    "PP": ((1.0, ("PREP", "NP")),),
-}  # fmt: skip
-
-
-class Grammar:
-    """The PCFG: ``sentence()`` returns (word, POS) pairs.
-
-    S → NP VP (0.85) | S CONJ S (0.15);
-    NP → DET N (0.35) | DET ADJ N (0.25) | DET ADJ ADJ N (0.05) | PRON (0.2) | NP PP (0.15);
-    VP → V NP (0.35) | V (0.15) | V NP PP (0.15) | V ADV (0.15) | ADV V NP (0.1) | V PP (0.1);
-    PP → PREP NP.  Self-recursive rules (S → S CONJ S, NP → NP PP) are off below ``max_depth``; words are uniform within a POS.
-    """
-
-    def __init__(self, seed: int, max_depth: int = 3) -> None:
-        self.rng, self.max_depth = random.Random(seed), max_depth
-
-    def expand(self, symbol: str, depth: int) -> list[tuple[str, str]]:
-        if symbol in WORDS:
-            return [(self.rng.choice(WORDS[symbol]), symbol)]
-        rules = RULES[symbol]
-        if depth >= self.max_depth:  # no rule that rewrites the symbol into itself, renormalised
-            rules = [r for r in rules if symbol not in r[1]]
-        weights, bodies = zip(*rules)
-        body = self.rng.choices(bodies, weights=weights)[0]
-        return [pair for part in body for pair in self.expand(part, depth + 1)]
-
-    def sentence(self) -> list[tuple[str, str]]:
-        return self.expand("S", 0)
-
-
-def corpus(n: int, seed: int, max_len: int) -> tuple[list[list[int]], list[list[int]]]:
-    """``n`` sentences as token ids (with <bos>/<eos>) and POS ids (−1 for the special tokens)."""
-    index = {w: i for i, w in enumerate(vocabulary())}
-    grammar = Grammar(seed)
-    tokens, tags = [], []
-    while len(tokens) < n:
-        pairs = grammar.sentence()
-        if len(pairs) + 2 > max_len:
-            continue
-        tokens.append([BOS, *(index[w] for w, _ in pairs), EOS])
-        tags.append([-1, *(POS.index(p) for _, p in pairs), -1])
-    return tokens, tags
-
-
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(map(len, rows))
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
-
-
-class TinyLM(nn.Module):
-    """A causal pre-norm transformer: token and position embeddings, ``layers`` blocks, a linear head."""
-
-    def __init__(self, vocab: int, d_model: int, heads: int, layers: int, d_ff: int, max_len: int) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(max_len, d_model)
-        block = nn.TransformerEncoderLayer(
-            d_model, heads, d_ff, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.ModuleList([_clone(block) for _ in range(layers)])
-        self.norm, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab)
-
-    def forward(self, ids: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab); with ``upto`` the residual stream after that many blocks instead."""
-        T = ids.shape[1]
-        h = self.tok(ids) + self.pos(torch.arange(T, device=ids.device))
-        mask = nn.Transformer.generate_square_subsequent_mask(T, device=ids.device)
-        for i, block in enumerate(self.blocks):
-            if upto is not None and i == upto:
-                return h
-            h = block(h, src_mask=mask, is_causal=True)
-        return h if upto == len(self.blocks) else self.head(self.norm(h))
-
-
-def _clone(module: nn.Module) -> nn.Module:
-    import copy
-
-    fresh = copy.deepcopy(module)
-    for m in fresh.modules():
-        if hasattr(m, "reset_parameters") and m is not fresh:
-            m.reset_parameters()
-    return fresh
-
-
-def train_lm(
-    tokens: list[list[int]], steps: int, batch: int, seed: int, log=print
-) -> tuple[TinyLM, list[float]]:
-    """Next-token prediction with AdamW (lr 3e-3, cosine to 3e-5, clip 1.0); returns the model and its losses."""
-    torch.manual_seed(seed)
-    model = TinyLM(len(vocabulary()), **MODEL)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = 3e-5 + 0.5 * (3e-3 - 3e-5) * (1 + math.cos(math.pi * step / max(1, steps - 1)))
-        pick = torch.randint(len(tokens), (batch,), generator=gen).tolist()
-        ids = _pad([tokens[i] for i in pick], PAD)
-        logits = model(ids[:, :-1])
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % max(1, steps // 5) == 0:
-            log(f"transformer step {step + 1}/{steps}: next-token loss {statistics_mean(losses[-50:]):.3f}")
-    return model.eval(), losses
-
-
-def statistics_mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 @torch.no_grad()
@@ -215,25 +78,13 @@ def activations(
     """The residual stream after ``layer`` blocks at every word token (not <bos>/<eos>), and its POS."""
     xs, ys = [], []
     for start in range(0, len(tokens), batch):
-        ids = _pad(tokens[start : start + batch], PAD)
-        pos = _pad(tags[start : start + batch], -1)
+        ids = pad_rows(tokens[start : start + batch], PAD)
+        pos = pad_rows(tags[start : start + batch], -1)
         h = model(ids, upto=layer)
         keep = pos >= 0
         xs.append(h[keep])
         ys.append(pos[keep])
     return torch.cat(xs), torch.cat(ys)
-
-
-@torch.no_grad()
-def next_token_loss(model: TinyLM, tokens, batch: int = 512) -> float:
-    total = count = 0.0
-    for start in range(0, len(tokens), batch):
-        ids = _pad(tokens[start : start + batch], PAD)
-        logits = model(ids[:, :-1])
-        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                   ignore_index=PAD, reduction="sum"))  # fmt: skip
-        count += float((ids[:, 1:] != PAD).sum())
-    return total / count
 
 
 @torch.no_grad()

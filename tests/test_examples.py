@@ -244,25 +244,6 @@ def test_paper_experiments_run_one_setting_under_another_name(tmp_path):
         paper_separability.main(["--setting", "99", "--out", str(tmp_path)])
 
 
-def test_the_formal_language_grammar_and_its_labels():
-    tokens, tags = paper_formal_language.corpus(500, seed=0, max_len=48)
-    vocab = paper_formal_language.vocabulary()
-    pos = paper_formal_language.POS
-    assert len(tokens) == 500 and all(len(t) == len(g) <= 48 for t, g in zip(tokens, tags))
-    seen = set()
-    for t, g in zip(tokens, tags):
-        assert t[0] == paper_formal_language.BOS and t[-1] == paper_formal_language.EOS
-        assert g[0] == g[-1] == -1 and all(p >= 0 for p in g[1:-1])
-        for i, p in zip(t[1:-1], g[1:-1]):
-            assert vocab[i] in paper_formal_language.WORDS[pos[p]]  # every word carries its own POS
-            seen.add((vocab[i], pos[p]))
-        assert pos[g[1]] in ("DET", "PRON", "ADJ", "NOUN")  # a sentence opens with a noun phrase
-    # The ambiguous words occur both as nouns and as verbs: POS is a matter of context.
-    both = {w for w in paper_formal_language.AMBIGUOUS if (w, "NOUN") in seen and (w, "VERB") in seen}
-    assert len(both) >= 4
-    assert {p for _, p in seen} == set(pos)
-
-
 def test_the_formal_language_transformer_learns_and_gives_activations():
     tokens, tags = paper_formal_language.corpus(400, seed=1, max_len=48)
     model, losses = paper_formal_language.train_lm(tokens, 60, 32, seed=0, log=lambda *a: None)

@@ -6,6 +6,8 @@
     spade-kernels train --dataset separability
     spade-kernels train --data activations.pt --d-sae 16384 --out runs/my-sae
     spade-kernels bench --quick --out bench-results
+    spade-kernels cache --model DIR --hook blocks.0 --text corpus.txt --out acts
+    spade-kernels eval runs/my-sae --model DIR --hook blocks.0 --text held_out.txt
 """
 
 from __future__ import annotations
@@ -234,21 +236,84 @@ def _build_parser() -> argparse.ArgumentParser:
     add_arguments(bench)
     ev = sub.add_parser(
         "eval",
-        help="evaluate a checkpoint on activations: FVU, L0, dead latents, firing frequencies (JSON + PNG)",
-        description="Evaluate a save_pretrained checkpoint on raw activations (the scale it takes).",
+        help="evaluate a checkpoint: FVU, L0, dead latents, firing frequencies; with --model, the LM's loss "
+        "with the SAE spliced in (JSON + PNG)",
+        description="Evaluate a save_pretrained checkpoint on raw activations (the scale it takes): from --data, "
+        "or from a causal LM's --hook over --text, where the LM's next-token loss is also measured clean, with "
+        "the SAE's reconstruction spliced in and zero-ablated (loss recovered, KL).",
     )
     ev.add_argument("checkpoint", type=Path, help="checkpoint directory (or its cfg.json)")
-    ev.add_argument(
+    ev_source = ev.add_mutually_exclusive_group(required=True)
+    ev_source.add_argument(
         "--data",
         type=Path,
-        required=True,
         metavar="PATH",
         help="activation file, shape (..., d), or a directory of them (shards read one at a time)",
+    )
+    ev_source.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="a causal LM: a Hugging Face name or directory, or a formal-language model directory "
+        "(python -m spade_kernels.sae.formal_language); needs --hook and --text",
+    )
+    ev.add_argument(
+        "--hook", metavar="MODULE", help="with --model: the module whose output the SAE reconstructs"
+    )
+    ev.add_argument("--text", type=Path, metavar="PATH", help="with --model: .txt/.jsonl file or directory")
+    ev.add_argument(
+        "--context",
+        type=_positive(int),
+        help="with --model: tokens per window (default 128 or the model's limit)",
+    )
+    ev.add_argument(
+        "--max-tokens", type=_positive(int), default=32768, help="with --model: rows to score (default 32768)"
     )
     ev.add_argument("--out", type=Path, help="JSON report (default CHECKPOINT/eval.json; the PNG beside it)")
     ev.add_argument("--batch-size", type=_positive(int), default=4096, help="rows per batch (default 4096)")
     ev.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="encoder backend")
     ev.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    cache = sub.add_parser(
+        "cache",
+        help="write a language model's activations at a hook over a corpus, as shards train --data reads",
+        description="Run a model over a text corpus and write its activations at --hook (every token but special "
+        "tokens and padding) to shard files in --out, a shard at a time; run the same command again to resume.",
+    )
+    cache.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="a Hugging Face name or directory, or a formal-language model directory",
+    )
+    cache.add_argument(
+        "--hook", required=True, metavar="MODULE", help="module whose output is cached (dotted name)"
+    )
+    cache.add_argument(
+        "--text",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="one document per line (.txt), JSON lines with a text field (.jsonl), or a directory of them",
+    )
+    cache.add_argument("--out", type=Path, required=True, metavar="DIR", help="shard directory (resumable)")
+    cache.add_argument(
+        "--context",
+        type=_positive(int),
+        help="tokens per window (default 128, or the model's limit if smaller)",
+    )
+    cache.add_argument(
+        "--batch-size", type=_positive(int), default=32, help="windows per forward (default 32)"
+    )
+    cache.add_argument(
+        "--shard-rows", type=_positive(int), default=65536, help="rows per shard (default 65536)"
+    )
+    cache.add_argument("--max-tokens", type=_positive(int), help="stop after this many rows (default: all)")
+    cache.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="stored dtype (float32)",
+    )
+    cache.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     return parser
 
 
@@ -260,6 +325,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     folder = args.checkpoint.parent if args.checkpoint.name == "cfg.json" else args.checkpoint
     out = args.out or folder / "eval.json"
+    if args.model is not None and (args.hook is None or args.text is None):
+        return _error("--model needs --hook and --text")
+    if args.model is None and (args.hook is not None or args.text is not None):
+        return _error("--hook and --text go with --model")
     try:
         read_checkpoint(args.checkpoint)  # cfg.json and the weights' header: nothing loaded yet
     except (FileNotFoundError, ValueError) as exc:
@@ -271,21 +340,38 @@ def _eval(args: argparse.Namespace) -> int:
     if problem is not None:
         return _error(f"--out {os.fspath(out)}: {problem}")
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available")
+        device = _device(args)
         layer = SpaDE.from_pretrained(args.checkpoint, device=device, backend=args.backend)
-        x = open_activations(args.data)
+        lm_metrics = None
+        if args.model is not None:
+            from .lm import load_language_model, spliced_losses
+
+            lm = load_language_model(args.model, device=device, causal=True)
+            lm_metrics, x = spliced_losses(
+                lm,
+                args.hook,
+                lambda rows: layer.decode(layer.encode_sparse(rows.to(layer.prototypes.dtype))),
+                args.text,
+                context=args.context,
+                max_rows=args.max_tokens,
+                log=lambda m: print(m, file=sys.stderr, flush=True),
+            )
+            source = f"{args.model} at {args.hook} over {os.fspath(args.text)}"
+        else:
+            x = open_activations(args.data)
+            source = os.fspath(args.data)
         if x.shape[1] != layer.d_in:
-            raise ValueError(f"{args.data} has d = {x.shape[1]} but the checkpoint takes d_in = {layer.d_in}")
+            raise ValueError(f"{source} has d = {x.shape[1]} but the checkpoint takes d_in = {layer.d_in}")
         # The rule train applies to its data: finite rows, and (float32 layers) a scale they can encode.
-        summary = scan_rows(x, name=os.fspath(args.data))
+        summary = scan_rows(x, name=source)
         if layer.prototypes.dtype != torch.float64:
-            check_raw_scale(summary, os.fspath(args.data))
+            check_raw_scale(summary, source)
         metrics = evaluate_checkpoint(layer, x, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return _error(str(exc))
-    metrics["checkpoint"], metrics["data"] = os.fspath(args.checkpoint), os.fspath(args.data)
+    metrics["checkpoint"], metrics["data"] = os.fspath(args.checkpoint), source
+    if lm_metrics is not None:
+        metrics["language_model"] = {"model": args.model, "hook": args.hook, "text": os.fspath(args.text), **lm_metrics}  # fmt: skip
     png = out.with_suffix(".png")
     try:
         out.write_text(json.dumps(metrics, indent=1) + "\n")
@@ -296,7 +382,43 @@ def _eval(args: argparse.Namespace) -> int:
         f"on raw activations (the scale the checkpoint takes): FVU {metrics['fvu']:.4g}  MSE {metrics['mse']:.4g}  "
         f"L0 {metrics['l0_mean']:.2f}  dead {metrics['dead_latents']}/{metrics['d_sae']}  λ {metrics['lambda']:.4g}"
     )
+    if lm_metrics is not None:
+        m = lm_metrics
+        print(
+            f"next-token loss over {m['scored_tokens']} tokens: clean {m['ce_loss_clean']:.4f}  spliced "
+            f"{m['ce_loss_spliced']:.4f}  zero-ablated {m['ce_loss_zero_ablated']:.4f}  loss recovered "
+            f"{m['ce_loss_recovered']:.4f}  KL {m['kl_div_spliced']:.4g}"
+        )
     print(f"wrote {os.fspath(out)}" + (f" and {os.fspath(png)}" if drawn else ""))
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .lm import cache_activations, load_language_model
+
+    try:
+        device = _device(args)
+        if not args.text.exists():
+            raise FileNotFoundError(f"--text {os.fspath(args.text)}: no such file or directory")
+        problem = _unwritable(args.out)
+        if problem is not None:
+            raise ValueError(f"--out {os.fspath(args.out)}: {problem}")
+        lm = load_language_model(args.model, device=device)
+        cache_activations(
+            lm,
+            args.hook,
+            args.text,
+            args.out,
+            context=args.context,
+            batch_size=args.batch_size,
+            shard_rows=args.shard_rows,
+            max_rows=args.max_tokens,
+            dtype=getattr(torch, args.dtype),
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        return _error(str(exc))
+    print(f"train on it with: {PROG} train --data {os.fspath(args.out)}")
     return 0
 
 
@@ -1366,6 +1488,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_from_args(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "cache":
+            return _cache(args)
         if args.nproc_per_node and args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
             return _launch(args, argv)
         return _train(args)
