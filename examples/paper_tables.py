@@ -1,9 +1,10 @@
-"""The tables "paper vs this package" of docs/paper.md, generated from the experiments' JSON results.
+"""The tables "paper vs this package" of docs/paper.md (and docs/language_models.md's), from the JSON results.
 
 Reads ``examples/results/separability.json``, ``heterogeneity.json``,
 ``formal_language.json`` (and the runs at larger sizes when present:
 ``separability_full.json``, ``heterogeneity_1m.json``, ``heterogeneity_full.json``; and
-SpaDE's γ sweeps ``*_gamma.json``) and rewrites docs/paper.md between the markers
+SpaDE's γ sweeps ``*_gamma.json``; ``formal_language_ce.json`` goes to
+docs/language_models.md) and rewrites the pages between the markers
 ``<!-- paper-table:NAME -->`` and ``<!-- /paper-table:NAME -->``.  ``--check``
 only compares (CI: the tables are never stale).
 
@@ -238,11 +239,43 @@ def tables() -> dict[str, str]:
     gamma = {n: r for n in GAMMA_RUNS if (r := _load(n)) is not None}
     if gamma:
         out["spade_gamma"] = spade_gamma(gamma)
+    ce = _load("formal_language_ce")
+    if ce is not None:
+        out["formal_language_ce"] = formal_language_ce(ce)
     return out
 
 
-def render(page: str) -> str:
+#: The page of each table that is not on docs/paper.md.
+PAGES = {"formal_language_ce": "language_models.md"}
+
+
+def formal_language_ce(result: dict) -> str:
+    """SpaDE and TopK at matched L0 spliced into the formal-language transformer (sparse → dense)."""
+    cfg = result["config"]
+    lines = [
+        f"Hook `{cfg['hook']}`, width {cfg['width']}, {cfg['train_rows']:,} training rows from "
+        f"{cfg['corpus_sentences']:,} sentences, batch {cfg['batch_size']}; losses on {cfg['held_out']} "
+        f"(clean next-token loss {result['rows'][0]['spade']['ce_loss_clean']:.4f} nats; the transformer trained "
+        f"{cfg['lm_steps']} steps). {_command(result)}, {_minutes(result)} on a 2-core CPU.",
+        "",
+        "| SAE | setting | L0 | FVU | dead latents | loss spliced | loss zero-ablated | loss recovered | KL |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(result["rows"], key=lambda r: r["spade"]["l0_mean"]):
+        for kind, setting in (("spade", f"λ₀ = {row['lambda_init']:g}"), ("topk", f"k = {row['topk']['k']}")):
+            m = row[kind]
+            lines.append(
+                f"| {NAMES[kind]} | {setting} | {m['l0_mean']:.2f} | {m['fvu']:.4f} | {m['dead_latents']} | "
+                f"{m['ce_loss_spliced']:.4f} | {m['ce_loss_zero_ablated']:.4f} | {m['ce_loss_recovered']:.4f} | "
+                f"{m['kl_div_spliced']:.4f} |"
+            )
+    return "\n".join(lines)
+
+
+def render(page: str, names=None) -> str:
     for name, body in tables().items():
+        if names is not None and name not in names:
+            continue
         pattern = re.compile(rf"(<!-- paper-table:{name} -->\n).*?(<!-- /paper-table:{name} -->)", re.S)
         if not pattern.search(page):
             raise SystemExit(
@@ -255,19 +288,31 @@ def render(page: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="exit 1 if the page is not up to date")
-    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "paper.md")
+    p.add_argument(
+        "--doc", type=Path, help="one page to fill with every table (default: each table's own page)"
+    )
     args = p.parse_args(argv)
-    text = args.doc.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print(f"{args.doc}: the paper tables are stale; run python examples/paper_tables.py")
-            return 1
-        print(f"{args.doc}: paper tables up to date")
-        return 0
-    args.doc.write_text(new)
-    print(f"wrote the paper tables into {args.doc}")
-    return 0
+    if args.doc is not None:
+        pages = {args.doc: None}
+    else:
+        docs, names = ROOT / "docs", set(tables())
+        pages = {docs / "paper.md": names - set(PAGES)}
+        for name, page in PAGES.items():
+            pages.setdefault(docs / page, set()).add(name)
+    stale = 0
+    for doc, names in pages.items():
+        text = doc.read_text()
+        new = render(text, names)
+        if args.check:
+            if new != text:
+                print(f"{doc}: the paper tables are stale; run python examples/paper_tables.py")
+                stale = 1
+            else:
+                print(f"{doc}: paper tables up to date")
+        else:
+            doc.write_text(new)
+            print(f"wrote the paper tables into {doc}")
+    return stale
 
 
 if __name__ == "__main__":

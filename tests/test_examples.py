@@ -300,6 +300,36 @@ def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monke
         paper_tables.main(["--doc", str(readme)])
 
 
+def test_formal_language_ce_and_its_table(tmp_path, monkeypatch):
+    import formal_language_ce
+    import paper_tables
+
+    out = tmp_path / "results"
+    out.mkdir()
+    args = ["--work", str(tmp_path / "work"), "--lm-steps", "5", "--sentences", "60"]
+    assert formal_language_ce.main([*args, "--out", str(out / "formal_language_ce.json")]) == 0
+    result = json.loads((out / "formal_language_ce.json").read_text())
+    assert [r["lambda_init"] for r in result["rows"]] == formal_language_ce.LAMBDAS
+    for row in result["rows"]:
+        spade, topk = row["spade"], row["topk"]
+        # TopK's k is the tried one whose L0 came closest to SpaDE's.
+        assert topk["k"] == min(topk["k_tried"], key=lambda t: abs(t["l0"] - spade["l0_mean"]))["k"]
+        for m in (spade, topk):
+            assert m["ce_loss_clean"] == result["rows"][0]["spade"]["ce_loss_clean"]
+            want = (m["ce_loss_zero_ablated"] - m["ce_loss_spliced"]) / (
+                m["ce_loss_zero_ablated"] - m["ce_loss_clean"]
+            )
+            assert m["ce_loss_recovered"] == pytest.approx(want)
+    monkeypatch.setattr(paper_tables, "RESULTS", out)
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- paper-table:formal_language_ce -->\nold\n<!-- /paper-table:formal_language_ce -->\n"
+    )
+    assert paper_tables.main(["--doc", str(page)]) == 0
+    text = page.read_text()
+    assert "old" not in text and text.count("| SpaDE | λ₀ = ") == 3 and text.count("| TopK | k = ") == 3
+
+
 def test_paper_scores_best_latent_and_top_group_f1():
     # Concept 0 is split between latents 0 and 1 (half its rows each), concept 1 owns latent 2;
     # latent 3 fires on everything, latent 4 never (dead).

@@ -146,6 +146,14 @@ def test_cache_resumes_where_it_stopped(model_dir, tmp_path, monkeypatch):
     # Other settings in the same directory are refused, naming them.
     with pytest.raises(ValueError, match=r"other settings \(shard_rows"):
         cache_activations(lm, "blocks.0", text, stopped, shard_rows=100, batch_size=8, log=lambda m: None)
+    # So is a corpus that changed since (documents are skipped by count).
+    copy = tmp_path / "corpus.txt"
+    copy.write_text(text.read_text())
+    cache_activations(lm, "blocks.0", copy, tmp_path / "c", max_rows=50, log=lambda m: None)
+    with open(copy, "a") as f:
+        f.write("the dog sees a cat\n")
+    with pytest.raises(ValueError, match=r"other settings \(text_bytes"):
+        cache_activations(lm, "blocks.0", copy, tmp_path / "c", max_rows=50, log=lambda m: None)
 
 
 def test_cache_max_tokens_dtype_and_refusals(model_dir, tmp_path):

@@ -89,7 +89,9 @@ class LanguageModel:
         return [self.frame(ids[i : i + width]) for i in range(0, len(ids), width)]
 
 
-def load_language_model(spec: str | os.PathLike, *, device: torch.device, causal: bool = False) -> LanguageModel:
+def load_language_model(
+    spec: str | os.PathLike, *, device: torch.device, causal: bool = False
+) -> LanguageModel:
     """The model ``spec`` names (see the module docstring), in eval mode on ``device``.
 
     ``causal`` asks for a causal LM head (``AutoModelForCausalLM``); without
@@ -183,6 +185,13 @@ def _framing(tok) -> Callable[[list[int]], list[int]]:
             before, after = list(full[:i]), list(full[i + len(bare) :])
             return lambda ids: [*before, *ids, *after]
     raise ValueError(f"{type(tok).__name__}: cannot tell where its special tokens go around a text")
+
+
+def _text_bytes(path: str | os.PathLike) -> int:
+    """The corpus's size: a resumed cache refuses a corpus that changed (it skips documents by count)."""
+    path = Path(path)
+    files = [p for p in path.iterdir() if p.suffix.lower() in (".txt", ".jsonl")] if path.is_dir() else [path]
+    return sum(p.stat().st_size for p in files if p.is_file())
 
 
 def read_texts(path: str | os.PathLike, skip: int = 0) -> Iterator[str]:
@@ -356,7 +365,7 @@ def cache_activations(
     module = lm.hook_module(hook)
     out = Path(out)
     settings = {
-        "model": lm.name, "hook": hook, "text": os.fspath(texts), "context": context,
+        "model": lm.name, "hook": hook, "text": os.fspath(texts), "text_bytes": _text_bytes(texts), "context": context,
         "batch_size": batch_size, "shard_rows": shard_rows, "max_tokens": max_rows,
         "dtype": str(dtype).removeprefix("torch."),
     }  # fmt: skip
