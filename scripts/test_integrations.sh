@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/test_sae_lens.sh "$@"
+bash scripts/test_saebench.sh "$@"
 bash scripts/test_dictionary_learning.sh "$@"
 bash scripts/test_overcomplete.sh "$@"

@@ -3,13 +3,18 @@
 Needs sae-lens, which the main environment does not install: run
 ``scripts/test_sae_lens.sh`` (its own venv).  Everything is offline: random
 activations, SAELens's own trainer, saver and loader, a randomly initialised
-TransformerLens model.
+TransformerLens model, and for the command line a randomly initialised
+Hugging Face GPT-2 and a text dataset written to a temporary directory.
 """
 
 import copy
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -566,3 +571,314 @@ def test_saelens_trainer_with_autocast(backend, tmp_path):
     assert math.isfinite(after) and after < 0.7 * before, (before, after)
     for p in sae.parameters():
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
+
+
+# -- W_enc / b_enc: the encoder read as a linear map ------------------------------------
+
+
+@pytest.mark.parametrize("cls", [sl.SpaDESAE, sl.SpaDETrainingSAE])
+def test_w_enc_and_b_enc_give_the_codes_exactly(cls):
+    """codes = sparsemax(sae_in @ W_enc + b_enc), scores = that − λ‖sae_in‖², with b_dec applied."""
+    cfg_cls = sl.SpaDESAEConfig if cls is sl.SpaDESAE else sl.SpaDETrainingSAEConfig
+    sae = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, use_bias=True, apply_b_dec_to_input=True, dtype="float64"))
+    _randomise(sae)
+    A, lam = sae.prototypes.detach(), sae.lam.detach()
+    assert sae.W_enc.shape == (D_IN, D_SAE) and sae.b_enc.shape == (D_SAE,)
+    torch.testing.assert_close(sae.W_enc, 2 * lam * A.T)
+    torch.testing.assert_close(sae.b_enc, -lam * (A**2).sum(-1))
+    x = torch.randn(3, 5, D_IN, dtype=torch.float64)
+    sae_in = x - sae.b_dec.detach()
+    linear = sae_in @ sae.W_enc + sae.b_enc
+    torch.testing.assert_close(sae.encode(x), sk.sparsemax(linear))
+    scores = -lam * ((sae_in[..., None, :] - A) ** 2).sum(-1)
+    torch.testing.assert_close(scores, linear - lam * (sae_in**2).sum(-1, keepdim=True))
+    # Differentiable in the prototypes and λ.
+    (sae.W_enc.sum() + sae.b_enc.sum()).backward()
+    assert sae.spade.prototypes.grad.abs().sum() > 0 and sae.spade.lambda_raw.grad.abs() > 0
+
+
+def test_w_enc_is_read_only_and_not_saved(tmp_path):
+    sae = sl.SpaDESAE(sl.SpaDESAEConfig(d_in=D_IN, d_sae=D_SAE))
+    before = _params(sae)
+    with pytest.raises(AttributeError, match="computed from the prototypes"):
+        sae.W_enc = torch.zeros(D_IN, D_SAE)
+    with pytest.raises(AttributeError, match="computed from the prototypes"):
+        sae.b_enc = torch.zeros(D_SAE)
+    with pytest.raises(KeyError, match="already exists"):  # nn.Module's own refusal for a Parameter
+        sae.W_enc = torch.nn.Parameter(torch.zeros(D_IN, D_SAE))
+    with torch.no_grad():
+        sae.W_enc.mul_(0.0)  # writing into the computed tensor changes nothing
+    for name, value in _params(sae).items():
+        assert torch.equal(value, before[name]), name
+    assert not {"W_enc", "b_enc", "spade.W_enc", "spade.b_enc"} & set(sae.state_dict())
+    sae.save_model(tmp_path)
+    assert set(load_file(tmp_path / "sae_weights.safetensors")) == {"prototypes", "W_dec", "lambda_raw"}
+    half = SAE.load_from_disk(tmp_path, dtype="bfloat16")
+    assert half.W_enc.dtype == half.b_enc.dtype == torch.bfloat16
+
+
+def test_saelens_featurewise_weight_metrics():
+    """SAELens's own feature-wise metrics (which read W_enc and b_enc) on a SpaDE SAE."""
+    from sae_lens.evals import get_featurewise_weight_based_metrics
+
+    sae = sl.SpaDESAE(sl.SpaDESAEConfig(d_in=D_IN, d_sae=D_SAE, dtype="float64"))
+    _randomise(sae)
+    metrics = get_featurewise_weight_based_metrics(sae)
+    A, W_dec, lam = sae.prototypes.detach(), sae.W_dec.detach(), sae.lam.detach()
+    cos = (A * W_dec).sum(-1) / (A.norm(dim=-1) * W_dec.norm(dim=-1))
+    assert metrics["encoder_decoder_cosine_sim"] == pytest.approx(cos.tolist())
+    assert metrics["encoder_norm"] == pytest.approx((2 * lam * A.norm(dim=-1)).tolist())
+    assert metrics["encoder_bias"] == pytest.approx((-lam * A.norm(dim=-1) ** 2).tolist())
+
+
+# -- loading in a fresh process: KeyError: 'spade' --------------------------------------
+
+
+def _subprocess_env() -> dict[str, str]:
+    """No network, one thread, this checkout importable."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}",
+    }
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_saved_configs_say_how_to_load(tmp_path):
+    """Every cfg.json SAELens writes for "spade" names the import that registers it; SAELens ignores the key."""
+    cfg = sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, gamma_reg=0.2)
+    sae = sl.SpaDETrainingSAE(cfg)
+    assert sl.IMPORT_LINE == "import spade_kernels.sae.integrations.sae_lens"
+    assert sl.IMPORT_LINE in sl.HOW_TO_LOAD and "KeyError: 'spade'" in sl.HOW_TO_LOAD
+    for save, loader, cls in (
+        (sae.save_model, TrainingSAE, sl.SpaDETrainingSAE),
+        (sae.save_inference_model, SAE, sl.SpaDESAE),
+    ):
+        path = tmp_path / save.__name__
+        save(path)
+        on_disk = json.loads((path / "cfg.json").read_text())
+        assert on_disk["how_to_load"] == sl.HOW_TO_LOAD
+        keys = list(on_disk)
+        assert keys.index("how_to_load") == keys.index("architecture") + 1
+        assert type(loader.load_from_disk(path)) is cls
+    inference = sl.SpaDESAE(sl.SpaDESAEConfig(d_in=D_IN, d_sae=D_SAE))
+    inference.save_model(tmp_path / "inference")
+    assert json.loads((tmp_path / "inference" / "cfg.json").read_text())["how_to_load"] == sl.HOW_TO_LOAD
+    assert TrainingSAE.load_from_disk(tmp_path / "save_model").cfg.gamma_reg == 0.2
+    # The helper loads (and registers, here already done).
+    assert type(sl.load_from_disk(tmp_path / "save_inference_model")) is sl.SpaDESAE
+    assert type(sl.load_from_disk(tmp_path / "save_model", training=True)) is sl.SpaDETrainingSAE
+
+
+def test_fresh_process_without_the_import_and_with_it(tmp_path):
+    """A new interpreter: SAELens alone fails with KeyError: 'spade'; the cfg.json's
+    "how_to_load" line, executed as written, and our load_from_disk both load."""
+    sae = sl.SpaDETrainingSAE(sl.SpaDETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE))
+    _randomise(sae)
+    ckpt = tmp_path / "ckpt"
+    sae.save_model(ckpt)
+    x = torch.randn(4, D_IN)
+    torch.save(x, tmp_path / "x.pt")
+    expected = sae.encode(x)
+
+    plain = _python(
+        "import sys\n"
+        "from sae_lens import SAE\n"
+        "try:\n"
+        "    SAE.load_from_disk('ckpt')\n"
+        "except KeyError as exc:\n"
+        "    print('sae_lens alone:', repr(exc))\n"
+        "assert 'spade_kernels.sae.integrations.sae_lens' not in sys.modules\n"
+        "from spade_kernels.sae.integrations.sae_lens import load_from_disk\n"
+        "import torch\n"
+        "sae = load_from_disk('ckpt')\n"
+        "torch.save(sae.encode(torch.load('x.pt')), 'codes.pt')\n"
+        "print('helper:', type(sae).__name__, type(load_from_disk('ckpt', training=True)).__name__)\n",
+        tmp_path,
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert "sae_lens alone: KeyError('spade')" in plain.stdout
+    assert "helper: SpaDESAE SpaDETrainingSAE" in plain.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "codes.pt"), expected, rtol=0, atol=0)
+
+    hint = json.loads((ckpt / "cfg.json").read_text())["how_to_load"]
+    hinted = _python(
+        f"{hint}\nfrom sae_lens import SAE\nprint(type(SAE.load_from_disk('ckpt')).__name__)\n", tmp_path
+    )
+    assert hinted.returncode == 0, hinted.stderr
+    assert hinted.stdout.split() == ["SpaDESAE"]
+
+
+# -- command line: python -m spade_kernels.sae.integrations.sae_lens ------------------
+
+
+def test_cli_help(capsys):
+    for argv in (["--help"], []):
+        with pytest.raises(SystemExit) as exc:
+            sl.main(argv)
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(sl.CLI_DESCRIPTION)
+        assert "usage: python -m spade_kernels.sae.integrations.sae_lens" in out
+        # SAELens's own help for the runner and for the SpaDE config.
+        for flag in (
+            "--hook_name",
+            "--training_tokens",
+            "--gamma_reg",
+            "--reg_on {encoder,decoder}",
+            "--lambda_init",
+        ):
+            assert flag in out, flag
+        assert "SpaDETrainingSAEConfig" in out
+
+
+def test_cli_parse_args_is_saelens_parser_with_spade_default():
+    from sae_lens import LanguageModelSAERunnerConfig
+    from sae_lens.llm_sae_training_runner import _parse_cfg_args
+
+    argv_before = list(sys.argv)
+    args = [
+        "--d_in", "16", "--d_sae", "64", "--gamma_reg", "0.3", "--reg_on", "decoder", "--backend", "torch",
+        "--model_name", "m", "--hook_name", "blocks.0.hook_resid_post", "--dataset_path", "d", "--lr", "0.01",
+    ]  # fmt: skip
+    cfg = sl.parse_args(args)
+    assert sys.argv == argv_before
+    assert isinstance(cfg, LanguageModelSAERunnerConfig) and type(cfg.sae) is sl.SpaDETrainingSAEConfig
+    expected = LanguageModelSAERunnerConfig(
+        sae=sl.SpaDETrainingSAEConfig(d_in=16, d_sae=64, gamma_reg=0.3, reg_on="decoder", backend="torch"),
+        model_name="m",
+        hook_name="blocks.0.hook_resid_post",
+        dataset_path="d",
+        lr=0.01,
+    )
+
+    def as_dict(c):  # without checkpoint_path, which SAELens suffixes with a random id
+        d = c.to_dict()
+        assert d.pop("checkpoint_path").startswith("checkpoints/")
+        return d
+
+    assert as_dict(cfg) == as_dict(expected)
+    assert cfg.sae.lambda_init == 1 / 32  # the default follows --d_in
+    # Exactly what SAELens's parser gives once "spade" is named.
+    assert as_dict(_parse_cfg_args(["--architecture", "spade", *args])) == as_dict(cfg)
+    # Another registered architecture can still be chosen.
+    for flag in (["--architecture", "standard"], ["--architecture=standard"], ["--sae", "standard"]):
+        assert sl.parse_args([*flag, "--d_in", "16"]).sae.architecture() == "standard"
+
+
+def test_cli_refuses_bad_values(capsys):
+    assert sl.main(["--d_in", "16", "--lambda_init", "-1"]) == 2
+    assert "error: lambda_init must be a finite float > 0" in capsys.readouterr().err
+    assert sl.main(["--d_in", "16", "--normalize_activations", "covariance_whitening"]) == 2
+    assert "Mahalanobis" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's own exit for an unknown flag
+        sl.main(["--d_in", "16", "--no_such_flag", "1"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+def _tiny_hf_language_model(path: Path) -> None:
+    """A randomly initialised 1-layer GPT-2 (width D_IN) and a 32-word tokenizer, saved for from_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=32, n_positions=16, n_embd=D_IN, n_layer=1, n_head=2)
+    ).save_pretrained(path)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(32)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="w0", bos_token="w1", eos_token="w2", pad_token="w3"
+    )
+    tokenizer.save_pretrained(path)
+
+
+def _block_output(model, tokens: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, inputs, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    return seen[0].reshape(-1, D_IN)
+
+
+def test_cli_trains_end_to_end_offline(tmp_path, monkeypatch):
+    """``python -m spade_kernels.sae.integrations.sae_lens`` with SAELens's flags, in a new process:
+    a local Hugging Face model and a local text dataset, SAELens's runner, its final save."""
+    from transformers import AutoModelForCausalLM
+
+    _tiny_hf_language_model(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "text").mkdir()
+    with open(tmp_path / "text" / "train.jsonl", "w") as f:
+        for _ in range(32):
+            words = torch.randint(4, 32, (40,), generator=g).tolist()
+            f.write(json.dumps({"text": " ".join(f"w{i}" for i in words)}) + "\n")
+    steps, batch = 40, 64
+    # fmt: off
+    argv = [
+        "--model_class_name", "AutoModelForCausalLM", "--model_name", "model", "--hook_name", "transformer.h.0",
+        "--d_in", str(D_IN), "--d_sae", str(D_SAE), "--gamma_reg", "0.05", "--backend", "torch",
+        "--dataset_path", "text", "--is_dataset_tokenized", "False", "--dataset_trust_remote_code", "False",
+        "--context_size", "16", "--prepend_bos", "False",
+        "--training_tokens", str(steps * batch), "--train_batch_size_tokens", str(batch),
+        "--n_batches_in_buffer", "4", "--store_batch_size_prompts", "4", "--n_eval_batches", "1",
+        "--lr", "1e-2", "--log_to_wandb", "False", "--checkpoint_path", "checkpoints", "--output_path", "final",
+    ]
+    # fmt: on
+    run = subprocess.run(
+        [sys.executable, "-m", "spade_kernels.sae.integrations.sae_lens", *argv],
+        cwd=tmp_path,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    # The lines it prints load the SAE (run here in a namespace of their own).
+    printed = run.stdout.splitlines()
+    at = printed.index("spade SAE saved to final; load it with")
+    namespace: dict = {}
+    monkeypatch.chdir(tmp_path)
+    exec("\n".join(line.strip() for line in printed[at + 1 : at + 3]), namespace)
+    assert type(namespace["sae"]) is sl.SpaDESAE
+    assert "RuntimeWarning" not in run.stderr  # no double import of this module by ``-m``
+
+    final = tmp_path / "final"
+    assert json.loads((final / "cfg.json").read_text())["how_to_load"] == sl.HOW_TO_LOAD
+    runner_cfg = json.loads((final / "runner_cfg.json").read_text())
+    assert runner_cfg["sae"]["architecture"] == "spade" and runner_cfg["training_tokens"] == steps * batch
+    sae = SAE.load_from_disk(final)
+    assert type(sae) is sl.SpaDESAE and sae.cfg.backend == "torch"
+    assert sae.cfg.metadata.hook_name == "transformer.h.0"
+    assert sae.cfg.metadata.training_architecture_details["gamma_reg"] == 0.05
+    assert sae.cfg.lambda_init == 1 / (2 * D_IN)
+    # Trained on the model's activations: far better than a fresh SAE there.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    acts = _block_output(model, torch.randint(4, 32, (8, 16), generator=g))
+    torch.manual_seed(0)
+    fresh = sl.SpaDESAE(sl.SpaDESAEConfig(d_in=D_IN, d_sae=D_SAE))
+    with torch.no_grad():
+        trained_mse, fresh_mse = (((s(acts) - acts) ** 2).sum(-1).mean().item() for s in (sae, fresh))
+    assert trained_mse < 0.1 * fresh_mse, (trained_mse, fresh_mse)

@@ -38,15 +38,37 @@ The SAELens contract, for SpaDE:
   ``fold_W_dec_norm`` and ``fold_activation_whitening`` raise
   ``NotImplementedError`` and a training config with
   ``normalize_activations="covariance_whitening"`` is refused.
+- ``W_enc`` = 2λ·prototypesᵀ (d_in, d_sae) and ``b_enc`` = −λ·‖a_k‖² (d_sae,)
+  are read-only, computed from the weights, for tools that read a linear
+  encoder (SAEBench, SAELens's feature-wise metrics): the codes are
+  ``sparsemax(x @ W_enc + b_enc)`` (an identity, up to rounding), see
+  :attr:`SpaDESAE.W_enc`.
+
+A fresh process must import this module before SAELens can load a SpaDE
+checkpoint: without it ``SAE.load_from_disk`` / ``SAE.from_pretrained`` fail
+with SAELens's bare ``KeyError: 'spade'``.  :func:`load_from_disk` imports and
+loads in one call, and the ``cfg.json`` this module writes names the import
+under ``"how_to_load"``.
+
+Run as a program, this module is SAELens's training command line with
+``"spade"`` registered and the default architecture (see :func:`main`)::
+
+    python -m spade_kernels.sae.integrations.sae_lens --help
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import math
+import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from sae_lens.config import LanguageModelSAERunnerConfig
 from sae_lens.registry import (
     SAE_CLASS_REGISTRY,
     SAE_TRAINING_CLASS_REGISTRY,
@@ -72,14 +94,28 @@ from ._wrapped import WrappedSpaDE
 
 __all__ = [
     "ARCHITECTURE",
+    "IMPORT_LINE",
     "SpaDESAE",
     "SpaDESAEConfig",
     "SpaDETrainingSAE",
     "SpaDETrainingSAEConfig",
+    "load_from_disk",
+    "main",
+    "parse_args",
     "register",
 ]
 
 ARCHITECTURE = "spade"
+#: The import that registers ``"spade"`` with SAELens; without it, SAELens's
+#: loaders fail on a SpaDE checkpoint with ``KeyError: 'spade'``.
+IMPORT_LINE = "import spade_kernels.sae.integrations.sae_lens"
+#: Key of the ``cfg.json`` entry that says how to load the checkpoint (SAELens
+#: ignores keys that are not config fields, so it reads such files unchanged).
+HOW_TO_LOAD_KEY = "how_to_load"
+HOW_TO_LOAD = (
+    f"{IMPORT_LINE}  # registers the SAELens architecture {ARCHITECTURE!r}; without it "
+    f"SAE.load_from_disk / SAE.from_pretrained raise KeyError: {ARCHITECTURE!r}"
+)
 #: Name of the regulariser's coefficient (``get_coefficients``) and, with
 #: ``_loss`` appended, of its entry in ``TrainStepOutput.losses``.
 REG_COEFFICIENT = "dist_weighted_l1"
@@ -117,6 +153,17 @@ def _validate_spade_fields(cfg: Any, *, training: bool) -> None:
         raise TypeError(f"use_bias must be a bool, got {type(cfg.use_bias).__name__}")
 
 
+def _with_how_to_load(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with the ``"how_to_load"`` note right after ``"architecture"`` (or at the end)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        out[key] = value
+        if key == "architecture":
+            out[HOW_TO_LOAD_KEY] = HOW_TO_LOAD
+    out.setdefault(HOW_TO_LOAD_KEY, HOW_TO_LOAD)
+    return out
+
+
 @dataclass
 class SpaDESAEConfig(SAEConfig):
     """Configuration of the inference :class:`SpaDESAE`.
@@ -152,6 +199,10 @@ class SpaDESAEConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _validate_spade_fields(self, training=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """SAELens's dict (the ``cfg.json`` of ``save_model``) plus the ``"how_to_load"`` note."""
+        return _with_how_to_load(super().to_dict())
 
 
 @dataclass
@@ -194,6 +245,14 @@ class SpaDETrainingSAEConfig(TrainingSAEConfig):
         if self.normalize_activations == "covariance_whitening":
             raise ValueError(f"normalize_activations='covariance_whitening' is refused: {_WHITENING_ERROR}")
         super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        """SAELens's dict (the ``cfg.json`` of ``save_model``) plus the ``"how_to_load"`` note."""
+        return _with_how_to_load(super().to_dict())
+
+    def get_inference_sae_cfg_dict(self) -> dict[str, Any]:
+        """The inference config (the ``cfg.json`` of ``save_inference_model``) plus the ``"how_to_load"`` note."""
+        return _with_how_to_load(super().get_inference_sae_cfg_dict())
 
 
 def _hooked(hook_point: torch.nn.Module) -> bool:
@@ -250,6 +309,58 @@ class _SpaDEMixin(WrappedSpaDE):
 
     def get_activation_fn(self):
         return sk.sparsemax
+
+    # -- the encoder as a linear map (read-only) ------------------------------
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder's linear part: 2λ·prototypesᵀ, shape (d_in, d_sae); read-only.
+
+        SpaDE's score of latent k is s_k(x) = −λ‖x − a_k‖² = x·(2λ a_k) − λ‖a_k‖²
+        − λ‖x‖².  The last term is the same for every latent and sparsemax is
+        unchanged by adding a constant to all its inputs, so the codes are
+        those of a sparsemax-activated linear encoder (an identity, equal up
+        to rounding)::
+
+            encode(x) == sparsemax(sae_in @ W_enc + b_enc)
+            hidden_pre == sae_in @ W_enc + b_enc − λ·‖sae_in‖²   (per token)
+
+        with sae_in = ``process_sae_in(x)`` (x − b_dec when
+        ``apply_b_dec_to_input``).  Column k is thus the direction latent k
+        responds to, 2λ·a_k, and its norm 2λ‖a_k‖ is that latent's gain; this
+        is what tools that read ``W_enc`` (SAEBench's feature-wise metrics, its
+        absorption probe, SAELens's ``get_featurewise_weight_based_metrics``)
+        see.  Unlike a ReLU SAE's ``W_enc`` it is not a free parameter: it is
+        computed from ``prototypes`` and λ on each access (differentiably, in
+        the prototypes' dtype), it is not in the state dict, assigning to it
+        raises, and writing into the returned tensor changes nothing.
+        """
+        A = self.spade.prototypes
+        return (2 * self.spade.lam).to(A.dtype) * A.T
+
+    @W_enc.setter
+    def W_enc(self, value) -> None:
+        raise AttributeError(
+            "W_enc of a SpaDE SAE is computed from the prototypes (W_enc = 2λ·prototypes.T) and "
+            "cannot be set; change sae.spade.prototypes or sae.spade.lambda_raw instead"
+        )
+
+    @property
+    def b_enc(self) -> torch.Tensor:
+        """The encoder's per-latent offset −λ·‖a_k‖², shape (d_sae,); read-only.
+
+        The constant that, with :attr:`W_enc`, gives the codes exactly:
+        ``encode(x) == sparsemax(sae_in @ W_enc + b_enc)``.  Computed from
+        ``prototypes`` and λ on each access, as ``W_enc``.
+        """
+        A = self.spade.prototypes
+        return -self.spade.lam.to(A.dtype) * A.pow(2).sum(-1)
+
+    @b_enc.setter
+    def b_enc(self, value) -> None:
+        raise AttributeError(
+            "b_enc of a SpaDE SAE is computed from the prototypes (b_enc = −λ·‖a_k‖²) and cannot be set"
+        )
 
     def init_from_data(self, x: torch.Tensor, *, generator: torch.Generator | None = None):
         """Prototypes and W_dec = random rows of ``x`` (see :meth:`spade_kernels.SpaDE.init_from_data`)."""
@@ -477,4 +588,140 @@ def register() -> None:
     )
 
 
-register()
+def load_from_disk(path: str | os.PathLike, *, training: bool = False, **kwargs: Any) -> SAE:
+    """Register ``"spade"`` and load a SAELens checkpoint directory in one call.
+
+    The same as ``import spade_kernels.sae.integrations.sae_lens`` followed by
+    ``sae_lens.SAE.load_from_disk(path, **kwargs)`` (or
+    ``TrainingSAE.load_from_disk`` with ``training=True``), so that a script
+    that only loads never meets SAELens's ``KeyError: 'spade'``.  ``kwargs``
+    are SAELens's: ``device``, ``dtype``, ``converter``, ``fold_W_dec_norm``.
+    """
+    register()
+    loader = TrainingSAE if training else SAE
+    return loader.load_from_disk(os.fspath(path), **kwargs)
+
+
+# -- command line ---------------------------------------------------------------
+
+PROG = "python -m spade_kernels.sae.integrations.sae_lens"
+_ARCHITECTURE_FLAGS = ("--architecture", "--sae")
+
+CLI_DESCRIPTION = f"""\
+Train a SpaDE SAE on a language model's activations with SAELens's own
+LanguageModelSAETrainingRunner, configured by SAELens's own flags.
+
+This is SAELens's training command line (python -m
+sae_lens.llm_sae_training_runner, the parser of LanguageModelSAERunnerConfig)
+with these differences only:
+  * it first imports spade_kernels.sae.integrations.sae_lens, which registers
+    the SAELens architecture "spade"; SAELens's own command, in a fresh
+    process, does not know it;
+  * --architecture defaults to spade, not standard (SAELens's help below still
+    prints "default: standard"; any registered architecture can be chosen);
+  * it prints where the trained SAE was saved and the line that loads it.
+Every other flag, default and step is SAELens's.  The SpaDE flags are those of
+"SpaDETrainingSAEConfig" at the end of this help: --lambda_init (default
+1/(2*d_in)), --gamma_reg (0.1), --gamma_reg_warm_up_steps, --reg_on
+{{encoder,decoder}}, --use_bias, --apply_b_dec_to_input, --backend
+{{auto,torch,native,triton,reference}} and --decoder_init_norm.  --d_in must be
+the width of the activations at --hook_name (SAELens's default is 512).
+
+Example (GPT-2 through TransformerLens, SAELens's default model class):
+  {PROG} \\
+      --model_name gpt2 --hook_name blocks.6.hook_resid_pre \\
+      --d_in 768 --d_sae 16384 --gamma_reg 0.1 --lr 1e-2 \\
+      --dataset_path NeelNanda/pile-10k --context_size 128 \\
+      --training_tokens 2000000 --log_to_wandb False --output_path runs/spade-gpt2
+Any Hugging Face causal LM, by hub id or local directory: --model_class_name
+AutoModelForCausalLM --model_name <id or path> --hook_name <module name, e.g.
+transformer.h.6>.
+A saved SAE loads in any process with
+  {IMPORT_LINE}
+  from sae_lens import SAE; sae = SAE.load_from_disk("runs/spade-gpt2")
+or with
+  from spade_kernels.sae.integrations.sae_lens import load_from_disk
+  sae = load_from_disk("runs/spade-gpt2")
+SAELens's help follows.
+"""
+
+
+@contextlib.contextmanager
+def _program_name(name: str):
+    """argparse names the program after ``sys.argv[0]``; show ``name`` in usage lines."""
+    saved = sys.argv[:1]
+    sys.argv[:1] = [name]
+    try:
+        yield
+    finally:
+        sys.argv[:1] = saved
+
+
+def _names_architecture(args: Sequence[str]) -> bool:
+    return any(
+        a in _ARCHITECTURE_FLAGS or a.startswith(tuple(f + "=" for f in _ARCHITECTURE_FLAGS)) for a in args
+    )
+
+
+def parse_args(argv: Sequence[str]) -> LanguageModelSAERunnerConfig:
+    """SAELens's command-line parser with ``"spade"`` registered and the default architecture.
+
+    Returns SAELens's ``LanguageModelSAERunnerConfig`` whose ``sae`` is a
+    :class:`SpaDETrainingSAEConfig` (unless ``--architecture`` names another
+    registered architecture).  Parsing is SAELens's own
+    (``sae_lens.llm_sae_training_runner._parse_cfg_args``, simple_parsing):
+    every field of the runner config and of the SAE config is a flag.
+    ``--help`` (or no arguments) prints :data:`CLI_DESCRIPTION`, then
+    SAELens's help for the chosen architecture, and exits.
+    """
+    try:
+        from sae_lens.llm_sae_training_runner import _parse_cfg_args
+    except ImportError as exc:  # pragma: no cover - depends on the SAELens version
+        raise ImportError(
+            "this SAELens has no sae_lens.llm_sae_training_runner._parse_cfg_args (its command-line "
+            f"parser), which {PROG} reuses; use sae-lens >=6.54,<7"
+        ) from exc
+    register()
+    args = list(argv)
+    if not args or "-h" in args or "--help" in args:
+        print(CLI_DESCRIPTION)
+        args = args or ["--help"]
+    if not _names_architecture(args):
+        args = ["--architecture", ARCHITECTURE, *args]
+    with _program_name(PROG):
+        return _parse_cfg_args(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m spade_kernels.sae.integrations.sae_lens [SAELens flags]``.
+
+    Parses the flags with :func:`parse_args` and runs SAELens's
+    ``LanguageModelSAETrainingRunner(cfg).run()``: the model, dataset,
+    activation store, trainer, checkpoints and final save are all SAELens's.
+    Returns the exit status: 0, or 2 when SAELens's parser or a config's
+    checks refuse a flag or a value (the message goes to stderr).
+    """
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except (argparse.ArgumentError, TypeError, ValueError) as exc:  # a flag or a config value refused
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    LanguageModelSAETrainingRunner(cfg).run()
+    if cfg.output_path is not None:
+        print(f"{cfg.sae.architecture()} SAE saved to {cfg.output_path}; load it with")
+        print(f"  {IMPORT_LINE}")
+        print(f"  from sae_lens import SAE; sae = SAE.load_from_disk({str(cfg.output_path)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    # ``python -m``: this file runs as ``__main__``.  Hand over to the module
+    # imported under its own name, so that SAELens registers (and checkpoints
+    # name) the importable classes, not copies defined in ``__main__``.
+    from spade_kernels.sae.integrations.sae_lens import main as _main
+
+    sys.exit(_main())
+else:
+    register()
