@@ -159,7 +159,7 @@ def _hugging_face(spec: str, device: torch.device, causal: bool) -> LanguageMode
 
     return LanguageModel(
         module=model,
-        encode=lambda text: tok(text, add_special_tokens=False)["input_ids"],
+        encode=lambda text: tok(text, add_special_tokens=False, verbose=False)["input_ids"],
         frame=_framing(tok),
         special=frozenset(tok.all_special_ids),
         pad_id=pad,
