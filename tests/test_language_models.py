@@ -92,7 +92,7 @@ def test_cache_writes_the_hook_activations_as_shards(model_dir, tmp_path):
     model, tok = fl.load_model(model_dir)
     with torch.no_grad():
         want, want_ids = _residual_rows(model, lines, tok)
-    assert state["complete"] and state["rows"] == want.shape[0] and state["documents"] == 300
+    assert state["complete"] and state["rows"] == want.shape[0] and state["next"] == [300, 0]
     assert state["d"] == 128 and state["settings"]["context"] == 48
     shards = [load_file(out / name) for name in state["shards"]]
     assert len(shards) > 2 and all(s["activations"].shape[0] >= 500 for s in shards[:-1])
@@ -133,7 +133,7 @@ def test_cache_resumes_where_it_stopped(model_dir, tmp_path, monkeypatch):
         cache_activations(lm, "blocks.0", text, stopped, shard_rows=300, batch_size=8, log=lambda m: None)
     monkeypatch.setattr(lm_module, "_hook_output", real)
     partial = json.loads((stopped / CACHE_STATE).read_text())
-    assert 0 < len(partial["shards"]) and not partial["complete"] and 0 < partial["documents"] < 300
+    assert 0 < len(partial["shards"]) and not partial["complete"] and 0 < partial["next"][0] < 300
     messages = []
     state = cache_activations(
         lm, "blocks.0", text, stopped, shard_rows=300, batch_size=8, log=messages.append
@@ -180,8 +180,11 @@ def test_cache_max_tokens_dtype_and_refusals(model_dir, tmp_path):
 def test_read_texts_formats(tmp_path):
     (tmp_path / "a.txt").write_text("one\n\n two \n")
     (tmp_path / "b.jsonl").write_text('{"text": "three"}\n\n{"text": "four"}\n')
-    assert list(read_texts(tmp_path)) == ["one", " two ", "three", "four"]
-    assert list(read_texts(tmp_path, skip=3)) == ["four"]
+    assert [t for _, t in read_texts(tmp_path)] == ["one", " two ", "three", "four"]
+    assert list(read_texts(tmp_path, skip=3)) == [(f"{tmp_path / 'b.jsonl'}:3", "four")]
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:2: not UTF-8 text"):
+        list(read_texts(tmp_path / "bad.txt"))
     (tmp_path / "c.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(ValueError, match=r"c\.jsonl:1: not a JSON object with a \"text\" field"):
         list(read_texts(tmp_path / "c.jsonl"))
@@ -193,8 +196,9 @@ def test_read_texts_formats(tmp_path):
 
 
 def _spliced_by_hand(model, lines, tok, replace):
-    """Mean next-token loss with ``replace`` applied to the words' residual after block 0, written out."""
-    total = count = 0.0
+    """Mean next-token loss with ``replace`` applied to the words' residual after block 0, written out,
+    and the mean KL(clean ‖ spliced) of the next-token distributions."""
+    total = kl = count = 0.0
     with torch.no_grad():
         for line in lines:
             ids = torch.tensor([tok.encode(line)])
@@ -204,8 +208,11 @@ def _spliced_by_hand(model, lines, tok, replace):
             h = model.blocks[1](h, src_mask=mask, is_causal=True)
             logits = model.head(model.norm(h))[0, :-1]
             total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            p_clean = torch.softmax(model(ids)[0, :-1].double(), -1)
+            p_spliced = torch.softmax(logits.double(), -1)
+            kl += float((p_clean * (p_clean.log() - p_spliced.log())).sum())
             count += ids.shape[1] - 1
-    return total / count
+    return total / count, kl / count
 
 
 def test_spliced_losses_against_the_forward_written_out(model_dir):
@@ -219,9 +226,10 @@ def test_spliced_losses_against_the_forward_written_out(model_dir):
     result, x = spliced_losses(lm, "blocks.0", half, few, batch_size=7, log=lambda m: None)
     clean = fl.next_token_loss(model, [tok.encode(line) for line in lines])
     assert result["ce_loss_clean"] == pytest.approx(clean, rel=1e-5)
-    spliced = _spliced_by_hand(model, lines, tok, half)
-    zero = _spliced_by_hand(model, lines, tok, torch.zeros_like)
+    spliced, kl = _spliced_by_hand(model, lines, tok, half)
+    zero, _ = _spliced_by_hand(model, lines, tok, torch.zeros_like)
     assert result["ce_loss_spliced"] == pytest.approx(spliced, rel=1e-5)
+    assert result["kl_div_spliced"] == pytest.approx(kl, rel=1e-4)  # KL(clean ‖ spliced), not the reverse
     assert result["ce_loss_zero_ablated"] == pytest.approx(zero, rel=1e-5)
     assert result["ce_loss_recovered"] == pytest.approx((zero - spliced) / (zero - clean), rel=1e-4)
     assert result["kl_div_spliced"] > 0
@@ -253,7 +261,10 @@ def test_cache_train_eval_commands(model_dir, tmp_path, capsys):
     metrics = json.loads(report.read_text())
     lm = metrics["language_model"]
     assert lm["model"] == str(model_dir) and lm["hook"] == "blocks.0" and lm["context"] == 48
-    assert lm["ce_loss_clean"] <= lm["ce_loss_spliced"] < lm["ce_loss_zero_ablated"]
+    assert (
+        lm["ce_loss_spliced"] < lm["ce_loss_zero_ablated"]
+        and lm["ce_loss_clean"] < lm["ce_loss_zero_ablated"]
+    )
     assert 0 < lm["ce_loss_recovered"] <= 1 and math.isfinite(lm["kl_div_spliced"])
     # The SAE's own metrics are on the same rows the splice replaced.
     assert metrics["n_samples"] == lm["rows"] >= 500
@@ -290,6 +301,120 @@ def test_cache_command_errors(model_dir, tmp_path, capsys):
     ]
     assert main([*missing, "--out", str(tmp_path / "o2")]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_a_long_document_is_spread_over_batches(model_dir, tmp_path, monkeypatch):
+    """One document of ~2,000 words: forward passes of at most batch_size windows, rows exact, resumable mid-document."""
+    from spade_kernels.sae import lm as lm_module
+
+    lm = load_language_model(model_dir, device=CPU, causal=True)
+    words = " ".join((model_dir / "corpus.txt").read_text().split()[:2000])
+    text = tmp_path / "long.txt"
+    text.write_text(words + "\n")
+    shapes, real = [], lm_module._hook_output
+    monkeypatch.setattr(lm_module, "_hook_output", lambda *a: shapes.append(tuple(a[2].shape)) or real(*a))
+    state = cache_activations(lm, "blocks.0", text, tmp_path / "whole", batch_size=4, shard_rows=300,
+                              log=lambda m: None)  # fmt: skip
+    assert max(b for b, _ in shapes) == 4 and state["rows"] == 2000 and len(state["shards"]) > 3
+    # Interrupted inside the document, resumed: the same shards.
+    calls = []
+
+    def stop_at_5(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(lm_module, "_hook_output", stop_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(
+            lm, "blocks.0", text, tmp_path / "resumed", batch_size=4, shard_rows=300, log=lambda m: None
+        )
+    partial = json.loads((tmp_path / "resumed" / CACHE_STATE).read_text())
+    assert partial["next"][0] == 0 and partial["next"][1] > 0  # stopped inside document 0
+    monkeypatch.setattr(lm_module, "_hook_output", real)
+    again = cache_activations(lm, "blocks.0", text, tmp_path / "resumed", batch_size=4, shard_rows=300,
+                              log=lambda m: None)  # fmt: skip
+    assert again["shards"] == state["shards"]
+    for name in state["shards"]:
+        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "resumed" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # --max-tokens bounds the spliced rows to one batch more, however long the document.
+    result, x = spliced_losses(
+        lm, "blocks.0", lambda h: h, text, batch_size=2, max_rows=10, log=lambda m: None
+    )
+    assert 10 <= result["rows"] == x.shape[0] <= 10 + 2 * 46
+
+
+def test_cache_resumes_after_a_stop_between_a_shard_and_its_state(model_dir, tmp_path, monkeypatch):
+    import spade_kernels.files as files
+
+    lm = load_language_model(model_dir, device=CPU)
+    text = model_dir / "corpus.txt"
+    whole = cache_activations(lm, "blocks.0", text, tmp_path / "whole", shard_rows=300, log=lambda m: None)
+    real, writes = files.atomic_write, []
+
+    def stop_after_first_shard(path, write):
+        writes.append(str(path))
+        if str(path).endswith(CACHE_STATE) and any(w.endswith(".safetensors") for w in writes):
+            raise KeyboardInterrupt  # the shard is in place, its state not yet
+        return real(path, write)
+
+    monkeypatch.setattr(files, "atomic_write", stop_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(lm, "blocks.0", text, tmp_path / "cut", shard_rows=300, log=lambda m: None)
+    monkeypatch.setattr(files, "atomic_write", real)
+    assert (tmp_path / "cut" / "shard-00000.safetensors").is_file()
+    again = cache_activations(lm, "blocks.0", text, tmp_path / "cut", shard_rows=300, log=lambda m: None)
+    assert again["shards"] == whole["shards"] and again["rows"] == whole["rows"]
+
+
+def test_an_empty_corpus_is_an_error_every_time(model_dir, tmp_path, capsys):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    args = [
+        "cache",
+        "--model",
+        str(model_dir),
+        "--hook",
+        "blocks.0",
+        "--text",
+        str(blank),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    for _ in range(2):
+        assert main(args) == 2
+        assert "no tokens to cache" in capsys.readouterr().err
+
+
+def test_eval_refuses_hooks_it_cannot_splice(model_dir, tmp_path, capsys):
+    acts, sae = tmp_path / "acts", tmp_path / "sae"
+    base = ["--model", str(model_dir)]
+    assert main(["cache", *base, "--hook", "blocks.0", "--text", str(model_dir / "corpus.txt"), "--out", str(acts),
+                 "--max-tokens", "600"]) == 0  # fmt: skip
+    assert main(["train", "--data", str(acts), "--d-sae", "16", "--batch-size", "64", "--out", str(sae)]) == 0
+    capsys.readouterr()
+    text = ["--text", str(model_dir / "held_out.txt"), "--max-tokens", "50"]
+    for hook, message in (
+        ("blocks", "did not run in the model's forward pass"),  # a ModuleList: never called
+        ("pos", "must be (batch, tokens, d)"),  # the position embedding: (T, d)
+        ("blocks.0.linear1", "has d = 256 but the SAE takes d_in = 128"),
+    ):
+        assert main(["eval", str(sae), *base, "--hook", hook, *text]) == 2
+        assert message in capsys.readouterr().err, hook
+    assert main(["eval", str(sae), "--model", str(tmp_path / "typo"), "--hook", "h", *text]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_a_word_outside_the_vocabulary_is_named_with_its_line(model_dir, tmp_path):
+    lm = load_language_model(model_dir, device=CPU)
+    text = tmp_path / "t.txt"
+    text.write_text("the dog sees a cat\n\nthe dog barks\n")
+    with pytest.raises(
+        ValueError, match=r"t\.txt:3: word 'barks' is not in the formal language's vocabulary"
+    ):
+        cache_activations(lm, "blocks.0", text, tmp_path / "o", log=lambda m: None)
 
 
 # -- Hugging Face models (transformers and the packaged MiniLM: scripts/test_minilm_example.sh) ----------
@@ -330,6 +455,13 @@ def test_hugging_face_encoder_cache(tmp_path):
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not a causal language model"):
         load_language_model(path, device=CPU, causal=True)
+    # Rows are the text's tokens by position: [UNK] and special-token strings inside the text included.
+    odd = tmp_path / "odd.txt"
+    odd.write_text("the \U0001f99c parrot said [SEP] and [MASK] then\n")
+    state = cache_activations(lm, "encoder.layer.2", odd, tmp_path / "odd", context=32, log=lambda m: None)
+    ids = tok("the \U0001f99c parrot said [SEP] and [MASK] then", add_special_tokens=False)["input_ids"]
+    assert load_file(tmp_path / "odd" / state["shards"][0])["token_ids"].tolist() == ids
+    assert tok.unk_token_id in ids and tok.sep_token_id in ids
 
 
 def test_hugging_face_causal_lm_eval(tmp_path, capsys):

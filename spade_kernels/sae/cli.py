@@ -354,6 +354,7 @@ def _eval(args: argparse.Namespace) -> int:
                 args.text,
                 context=args.context,
                 max_rows=args.max_tokens,
+                d_in=layer.d_in,
                 log=lambda m: print(m, file=sys.stderr, flush=True),
             )
             source = f"{args.model} at {args.hook} over {os.fspath(args.text)}"
@@ -387,7 +388,12 @@ def _eval(args: argparse.Namespace) -> int:
         print(
             f"next-token loss over {m['scored_tokens']} tokens: clean {m['ce_loss_clean']:.4f}  spliced "
             f"{m['ce_loss_spliced']:.4f}  zero-ablated {m['ce_loss_zero_ablated']:.4f}  loss recovered "
-            f"{m['ce_loss_recovered']:.4f}  KL {m['kl_div_spliced']:.4g}"
+            + (
+                "n/a (zero-ablation changes nothing)"
+                if m["ce_loss_recovered"] is None
+                else f"{m['ce_loss_recovered']:.4f}"
+            )
+            + f"  KL {m['kl_div_spliced']:.4g}"
         )
     print(f"wrote {os.fspath(out)}" + (f" and {os.fspath(png)}" if drawn else ""))
     return 0

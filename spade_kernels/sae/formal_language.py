@@ -212,7 +212,6 @@ class WordTokenizer:
         self.vocab = list(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.bos, self.eos, self.pad = (self.index[t] for t in SPECIAL)
-        self.special = frozenset((self.bos, self.eos, self.pad))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with ``<bos>`` first and ``<eos>`` last; an unknown word is a ValueError."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -55,10 +54,9 @@ class LanguageModel:
     module: nn.Module
     #: Ids of a text without special tokens.
     encode: Callable[[str], list[int]]
-    #: A window of ordinary ids framed by the model's special tokens.
-    frame: Callable[[list[int]], list[int]]
-    #: Ids that are never rows (special tokens).
-    special: frozenset
+    #: The special tokens the model puts before and after a sequence (never rows).
+    prefix: list[int]
+    suffix: list[int]
     pad_id: int
     #: The longest window the model takes (None: no limit known).
     max_context: int | None
@@ -81,12 +79,16 @@ class LanguageModel:
             ) from None
 
     def windows(self, text: str, context: int) -> list[list[int]]:
-        """``text``'s ids in consecutive windows, each framed, each at most ``context`` tokens long."""
+        """``text``'s ids in consecutive windows, each framed, each at most ``context`` tokens long.
+
+        The rows of a window are its positions ``len(prefix)`` … ``len(window) − len(suffix) − 1``:
+        every token of the text, ``[UNK]`` included; never the frame.
+        """
         ids = self.encode(text)
-        width = context - (len(self.frame([])))
+        width = context - len(self.prefix) - len(self.suffix)
         if width < 1:
             raise ValueError(f"--context {context} leaves no room beside the model's special tokens")
-        return [self.frame(ids[i : i + width]) for i in range(0, len(ids), width)]
+        return [[*self.prefix, *ids[i : i + width], *self.suffix] for i in range(0, len(ids), width)]
 
 
 def load_language_model(
@@ -103,6 +105,8 @@ def load_language_model(
     spec = os.fspath(spec)
     if is_model_dir(spec):
         return _formal_language(spec, device)
+    if (os.sep in spec or spec.startswith(".")) and not Path(spec).exists():
+        raise ValueError(f"--model {spec}: no such directory")
     return _hugging_face(spec, device, causal)
 
 
@@ -114,8 +118,8 @@ def _formal_language(spec: str, device: torch.device) -> LanguageModel:
     return LanguageModel(
         module=model,
         encode=lambda text: tok.encode(text)[1:-1],
-        frame=lambda ids: [tok.bos, *ids, tok.eos],
-        special=tok.special,
+        prefix=[tok.bos],
+        suffix=[tok.eos],
         pad_id=tok.pad,
         max_context=model.sizes["max_len"],
         causal=True,
@@ -152,6 +156,7 @@ def _hugging_face(spec: str, device: torch.device, causal: bool) -> LanguageMode
     except (OSError, ValueError) as exc:
         raise ValueError(f"--model {spec}: cannot load it ({str(exc).splitlines()[0]})") from None
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    prefix, suffix = _framing(tok)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
     def logits(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,8 +165,8 @@ def _hugging_face(spec: str, device: torch.device, causal: bool) -> LanguageMode
     return LanguageModel(
         module=model,
         encode=lambda text: tok(text, add_special_tokens=False, verbose=False)["input_ids"],
-        frame=_framing(tok),
-        special=frozenset(tok.all_special_ids),
+        prefix=prefix,
+        suffix=suffix,
         pad_id=pad,
         max_context=limit,
         causal=is_causal,
@@ -171,7 +176,7 @@ def _hugging_face(spec: str, device: torch.device, causal: bool) -> LanguageMode
     )
 
 
-def _framing(tok) -> Callable[[list[int]], list[int]]:
+def _framing(tok) -> tuple[list[int], list[int]]:
     """The special tokens ``tok`` puts around one sequence (BERT's [CLS] … [SEP], Llama's <s> …, GPT-2's none).
 
     Read off a probe text tokenized with and without them; a template that
@@ -182,8 +187,7 @@ def _framing(tok) -> Callable[[list[int]], list[int]]:
     full = tok(probe, add_special_tokens=True)["input_ids"]
     for i in range(len(full) - len(bare) + 1):
         if full[i : i + len(bare)] == bare:
-            before, after = list(full[:i]), list(full[i + len(bare) :])
-            return lambda ids: [*before, *ids, *after]
+            return list(full[:i]), list(full[i + len(bare) :])
     raise ValueError(f"{type(tok).__name__}: cannot tell where its special tokens go around a text")
 
 
@@ -194,12 +198,13 @@ def _text_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in files if p.is_file())
 
 
-def read_texts(path: str | os.PathLike, skip: int = 0) -> Iterator[str]:
-    """The documents of ``path`` one at a time, after the first ``skip``: streamed, never read whole.
+def read_texts(path: str | os.PathLike, skip: int = 0) -> Iterator[tuple[str, str]]:
+    """(``file:line``, document) of ``path`` one at a time, after the first ``skip``: streamed, never read whole.
 
     A ``.txt`` file holds one document per line; a ``.jsonl`` file one JSON
     object per line with a ``"text"`` field; a directory, its ``.txt`` and
-    ``.jsonl`` files in name order.  Blank lines are not documents.
+    ``.jsonl`` files in name order.  Blank lines are not documents, so a
+    document's index counts the non-blank lines before it, over all files.
     """
     path = Path(path)
     if path.is_dir():
@@ -215,23 +220,28 @@ def read_texts(path: str | os.PathLike, skip: int = 0) -> Iterator[str]:
     seen = 0
     for file in files:
         jsonl = file.suffix.lower() == ".jsonl"
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        with open(file, "rb") as f:  # decoded a line at a time, so an error names its line
+            for number, raw in enumerate(f, 1):
+                where = f"{file}:{number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"{where}: not UTF-8 text ({exc.reason})") from None
                 if not line.strip():
                     continue
                 seen += 1
                 if seen <= skip:
                     continue
-                if jsonl:
-                    try:
-                        text = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        raise ValueError(f'{file}:{number}: not a JSON object with a "text" field') from None
-                    if not isinstance(text, str):
-                        raise ValueError(f'{file}:{number}: "text" is not a string')
-                    yield text
-                else:
-                    yield line.rstrip("\n")
+                if not jsonl:
+                    yield where, line.rstrip("\r\n")
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f'{where}: not a JSON object with a "text" field') from None
+                if not isinstance(text, str):
+                    raise ValueError(f'{where}: "text" is not a string')
+                yield where, text
 
 
 class _Captured(Exception):
@@ -244,43 +254,53 @@ def _output(value):
 
 @dataclass
 class _Batch:
-    """Windows of whole documents: ids, attention mask and row tokens (B, T), each window's document."""
+    """At most ``batch_size`` windows: ids, attention mask and rows (B, T), each window's document, and
+    where the next batch starts (document, window of it)."""
 
-    documents: int  # documents consumed (some may have had no tokens)
-    ids: torch.Tensor | None
-    mask: torch.Tensor | None
-    rows: torch.Tensor | None
-    document: torch.Tensor | None  # (B,) index of each window's document, counted from the first read
-
-
-def _batches(lm: LanguageModel, texts: Iterator[str], context: int, batch_size: int, first: int = 0):
-    """:class:`_Batch` es of ``batch_size`` windows or a few more: a batch ends at a document boundary,
-    so a resumed run can start at the next document."""
-    windows, owners, consumed, document = [], [], 0, first
-    for text in texts:
-        new = lm.windows(text, context)
-        windows.extend(new)
-        owners.extend([document] * len(new))
-        consumed, document = consumed + 1, document + 1
-        if len(windows) >= batch_size:
-            yield _padded(lm, windows, owners, consumed)
-            windows, owners, consumed = [], [], 0
-    if consumed:
-        yield _padded(lm, windows, owners, consumed)
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    document: torch.Tensor  # (B,)
+    next: tuple[int, int]
 
 
-def _padded(lm: LanguageModel, windows: list[list[int]], owners: list[int], consumed: int) -> _Batch:
-    if not windows:
-        return _Batch(consumed, None, None, None, None)
+def _batches(lm: LanguageModel, texts, context: int, batch_size: int, start: tuple[int, int] = (0, 0)):
+    """:class:`_Batch` es of at most ``batch_size`` windows of ``texts`` (``read_texts`` from ``start[0]``),
+    the first ``start[1]`` windows of the first document skipped: a batch may end inside a document,
+    and a long document is spread over as many batches as it needs (bounded memory).  An error in a
+    document names its ``file:line``."""
+    windows, owners = [], []
+    document, skip = start
+    for where, text in texts:
+        try:
+            new = lm.windows(text, context)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        for w in range(skip, len(new)):
+            windows.append(new[w])
+            owners.append(document)
+            if len(windows) == batch_size:
+                following = (document, w + 1) if w + 1 < len(new) else (document + 1, 0)
+                yield _padded(lm, windows, owners, following)
+                windows, owners = [], []
+        document, skip = document + 1, 0
+    if windows:
+        yield _padded(lm, windows, owners, (document, 0))
+
+
+def _padded(
+    lm: LanguageModel, windows: list[list[int]], owners: list[int], following: tuple[int, int]
+) -> _Batch:
     width = max(map(len, windows))
     ids = torch.full((len(windows), width), lm.pad_id, dtype=torch.int64)
     mask = torch.zeros(len(windows), width, dtype=torch.int64)
+    rows = torch.zeros(len(windows), width, dtype=torch.bool)
+    before, after = len(lm.prefix), len(lm.suffix)
     for i, w in enumerate(windows):
         ids[i, : len(w)] = torch.tensor(w, dtype=torch.int64)
         mask[i, : len(w)] = 1
-    special = torch.tensor(sorted(lm.special), dtype=torch.int64)
-    rows = mask.bool() & ~torch.isin(ids, special)
-    return _Batch(consumed, ids, mask, rows, torch.tensor(owners, dtype=torch.int64))
+        rows[i, before : len(w) - after] = True
+    return _Batch(ids, mask, rows, torch.tensor(owners, dtype=torch.int64), following)
 
 
 @torch.no_grad()
@@ -341,18 +361,21 @@ def cache_activations(
     """Write the hook's activations at every row token of ``texts`` to shards in ``out``; returns the state.
 
     Shards (``shard-00000.safetensors``, …) hold ``activations`` (rows, d)
-    in ``dtype`` and the rows' ``token_ids`` and ``document`` (index of the
-    document in ``texts``).  A shard is written once it holds ``shard_rows``
-    rows (whole documents, so a shard may hold a few more), atomically, and
-    then :data:`CACHE_STATE` records it and the documents consumed; an
-    interrupted run called again with the same settings skips those
-    documents and goes on with the next shard (rows of an unfinished shard
-    are computed again).  ``max_rows`` stops after that many rows, cutting
-    the last document.  Memory: one shard's rows plus one batch's forward.
+    in ``dtype`` and the rows' ``token_ids`` and ``document`` (the
+    document's index in ``texts``: non-blank lines counted over all files).
+    A forward pass takes at most ``batch_size`` windows; a shard is written
+    once it holds ``shard_rows`` rows (or up to a batch more), atomically, and
+    then :data:`CACHE_STATE` records it and where the next batch starts
+    (document and window).  An interrupted run called again with the same
+    settings starts there and goes on with the next shard (rows of an
+    unfinished shard are computed again); a corpus whose size changed is
+    refused (documents are skipped by count).  ``max_rows`` stops after
+    exactly that many rows.  Memory: a shard's rows, one batch's forward
+    pass, and the token ids of the longest document.
     """
     from safetensors.torch import save_file
 
-    from spade_kernels.files import DirectoryLock, atomic_write
+    from spade_kernels.files import DirectoryLock, atomic_write, read_json
 
     context = _check_context(lm, context)
     for name, value in (
@@ -369,12 +392,15 @@ def cache_activations(
         "batch_size": batch_size, "shard_rows": shard_rows, "max_tokens": max_rows,
         "dtype": str(dtype).removeprefix("torch."),
     }  # fmt: skip
+    empty = f"--text {os.fspath(texts)}: no tokens to cache (every document empty?)"
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(out):
         state_path = out / CACHE_STATE
-        if state_path.is_file():
-            from spade_kernels.files import read_json
 
+        def save_state() -> None:
+            atomic_write(state_path, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1) + "\n"))
+
+        if state_path.is_file():
             state = read_json(state_path, "a cache state")
             changed = [k for k in settings if state["settings"].get(k) != settings[k]]
             if changed:
@@ -384,10 +410,12 @@ def cache_activations(
                     + "); pick another --out or repeat those settings to resume it"
                 )
             if state["complete"]:
+                if not state["rows"]:
+                    raise ValueError(empty)
                 log(f"{out}: already complete ({state['rows']} rows in {len(state['shards'])} shards)")
                 return state
-            log(f"resuming {out}: {state['rows']} rows in {len(state['shards'])} shards, "
-                f"{state['documents']} documents done")  # fmt: skip
+            log(f"resuming {out}: {state['rows']} rows in {len(state['shards'])} shards, next: document "
+                f"{state['next'][0]} window {state['next'][1]}")  # fmt: skip
         else:
             if any(p.suffix.lower() in (".pt", ".npy", ".safetensors") for p in out.iterdir()):
                 raise ValueError(
@@ -397,61 +425,58 @@ def cache_activations(
                 "settings": settings,
                 "shards": [],
                 "rows": 0,
-                "documents": 0,
+                "next": [0, 0],
                 "d": None,
                 "complete": False,
             }
+            save_state()  # before any shard: a run stopped after its first shard resumes
 
-        def flush(parts: list[dict], documents: int, complete: bool) -> None:
+        def flush(parts: list[dict], following, complete: bool) -> None:
             if parts:
                 tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
                 name = f"shard-{len(state['shards']):05d}.safetensors"
                 atomic_write(out / name, lambda tmp: save_file(tensors, tmp))
                 state["shards"].append(name)
                 state["rows"] += tensors["activations"].shape[0]
-            state["documents"] += documents
+            state["next"] = list(following)
             state["complete"] = complete
-            atomic_write(
-                out / CACHE_STATE, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1) + "\n")
-            )
+            save_state()
 
-        parts, buffered, pending_docs = [], 0, 0
+        parts, buffered, following = [], 0, tuple(state["next"])
         start = last_report = time.monotonic()
+        rows_before = state["rows"]
         device = next(lm.module.parameters()).device
-        done = False
-        texts_left = read_texts(texts, state["documents"])
-        for batch in _batches(lm, texts_left, context, batch_size, first=state["documents"]):
-            if batch.ids is not None:
-                acts = _hook_output(lm, module, batch.ids.to(device), batch.mask.to(device))
-                if state["d"] is None:
-                    state["d"] = acts.shape[-1]
-                rows = batch.rows
-                part = {
-                    "activations": acts[rows.to(acts.device)].to(dtype).cpu(),
-                    "token_ids": batch.ids[rows],
-                    "document": batch.document[:, None].expand_as(rows)[rows],
-                }
-                if max_rows is not None and state["rows"] + buffered + part["token_ids"].numel() >= max_rows:
-                    take = max_rows - state["rows"] - buffered
-                    part = {k: v[:take] for k, v in part.items()}
-                    done = True
-                parts.append(part)
-                buffered += part["token_ids"].numel()
-            pending_docs += batch.documents
+        texts_left = read_texts(texts, state["next"][0])
+        for batch in _batches(lm, texts_left, context, batch_size, start=tuple(state["next"])):
+            acts = _hook_output(lm, module, batch.ids.to(device), batch.mask.to(device))
+            if state["d"] is None:
+                state["d"] = acts.shape[-1]
+            rows = batch.rows
+            part = {
+                "activations": acts[rows.to(acts.device)].to(dtype).cpu(),
+                "token_ids": batch.ids[rows],
+                "document": batch.document[:, None].expand_as(rows)[rows],
+            }
+            following = batch.next
+            done = max_rows is not None and state["rows"] + buffered + part["token_ids"].numel() >= max_rows
+            if done:
+                part = {k: v[: max_rows - state["rows"] - buffered] for k, v in part.items()}
+            parts.append(part)
+            buffered += part["token_ids"].numel()
             if done:
                 break
             if buffered >= shard_rows:
-                flush(parts, pending_docs, False)
-                parts, buffered, pending_docs = [], 0, 0
+                flush(parts, following, False)
+                parts, buffered = [], 0
             now = time.monotonic()
             if now - last_report >= 5.0:
                 last_report = now
-                rate = (state["rows"] + buffered) / max(now - start, 1e-9)
+                rate = (state["rows"] + buffered - rows_before) / max(now - start, 1e-9)
                 log(f"cached {state['rows'] + buffered} rows ({len(state['shards'])} shards written), "
-                    f"{state['documents'] + pending_docs} documents, {rate:.0f} rows/s")  # fmt: skip
-        flush(parts, pending_docs, True)
-        if not state["rows"]:
-            raise ValueError(f"--text {texts}: no tokens to cache (every document empty?)")
+                    f"document {following[0]}, {rate:.0f} rows/s")  # fmt: skip
+        if not state["rows"] and not buffered:
+            raise ValueError(empty)
+        flush(parts, following, True)
         log(f"wrote {state['rows']} rows of d = {state['d']} in {len(state['shards'])} shards to {out}")
         return state
 
@@ -476,19 +501,23 @@ def spliced_losses(
     context: int | None = None,
     batch_size: int | None = None,
     max_rows: int = 32768,
+    d_in: int | None = None,
     log=print,
 ) -> tuple[dict, torch.Tensor]:
     """Next-token loss clean / spliced / zero-ablated, loss recovered and KL; and the rows' activations.
 
-    ``reconstruct`` maps activations (N, d) to their reconstruction.  Spliced
-    and zero-ablated forward passes replace the hook's output at the row
-    tokens only (special tokens and padding keep theirs).  The loss is the
-    mean cross-entropy of every next token that is not padding; KL is the
-    mean over the same positions of KL(clean ‖ spliced).  Loss recovered is
-    (zero − spliced) / (zero − clean): 1 is the clean model, 0 no better than
-    zeros.  ``batch_size`` windows per forward pass (default: as many as keep
-    a batch's logits near 2^26 numbers, at most 256).  Batches of whole documents are read until they hold at least
-    ``max_rows`` row tokens (or the texts end); the rows' activations (N, d)
+    ``reconstruct`` maps activations (N, d) to their reconstruction (``d_in``,
+    when given, is checked against the hook's d first).  Spliced and
+    zero-ablated forward passes replace the hook's output at the row tokens
+    only (the frame's special tokens and padding keep theirs).  The loss is
+    the mean cross-entropy of every next token that is not padding; KL is
+    the mean over the same positions of KL(clean ‖ spliced) = Σ_v p_clean
+    (log p_clean − log p_spliced).  Loss recovered is (zero − spliced) /
+    (zero − clean): 1 is the clean model, 0 no better than zeros (None when
+    zero-ablation changes nothing).  ``batch_size`` windows per forward pass
+    (default: as many as keep a batch's logits near 2^26 numbers, at most
+    256); batches are read until they hold at least ``max_rows`` rows (at
+    most one batch more) or the texts end.  The rows' activations (N, d)
     come back for the SAE's own metrics.
     """
     if not lm.causal:
@@ -498,40 +527,47 @@ def spliced_losses(
         batch_size = max(1, min(256, LOGITS_PER_BATCH // (context * lm.vocab_size)))
     module = lm.hook_module(hook)
     device = next(lm.module.parameters()).device
-    #: What the hook does in the next forward pass: (row tokens (B, T), their new values from the old) or None.
+    #: The hook's job in the next forward pass: ("capture", rows) or ("replace", rows, function).
     action: list = [None]
     seen: list = []
 
     def hook_fn(_module, _inputs, output):
         out = _output(output)
-        if action[0] is None:
-            seen.append(out[rows_now[0]].detach().float().cpu())
+        rows = action[0][1]
+        if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != rows.shape:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"--hook {hook}: its output must be (batch, tokens, d) = {tuple(rows.shape)} + (d,), got {shape}"
+            )
+        if d_in is not None and out.shape[-1] != d_in:
+            raise ValueError(
+                f"--hook {hook}: its output has d = {out.shape[-1]} but the SAE takes d_in = {d_in}"
+            )
+        if action[0][0] == "capture":
+            seen.append(out[rows].detach().float().cpu())
             return None
-        rows, replace = action[0]
         new = out.clone()
-        new[rows] = replace(out[rows]).to(out.dtype)
+        new[rows] = action[0][2](out[rows]).to(out.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    rows_now: list = [None]
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     count = rows_seen = 0
     last_report = time.monotonic()
     handle = module.register_forward_hook(hook_fn)
     try:
         for batch in _batches(lm, read_texts(texts), context, batch_size):
-            if batch.ids is None:
-                continue
             ids, mask, rows = batch.ids.to(device), batch.mask.to(device), batch.rows.to(device)
             target, scored = ids[:, 1:], mask[:, 1:].bool()
             loss_of = functools.partial(_next_token_logp, target=target, scored=scored)
-
-            action[0], rows_now[0] = None, rows
+            action[0] = ("capture", rows)
+            before = len(seen)
             clean_logp, clean = loss_of(lm.logits(ids, mask))
-            action[0] = (rows, reconstruct)
+            if len(seen) == before:
+                raise ValueError(f"--hook {hook}: the module did not run in the model's forward pass")
+            action[0] = ("replace", rows, reconstruct)
             spliced_logp, spliced = loss_of(lm.logits(ids, mask))
-            action[0] = (rows, torch.zeros_like)
+            action[0] = ("replace", rows, torch.zeros_like)
             _, zero = loss_of(lm.logits(ids, mask))
-            action[0] = None
             kl = (clean_logp.exp() * (clean_logp - spliced_logp)).sum(-1)
             sums["clean"] += clean
             sums["spliced"] += spliced
@@ -548,14 +584,14 @@ def spliced_losses(
     finally:
         handle.remove()
     if not count or not rows_seen:
-        raise ValueError(f"--text {texts}: no tokens to score")
+        raise ValueError(f"--text {os.fspath(texts)}: no tokens to score")
     mean = {k: v / count for k, v in sums.items()}
     gap = mean["zero"] - mean["clean"]
     result = {
         "ce_loss_clean": mean["clean"],
         "ce_loss_spliced": mean["spliced"],
         "ce_loss_zero_ablated": mean["zero"],
-        "ce_loss_recovered": (mean["zero"] - mean["spliced"]) / gap if gap != 0 else math.nan,
+        "ce_loss_recovered": (mean["zero"] - mean["spliced"]) / gap if gap != 0 else None,
         "kl_div_spliced": mean["kl"],
         "scored_tokens": count,
         "rows": rows_seen,

@@ -535,6 +535,8 @@ def test_checkpoint_round_trip(trained):
         # As a plain SpaDE layer.
         layer = load_spade(ckpt, backend="torch")
         assert isinstance(layer, sk.SpaDE) and layer.b_dec is None and layer.d_sae == 64
+        # λ's initial value as the data init chose it (not the 1/(2d) of a config that left it None).
+        assert layer.lambda_init == pytest.approx(c.spade.lambda_init) == pytest.approx(cfg["lambda_init"])
         out = layer(x)
     torch.testing.assert_close(out.x_hat, ref.sae_out, rtol=1e-5, atol=1e-4)  # activations of size ~30
     dense = torch.zeros(x.shape[0], 64).scatter_add(1, ref.latent_indices, ref.latent_acts)

@@ -549,7 +549,9 @@ class SpaDESparseCoder(SparseCoder):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(path / _WEIGHTS, lambda tmp: save_file(tensors, tmp))
-        text = json.dumps({**self.cfg.to_dict(), "d_in": self.d_in, "architecture": ARCHITECTURE}, indent=2)
+        # λ's initial value as the layer has it: with init="data" it was chosen from the data.
+        record = {**self.cfg.to_dict(), "lambda_init": self.spade.lambda_init}
+        text = json.dumps({**record, "d_in": self.d_in, "architecture": ARCHITECTURE}, indent=2)
 
         def write_cfg(tmp: str) -> None:
             with open(tmp, "w") as f:
