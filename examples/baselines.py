@@ -117,51 +117,54 @@ class ReLUSAE(_LinearSAE):
         return z, mse + self.l1_coeff * l1, mse
 
 
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+def _rectangle(u: torch.Tensor, closed: bool = False) -> torch.Tensor:
+    """The rectangle kernel on (−½, ½), or on [−½, ½] with ``closed`` (the authors' code's)."""
+    inside = ((u >= -0.5) & (u <= 0.5)) if closed else ((u > -0.5) & (u < 0.5))
+    return inside.to(u.dtype)
 
 
 class _JumpReLU(torch.autograd.Function):
     """p·H(p − θ); ∂/∂p = H(p − θ), ∂/∂θ = −θ/ε·K((p − θ)/ε) (straight-through)."""
 
     @staticmethod
-    def forward(ctx, p, theta, eps):
+    def forward(ctx, p, theta, eps, closed):
         ctx.save_for_backward(p, theta)
-        ctx.eps = eps
+        ctx.eps, ctx.closed = eps, closed
         return p * (p > theta).to(p.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         p, theta = ctx.saved_tensors
         g_p = grad * (p > theta).to(p.dtype)
-        g_theta = -(theta / ctx.eps) * _rectangle((p - theta) / ctx.eps) * grad
-        return g_p, g_theta.sum(0), None
+        g_theta = -(theta / ctx.eps) * _rectangle((p - theta) / ctx.eps, ctx.closed) * grad
+        return g_p, g_theta.sum(0), None, None
 
 
 class _Step(torch.autograd.Function):
     """H(p − θ); no gradient to p, ∂/∂θ = −K((p − θ)/ε)/ε (straight-through)."""
 
     @staticmethod
-    def forward(ctx, p, theta, eps):
+    def forward(ctx, p, theta, eps, closed):
         ctx.save_for_backward(p, theta)
-        ctx.eps = eps
+        ctx.eps, ctx.closed = eps, closed
         return (p > theta).to(p.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         p, theta = ctx.saved_tensors
-        g_theta = -(1.0 / ctx.eps) * _rectangle((p - theta) / ctx.eps) * grad
-        return torch.zeros_like(p), g_theta.sum(0), None
+        g_theta = -(1.0 / ctx.eps) * _rectangle((p - theta) / ctx.eps, ctx.closed) * grad
+        return torch.zeros_like(p), g_theta.sum(0), None, None
 
 
-def jump_relu(p: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
-    """JumpReLU p·H(p − θ) for pre-activations (B, K) and thresholds (K,), bandwidth ε."""
-    return _JumpReLU.apply(p, theta, eps)
+def jump_relu(p: torch.Tensor, theta: torch.Tensor, eps: float, closed: bool = False) -> torch.Tensor:
+    """JumpReLU p·H(p − θ) for pre-activations (B, K) and thresholds (K,), bandwidth ε (``closed``: see
+    :func:`_rectangle`)."""
+    return _JumpReLU.apply(p, theta, eps, closed)
 
 
-def step(p: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+def step(p: torch.Tensor, theta: torch.Tensor, eps: float, closed: bool = False) -> torch.Tensor:
     """The Heaviside step H(p − θ) with the straight-through threshold gradient."""
-    return _Step.apply(p, theta, eps)
+    return _Step.apply(p, theta, eps, closed)
 
 
 class JumpReLUSAE(_LinearSAE):

@@ -50,11 +50,22 @@ from spade_kernels.sae.formal_language import (  # the grammar and the transform
     vocabulary,
 )
 
-#: Sparsity knobs at d = 128, width 256, six levels each so that every model spans L0 ≈ 2 … 30
-#: (TopK's k as the paper's, 64 down to 2); chosen from calibration runs at 10,000 sentences.
-#: JumpReLU is swept over its initial threshold θ₀ (bandwidth θ₀, β = 0.1): over β alone
-#: (1e-3 … 100 at θ₀ = 0.5) its L0 spanned only 3–20 in one pass.
+#: The authors' knobs at d = 128, width 256, six levels each, sparse → dense (their values for this
+#: experiment are not in their repository: chosen here to span the L0s their results give, ≈ 1 … 64;
+#: TopK's k are theirs, 2 … 64).  ReLU's from a calibration run (1 seed): L1 coefficients 3 … 1000 gave
+#: L0 86, 32, 3.8, 1.1, 0.4, 0.2.  The authors' JumpReLU (θ₀ = ε = 1e-3) does not span L0 in one pass of
+#: this size: β from 1e-3 to 300 left it at 168–181 (its thresholds move only through pre-activations
+#: in (θ, θ + ε/2]).
 SWEEPS = {
+    "spade": ("gamma_reg", [30.0, 10.0, 3.0, 1.0, 0.1, 0.001]),
+    "relu": ("l1_coeff", [100.0, 50.0, 30.0, 20.0, 10.0, 3.0]),
+    "jumprelu": ("l0_coeff", [1.0, 0.3, 0.1, 0.03, 0.01, 0.001]),
+    "topk": ("k", [2, 4, 8, 16, 32, 64]),
+}
+#: This package's knobs (``--variant package``), six levels each so that every model spans L0 ≈ 2 … 30,
+#: chosen from calibration runs at 10,000 sentences.  JumpReLU is swept over its initial threshold θ₀
+#: (bandwidth θ₀, β = 0.1): over β alone (1e-3 … 100 at θ₀ = 0.5) its L0 spanned only 3–20 in one pass.
+PACKAGE_SWEEPS = {
     "spade": ("lambda_init", [0.0002, 0.0005, 0.002, 0.03, 0.1, 0.2]),
     "relu": ("l1_coeff", [0.3, 1.0, 2.0, 4.0, 8.0, 15.0]),
     "jumprelu": ("threshold_init", [0.05, 0.15, 0.4, 1.0, 2.0, 4.0]),
@@ -64,11 +75,30 @@ SWEEPS = {
 #: E‖x‖² = d).  With the class defaults (θ₀ 0.1, ε 0.05) the straight-through window saw too
 #: few pre-activations and L0 stayed ≈ 41–50 for every β from 0.1 to 10.
 JUMP = {"l0_coeff": 0.1, "bandwidth": "threshold"}
+#: The authors' results for this experiment (experiments/makefigs_formallanguage/results/
+#: fidelity_dict.pkl, loaded with pickle): per setting the percentage of the 256 latents that are
+#: off (``sparsity``), so L0 = (1 − sparsity/100)·256 (TopK's rows give k = 64 … 2 exactly), the F1
+#: and the percentage of dead latents; their knob values are not recorded.  Listed as in the file
+#: (dense → sparse).
 PAPER = {
-    "f1": {"spade": [0.69, 0.87, 0.89, 0.89, 0.95, 0.98], "relu": [0.56, 0.97], "jumprelu": [0.61, 0.86],
-           "topk": [0.67, 0.80]},
-    "dead_pct": {"spade": [1.2, 7.4], "topk": [0.8, 89.5], "jumprelu": [31.0, 82.0]},
+    "source": "Sai-Sumedh/SaeConceptDuality-SpaDE@53e30e6 experiments/makefigs_formallanguage/results/fidelity_dict.pkl",
+    "reading": "L0 = (1 - sparsity/100) * 256",
+    "models": {
+        "spade": {"sparsity_pct": [76.838112, 88.794619, 92.16429, 93.513465, 97.858173, 99.541992],
+                  "f1": [0.6871, 0.8696, 0.8851, 0.8946, 0.9498, 0.9799],
+                  "dead_pct": [4.2969, 6.6406, 3.5156, 1.1719, 5.4688, 7.4219]},
+        "relu": {"sparsity_pct": [74.739444, 88.278806, 92.474717, 93.916911, 98.240048],
+                 "f1": [0.5615, 0.7421, 0.878, 0.9132, 0.9746], "dead_pct": [0.0, 0.0, 0.0, 2.3438, 73.4375]},
+        "jumprelu": {"sparsity_pct": [76.089025, 92.277879, 96.543604, 97.301042, 98.015726, 98.886949],
+                     "f1": [0.605, 0.7615, 0.7964, 0.8394, 0.8497, 0.8593],
+                     "dead_pct": [30.8594, 61.7188, 78.9062, 79.2969, 81.6406, 75.3906]},
+        "topk": {"sparsity_pct": [75.0, 87.5, 93.749994, 96.874994, 98.437494, 99.218744],
+                 "f1": [0.67, 0.7968, 0.8023, 0.8409, 0.8449, 0.7977],
+                 "dead_pct": [0.7812, 1.1719, 14.8438, 44.5312, 74.6094, 89.4531]},
+    },
 }  # fmt: skip
+for _m in PAPER["models"].values():
+    _m["l0"] = [round((1 - s / 100) * 256, 3) for s in _m["sparsity_pct"]]
 
 
 @torch.no_grad()
@@ -104,9 +134,16 @@ def pos_probe_accuracy(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> fl
 
 
 def run(
-    sentences: int, seeds: list[int], kinds=None, lm_steps: int = 1200, lm_batch: int = 128, log=print
+    sentences: int,
+    seeds: list[int],
+    kinds=None,
+    lm_steps: int = 1200,
+    lm_batch: int = 128,
+    log=print,
+    variant: str = "authors",
 ) -> dict:
-    chosen = {k: SWEEPS[k] for k in (kinds or SWEEPS)}
+    table = SWEEPS if variant == "authors" else PACKAGE_SWEEPS
+    chosen = {k: table[k] for k in (kinds or table)}
     t0 = time.perf_counter()
     train_tokens, _ = corpus(20_000, seed=1, max_len=MODEL["max_len"])
     model, lm_losses = train_lm(train_tokens, lm_steps, lm_batch, seed=0, log=log)
@@ -140,14 +177,16 @@ def run(
             "optimizer": "adam", "lr": 1e-2, "lr_final": 1e-4, "clip": 1.0,
             "firing_threshold": common.FIRING, "seeds": seeds,
             "sweeps": {k: {"knob": knob, "values": vals} for k, (knob, vals) in chosen.items()},
-            "spade_gamma_reg": common.SPADE_GAMMA, "jumprelu": JUMP,
+            "spade_gamma_reg": common.SPADE_GAMMA, "jumprelu": JUMP, "variant": variant,
+            "model_configs": {k: common.model_config(k, knob, x.shape[1], 256, variant, JUMP)
+                              for k, (knob, _) in chosen.items()},
         },
         "transformer": lm,
         "paper": PAPER,
         "torch": torch.__version__,
     }  # fmt: skip
     results["models"] = common.sweep(
-        lambda seed: (x, labels), len(POS), seeds, 256, 512, chosen, log, jump=JUMP
+        lambda seed: (x, labels), len(POS), seeds, 256, 512, chosen, log, jump=JUMP, variant=variant
     )
     return results
 
@@ -167,12 +206,30 @@ def plot(results: dict, path: Path) -> None:
         left.errorbar(l0, f1, yerr=err, marker="o", label=kind, color=colors.get(kind), capsize=2)
         right.errorbar(l0, [p["dead_pct_mean"] for p in points], yerr=[p["dead_pct_std"] for p in points],
                        marker="o", label=kind, color=colors.get(kind), capsize=2)  # fmt: skip
-    for ax, label in ((left, "mean over POS of the best-latent F1"), (right, "dead latents (%)")):
+    paper = results.get("paper", {}).get("models", {})
+    for kind, their in paper.items():
+        if kind not in results["models"]:
+            continue
+        order = sorted(range(len(their["l0"])), key=lambda i: their["l0"][i])
+        l0 = [their["l0"][i] for i in order]
+        style = {
+            "marker": "s",
+            "linestyle": "--",
+            "mfc": "none",
+            "color": colors.get(kind),
+            "label": f"{kind} (paper)",
+        }
+        left.plot(l0, [their["f1"][i] for i in order], **style)
+        right.plot(l0, [their["dead_pct"][i] for i in order], **style)
+    for ax, label in (
+        (left, "F1 (this package: mean over POS of the best latent's)"),
+        (right, "dead latents (%)"),
+    ):
         common._plain_log_axis(ax.xaxis)
         ax.set_xlabel("L0 (mean active latents)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, ncol=2)
     cfg = results["config"]
     title = f"formal language: {cfg['tokens']} tokens, width {cfg['width']}, d = {cfg['d']}, "
     common.finish_figure(fig, title + common.seeds_text(len(cfg["seeds"])), path)
@@ -188,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if known.lm_steps < 1:
         extra.error("--lm-steps must be ≥ 1")
     run_fn = functools.partial(run, lm_steps=known.lm_steps)
-    return common.cli(rest, __doc__, "--sentences", 30_000, None, SWEEPS, run_fn, plot, "formal_language")
+    variants = {"authors": SWEEPS, "package": PACKAGE_SWEEPS}
+    return common.cli(rest, __doc__, "--sentences", 30_000, None, variants, run_fn, plot, "formal_language")
 
 
 if __name__ == "__main__":

@@ -30,26 +30,38 @@ import time
 from pathlib import Path
 
 import torch
+from authors_baselines import AuthorsJumpReLUSAE, AuthorsReLUSAE, AuthorsTopKSAE, config_of
 from baselines import JumpReLUSAE, ReLUSAE, TopKSAE, train_sae
 
 from spade_kernels import SpaDE
 from spade_kernels.sae.train import train_spade
 
 FIRING = 1e-6
-#: Each SAE's sparsity knob and the values swept (L0 ≈ 30 down to ≈ 2 at width 128).  SpaDE is
-#: swept over λ's initial value at γ = 0.1, not over γ as the paper does: within one pass of
-#: this size λ (learned) sets its sparsity and γ barely moves it (γ from 1e-4 to 10 gave
-#: L0 14–15 here).  JumpReLU is swept over its initial threshold θ₀ (bandwidth θ₀/2, L0
-#: penalty β = 0.1): over β alone (1e-3 … 3 at θ₀ = 0.01) its L0 stayed within 10–17, the
-#: thresholds moving too little in ~410 steps.
+#: The authors' sweeps (their plotted runs, width 128: mainfigures.ipynb, from their hyper-parameter
+#: CSVs), each SAE over its own knob: SpaDE's γ (λ learned from 1/(2d)), the ReLU SAE's L1
+#: coefficient, JumpReLU's L0 coefficient β, TopK's k (AuxK weight 1).  Sparse → dense.
 SWEEPS = {
+    "spade": ("gamma_reg", [0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0005, 0.0001, 5e-05, 1e-05]),
+    "relu": ("l1_coeff", [1.0, 0.5, 0.005, 0.001, 0.0005, 0.0001, 5e-05, 1e-05, 5e-06, 1e-06]),
+    "jumprelu": ("l0_coeff", [0.1, 0.05, 0.005, 0.00125, 0.001, 0.0005, 0.0001, 5e-05, 1e-05, 5e-06]),
+    "topk": ("k", [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]),
+}
+#: This package's own variants (examples/baselines.py: data init, decoder-norm-weighted L1, AuxK
+#: 1/32, …) and knobs, the second, labelled option (``--variant package``).  SpaDE is swept over
+#: λ's initial value at γ = 0.1; JumpReLU over its initial threshold θ₀ (bandwidth θ₀/2, β = 0.1).
+PACKAGE_SWEEPS = {
     "spade": ("lambda_init", [0.02, 0.25, 1.0, 5.0, 30.0]),
     "relu": ("l1_coeff", [0.01, 0.1, 0.3, 1.0, 3.0]),
     "jumprelu": ("threshold_init", [0.001, 0.003, 0.01, 0.03, 0.06]),
     "topk": ("k", [32, 16, 8, 4, 2]),
 }
+#: The two variants: ``authors`` (the paper's tables) and ``package``.
+VARIANTS = ("authors", "package")
+#: SpaDE's γ where γ is not the knob.
 SPADE_GAMMA = 0.1
-#: JumpReLU's settings other than its knob.
+#: Training points per concept of the authors' metrics (their figure notebooks: 1,000, seed 0).
+AUTHORS_POINTS = 1000
+#: JumpReLU's settings other than its knob (package variant).
 JUMP = {"l0_coeff": 0.1, "bandwidth": "half-threshold"}
 #: One colour per SAE in every plot.
 COLORS = {"spade": "C3", "relu": "C0", "jumprelu": "C2", "topk": "C1"}
@@ -129,13 +141,24 @@ def _group_f1(on: torch.Tensor, mine: torch.Tensor) -> float:
 
 
 def train_one(
-    kind: str, knob: str, value, x: torch.Tensor, width: int, batch: int, seed: int, jump: dict = JUMP
+    kind: str,
+    knob: str,
+    value,
+    x: torch.Tensor,
+    width: int,
+    batch: int,
+    seed: int,
+    jump: dict = JUMP,
+    variant: str = "package",
 ):
-    """Train one SAE with its sparsity ``knob`` (a keyword of its class) at ``value``; returns its encode.
+    """Train one SAE with its sparsity ``knob`` (a keyword of its class) at ``value``.
 
-    ``jump``: JumpReLU's other settings (threshold_init, bandwidth, l0_coeff: whichever is not
-    the knob); a ``bandwidth`` of "threshold" ("half-threshold") means ε equal to (half) the
-    initial threshold.
+    Returns (encode, reconstruct): dense codes and x̂ of rows.  ``variant`` "authors": the
+    authors' baselines (examples/authors_baselines.py) and SpaDE with the package's defaults
+    (the authors' configuration), γ = ``SPADE_GAMMA`` unless γ is the knob; "package": this
+    package's baselines (examples/baselines.py).  ``jump`` (package variant): JumpReLU's other
+    settings (threshold_init, bandwidth, l0_coeff: whichever is not the knob); a ``bandwidth`` of
+    "threshold" ("half-threshold") means ε equal to (half) the initial threshold.
     """
     recipe = {"batch_size": batch, "lr": 1e-2, "lr_final": 1e-4, "clip": 1.0, "epochs": 1, "seed": seed}
     if kind == "spade":
@@ -143,18 +166,86 @@ def train_one(
             torch.manual_seed(seed)
             layer = SpaDE(x.shape[1], width, **{"gamma_reg": SPADE_GAMMA, knob: value})
         train_spade(layer, x, progress=False, **recipe)
-        return layer.encode
-    if kind == "jumprelu":
+        return layer.encode, lambda rows: layer.decode(layer.encode_sparse(rows))
+    value = int(value) if knob == "k" else value
+    if variant == "authors":
+        cls = {"relu": AuthorsReLUSAE, "jumprelu": AuthorsJumpReLUSAE, "topk": AuthorsTopKSAE}[kind]
+        model = cls(x.shape[1], width, seed=seed, **{knob: value})
+    elif kind == "jumprelu":
         kw = {**jump, knob: value}
         if kw.get("bandwidth") in ("threshold", "half-threshold"):
             kw["bandwidth"] = kw["threshold_init"] * (1.0 if kw["bandwidth"] == "threshold" else 0.5)
         model = JumpReLUSAE(x.shape[1], width, seed=seed, **kw)
     else:
         cls = {"relu": ReLUSAE, "topk": TopKSAE}[kind]
-        model = cls(x.shape[1], width, seed=seed, **{knob: int(value) if knob == "k" else value})
+        model = cls(x.shape[1], width, seed=seed, **{knob: value})
     train_sae(model, x, **recipe)
     model.eval()
-    return model.encode
+    return model.encode, lambda rows: model.decode(model.encode(rows))
+
+
+def model_config(kind: str, knob: str, d: int, width: int, variant: str, jump: dict = JUMP) -> dict:
+    """Everything that defines ``kind``'s SAE but its knob, for the results JSON."""
+    if kind == "spade":
+        return {"variant": variant, "class": "spade_kernels.SpaDE", "init": "prototypes ~ N(0,1), W_dec = prototypes",
+                "lambda": f"learned (softplus), initial 1/(2d) = {1 / (2 * d):g} unless swept",
+                "gamma_reg": "swept" if knob == "gamma_reg" else SPADE_GAMMA, "reg_on": "encoder", "biases": "none",
+                "decoder": "not normalised", "mse": "sum over dims, mean over batch"}  # fmt: skip
+    if variant == "authors":
+        cls = {"relu": AuthorsReLUSAE, "jumprelu": AuthorsJumpReLUSAE, "topk": AuthorsTopKSAE}[kind]
+        probe = cls(d, width, **{knob: 1 if knob == "k" else 0.0})
+        return {**config_of(probe), knob: "swept"}
+    cfg = {"variant": "package", "class": f"baselines.{ {'relu': 'ReLUSAE', 'jumprelu': 'JumpReLUSAE', 'topk': 'TopKSAE'}[kind]}",
+           "init": "unit-norm random decoder, encoder its transpose, then init_from_data (b_dec = mean, encoder rescaled)",
+           knob: "swept"}  # fmt: skip
+    if kind == "jumprelu":
+        cfg.update({k: v for k, v in jump.items() if k != knob})
+    if kind == "topk":
+        cfg.update(aux_coeff=1 / 32, aux_k="d/2", dead_steps=100)
+    if kind == "relu":
+        cfg.update(penalty="l1_coeff * sum z_k ||W_dec[k]||")
+    return cfg
+
+
+def authors_subset(labels: torch.Tensor, n_train: int, n_concepts: int) -> torch.Tensor:
+    """Indices of ``AUTHORS_POINTS`` training rows per concept, drawn as the authors' notebooks draw them (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    picks = []
+    for c in range(n_concepts):
+        rows = (labels[:n_train] == c).nonzero().squeeze(1)
+        picks.append(rows[torch.randperm(rows.numel(), generator=gen)[:AUTHORS_POINTS]])
+    return torch.cat(picks)
+
+
+@torch.no_grad()
+def authors_scores(
+    codes: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, n: int
+) -> dict:
+    """The authors' metrics on their training subset: per concept the mean F1 of its 5 best latents
+    (ranked by F1 for that concept), L0, NMSE = mean‖x̂ − x‖² over the concept / the trace of its
+    covariance (unbiased), and the latents dead on the subset (≤ 1e-12 everywhere)."""
+    on = (codes > FIRING).float()
+    fires = on.sum(0)
+    top5, nmse, concept_l0 = [], [], []
+    per_row = on.sum(1)
+    err = (x_hat - x).pow(2).sum(1)
+    for c in range(n):
+        mine = labels == c
+        tp = on[mine].sum(0)
+        precision = tp / (fires + 1e-12)
+        recall = tp / float(mine.sum())
+        f1 = 2 * precision * recall / (precision + recall + 1e-12)
+        top5.append(float(f1.sort(descending=True).values[:5].mean()))
+        nmse.append(float(err[mine].mean() / x[mine].var(0).sum()))
+        concept_l0.append(float(per_row[mine].mean()))
+    return {
+        "top5_f1": top5,
+        "mean_top5_f1": statistics.fmean(top5),
+        "concept_nmse": nmse,
+        "train_l0": float(per_row.mean()),
+        "train_concept_l0": concept_l0,
+        "train_dead_pct": 100.0 * float((codes <= 1e-12).all(0).float().mean()),
+    }
 
 
 def sweep(
@@ -166,6 +257,7 @@ def sweep(
     sweeps: dict,
     log=print,
     jump: dict = JUMP,
+    variant: str = "package",
 ) -> dict:
     """Every SAE of ``sweeps`` at every value of its knob and seed; per-setting mean ± std.
 
@@ -181,16 +273,30 @@ def sweep(
                 x, labels, *n = data_for_seed(seed)
                 n_train = n[0] if n else int(0.7 * len(x))
                 t0 = time.perf_counter()
-                encode = train_one(kind, knob, value, x[:n_train], width, batch, seed, jump)
+                encode, reconstruct = train_one(
+                    kind, knob, value, x[:n_train], width, batch, seed, jump, variant
+                )
                 with torch.no_grad():
                     codes = torch.cat([encode(xb) for xb in x[n_train:].split(16384)])
-                runs.append({**scores(codes, labels[n_train:], n_concepts), "seed": seed,
+                    sub = authors_subset(labels, n_train, n_concepts)
+                    ours = authors_scores(
+                        encode(x[sub]), reconstruct(x[sub]), x[sub], labels[sub], n_concepts
+                    )
+                runs.append({**scores(codes, labels[n_train:], n_concepts), **ours, "seed": seed,
                              "train_s": time.perf_counter() - t0})  # fmt: skip
             agg = {knob: value}
-            for key in ("l0", "dead_pct", "mean_f1", "mean_f1_top5"):
+            for key in (
+                "l0",
+                "dead_pct",
+                "mean_f1",
+                "mean_f1_top5",
+                "mean_top5_f1",
+                "train_l0",
+                "train_dead_pct",
+            ):
                 agg[key + "_mean"] = statistics.fmean(r[key] for r in runs)
                 agg[key + "_std"] = statistics.pstdev(r[key] for r in runs)
-            for key in ("f1", "f1_top5", "concept_l0"):
+            for key in ("f1", "f1_top5", "concept_l0", "top5_f1", "concept_nmse", "train_concept_l0"):
                 agg[key + "_mean"] = [statistics.fmean(r[key][c] for r in runs) for c in range(n_concepts)]
                 agg[key + "_std"] = [statistics.pstdev(r[key][c] for r in runs) for c in range(n_concepts)]
             agg["runs"] = runs
@@ -203,9 +309,16 @@ def sweep(
 
 
 def run(
-    per_cluster: int, seeds: list[int], width: int = 128, batch: int = 512, kinds=None, log=print
+    per_cluster: int,
+    seeds: list[int],
+    width: int = 128,
+    batch: int = 512,
+    kinds=None,
+    log=print,
+    variant: str = "authors",
 ) -> dict:
-    chosen = {k: SWEEPS[k] for k in (kinds or SWEEPS)}
+    table = SWEEPS if variant == "authors" else PACKAGE_SWEEPS
+    chosen = {k: table[k] for k in (kinds or table)}
     results = {
         "experiment": "separability (paper configuration)",
         "config": {
@@ -214,12 +327,16 @@ def run(
             "epochs": 1, "optimizer": "adam", "lr": 1e-2, "lr_final": 1e-4, "clip": 1.0,
             "firing_threshold": FIRING, "seeds": seeds,
             "sweeps": {k: {"knob": knob, "values": vals} for k, (knob, vals) in chosen.items()},
-            "spade_gamma_reg": SPADE_GAMMA, "jumprelu": JUMP,
+            "spade_gamma_reg": SPADE_GAMMA, "jumprelu": JUMP, "variant": variant,
+            "model_configs": {k: model_config(k, knob, 2, width, variant) for k, (knob, _) in chosen.items()},
+            "authors_metrics": f"on {AUTHORS_POINTS} training points per concept (seed 0)",
         },
         "models": {},
         "torch": torch.__version__,
     }  # fmt: skip
-    results["models"] = sweep(lambda seed: make_data(per_cluster, seed), 6, seeds, width, batch, chosen, log)
+    results["models"] = sweep(
+        lambda seed: make_data(per_cluster, seed), 6, seeds, width, batch, chosen, log, variant=variant
+    )
     return results
 
 
@@ -302,7 +419,10 @@ def cli(
     plot_fn,
     stem: str,
 ):
-    """The experiments' shared command line: size, seeds, model subset, output folder; JSON and PNG out."""
+    """The experiments' shared command line: size, seeds, model subset, variant, output folder; JSON and PNG out.
+
+    ``sweeps``: {"authors": sweeps, "package": sweeps}, each {model: (knob, values)}.
+    """
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument(
         size_flag,
@@ -311,7 +431,8 @@ def cli(
         help="samples" + (f" per concept (paper: {paper_size})" if paper_size else ""),
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting")
-    p.add_argument("--models", default=",".join(sweeps), help="comma-separated subset of " + ",".join(sweeps))
+    variants, names = sweeps, list(sweeps["authors"])
+    p.add_argument("--models", default=",".join(names), help="comma-separated subset of " + ",".join(names))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument(
         "--setting",
@@ -326,6 +447,13 @@ def cli(
         help="sweep MODEL over KNOB (a keyword of its class, e.g. spade:gamma_reg=0.01,0.1,1) "
         "instead of its default sweep; repeatable",
     )
+    p.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="authors",
+        help="authors: the paper's baselines and knobs as the authors' code has them (default); package: this "
+        "package's baselines and knobs",
+    )
     p.add_argument("--name", default=stem, help=f"output file stem (default {stem})")
     p.add_argument(
         "--merge",
@@ -334,6 +462,7 @@ def cli(
         "baseline re-run with new settings)",
     )
     args = p.parse_args(argv)
+    sweeps = variants[args.variant]
     size = getattr(args, size_flag.lstrip("-").replace("-", "_"))
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(sweeps))
@@ -363,7 +492,7 @@ def cli(
     t0 = time.perf_counter()
     try:
         sweeps.update(chosen)  # the experiment reads the module's sweeps: changed for this run only
-        results = run_fn(size, list(range(args.seeds)), kinds=kinds)
+        results = run_fn(size, list(range(args.seeds)), kinds=kinds, variant=args.variant)
     except KeyboardInterrupt:
         print(f"stopped by Ctrl-C after {time.perf_counter() - t0:.0f} s: nothing written (the results "
               "are written once every run of the sweep has finished)", file=sys.stderr)  # fmt: skip
@@ -384,6 +513,10 @@ def cli(
         results["models"] = {**{k: earlier["models"][k] for k in kept}, **results["models"]}
         results["config"]["sweeps"] = {**{k: earlier["config"]["sweeps"][k] for k in kept},
                                        **results["config"]["sweeps"]}  # fmt: skip
+        for key in ("model_configs",):  # per-model records: the kept models' from the earlier run
+            if key in earlier["config"] or key in results["config"]:
+                results["config"][key] = {**{k: earlier["config"].get(key, {}).get(k) for k in kept},
+                                          **results["config"].get(key, {})}  # fmt: skip
         results["merged"] = {"kept_models": kept, "their_cpu_s": earlier.get("cpu_s"),
                              "their_command": earlier.get("command"), "their_config": earlier["config"]}  # fmt: skip
     path.write_text(json.dumps(results, indent=1))
@@ -393,7 +526,8 @@ def cli(
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(argv, __doc__, "--per-cluster", 50_000, 1_000_000, SWEEPS, run, plot, "separability")
+    variants = {"authors": SWEEPS, "package": PACKAGE_SWEEPS}
+    return cli(argv, __doc__, "--per-cluster", 50_000, 1_000_000, variants, run, plot, "separability")
 
 
 if __name__ == "__main__":

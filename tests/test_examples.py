@@ -214,7 +214,9 @@ def test_paper_data_as_the_notebooks_build_it():
     ],
 )
 def test_paper_experiments_tiny(module, flag, stem, tmp_path, capsys):
-    args = [flag, "200", "--seeds", "2", "--models", "spade,topk", "--out", str(tmp_path)]
+    # Two settings of each sweep (the authors' knobs), to stay quick.
+    two = ["--sweep", "spade:gamma_reg=1,0.01", "--sweep", "topk:k=2,4"]
+    args = [flag, "200", "--seeds", "2", "--models", "spade,topk", *two, "--out", str(tmp_path)]
     if module is paper_formal_language:
         args += ["--lm-steps", "20"]
     assert module.main(args) == 0
@@ -226,12 +228,86 @@ def test_paper_experiments_tiny(module, flag, stem, tmp_path, capsys):
         for p in points:
             assert len(p["runs"]) == 2 and len(p["f1_mean"]) == len(p["concept_l0_mean"]) == n
             assert all(0 <= f <= 1 for f in p["f1_mean"])
-    # TopK's L0 is its k.
-    assert [round(p["l0_mean"]) for p in res["models"]["topk"]] == res["config"]["sweeps"]["topk"]["values"]
+    # The authors' TopK keeps the k largest ReLU pre-activations: L0 is at most k (k where k positive ones exist).
+    assert (
+        res["config"]["variant"] == "authors"
+        and res["config"]["model_configs"]["topk"]["variant"] == "authors"
+    )
+    for p, k in zip(res["models"]["topk"], res["config"]["sweeps"]["topk"]["values"]):
+        assert p["l0_mean"] <= k + 1e-9 and p["train_l0_mean"] <= k + 1e-9
+        assert len(p["top5_f1_mean"]) == len(p["concept_nmse_mean"]) == n
     if module is paper_heterogeneity:
         assert res["config"]["intrinsic_dims"] == [6, 14, 30, 62, 126]
     with pytest.raises(SystemExit):
         module.main(["--models", "nope"])
+
+
+def test_paper_experiments_package_variant(tmp_path):
+    args = [
+        "--per-cluster",
+        "200",
+        "--seeds",
+        "1",
+        "--models",
+        "topk,relu",
+        "--variant",
+        "package",
+        "--out",
+        str(tmp_path),
+    ]
+    assert paper_separability.main(args) == 0
+    res = json.loads((tmp_path / "separability.json").read_text())
+    assert res["config"]["variant"] == "package" and res["config"]["sweeps"]["topk"]["values"] == [
+        32,
+        16,
+        8,
+        4,
+        2,
+    ]
+    assert res["config"]["model_configs"]["topk"]["aux_coeff"] == 1 / 32
+    # This package's TopK: L0 is k.
+    assert [round(p["l0_mean"]) for p in res["models"]["topk"]] == [32, 16, 8, 4, 2]
+
+
+def test_authors_baselines_as_their_code_has_them():
+    from authors_baselines import AuthorsJumpReLUSAE, AuthorsReLUSAE, AuthorsTopKSAE
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    # ReLU: plain L1 on codes λ·(W_e(x − b_d) + b_e) rectified; the decoder's rows normalised in the forward pass.
+    relu = AuthorsReLUSAE(8, 32, l1_coeff=0.3).double()
+    with torch.no_grad():
+        relu.W_dec.mul_(5.0)
+    z, loss, mse = relu(x)
+    assert torch.allclose(z, torch.relu(((x - relu.b_dec) @ relu.W_enc.T + relu.b_enc) / 16))
+    rows = relu.W_dec / (1e-6 + relu.W_dec.norm(dim=1, keepdim=True))
+    assert torch.allclose(mse, (x - z @ rows - relu.b_dec).pow(2).sum(1).mean())
+    assert torch.allclose(loss - mse, 0.3 * z.abs().sum(1).mean())
+    # TopK: with no latent dead the auxiliary term is mean‖x − x̂ − b_d‖² (weight 1), not 0; a latent silent
+    # for 20 consecutive batches is dead; codes are λ times the k largest ReLU pre-activations.
+    topk = AuthorsTopKSAE(8, 32, k=3).double()
+    with torch.no_grad():
+        topk.b_dec.fill_(0.1)
+    z, loss, mse = topk(x)
+    x_hat = topk.decode(z)
+    assert torch.allclose(loss - mse, (x - x_hat - topk.b_dec).pow(2).sum(1).mean())
+    assert ((z > 0).sum(1) <= 3).all() and topk.aux_k == 3
+    silent = (z.abs() < 1e-12).all(0)
+    for _ in range(19):
+        topk(x)
+    assert ((topk.batches_silent >= 20) == silent).all() and silent.any()
+    # JumpReLU: θ₀ = ε = 1e-3; the L0 term sends no gradient to the codes, only to θ, and only from codes
+    # in (θ, θ + ε/2].
+    jump = AuthorsJumpReLUSAE(8, 32, l0_coeff=1.0).double()
+    assert jump.threshold_init == jump.bandwidth == 1e-3
+    z, loss, mse = jump(x)
+    (g_theta,) = torch.autograd.grad(loss - mse, jump.log_threshold, retain_graph=True)
+    theta = jump.log_threshold.exp().detach()
+    in_window = ((z > theta) & (z <= theta + 0.5e-3)).sum(0)
+    want = -(1 / 1e-3) * in_window / x.shape[0] * theta  # d/d log θ = θ · d/dθ
+    assert torch.allclose(g_theta, want)
+    (g_enc,) = torch.autograd.grad(loss - mse, jump.W_enc, allow_unused=True)
+    assert g_enc is None or not g_enc.any()
 
 
 def test_paper_experiments_run_one_setting_under_another_name(tmp_path):
@@ -239,7 +315,7 @@ def test_paper_experiments_run_one_setting_under_another_name(tmp_path):
     assert paper_separability.main([*argv, "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "one.json").read_text())
     assert [p["k"] for p in res["models"]["topk"]] == [paper_separability.SWEEPS["topk"][1][2]]
-    assert len(paper_separability.SWEEPS["topk"][1]) == 5  # the module's sweep is left as it was
+    assert len(paper_separability.SWEEPS["topk"][1]) == 10  # the module's sweep is left as it was
     with pytest.raises(SystemExit):
         paper_separability.main(["--setting", "99", "--out", str(tmp_path)])
 
@@ -273,7 +349,8 @@ def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monke
     import paper_tables
 
     out = tmp_path / "results"
-    small = ["--seeds", "1", "--models", "spade,topk", "--out", str(out)]
+    small = ["--seeds", "1", "--models", "spade,topk", "--sweep", "topk:k=2,4", "--sweep", "spade:gamma_reg=1,0.01",
+             "--out", str(out)]  # fmt: skip
     assert paper_separability.main(["--per-cluster", "100", *small]) == 0
     assert paper_heterogeneity.main(["--per-concept", "100", *small]) == 0
     assert paper_formal_language.main(["--sentences", "100", "--lm-steps", "5", *small]) == 0
@@ -288,18 +365,25 @@ def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monke
     assert paper_tables.main(["--doc", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and "| SpaDE |" in text and "| TopK |" in text and "| ReLU |" not in text
-    assert "0.69/0.87/0.89/0.89/0.95/0.98" in text  # the authors' numbers beside ours
+    # The authors' formal-language points (L0 from their sparsity, F1) beside ours, sparse → dense.
     assert (
-        "| separability | 100 per cluster | 1 | 0.1 |" in text
-        and "| separability | 100 per cluster | 1 | 3 |" in text
+        "| SpaDE | paper | — | 1.2 | 0.98 | — | — | 7.4 |" in text
+        and "| TopK | paper | — | 64.0 | 0.67 | — | — | 0.8 |" in text
     )
-    assert "mean F1, group of ≤ 5" in text
+    spade_rows = [r for r in text.splitlines() if r.startswith("| SpaDE | ") and " paper " not in r]
+    assert spade_rows
+    assert (
+        "| separability | 100 per cluster | 1 | gamma_reg = 0.1 |" in text
+        and "| separability | 100 per cluster | 1 | gamma_reg = 3 |" in text
+    )
+    assert "top-5 F1, inner" in text and "NMSE per concept" in text
     assert paper_tables.main(["--doc", str(readme), "--check"]) == 0
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="has no <!-- paper-table:separability -->"):
         paper_tables.main(["--doc", str(readme)])
 
 
+@pytest.mark.slow
 def test_formal_language_ce_and_its_table(tmp_path, monkeypatch):
     import formal_language_ce
     import paper_tables

@@ -1,0 +1,200 @@
+"""This package's SpaDE and examples/authors_baselines.py beside the authors' own code, step by step, float64.
+
+The authors' repository (Sai-Sumedh/SaeConceptDuality-SpaDE) is not part of
+this one: fetch it and point ``--authors`` at its root folder (the one
+holding ``models.py`` and ``functions/``).  Their ``sparsemax`` dependency (a
+PyPI package) is stood in for by this package's ``spade_kernels.sparsemax``.
+For each model both sides start from the same weights and take the same 60
+SGD steps (lr 0.05, batch 64, d = 8, width 32) through the authors'
+``functions.train_test.train`` and through this side's loss; the script
+prints the largest difference of every parameter after them (and of SpaDE's
+codes along the way).  λ is set equal on both sides: theirs is
+softplus(softplus⁻¹(1/(2d))) computed in float32, 1/(2d) + 3.4e-8 at d = 8.
+
+    python examples/compare_with_authors.py --authors /path/to/SaeConceptDuality-SpaDE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+import spade_kernels as sk
+
+D, WIDTH, BATCH, STEPS, LR = 8, 32, 64, 60, 0.05
+
+
+def _stand_in_sparsemax() -> None:
+    class Sparsemax(torch.nn.Module):
+        def __init__(self, dim: int = -1) -> None:
+            super().__init__()
+            self.dim = dim
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return sk.sparsemax(z.movedim(self.dim, -1)).movedim(-1, self.dim)
+
+    sys.modules["sparsemax"] = types.SimpleNamespace(Sparsemax=Sparsemax)
+
+
+def compare(src: Path) -> dict[str, float]:
+    _stand_in_sparsemax()
+    sys.path.insert(0, str(src))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import authors_baselines as ours
+    from functions.train_test import train
+    from models import SAE
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def their_step(model, optimizer, x, regularizer, gamma, **kw):
+        loader = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=len(x))
+        train(loader, model, optimizer, update_status_fn=lambda s: None, regularizer=regularizer,
+              gamma_reg=gamma, num_concepts=1, **kw)  # fmt: skip
+
+    results = {}
+    torch.manual_seed(0)
+    baselines = (
+        ("relu", "relu", "l1", 0.01, ours.AuthorsReLUSAE(D, WIDTH, l1_coeff=0.01), {}),
+        ("topk", "topk_relu", "auxloss", 1.0, ours.AuthorsTopKSAE(D, WIDTH, k=4), {"kval_topk": 4}),
+        ("jumprelu", "jumprelu", "l0", 0.05, ours.AuthorsJumpReLUSAE(D, WIDTH, l0_coeff=0.05), {}),
+    )
+    for name, sae_type, reg, gamma, mine, kw in baselines:
+        theirs = SAE(dimin=D, width=WIDTH, sae_type=sae_type, normalize_decoder=True, **kw).double()
+        mine = mine.double()
+        with torch.no_grad():
+            mine.W_enc.copy_(theirs.Ae)
+            mine.W_dec.copy_(theirs.Ad.T)
+            mine.b_dec.copy_(theirs.bd[0])
+            if mine.b_enc is not None:
+                mine.b_enc.copy_(theirs.be[0])
+            if hasattr(mine, "log_threshold"):
+                mine.log_threshold.copy_(theirs.logthreshold[0])
+            mine.lam.copy_(theirs.lambda_val.detach().reshape(()))
+        opt_t = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=LR)
+        opt_o = torch.optim.SGD(mine.parameters(), lr=LR)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(STEPS):
+            x = 0.5 * torch.randn(BATCH, D, generator=gen, dtype=torch.float64)
+            if name == "topk":
+                x = x.abs() + 1.0  # latents that never fire, so the dead counter and AuxK run
+            their_step(theirs, opt_t, x, reg, gamma)
+            mine.train()
+            opt_o.zero_grad()
+            mine(x)[1].backward()
+            opt_o.step()
+        pairs = [(mine.W_enc, theirs.Ae), (mine.W_dec, theirs.Ad.T), (mine.b_dec, theirs.bd[0])]
+        if mine.b_enc is not None:
+            pairs.append((mine.b_enc, theirs.be[0]))
+        if hasattr(mine, "log_threshold"):
+            pairs.append((mine.log_threshold, theirs.logthreshold[0]))
+        results[name] = max(float((a - b).detach().abs().max()) for a, b in pairs)
+        if name == "topk":
+            same = torch.equal(mine.batches_silent.double(), theirs.deadcounts.double().flatten())
+            results["topk dead counters equal"] = float(same)
+            results["topk longest silence (batches)"] = float(mine.batches_silent.max())
+    for backend in ("reference", "torch", "native"):
+        if sk.backends.backend_status().get(backend) is not None:
+            continue
+        theirs = SAE(dimin=D, width=WIDTH, sae_type="sparsemax_dist").double()
+        layer = sk.SpaDE(D, WIDTH, gamma_reg=0.1, backend=backend, dtype=torch.float64)
+        with torch.no_grad():
+            layer.prototypes.copy_(theirs.Ae)
+            layer.W_dec.copy_(theirs.Ad.T)
+            layer.lambda_raw.copy_(theirs.lambda_pre.reshape(()))
+        opt_t = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=LR)
+        opt_o = torch.optim.SGD(layer.parameters(), lr=LR)
+        gen = torch.Generator().manual_seed(1)
+        codes = 0.0
+        for _ in range(STEPS):
+            x = torch.randn(BATCH, D, generator=gen, dtype=torch.float64)
+            with torch.no_grad():
+                codes = max(codes, float((layer.encode(x) - theirs(x, return_hidden=True)[1]).abs().max()))
+            their_step(theirs, opt_t, x, "dist_weighted_l1", 0.1, encoder_reg=True)
+            opt_o.zero_grad()
+            layer(x).loss.backward()
+            opt_o.step()
+        pairs = [(layer.prototypes, theirs.Ae), (layer.W_dec, theirs.Ad.T),
+                 (layer.lambda_raw, theirs.lambda_pre.reshape(()))]  # fmt: skip
+        results[f"spade ({backend}) codes"] = codes
+        results[f"spade ({backend})"] = max(float((a - b).detach().abs().max()) for a, b in pairs)
+    return results
+
+
+def time_steps(src: Path, shapes, repeats: int = 5) -> list[dict]:
+    """Seconds per SpaDE training step (forward, loss, backward, Adam step), theirs and this package's
+    (``auto`` backend), float32, alternated in one process after a warm-up; medians of ``repeats``."""
+    _stand_in_sparsemax()
+    sys.path.insert(0, str(src))
+    from functions.train_test import train
+    from models import SAE
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return [_time_shape(train, SAE, DataLoader, TensorDataset, shape, repeats) for shape in shapes]
+
+
+def _time_shape(train, SAE, DataLoader, TensorDataset, shape, repeats: int) -> dict:
+    import statistics
+    import time
+
+    B, d, K = shape
+    x = torch.randn(B, d, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, torch.zeros(B, dtype=torch.long)), batch_size=B)
+    theirs = SAE(dimin=d, width=K, sae_type="sparsemax_dist")
+    layer = sk.SpaDE(d, K, gamma_reg=0.1)
+    opt_t = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=1e-3)
+    opt_o = torch.optim.Adam(layer.parameters(), lr=1e-3)
+
+    def step_theirs():
+        train(loader, theirs, opt_t, update_status_fn=lambda s: None, regularizer="dist_weighted_l1",
+              encoder_reg=True, gamma_reg=0.1, num_concepts=1, clip_grad=True)  # fmt: skip
+
+    def step_ours():
+        opt_o.zero_grad()
+        layer(x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
+        opt_o.step()
+
+    times = {"theirs": [], "ours": []}
+    for fn in (step_theirs, step_ours):  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in (("theirs", step_theirs), ("ours", step_ours)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    t, o = statistics.median(times["theirs"]), statistics.median(times["ours"])
+    return {"shape": shape, "theirs_s": t, "ours_s": o, "speedup": t / o}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--authors", type=Path, required=True, help="the authors' repository root (models.py, functions/)"
+    )
+    parser.add_argument(
+        "--time",
+        action="store_true",
+        help="also time a SpaDE training step, theirs and ours, at (2048, 128, 512) and (1024, 768, 1024) (B, d, K)",
+    )
+    args = parser.parse_args(argv)
+    if not (args.authors / "models.py").is_file():
+        parser.error(f"--authors {args.authors}: no models.py there")
+    if args.time:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for row in time_steps(args.authors, [(2048, 128, 512), (1024, 768, 1024)]):
+            print(f"step at (B, d, K) = {row['shape']}: theirs {row['theirs_s'] * 1e3:.1f} ms, this package "
+                  f"{row['ours_s'] * 1e3:.2f} ms, {row['speedup']:.0f}× faster")  # fmt: skip
+        return 0
+    for name, value in compare(args.authors).items():
+        print(
+            f"{name:32s} {value:.3g}"
+            + ("" if "dead" in name or "silence" in name else "  (max |difference|)")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
