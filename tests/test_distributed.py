@@ -576,6 +576,8 @@ def test_a_shard_out_of_range_fails_every_rank_at_once(tmp_path):
         ({0: 130, 1: -15}, 130),
         ({0: -15, 1: -15}, 1),  # killed, nobody stopped: a failure
         ({0: -9, 1: 143}, 1),  # a rank killed otherwise: a failure
+        ({0: -15, 1: 2}, 2),  # rank 1 refused a damaged state (its line); the agent tore rank 0 down
+        ({0: -9, 1: 2}, 1),
         ({0: 1, 1: 143}, 1),
     ],
 )

@@ -1372,12 +1372,13 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         handled = {2, 130, 143}
         if all(code in handled for code in codes.values()):
             return max(codes.values())  # each rank printed its own line
-        stopped = [code for code in codes.values() if code in (130, 143)]
-        if stopped and all(code in handled or code == -signal.SIGTERM for code in codes.values()):
+        reported = [code for code in codes.values() if code in handled]
+        if reported and all(code in handled or code == -signal.SIGTERM for code in codes.values()):
             # A rank that stopped on a signal exits only after every rank agreed on the stop and the state
-            # was written; the launcher then tears the slower ranks down with SIGTERM (their handlers are
-            # gone by then). The run was stopped, not failed: rank 0 printed where its state is.
-            return max(stopped)
+            # was written, and a rank that refused its input (2) said why in its line; the launcher then
+            # tears the slower ranks down with SIGTERM (their handlers are gone by then). The run was
+            # stopped (rank 0 printed where its state is) or refused, not failed.
+            return max(reported)
         how = [
             f"rank {rank} "
             + (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}")
