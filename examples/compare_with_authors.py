@@ -26,6 +26,8 @@ import torch
 import spade_kernels as sk
 
 D, WIDTH, BATCH, STEPS, LR = 8, 32, 64, 60, 0.05
+#: The shapes (B, d, K) that --time measures: the paper's toy sizes and an LLM-like one.
+SHAPES = [(2048, 128, 512), (1024, 768, 1024)]
 
 
 def _stand_in_sparsemax() -> None:
@@ -123,22 +125,21 @@ def compare(src: Path) -> dict[str, float]:
     return results
 
 
-def time_steps(src: Path, shapes, repeats: int = 5) -> list[dict]:
-    """Seconds per SpaDE training step (forward, loss, backward, Adam step), theirs and this package's
-    (``auto`` backend), float32, alternated in one process after a warm-up; medians of ``repeats``."""
+def _load_theirs(src: Path):
     _stand_in_sparsemax()
     sys.path.insert(0, str(src))
     from functions.train_test import train
     from models import SAE
+
+    return train, SAE
+
+
+def _steps(src: Path, shape) -> dict:
+    """One SpaDE training step (forward, loss, backward, clip, Adam) at ``shape`` = (B, d, K), float32:
+    theirs through their ``train`` on one batch, and this package's (``auto`` backend)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    return [_time_shape(train, SAE, DataLoader, TensorDataset, shape, repeats) for shape in shapes]
-
-
-def _time_shape(train, SAE, DataLoader, TensorDataset, shape, repeats: int) -> dict:
-    import statistics
-    import time
-
+    train, SAE = _load_theirs(src)
     B, d, K = shape
     x = torch.randn(B, d, generator=torch.Generator().manual_seed(0))
     loader = DataLoader(TensorDataset(x, torch.zeros(B, dtype=torch.long)), batch_size=B)
@@ -157,16 +158,71 @@ def _time_shape(train, SAE, DataLoader, TensorDataset, shape, repeats: int) -> d
         torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
         opt_o.step()
 
-    times = {"theirs": [], "ours": []}
-    for fn in (step_theirs, step_ours):  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in (("theirs", step_theirs), ("ours", step_ours)):
-            t0 = time.perf_counter()
+    return {"theirs": step_theirs, "ours": step_ours}
+
+
+def time_steps(src: Path, shapes, repeats: int = 5) -> list[dict]:
+    """Seconds per SpaDE training step, theirs and this package's, alternated in one process after a
+    warm-up step each (medians of ``repeats``), and each side's peak memory for one step, measured in a
+    fresh process (:func:`peak_step_bytes`)."""
+    import statistics
+    import time
+
+    rows = []
+    for shape in shapes:
+        steps = _steps(src, shape)
+        times = {"theirs": [], "ours": []}
+        for fn in steps.values():  # warm-up
             fn()
-            times[name].append(time.perf_counter() - t0)
-    t, o = statistics.median(times["theirs"]), statistics.median(times["ours"])
-    return {"shape": shape, "theirs_s": t, "ours_s": o, "speedup": t / o}
+        for _ in range(repeats):
+            for name, fn in steps.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        t, o = statistics.median(times["theirs"]), statistics.median(times["ours"])
+        B, d, K = shape
+        rows.append({"shape": list(shape), "theirs_s": t, "ours_s": o, "speedup": t / o,
+                     "theirs_times_s": times["theirs"], "ours_times_s": times["ours"],
+                     "theirs_peak_bytes": peak_step_bytes(src, shape, "theirs"),
+                     "ours_peak_bytes": peak_step_bytes(src, shape, "ours"),
+                     "b_k_d_float32_bytes": B * K * d * 4})  # fmt: skip
+    return rows
+
+
+def peak_step_bytes(src: Path, shape, side: str) -> int:
+    """How far one training step raises a fresh process's peak resident memory (ru_maxrss after the
+    step minus before it, set-up done): the step's own high-water mark above what the set-up holds."""
+    import subprocess
+
+    args = [sys.executable, __file__, "--authors", str(src), "--peak-step", side, *map(str, shape)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
+def _peak_step(src: Path, side: str, shape) -> int:
+    import resource
+
+    step = _steps(src, shape)[side]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux: KiB
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,16 +233,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--time",
         action="store_true",
-        help="also time a SpaDE training step, theirs and ours, at (2048, 128, 512) and (1024, 768, 1024) (B, d, K)",
+        help="time a SpaDE training step and measure its peak memory, theirs and ours, at (B, d, K) = "
+        + ", ".join(map(str, SHAPES)),
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="with --time: also write the measurements (and the machine, its load) as JSON",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="with --time: timed steps per side (default 5)"
+    )
+    parser.add_argument("--peak-step", nargs=4, metavar=("SIDE", "B", "D", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not (args.authors / "models.py").is_file():
         parser.error(f"--authors {args.authors}: no models.py there")
+    if args.peak_step:  # one side's step in this fresh process (see peak_step_bytes)
+        side, *shape = args.peak_step
+        print(_peak_step(args.authors, side, tuple(map(int, shape))))
+        return 0
     if args.time:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        for row in time_steps(args.authors, [(2048, 128, 512), (1024, 768, 1024)]):
-            print(f"step at (B, d, K) = {row['shape']}: theirs {row['theirs_s'] * 1e3:.1f} ms, this package "
-                  f"{row['ours_s'] * 1e3:.2f} ms, {row['speedup']:.0f}× faster")  # fmt: skip
+        import json
+        import os
+
+        if args.repeats < 1:
+            parser.error("--repeats must be ≥ 1")
+        machine, load = _machine(), [os.getloadavg()]
+        print(f"torch {machine['torch']}, {machine['threads']} threads, {machine['cpu']}")
+        rows = time_steps(args.authors, SHAPES, args.repeats)
+        load.append(os.getloadavg())
+        for row in rows:
+            print(f"step at (B, d, K) = {tuple(row['shape'])}: theirs {row['theirs_s'] * 1e3:.1f} ms "
+                  f"(peak +{row['theirs_peak_bytes'] / 2**20:.0f} MiB), this package {row['ours_s'] * 1e3:.2f} ms "
+                  f"(peak +{row['ours_peak_bytes'] / 2**20:.0f} MiB), {row['speedup']:.0f}× faster")  # fmt: skip
+        print(f"load average (1, 5, 15 min) before {load[0]}, after {load[1]}")
+        if args.out:
+            args.out.write_text(json.dumps({
+                "what": "one SpaDE training step (forward, loss, backward, clip, Adam), float32, batch = B",
+                "theirs": "the authors' models.SAE(sae_type='sparsemax_dist') through functions.train_test.train "
+                          "(dist_weighted_l1, encoder_reg, clip_grad), their sparsemax package stood in for by "
+                          "spade_kernels.sparsemax",
+                "ours": "spade_kernels.SpaDE (backend auto), loss.backward, clip_grad_norm_ 1.0, Adam",
+                "timing": f"medians of {args.repeats} steps per side, alternated in one process after a warm-up "
+                          "step each; peak memory: ru_maxrss growth over one step in a fresh process",
+                "machine": machine, "load_average_before_after": load, "repeats": args.repeats,
+                "command": "python examples/compare_with_authors.py --authors DIR --time --out FILE",
+                "rows": rows}, indent=1))  # fmt: skip
+            print(f"wrote {args.out}")
         return 0
     for name, value in compare(args.authors).items():
         print(

@@ -133,28 +133,25 @@ def pos_probe_accuracy(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> fl
     return float((probe(x[n:]).argmax(1) == y[n:]).float().mean())
 
 
-def run(
-    sentences: int,
-    seeds: list[int],
-    kinds=None,
-    lm_steps: int = 1200,
-    lm_batch: int = 128,
-    log=print,
-    variant: str = "authors",
-) -> dict:
-    table = SWEEPS if variant == "authors" else PACKAGE_SWEEPS
-    chosen = {k: table[k] for k in (kinds or table)}
+def sae_data(model: TinyLM, tokens, tags, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SAEs' data: activations after ``layer`` blocks at every word token, shuffled (seed 0),
+    mean-centred and scaled to E‖x‖² = d (the authors centre; the scale is this package's), and their POS."""
+    x, labels = activations(model, tokens, tags, layer=layer)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, labels = x[order], labels[order]
+    x = x - x.mean(0)
+    return x * (x.shape[1] / x.pow(2).sum(1).mean()) ** 0.5, labels
+
+
+def prepare(sentences: int, lm_steps: int = 1200, lm_batch: int = 128, log=print):
+    """The transformer (trained on 20,000 sentences) and the SAEs' data from ``sentences`` fresh ones
+    (seed 2, not seen by the transformer): (x, labels, the transformer's record, (model, tokens, tags))."""
     t0 = time.perf_counter()
     train_tokens, _ = corpus(20_000, seed=1, max_len=MODEL["max_len"])
     model, lm_losses = train_lm(train_tokens, lm_steps, lm_batch, seed=0, log=log)
     lm_s = time.perf_counter() - t0
-    # The SAEs' data: activations of fresh sentences (not seen by the transformer).
     tokens, tags = corpus(sentences, seed=2, max_len=MODEL["max_len"])
-    x, labels = activations(model, tokens, tags, layer=MODEL["layers"] // 2)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, labels = x[order], labels[order]
-    x = x - x.mean(0)
-    x = x * (x.shape[1] / x.pow(2).sum(1).mean()) ** 0.5
+    x, labels = sae_data(model, tokens, tags, layer=MODEL["layers"] // 2)
     held_out, _ = corpus(2_000, seed=3, max_len=MODEL["max_len"])
     lm = {
         "config": {**MODEL, "steps": lm_steps, "batch_size": lm_batch, "train_sentences": 20_000,
@@ -166,6 +163,21 @@ def run(
     }  # fmt: skip
     log(f"transformer: held-out next-token loss {lm['held_out_next_token_loss']:.3f}, "
         f"linear POS probe {lm['pos_probe_accuracy']:.3f} on the activations ({lm_s:.0f} s)")  # fmt: skip
+    return x, labels, lm, (model, tokens, tags)
+
+
+def run(
+    sentences: int,
+    seeds: list[int],
+    kinds=None,
+    lm_steps: int = 1200,
+    lm_batch: int = 128,
+    log=print,
+    variant: str = "authors",
+) -> dict:
+    table = SWEEPS if variant == "authors" else PACKAGE_SWEEPS
+    chosen = {k: table[k] for k in (kinds or table)}
+    x, labels, lm, _ = prepare(sentences, lm_steps, lm_batch, log)
     counts = torch.bincount(labels, minlength=len(POS)).tolist()
     results = {
         "experiment": "formal language (PCFG, small transformer; paper's SAE configuration)",

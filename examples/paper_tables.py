@@ -366,6 +366,51 @@ def spade_gamma(results: dict[str, dict]) -> str:
     return "\n".join([*lines, "", f"Commands: {commands}."])
 
 
+def formal_language_gap(result: dict) -> str:
+    """SpaDE at the sparse end under one change at a time (examples/formal_language_gap.py)."""
+    cfg, paper = result["config"], result["paper_sparse_end"]
+    lines = [
+        f"{cfg['tokens']:,} tokens of {cfg['sentences']:,} sentences, width {cfg['width']}, "
+        f"{len(cfg['seeds'])} seeds (seed means), γ = {' and '.join(f'{g:g}' for g in cfg['gammas'])}; "
+        f"`{result['command']}`, {result['seconds'] / 60:.0f} min on a 2-core CPU. POS share: the share of the "
+        "variance the POS means explain; PR: the participation ratio (Σλ)²/Σλ² of the covariance's eigenvalues "
+        f"(of 128). Paper, at its L0 {paper['l0']:.1f}: F1 {paper['f1']:.2f}, {paper['dead_pct']:.1f}% dead.",
+        "",
+        "| change | POS share | PR | γ | L0 | F1 | F1, the paper's 6 POS | dead % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["conditions"].values():
+        for s in c["settings"]:
+            lines.append(
+                f"| {c['what']} | {c['pos_variance_share']:.2f} | {c['participation_ratio']:.1f} "
+                f"| {s['gamma_reg']:g} | {s['l0_mean']:.1f} | {s['mean_f1_mean']:.2f} "
+                f"| {s['mean_f1_six_mean']:.2f} | {s['dead_pct_mean']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def authors_speed(result: dict) -> str:
+    """One SpaDE training step, the authors' code and this package's, time and peak memory."""
+    m, (before, after) = result["machine"], result["load_average_before_after"]
+    lines = [
+        f"{result['what']}; theirs: {result['theirs']}; ours: {result['ours']}. {result['timing']}. "
+        f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}; load average "
+        f"{before[0]:.2f} before, {after[0]:.2f} after. `{result['command']}`.",
+        "",
+        "| B | d | K | theirs, ms | this package, ms | speed-up | theirs, peak MiB | this package, peak MiB "
+        "| one B×K×d float32 tensor, MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        B, d, K = r["shape"]
+        lines.append(
+            f"| {B} | {d} | {K} | {r['theirs_s'] * 1e3:.1f} | {r['ours_s'] * 1e3:.2f} | {r['speedup']:.0f}× "
+            f"| {r['theirs_peak_bytes'] / 2**20:.0f} | {r['ours_peak_bytes'] / 2**20:.0f} "
+            f"| {r['b_k_d_float32_bytes'] / 2**20:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def _larger(*names: str) -> list[dict]:
     """The runs at larger sizes that exist, in the order given."""
     return [r for r in map(_load, names) if r is not None]
@@ -397,6 +442,12 @@ def tables() -> dict[str, str]:
     gamma = {n: r for n in GAMMA_RUNS if (r := _load(n)) is not None}
     if gamma:
         out["spade_gamma"] = spade_gamma(gamma)
+    gap = _load("formal_language_gap")
+    if gap is not None:
+        out["formal_language_gap"] = formal_language_gap(gap)
+    speed = _load("authors_speed")
+    if speed is not None:
+        out["authors_speed"] = authors_speed(speed)
     ce = _load("formal_language_ce")
     if ce is not None:
         out["formal_language_ce"] = formal_language_ce(ce)

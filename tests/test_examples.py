@@ -383,6 +383,53 @@ def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monke
         paper_tables.main(["--doc", str(readme)])
 
 
+def test_formal_language_gap_edits_measure_and_tabulate(tmp_path, monkeypatch):
+    import formal_language_gap as gap
+    import paper_tables
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(8).repeat(40)
+    means = 3 * torch.randn(8, 16, generator=g)
+    x = means[labels] + torch.randn(len(labels), 16, generator=g) * torch.linspace(0.1, 2, 16)
+    geo = gap.geometry(x, labels)
+    assert 0 < geo["pos_variance_share"] < 1 and 1 <= geo["participation_ratio"] <= 16
+    # Deviations from the POS means shrunk to nothing: the POS means explain all of the variance.
+    assert gap.geometry(gap.edited(x, labels, 200, ("shrink", 0.0)), labels)[
+        "pos_variance_share"
+    ] == pytest.approx(1)
+    # Fully whitened on the training rows: every direction carries the same variance there.
+    white = gap.edited(x, labels, len(x), ("flatten", 1.0))
+    assert gap.geometry(white, labels)["participation_ratio"] == pytest.approx(16, rel=1e-4)
+    assert white.pow(2).sum(1).mean() == pytest.approx(16, rel=1e-5)  # re-standardised: E‖x‖² = d
+    out = tmp_path / "results"
+    argv = ["--sentences", "100", "--lm-steps", "5", "--seeds", "1", "--conditions", "as run,data init,block 2",
+            "--out", str(out / "formal_language_gap.json")]  # fmt: skip
+    assert gap.main(argv) == 0
+    result = json.loads((out / "formal_language_gap.json").read_text())
+    assert list(result["conditions"]) == ["as run", "data init", "block 2"]
+    for c in result["conditions"].values():
+        assert [s["gamma_reg"] for s in c["settings"]] == gap.GAMMAS
+        assert all(0 <= s["dead_pct_mean"] <= 100 and 0 <= s["mean_f1_mean"] <= 1 for s in c["settings"])
+    assert result["conditions"]["data init"]["change"] == {"init": "data"}
+    with pytest.raises(SystemExit):
+        gap.main(["--conditions", "no such change"])
+    speed = {"what": "a step", "theirs": "their code", "ours": "ours", "timing": "medians",
+             "command": "python examples/compare_with_authors.py --authors DIR --time --out FILE",
+             "machine": {"cpu": "cpu", "cores": 2, "threads": 2, "torch": "2"},
+             "load_average_before_after": [[0.1, 0, 0], [0.2, 0, 0]],
+             "rows": [{"shape": [4, 3, 2], "theirs_s": 0.2, "ours_s": 0.001, "speedup": 200.0,
+                       "theirs_peak_bytes": 2**21, "ours_peak_bytes": 0, "b_k_d_float32_bytes": 96}]}  # fmt: skip
+    (out / "authors_speed.json").write_text(json.dumps(speed))
+    monkeypatch.setattr(paper_tables, "RESULTS", out)
+    page = tmp_path / "page.md"
+    page.write_text("".join(f"<!-- paper-table:{n} -->\nold\n<!-- /paper-table:{n} -->\n"
+                            for n in ("formal_language_gap", "authors_speed")))  # fmt: skip
+    assert paper_tables.main(["--doc", str(page)]) == 0
+    text = page.read_text()
+    assert "old" not in text and text.count("| prototypes (and W_dec) start at random training rows") == 2
+    assert "| 4 | 3 | 2 | 200.0 | 1.00 | 200× | 2 | 0 | 0 |" in text
+
+
 @pytest.mark.slow
 def test_formal_language_ce_and_its_table(tmp_path, monkeypatch):
     import formal_language_ce
