@@ -23,7 +23,6 @@ the call enters, what runs (docs/design.md, "Dispatch"):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 
@@ -46,20 +45,31 @@ def product_primitives(backend: Backend):
     return DENSE_PRIMITIVES if backend.dense else backend.primitives()
 
 
-@torch.library.custom_op("spade_kernels::encode", mutates_args=())
-def _encode_op(
+# The op is declared through a Library, not ``torch.library.custom_op``: a custom_op's kernel is
+# wrapped to keep dynamo out, and that wrapper imports torch._dynamo (and, through it, triton) on
+# the first call of a process, ~0.7 s that an eager CPU encode never needs.  The schema, kernel,
+# fake and autograd formula below are what custom_op would have registered.
+_LIB = torch.library.Library("spade_kernels", "FRAGMENT")
+_LIB.define(
+    "encode(Tensor x, Tensor prototypes, Tensor lam, str backend, str search, int? chunk, int? topk, "
+    "int? max_candidates, int? block_n, int? slots, int? prepass, str? precision) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _encode_kernel(
     x: torch.Tensor,
     prototypes: torch.Tensor,
     lam: torch.Tensor,
     backend: str,
     search: str,
-    chunk: Optional[int],  # noqa: UP045 (the op's schema is inferred from typing.Optional)
-    topk: Optional[int],  # noqa: UP045
-    max_candidates: Optional[int],  # noqa: UP045
-    block_n: Optional[int],  # noqa: UP045
-    slots: Optional[int],  # noqa: UP045
-    prepass: Optional[int],  # noqa: UP045
-    precision: Optional[str],  # noqa: UP045
+    chunk: int | None,
+    topk: int | None,
+    max_candidates: int | None,
+    block_n: int | None,
+    slots: int | None,
+    prepass: int | None,
+    precision: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     options = Options(search, chunk, topk, max_candidates, block_n, slots, prepass, precision)
     K, d = prototypes.shape
@@ -71,7 +81,10 @@ def _encode_op(
     return z, idx, size, D
 
 
-@_encode_op.register_fake
+_LIB.impl("encode", _encode_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spade_kernels::encode", lib=_LIB)
 def _(x, prototypes, lam, backend, *options):
     C = torch.library.get_ctx().new_dynamic_size()
     B = x.shape[0]
@@ -102,7 +115,8 @@ def _backward(ctx, grad_z, _gi, _gs, grad_D):
     return gx, gA, glam, *(None,) * 9
 
 
-_encode_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("spade_kernels::encode", _backward, setup_context=_setup_context, lib=_LIB)
+_encode_op = torch.ops.spade_kernels.encode.default
 
 
 class _LatentGroupEncode(torch.autograd.Function):

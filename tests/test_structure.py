@@ -177,3 +177,33 @@ def test_the_readme_stays_short_and_cites_no_issue_numbers():
     texts = [readme, *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
     texts += [p.read_text() for p in PACKAGE.rglob("*.py")]
     assert not [t for t in texts if re.search(r"\bissue (#?\d+)", t, re.I)]
+
+
+def test_eager_cpu_work_imports_neither_dynamo_nor_triton():
+    # A custom_op's kernel wrapper imports torch._dynamo (and triton through it) on a process's first
+    # call, ~0.7 s that eager CPU work never needs, and torch.fx's symbolic shapes cost ~0.2 s at import.
+    # The first encode and a layer's forward and backward stay clear of all three, `spade-kernels
+    # info`/`--help` of the first two.
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys, torch\n"
+        "import spade_kernels as sk\n"
+        "x, a = torch.randn(64, 16), torch.randn(32, 16)\n"
+        "sk.spade_encode(x, a, torch.tensor(0.1))\n"
+        "layer = sk.SpaDE(16, 32)\n"
+        "layer(x).loss.backward()\n"
+        "assert 'torch.fx.experimental.symbolic_shapes' not in sys.modules\n"
+        "from spade_kernels.sae.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['info'])\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "loaded = [m for m in ('torch._dynamo', 'triton') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -31,7 +31,6 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..backends import auto_search
 from ..backends import torch_ as T
@@ -138,8 +137,14 @@ def _dense_route(C, K: int, device: torch.device) -> bool:
     fraction = DENSE_FRACTION.get(device.type)
     if not _dense_enabled or fraction is None:
         return False
-    # Under torch.compile the width C is data-dependent (an unbacked size):
-    # guard_or_false takes the sparse route there instead of guarding on it.
+    if not (torch.compiler.is_compiling() or isinstance(C, torch.SymInt)):
+        return C >= fraction * K  # eager: a plain width
+    # Traced (dynamo, which reports a SymInt as an int, or an AOT trace of the backward), the width
+    # C is data-dependent (an unbacked size): guard_or_false takes the sparse route there instead
+    # of guarding on it.  Imported here: symbolic_shapes costs ~0.2 s at import, which an eager
+    # process never needs.
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
     return guard_or_false(C >= fraction * K)
 
 
