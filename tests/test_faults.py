@@ -506,6 +506,7 @@ def test_a_second_run_into_one_directory_is_refused_and_a_killed_runs_lock_is_ta
 
 _PEAK = r"""
 import os, sys, time, torch, spade_kernels as sk
+import torch.fx.experimental.symbolic_shapes  # torch's meta-tensor refs import it (and sympy, ~50 MB) lazily
 def kib(key): return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)][0] << 10
 base = kib("VmRSS")
 t = time.perf_counter()

@@ -754,13 +754,11 @@ def _resume_command(run, out_dir: Path) -> str:
     return f"{PROG} train --nproc-per-node {run.world} --resume {os.fspath(out_dir)} (or torchrun, the same layout)"
 
 
-#: What a failure can raise: torch.distributed.checkpoint's errors are BaseExceptions.
-try:
-    from torch.distributed.checkpoint.api import CheckpointException as _CheckpointException
+def _faults() -> tuple:
+    """What a failure can raise: torch.distributed.checkpoint's errors are BaseExceptions."""
+    from .train import checkpoint_errors
 
-    _FAULTS: tuple = (Exception, _CheckpointException)
-except ImportError:  # torch.distributed without the checkpoint package
-    _FAULTS = (Exception,)
+    return (Exception, *checkpoint_errors())
 
 
 def _rank() -> int:
@@ -853,7 +851,7 @@ def _train(args: argparse.Namespace) -> int:
             code = _prepare(job) or _train_locked(job)
         run.end()
         return code
-    except _FAULTS as exc:
+    except _faults() as exc:
         if run.world == 1 or not _is_comm_error(exc):
             raise
         return _lost_contact(run, exc, out_dir)
@@ -1050,7 +1048,7 @@ def _train_locked(job: _Job) -> int:
             return _diverged(exc, args, state, state_path, _resume_command(run, out_dir))
         except ValueError as exc:
             return _error(str(exc))
-        except _FAULTS as exc:  # the state write (torch.save, DCP) fails its own way on a full disk
+        except _faults() as exc:  # the state write (torch.save, DCP) fails its own way on a full disk
             if not _is_write_error(exc) or _is_comm_error(exc):
                 raise
             return _write_failed(
@@ -1185,7 +1183,7 @@ class _Distributed:
             data_group, latent_group = distributed.mesh_groups(
                 world // args.latent_shards, args.latent_shards, device.type
             )
-        except _FAULTS as exc:
+        except _faults() as exc:
             if not _is_comm_error(exc):
                 raise
             raise ValueError(

@@ -177,7 +177,7 @@ class ShardedCheckpointer(Checkpointer):
         step_dir = os.path.join(self.path, name)
         try:
             dcp.save({f"rank{rank}": full}, checkpoint_id=step_dir)
-        except _CHECKPOINT_ERRORS as exc:  # DCP gathers every rank's failure and raises it on all
+        except checkpoint_errors() as exc:  # DCP gathers every rank's failure and raises it on all
             raise _unwrapped(exc, f"writing {step_dir}") from _first_failure(exc)
         failed = None
         if rank == 0:  # dcp.save returned: every rank's part and the metadata are written
@@ -211,12 +211,14 @@ class ShardedCheckpointer(Checkpointer):
 #: The file of a :class:`ShardedCheckpointer` folder that names its last complete state.
 LATEST_NAME = "LATEST"
 
-try:  # torch.distributed.checkpoint raises a BaseException that gathers every rank's failure
-    from torch.distributed.checkpoint.api import CheckpointException
 
-    _CHECKPOINT_ERRORS: tuple = (CheckpointException,)
-except ImportError:
-    _CHECKPOINT_ERRORS = ()
+def checkpoint_errors() -> tuple:
+    """torch.distributed.checkpoint's ``CheckpointException`` (a BaseException gathering every rank's
+    failure) once that package is loaded, else nothing: only it raises one, and importing it costs
+    ~0.5 s that a process which never writes a sharded checkpoint (``--help``, ``info``) should not pay.
+    Called in ``except`` clauses, which evaluate it when an exception arrives."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return (api.CheckpointException,) if api is not None else ()
 
 
 def _first_failure(exc: BaseException) -> BaseException | None:
@@ -279,7 +281,7 @@ def load_sharded_state(folder: str, layer: torch.nn.Module) -> dict:
     }  # fmt: skip
     try:
         dcp.load({f"rank{rank}": template}, checkpoint_id=step_dir)
-    except (Exception, *_CHECKPOINT_ERRORS) as exc:  # a missing or damaged part fails in DCP's own way
+    except (Exception, *checkpoint_errors()) as exc:  # a missing or damaged part fails in DCP's own way
         inner = _first_failure(exc) or exc
         reason = "a part of it ends early: truncated" if isinstance(inner, EOFError) else one_line(inner)
         raise ValueError(f"{step_dir} is not a readable training state ({reason})") from None
