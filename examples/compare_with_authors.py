@@ -190,8 +190,10 @@ def time_steps(src: Path, shapes, repeats: int = 5) -> list[dict]:
 
 
 def peak_step_bytes(src: Path, shape, side: str) -> int:
-    """How far one training step raises a fresh process's peak resident memory (ru_maxrss after the
-    step minus before it, set-up done): the step's own high-water mark above what the set-up holds."""
+    """How far one training step raises a fresh process's peak resident memory above what its
+    set-up holds: the kernel's high-water mark (VmHWM), reset just before the step, minus the
+    resident set (VmRSS) then.  (ru_maxrss would not do: Linux carries it over fork and exec, so a
+    child of this process would start at this process's own peak.)"""
     import subprocess
 
     args = [sys.executable, __file__, "--authors", str(src), "--peak-step", side, *map(str, shape)]
@@ -199,13 +201,18 @@ def peak_step_bytes(src: Path, shape, side: str) -> int:
     return int(out.split()[-1])
 
 
-def _peak_step(src: Path, side: str, shape) -> int:
-    import resource
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024  # kB
 
+
+def _peak_step(src: Path, side: str, shape) -> int:
     step = _steps(src, shape)[side]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _status_bytes("VmRSS:")
     step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux: KiB
+    return _status_bytes("VmHWM:") - before
 
 
 def _machine() -> dict:
@@ -269,13 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average (1, 5, 15 min) before {load[0]}, after {load[1]}")
         if args.out:
             args.out.write_text(json.dumps({
-                "what": "one SpaDE training step (forward, loss, backward, clip, Adam), float32, batch = B",
+                "what": "One SpaDE training step (forward, loss, backward, clip, Adam), float32, batch = B",
                 "theirs": "the authors' models.SAE(sae_type='sparsemax_dist') through functions.train_test.train "
                           "(dist_weighted_l1, encoder_reg, clip_grad), their sparsemax package stood in for by "
                           "spade_kernels.sparsemax",
                 "ours": "spade_kernels.SpaDE (backend auto), loss.backward, clip_grad_norm_ 1.0, Adam",
-                "timing": f"medians of {args.repeats} steps per side, alternated in one process after a warm-up "
-                          "step each; peak memory: ru_maxrss growth over one step in a fresh process",
+                "timing": f"Medians of {args.repeats} steps per side, alternated in one process after a warm-up "
+                          "step each; peak memory: how far one step (the first) raises a fresh process's "
+                          "peak resident set (VmHWM reset before it)",
                 "machine": machine, "load_average_before_after": load, "repeats": args.repeats,
                 "command": "python examples/compare_with_authors.py --authors DIR --time --out FILE",
                 "rows": rows}, indent=1))  # fmt: skip

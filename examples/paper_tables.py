@@ -327,6 +327,8 @@ def formal_language_matched(result: dict) -> str:
 GAMMA_RUNS = {
     "separability_full": "separability",  # the authors' variant at the paper's size: SpaDE over γ
     "separability_gamma": "separability",
+    "heterogeneity_full_gamma": "heterogeneity",  # the authors' variant at the paper's size: SpaDE over γ
+    "heterogeneity_full_gamma2": "heterogeneity",  # two more γ, between the first run's
     "heterogeneity_gamma": "heterogeneity",
     "formal_language_gamma": "formal language",
     "formal_language_5x": "formal language",  # 5× the sentences: does longer training revive latents?
@@ -422,7 +424,9 @@ def tables() -> dict[str, str]:
     if sep is not None:
         out["separability"] = separability_authors(sep, _larger("separability_full"))
     if het is not None:
-        out["heterogeneity"] = heterogeneity_authors(het, [])
+        out["heterogeneity"] = heterogeneity_authors(
+            het, _larger("heterogeneity_full_gamma", "heterogeneity_full_gamma2")
+        )
     if fl is not None:
         out["formal_language"] = formal_language_matched(fl)
     # This package's own baselines and knobs (``--variant package``), the second, labelled option.
