@@ -302,10 +302,11 @@ def formal_language_matched(result: dict) -> str:
         f"{_command(result)}, {_minutes(result)}. Paper: L0 = (1 − sparsity/100)·256 from its results file, "
         "F1 as recorded there (its definition is not in the authors' code; their figure names six POS). This "
         "package: F1 = mean over its 8 POS of the best latent's F1 on held-out tokens (and over the paper's six "
-        "only), top-5 F1 = the authors' separability metric on 1,000 training tokens per POS.",
+        "only; and each POS's), top-5 F1 = the authors' separability metric on 1,000 training tokens per POS.",
         "",
-        "| model | source | setting | L0 | F1 | F1, the paper's 6 POS | top-5 F1 | dead % |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | source | setting | L0 | F1 | F1, the paper's 6 POS | F1 per POS ({'/'.join(cfg['pos'])}) "
+        "| top-5 F1 | dead % |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     six = [cfg["pos"].index(p) for p in PAPER_POS]
     for kind, points in _models(result):
@@ -313,11 +314,14 @@ def formal_language_matched(result: dict) -> str:
         their = paper["models"].get(kind)
         if their:
             for l0, f1, dead in zip(their["l0"], their["f1"], their["dead_pct"]):
-                rows.append((l0, f"| {NAMES[kind]} | paper | — | {l0:.1f} | {f1:.2f} | — | — | {dead:.1f} |"))
+                rows.append(
+                    (l0, f"| {NAMES[kind]} | paper | — | {l0:.1f} | {f1:.2f} | — | — | — | {dead:.1f} |")
+                )
         for p in points:
             f1_six = statistics.fmean(p["f1_mean"][i] for i in six)
             rows.append((p["l0_mean"], f"| {NAMES[kind]} | this package | {_setting(result, kind, p)} "
                          f"| {p['l0_mean']:.1f} | {p['mean_f1_mean']:.2f} | {f1_six:.2f} "
+                         f"| {'/'.join(f'{v:.2f}' for v in p['f1_mean'])} "
                          f"| {p['mean_top5_f1_mean']:.2f} | {p['dead_pct_mean']:.1f} |"))  # fmt: skip
         lines += [row for _, row in sorted(rows, key=lambda r: r[0])]
     return "\n".join(lines)

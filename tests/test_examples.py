@@ -367,8 +367,8 @@ def test_paper_tables_are_generated_from_the_results_and_checked(tmp_path, monke
     assert "old" not in text and "| SpaDE |" in text and "| TopK |" in text and "| ReLU |" not in text
     # The authors' formal-language points (L0 from their sparsity, F1) beside ours, sparse → dense.
     assert (
-        "| SpaDE | paper | — | 1.2 | 0.98 | — | — | 7.4 |" in text
-        and "| TopK | paper | — | 64.0 | 0.67 | — | — | 0.8 |" in text
+        "| SpaDE | paper | — | 1.2 | 0.98 | — | — | — | 7.4 |" in text
+        and "| TopK | paper | — | 64.0 | 0.67 | — | — | — | 0.8 |" in text
     )
     spade_rows = [r for r in text.splitlines() if r.startswith("| SpaDE | ") and " paper " not in r]
     assert spade_rows
