@@ -138,3 +138,31 @@ def test_scaling_table_marks_each_target():
     assert lines[1].endswith("| 1.50 | 100 | 60 | 0.60 | — | time ✗, memory ✗ |")
     # Below 1 MiB the reference's memory gives no ratio; the largest B checks output + budget.
     assert lines[2].endswith("| — | 20.0 | time ✓, ≤ 1.5·out + budget ✗ |")
+
+
+def test_profile_step_splits_a_step_into_stages(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "p.json"
+        assert (
+            profile_step.main(["--shape", "64,8,32", "--threads", "1", "--repeats", "2", "--json", str(out)])
+            == 0
+        )
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"] == [64, 8, 32] and row["floor_ms"] > 0 and row["step_ms"] > 0
+    stages = row["stages_ms"]
+    assert set(stages) == {s for s, _ in profile_step.STAGES} | {"rest"}
+    assert sum(stages.values()) == pytest.approx(row["profiled_ms"])
+    assert stages["selection"] > 0 and stages["exact stage"] > 0  # the sparse pipeline's own ops were seen
+    assert "| 64, 8, 32 | 1 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        profile_step.main(["--shape", "64,8"])
