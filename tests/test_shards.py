@@ -269,6 +269,9 @@ import resource, sys
 import numpy, safetensors.torch, torch
 import spade_kernels.sae.cli as cli
 from spade_kernels.sae.data import ActivationShards
+# Code a training run imports on its way (torch.optim's dynamo and triton, DCP, symbolic shapes): loaded
+# before the cap, which bounds the data's memory, not the libraries'.
+import torch._dynamo, torch.distributed.checkpoint, torch.fx.experimental.symbolic_shapes
 cap = int(sys.argv[1]) << 20
 vm = [int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("VmSize")][0]
 resource.setrlimit(resource.RLIMIT_AS, (vm + cap, vm + cap))
