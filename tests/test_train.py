@@ -193,3 +193,22 @@ def test_tty_progress_is_a_tqdm_bar_with_the_same_fields():
     last = text.rstrip("\n").split("\r")[-1]
     for field in ("loss ", "mse ", "L0 ", "λ "):
         assert field in last, last
+
+
+def test_the_trainer_steps_with_fused_adam_which_matches_plain_adam():
+    from spade_kernels.sae import train as train_module
+
+    torch.manual_seed(0)
+    layers = [SpaDE(8, 32), SpaDE(8, 32)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    fused = train_module._adam(layers[0], 1e-2)
+    assert fused.defaults["fused"] is True  # CPU float32: torch has a fused kernel
+    plain = torch.optim.Adam(layers[1].parameters(), lr=1e-2)
+    x = torch.randn(256, 8)
+    for xb in x.split(32):
+        for layer, opt in zip(layers, (fused, plain)):
+            opt.zero_grad()
+            layer(xb).loss.backward()
+            opt.step()
+    for a, b in zip(layers[0].parameters(), layers[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

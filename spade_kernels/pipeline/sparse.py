@@ -46,7 +46,8 @@ def sq_dist_backward(products: Products, x, M, indices, G, needs=(True, True)):
         grad_M = products.scatter_matmul(-2 * G, indices, x, M.shape[0])
         row_w = torch.zeros(M.shape[0], dtype=G.dtype, device=G.device)
         row_w.index_add_(0, indices.reshape(-1), G.reshape(-1))
-        grad_M += 2 * row_w.unsqueeze(1) * M
+        # One fused pass over the K×d gradient (no K×d temporary): 2·row_w·M is exact to reorder.
+        grad_M.addcmul_(row_w.unsqueeze(1), M, value=2)
     return grad_x, grad_M
 
 

@@ -295,6 +295,21 @@ def load_sharded_state(folder: str, layer: torch.nn.Module) -> dict:
     return template
 
 
+def _adam(layer: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam over ``layer``'s parameters, its fused implementation where torch has one for them.
+
+    The fused kernel makes one pass over each parameter instead of the single-tensor path's seven
+    (at K×d = 16384×768 on one CPU thread: 28 ms against 147 ms a step); it computes the same
+    update up to rounding.  Where it is not available (a device or dtype torch has no fused
+    kernel for) the plain implementation runs.
+    """
+    params = list(layer.parameters())
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr)
+
+
 def _adam_template(layer: torch.nn.Module) -> dict:
     """An Adam state over ``layer``'s parameters with every entry present (Adam creates them at its first step).
 
@@ -499,7 +514,7 @@ def train_spade(
     device = layer.prototypes.device
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
-    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    optimizer = _adam(layer, lr)
     gen = torch.Generator().manual_seed(seed)
     history = TrainHistory()
     step, first_epoch, first_start = 0, 0, 0
@@ -514,7 +529,10 @@ def train_spade(
                 f"the training state is at step {resume['step']}, past this run's {total} steps ({epochs} epoch(s))"
             )
         layer.load_state_dict(resume["layer"])
-        optimizer.load_state_dict(resume["optimizer"])
+        saved = resume["optimizer"]  # it names the implementation that saved it: load it as this one's, so
+        # that torch places its step counts where this implementation keeps them
+        groups = [{**g, "fused": optimizer.defaults["fused"]} for g in saved["param_groups"]]
+        optimizer.load_state_dict({**saved, "param_groups": groups})
         history = TrainHistory(
             **{k: list(v) for k, v in resume["history"].items() if k not in ("stopped_at", "stopped_by")}
         )
