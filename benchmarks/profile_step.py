@@ -39,13 +39,10 @@ STAGES = [
 ]  # fmt: skip
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def _stage(name: str) -> str:
@@ -87,15 +84,15 @@ def profile(B: int, d: int, K: int, threads: int, repeats: int) -> dict:
     big = torch.empty(K * d)
     for fn in (floor, step, fused_step, no_adam):
         fn()
-    floor_ms, step_ms, fused_ms, no_adam_ms, copy_ms = [], [], [], [], []
+    floor_ms, step_ms, fused_ms, no_adam_ms, fill_ms = [], [], [], [], []
     for _ in range(repeats):  # interleaved: the machine's drift hits all alike
-        floor_ms.append(_median_ms(floor, 1))
-        step_ms.append(_median_ms(step, 1))
-        fused_ms.append(_median_ms(fused_step, 1))
-        no_adam_ms.append(_median_ms(no_adam, 1))
-        copy_ms.append(_median_ms(lambda: big.fill_(0.0), 1))
+        floor_ms.append(_ms(floor))
+        step_ms.append(_ms(step))
+        fused_ms.append(_ms(fused_step))
+        no_adam_ms.append(_ms(no_adam))
+        fill_ms.append(_ms(lambda: big.fill_(0.0)))
     floor_t, step_t = statistics.median(floor_ms), statistics.median(step_ms)
-    fill_t = statistics.median(copy_ms)
+    fill_t = statistics.median(fill_ms)
     bandwidth = K * d * 4 / (fill_t * 1e-3)  # bytes/s written by one K×d fill
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(3):

@@ -201,18 +201,15 @@ def peak_step_bytes(src: Path, shape, side: str) -> int:
     return int(out.split()[-1])
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024  # kB
-
-
 def _peak_step(src: Path, side: str, shape) -> int:
+    from spade_kernels.bench.measure import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+
     step = _steps(src, shape)[side]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = _status_bytes("VmRSS:")
+    if not _reset_peak_rss():  # VmHWM back to the current resident set
+        raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs): Linux ≥ 4.0 needed")
+    before = _rss_bytes()
     step()
-    return _status_bytes("VmHWM:") - before
+    return _peak_rss_bytes() - before
 
 
 def _machine() -> dict:
