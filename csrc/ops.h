@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -27,6 +28,10 @@
 #include "spade/select.h"
 #include "spade/sparse.h"
 #include "spade/sparsemax.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #ifdef __CUDACC__
 #include <c10/cuda/CUDAException.h>
@@ -88,6 +93,31 @@ void for_rows(int64_t rows, int64_t grain, Body&& body) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) body(r);
   });
+}
+
+// A large CPU output (≥ 2 MiB: the K×d gradients of the sparse transpose) on
+// transparent huge pages where Linux offers them (THP "always" or "madvise"):
+// its first write then takes a few hundred page faults, not one per 4 KiB
+// page.  A fresh K×d float32 gradient at K = 16384, d = 768 took ~16 ms to
+// write on 4 KiB pages and ~3.5 ms on huge pages, most of a sparse
+// transpose's time (benchmarks/NOTES.md, "Page faults").  PyTorch's CPU
+// allocator does this for every large tensor under THP_MEM_ALLOC_ENABLE=1;
+// here only for these outputs, whatever the environment.  Elsewhere (CUDA,
+// small outputs, other systems, a refused allocation): at::empty.
+inline at::Tensor large_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
+  if (opts.device().is_cpu() && nbytes >= kHugePage) {
+    const size_t padded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHugePage, padded) == 0) {
+      madvise(p, padded, MADV_HUGEPAGE);  // advice: ignored where THP is off
+      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opts);
+    }
+  }
+#endif
+  return at::empty(sizes, opts);
 }
 
 // float32 and float64: the dtypes the SpaDE kernels compute in.
@@ -478,7 +508,7 @@ at::Tensor scatter_matmul(const at::Tensor& weights, const at::Tensor& indices, 
   order = order.contiguous();
   const at::Tensor seg = at::searchsorted(sorted, at::arange(n_rows + 1, idx.options())).contiguous();
   const int64_t C = idx.size(1), d = X.size(1);
-  at::Tensor out = at::empty({n_rows, d}, X.options());
+  at::Tensor out = large_empty({n_rows, d}, X.options());
   dispatch_float(X.scalar_type(), op, [&](auto zero) {
     using T = decltype(zero);
     const T* wp = w.data_ptr<T>();

@@ -6,8 +6,8 @@ the call enters, what runs (docs/design.md, "Dispatch"):
 
 * ``reference`` — dense codes of row blocks (:mod:`spade_kernels.pipeline.dense`),
   differentiable by autograd;
-* a sparse backend in one process — the pipeline's forward
-  (:func:`spade_kernels.pipeline.encode_forward`) inside one custom op,
+* a sparse backend in one process — the pipeline's forward over the batch's
+  row blocks (:func:`spade_kernels.pipeline.encode_rows`) inside one custom op,
   ``spade_kernels::encode``, on the plan :func:`~spade_kernels.pipeline.make_plan`
   made, with typed options.  Its fake implementation has a data-dependent
   width (the widest support in the batch), so ``torch.compile(...,
@@ -30,12 +30,11 @@ from ._validation import check_encode_inputs
 from .backends import BACKENDS, Backend, resolve_backend
 from .codes import SparseCodes
 from .numerics import compute_dtype
-from .pipeline import encode_backward, encode_forward, memory
+from .pipeline import encode_backward, encode_forward, encode_rows
 from .pipeline.dense import PRIMITIVES as DENSE_PRIMITIVES
 from .pipeline.dense import dense_sparse_codes
 from .pipeline.group import ONE_PROCESS, OneProcess
 from .pipeline.plan import Options, make_plan, products_for, resolve_options
-from .pipeline.rows import codes_of_blocks
 
 __all__ = ["encode_codes", "encode_sparse", "product_primitives", "spade_encode"]
 
@@ -77,7 +76,7 @@ def _encode_kernel(
     # The op's dtypes are its inputs' (docs/design.md, "Mixed precision"): an
     # enclosing autocast must not recast the exact stage's float32 products.
     with torch.autocast(x.device.type, enabled=False):
-        z, idx, size, D = encode_forward(plan, x, prototypes, float(lam))
+        z, idx, size, D = encode_rows(plan, x, prototypes, float(lam))
     return z, idx, size, D
 
 
@@ -165,28 +164,18 @@ def encode_sparse(
     """Differentiable sparse codes of x (B, d) through the sparse backend ``backend`` in one process.
 
     ``x`` and ``prototypes`` in one dtype; ``options`` resolved for the
-    backend (:func:`~spade_kernels.pipeline.resolve_options`).  Rows are
-    processed in blocks sized from the memory budget
-    (:func:`spade_kernels.pipeline.memory.encode_blocks`), each block one call
-    of the op (and of its backward), so the working memory is the budget
-    whatever B is (one block under ``torch.compile``).  float16/bfloat16
+    backend (:func:`~spade_kernels.pipeline.resolve_options`).  One call of
+    the op, which searches in row blocks sized from the memory budget
+    (:func:`spade_kernels.pipeline.encode_rows`), so the working memory is
+    the budget whatever B is, and one call of its backward, which forms the
+    prototypes' K×d gradient once for the batch.  float16/bfloat16
     inputs give float32 codes: rounding them to an 8- or 11-bit mantissa would
     break Σz = 1 by more than the precision contract allows.
     """
-    B, d = x.shape
-    K = prototypes.shape[0]
-    plan = make_plan(BACKENDS[backend].primitives(), x.device, x.dtype, K, d, options)
-    lam_t = _lam_tensor(lam, x.device)
-    args = (backend, *plan.options)
-    blocks = memory.encode_blocks(B, plan.row_bytes, x.device)
-
-    def encode_block(rows: slice):
-        return _encode_op(x if len(blocks) <= 1 else x[rows], prototypes, lam_t, *args)
-
-    keep_graph = torch.is_grad_enabled() and (
-        x.requires_grad or prototypes.requires_grad or lam_t.requires_grad
-    )
-    return codes_of_blocks(blocks, encode_block, B, K, keep_graph)
+    K, d = prototypes.shape
+    options = make_plan(BACKENDS[backend].primitives(), x.device, x.dtype, K, d, options).options
+    z, idx, size, D = _encode_op(x, prototypes, _lam_tensor(lam, x.device), backend, *options)
+    return SparseCodes(idx, z, size, K, distances=D)
 
 
 def encode_codes(

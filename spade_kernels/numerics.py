@@ -17,7 +17,15 @@ import math
 
 import torch
 
-__all__ = ["RangeError", "compute_dtype", "ieee_matmul", "sanitize", "score_margin", "sorted_threshold"]
+__all__ = [
+    "RangeError",
+    "compute_dtype",
+    "ieee_matmul",
+    "sanitize",
+    "sanitize_prototypes",
+    "score_margin",
+    "sorted_threshold",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,24 +104,39 @@ def squared_norms(t: torch.Tensor, name: str) -> torch.Tensor:
     return sq
 
 
-def sanitize(x: torch.Tensor, A: torch.Tensor):
+def sanitize_prototypes(A: torch.Tensor):
+    """The prototypes' half of :func:`sanitize`, computed once per encode: (A, aa, any_bad).
+
+    A prototype with a non-finite entry is zeroed (``any_bad`` is then True:
+    every row of the batch comes out NaN); A is only copied when one exists.
+    """
+    cd = compute_dtype(A.dtype)
+    aa = squared_norms(A, "prototypes")
+    finite = torch.isfinite(aa)
+    if bool(finite.all()):
+        return A, aa, False
+    A = torch.where(finite.unsqueeze(1), A, torch.zeros_like(A))
+    return A, torch.linalg.vector_norm(A, dim=1, dtype=cd).square(), True
+
+
+def sanitize(x: torch.Tensor, A: torch.Tensor, prototypes=None):
     """Squared norms in the compute dtype, and the rows that must come out NaN.
 
     A non-finite entry makes its squared norm non-finite, which is a cheap
     test.  Rows of x with one are zeroed (and reported); a non-finite
     prototype makes every row NaN.  Returns (x, A, aa, xx, nan_rows); x and A
-    are only copied when they hold a non-finite value.
+    are only copied when they hold a non-finite value.  ``prototypes`` is
+    :func:`sanitize_prototypes`'s result for A when the caller has it (row
+    blocks of one batch share it).
     """
     cd = compute_dtype(x.dtype)
-    aa = squared_norms(A, "prototypes")
+    A, aa, any_bad = sanitize_prototypes(A) if prototypes is None else prototypes
     xx = squared_norms(x, "x")
     nan_rows = ~torch.isfinite(xx)
-    if not bool(torch.isfinite(aa).all()):
+    if any_bad:
         nan_rows = torch.ones_like(nan_rows)
     if nan_rows.any():
         x = torch.where(nan_rows.unsqueeze(1), torch.zeros_like(x), x)
-        A = torch.where(torch.isfinite(aa).unsqueeze(1), A, torch.zeros_like(A))
-        aa = torch.linalg.vector_norm(A, dim=1, dtype=cd).square()
         xx = torch.linalg.vector_norm(x, dim=1, dtype=cd).square()
     return x, A, aa, xx, nan_rows
 

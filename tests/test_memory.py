@@ -84,6 +84,38 @@ def test_row_blocks_give_the_same_codes():
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["torch"] + (["native"] if _ext.available() else []))
+def test_row_blocks_share_one_backward(backend, monkeypatch):
+    # The blocks are searched inside one op call, so autograd sees one encode and its backward
+    # forms the prototypes' K×d gradient once (not a K×d gradient per block, summed).
+    import spade_kernels.encode as E
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 6, dtype=torch.float64)
+    A = torch.randn(90, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(300, 90, dtype=torch.float64)
+    calls = []
+    real = E.encode_backward
+    monkeypatch.setattr(E, "encode_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run():
+        A.grad = None
+        codes = sk.spade_encode(x, A, 0.2, backend=backend)
+        (codes.values * weights.gather(1, codes.indices)).sum().backward()
+        return codes, A.grad
+
+    one_codes, one = run()
+    with memory.memory_budget(16 * 1024):
+        plan = plan_of(sk.backends.BACKENDS[backend].primitives(), x, A)
+        assert len(memory.encode_blocks(300, plan.row_bytes, x.device)) > 2
+        calls.clear()
+        codes, blocked = run()
+    assert len(calls) == 1
+    assert "Cat" not in type(codes.values.grad_fn).__name__
+    torch.testing.assert_close(codes.to_dense(), one_codes.to_dense(), atol=1e-14, rtol=0)
+    torch.testing.assert_close(blocked, one, atol=1e-12, rtol=1e-12)
+
+
 def test_budget_knobs():
     with memory.memory_budget(12345):
         assert memory.budget_bytes(torch.device("cpu")) == 12345

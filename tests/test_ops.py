@@ -136,6 +136,25 @@ def test_scatter_matmul_is_deterministic(device):
     assert (first[7:] == 0).all()  # latents nobody points at
 
 
+def test_scatter_matmul_large_output_is_an_ordinary_tensor(device):
+    # 2 MiB and up, the CPU op writes its K×d output on huge pages (csrc/ops.h, large_empty):
+    # the same values, and a tensor that autograd and optimizers can use like any other.
+    K, d = 1100, 512  # 2.15 MiB of float32
+    w, idx = _support(300, 9, K, device, torch.float64)
+    X = torch.randn(300, d, device=device, dtype=torch.float64)
+    want = T.scatter_matmul(w, idx, X, K)
+    got = torch.ops.spade_kernels.scatter_matmul(w.float(), idx, X.float(), K)
+    assert got.shape == (K, d) and got.is_contiguous() and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    got.add_(1.0).mul_(2.0)  # written in place
+    torch.testing.assert_close(got.double(), 2 * (want + 1), atol=1e-4, rtol=1e-5)
+    p = torch.nn.Parameter(torch.zeros(K, d, device=device))
+    p.grad = got
+    torch.optim.SGD([p], lr=1.0).step()
+    torch.testing.assert_close(p.detach(), -got)
+    del got, p  # freed by its own deleter
+
+
 @pytest.mark.parametrize("with_grads", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_support_jacobian_matches_torch(device, with_grads, dtype):

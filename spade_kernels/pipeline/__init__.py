@@ -16,7 +16,7 @@ value (:mod:`spade_kernels.backends.interface`) that the pipeline composes:
 """
 
 from ..backends.interface import Primitives
-from .encoder import encode_forward
+from .encoder import encode_forward, encode_rows
 from .group import ONE_PROCESS, OneProcess
 from .loss import mean_squared_error, spade_loss
 from .memory import memory_budget
@@ -43,6 +43,7 @@ __all__ = [
     "dense_products",
     "encode_backward",
     "encode_forward",
+    "encode_rows",
     "gather_sq_dist",
     "make_plan",
     "mean_squared_error",

@@ -30,12 +30,14 @@ import math
 
 import torch
 
-from ..numerics import RangeError, ieee_matmul, sanitize, score_margin
+from ..numerics import RangeError, ieee_matmul, sanitize, sanitize_prototypes, score_margin
+from . import memory
 from .group import ONE_PROCESS, OneProcess
 from .plan import Plan
+from .rows import RowWriter
 from .search import dense_candidates, pad
 
-__all__ = ["empty_codes", "encode_forward", "finish_codes"]
+__all__ = ["empty_codes", "encode_forward", "encode_rows", "finish_codes"]
 
 
 def finish_codes(z, idx, size, D, nan_rows):
@@ -73,9 +75,10 @@ def _replace_rows(parts, rows, new):
     return out
 
 
-def _local_codes(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float):
-    """Steps 1–6 (the module's docstring) on this process's prototypes."""
-    x, A, aa, xx, nan_rows = sanitize(x, A)
+def _local_codes(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float, prototypes=None):
+    """Steps 1–6 (the module's docstring) on this process's prototypes (``prototypes``: their
+    :func:`~spade_kernels.numerics.sanitize_prototypes`, when the caller computed it once for its row blocks)."""
+    x, A, aa, xx, nan_rows = sanitize(x, A, prototypes)
     if x.shape[0] == 0:
         return empty_codes(x, aa.dtype)
     margin = score_margin(xx, aa, lam, x.shape[1], plan.margin_eps, plan.worst_case_margin)
@@ -93,17 +96,44 @@ def _local_codes(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float):
 
 
 @torch.no_grad()
-def encode_forward(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float, group: OneProcess = ONE_PROCESS):
+def encode_forward(
+    plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float, group: OneProcess = ONE_PROCESS, prototypes=None
+):
     """Sparse SpaDE codes of x (B, d) as ``plan`` says (no autograd).
 
     Returns (values, indices, support_size, D) in the compute dtype, as
     :func:`finish_codes` lays them out, under each row's threshold over the
     latent ``group`` (:meth:`~spade_kernels.pipeline.group.OneProcess.threshold`:
     the local codes in one process).  One call is one row block: its memory
-    is ``plan.row_bytes`` per row.
+    is ``plan.row_bytes`` per row.  ``prototypes``: A's
+    :func:`~spade_kernels.numerics.sanitize_prototypes`, where the caller
+    computed it once for several row blocks.
     """
     try:
-        codes = _local_codes(plan, x, A, lam)
+        codes = _local_codes(plan, x, A, lam, prototypes)
     except RangeError as exc:
         return group.threshold(None, exc, x, lam)
     return group.threshold(codes, None, x, lam)
+
+
+@torch.no_grad()
+def encode_rows(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float):
+    """:func:`encode_forward` of a whole batch in one process, in row blocks that fit the memory budget.
+
+    The blocks (:func:`~spade_kernels.pipeline.memory.encode_blocks`, sized
+    from ``plan.row_bytes``) bound the search's working memory whatever B
+    is; they share one :func:`~spade_kernels.numerics.sanitize_prototypes`
+    (‖a_k‖² once, not once a block), and their codes are written into one
+    :class:`~spade_kernels.pipeline.rows.RowWriter`.  One call, so one
+    backward: the K×d gradient of the prototypes is formed once per batch,
+    not once per block (docs/design.md, "Memory model").
+    """
+    blocks = memory.encode_blocks(x.shape[0], plan.row_bytes, x.device)
+    if len(blocks) <= 1:
+        return encode_forward(plan, x, A, lam)
+    prototypes = sanitize_prototypes(A)
+    out = RowWriter(x.shape[0], A.shape[0])
+    for rows in blocks:
+        out.add(*encode_forward(plan, x[rows], A, lam, prototypes=prototypes))
+    codes = out.codes()
+    return tuple(t.contiguous() for t in (codes.values, codes.indices, codes.support_size, codes.distances))

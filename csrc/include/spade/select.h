@@ -55,6 +55,32 @@ int64_t compact_above(T* v, int32_t* idx, int64_t n, T thr) {
   return out;
 }
 
+// The largest GEMM-form score of a chunk row, and whether any score of a
+// range is above a threshold: single passes the compiler vectorises (OpenMP
+// SIMD reductions; the binding compiles with -fopenmp).  The scores are
+// finite here (sanitize zeroes non-finite rows and prototypes), so the
+// vector max needs no NaN rule.  Most tiles of a chunk hold nothing to keep
+// once the bound has risen: any_above skips them for one compare a lane.
+template <typename T>
+T chunk_max(const T* dot, const T* aa, T lam, int64_t cols) {
+  T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t k = 0; k < cols; ++k) mx = std::max(mx, gemm_score(dot[k], aa[k], lam));
+  return mx;
+}
+
+// The entries of a tile that any_above found something in are appended a
+// group of kGroup at a time, the groups with nothing to keep skipped.
+constexpr int64_t kGroup = 32;
+
+template <typename T>
+bool any_above(const T* dot, const T* aa, T lam, int64_t begin, int64_t end, T thr) {
+  int hit = 0;
+#pragma omp simd reduction(| : hit)
+  for (int64_t k = begin; k < end; ++k) hit |= gemm_score(dot[k], aa[k], lam) > thr ? 1 : 0;
+  return hit != 0;
+}
+
 // One row of one chunk: `dot` holds x_b·a_k and `aa` ‖a_k‖² for the chunk's
 // columns.  buf_idx / buf_val hold the row's `count` candidates (max_candidates slots);
 // sval / sidx are the caller's scratch of max_candidates + kThreads slots.
@@ -65,14 +91,17 @@ void select_chunk_row(const T* dot, const T* aa, T lam, int64_t cols, int64_t of
   if (n < 0) return;  // overflowed in an earlier chunk
   std::copy(buf_val, buf_val + n, sval);
   std::copy(buf_idx, buf_idx + n, sidx);
-  T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t k = 0; k < cols; ++k) mx = std::max(mx, gemm_score(dot[k], aa[k], lam));
-  T b = std::max(bound, mx - T(1));
+  T b = std::max(bound, chunk_max(dot, aa, lam, cols) - T(1));
   for (int64_t base = 0; base < cols; base += kThreads) {
     const int64_t end = std::min(cols, base + kThreads);
-    for (int64_t k = base; k < end; ++k) {
-      const T v = gemm_score(dot[k], aa[k], lam);
-      if (v > b - slack) sval[n] = v, sidx[n] = static_cast<int32_t>(k + offset), ++n;  // n ≤ max_candidates: fits
+    if (!any_above(dot, aa, lam, base, end, b - slack)) continue;  // nothing of this tile is kept
+    for (int64_t g = base; g < end; g += kGroup) {  // the tile's kept entries, in order
+      const int64_t g_end = std::min(end, g + kGroup);
+      if (!any_above(dot, aa, lam, g, g_end, b - slack)) continue;
+      for (int64_t k = g; k < g_end; ++k) {
+        const T v = gemm_score(dot[k], aa[k], lam);
+        if (v > b - slack) sval[n] = v, sidx[n] = static_cast<int32_t>(k + offset), ++n;  // n ≤ max_candidates: fits
+      }
     }
     if (n > max_candidates) {
       b = std::max(b, host_tau(sval, n));
