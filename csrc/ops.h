@@ -87,6 +87,10 @@ struct Guard {
 #define SPADE_CUDA_LAUNCH(call) TORCH_CHECK(false, "spade: this translation unit was built without CUDA")
 #endif
 
+// Latents per task of the CPU's latent-major loops (a latent's work is its
+// few slots' d-length reductions).
+constexpr int64_t kLatentGrain = 256;
+
 // Runs body(r) for every row r in [0, rows), in parallel.
 template <typename Body>
 void for_rows(int64_t rows, int64_t grain, Body&& body) {
@@ -368,12 +372,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exact_codes(const at:
     if constexpr (kCuda) {
       SPADE_CUDA_LAUNCH(spade::exact_codes<T>(xp, ap, B, K, d, cp, W, static_cast<T>(lam), vp, ip, sp, dp, stream()));
     } else {
+      // D of every slot, latent by latent (threads split the latents), then each row's codes.
+      std::vector<T> D(static_cast<size_t>(B * W), std::numeric_limits<T>::infinity());  // empty slots: ∞
+      if (cpu::latent_major(B * W, K)) {
+        const cpu::LatentSlots by(cp, B, W, K);
+        at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
+          cpu::gather_reduce_latents<T, true>(xp, ap, d, by, c0, c1, D.data());
+        });
+      } else {
+        for_rows(B, 1, [&](int64_t r) {
+          for (int64_t j = 0; j < W; ++j) {
+            const int64_t c = cp[r * W + j];
+            if (c >= 0 && c < K) D[r * W + j] = host_reduce<T, true>(xp + r * d, ap + c * d, d);
+          }
+        });
+      }
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> D, s;
+        std::vector<T> s;
         std::vector<std::pair<T, int64_t>> support;
         for (int64_t r = begin; r < end; ++r)
-          cpu::exact_codes_row(xp + r * d, ap, K, d, cp + r * W, W, static_cast<T>(lam), vp + r * W, ip + r * W,
-                               sp[r], dp + r * W, D, s, support);
+          cpu::exact_codes_row(cp + r * W, D.data() + r * W, K, W, static_cast<T>(lam), vp + r * W, ip + r * W,
+                               sp[r], dp + r * W, s, support);
       });
     }
   });
@@ -445,7 +464,15 @@ at::Tensor gather_matmul(const at::Tensor& weights, const at::Tensor& indices, c
     if constexpr (kCuda) {
       SPADE_CUDA_LAUNCH(spade::gather_matmul<T>(wp, ip, B, C, mp, K, d, op, stream()));
     } else {
-      for_rows(B, 1, [&](int64_t r) { cpu::gather_matmul_row(wp + r * C, ip + r * C, C, mp, K, d, op + r * d); });
+      if (cpu::latent_major(B * C, K)) {  // each row of M read once per thread
+        cpu::FiniteRows<T> finite(mp, K, d);
+        const cpu::LatentSlots by(ip, B, C, K, cpu::ZeroWeightOnFiniteRow<T>{wp, finite, true, ip, C});
+        at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {
+          cpu::gather_matmul_latents(wp, ip, C, mp, K, d, by, r0, r1, op);
+        });
+      } else {
+        for_rows(B, 1, [&](int64_t r) { cpu::gather_matmul_row(wp + r * C, ip + r * C, C, mp, K, d, op + r * d); });
+      }
     }
   });
   return out;
@@ -467,9 +494,17 @@ at::Tensor gather_reduce(const at::Tensor& X_, const at::Tensor& indices, const 
     if constexpr (kCuda) {
       SPADE_CUDA_LAUNCH((spade::gather_reduce<T, kSqDist>(xp, ip, B, C, mp, K, d, outp, stream())));
     } else {
-      for_rows(B, 1, [&](int64_t r) {
-        cpu::gather_reduce_row<T, kSqDist>(xp + r * d, ip + r * C, C, mp, K, d, outp + r * C);
-      });
+      if (cpu::latent_major(B * C, K)) {  // latent by latent, threads split the latents
+        const cpu::LatentSlots by(ip, B, C, K);
+        std::fill(outp, outp + B * C, std::numeric_limits<T>::quiet_NaN());  // an index outside [0, K)
+        at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
+          cpu::gather_reduce_latents<T, kSqDist>(xp, mp, d, by, c0, c1, outp);
+        });
+      } else {
+        for_rows(B, 1, [&](int64_t r) {
+          cpu::gather_reduce_row<T, kSqDist>(xp + r * d, ip + r * C, C, mp, K, d, outp + r * C);
+        });
+      }
     }
   });
   return out;
@@ -503,23 +538,25 @@ at::Tensor scatter_matmul(const at::Tensor& weights, const at::Tensor& indices, 
   TORCH_CHECK(n_rows >= 0, "spade_kernels::", op, ": n_rows must be >= 0, got ", n_rows);
   const Guard<kCuda> guard(X_);
   const at::Tensor w = weights.to(X_.scalar_type()).contiguous(), idx = indices.contiguous(), X = X_.contiguous();
-  at::Tensor sorted, order;
-  std::tie(sorted, order) = at::sort(idx.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  order = order.contiguous();
-  const at::Tensor seg = at::searchsorted(sorted, at::arange(n_rows + 1, idx.options())).contiguous();
   const int64_t C = idx.size(1), d = X.size(1);
   at::Tensor out = large_empty({n_rows, d}, X.options());
   dispatch_float(X.scalar_type(), op, [&](auto zero) {
     using T = decltype(zero);
     const T* wp = w.data_ptr<T>();
-    const int64_t* ordp = order.data_ptr<int64_t>();
-    const int64_t* sp = seg.data_ptr<int64_t>();
     const T* xp = X.data_ptr<T>();
     T* outp = out.data_ptr<T>();
     if constexpr (kCuda) {
-      SPADE_CUDA_LAUNCH(spade::scatter_matmul<T>(wp, ordp, sp, C, xp, d, n_rows, outp, stream()));
-    } else {
-      for_rows(n_rows, 64, [&](int64_t k) { cpu::scatter_matmul_row(wp, ordp, sp[k], sp[k + 1], C, xp, d, outp + k * d); });
+      at::Tensor sorted, order;
+      std::tie(sorted, order) = at::sort(idx.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      order = order.contiguous();
+      const at::Tensor seg = at::searchsorted(sorted, at::arange(n_rows + 1, idx.options())).contiguous();
+      SPADE_CUDA_LAUNCH(spade::scatter_matmul<T>(wp, order.data_ptr<int64_t>(), seg.data_ptr<int64_t>(), C, xp, d,
+                                                 n_rows, outp, stream()));
+    } else {  // the same order by a counting sort (no host sync to avoid on the CPU)
+      const int64_t* ip = idx.data_ptr<int64_t>();
+      cpu::FiniteRows<T> finite(xp, X.size(0), d);
+      const cpu::LatentSlots by(ip, idx.size(0), C, n_rows, cpu::ZeroWeightOnFiniteRow<T>{wp, finite, false, ip, C});
+      for_rows(n_rows, 64, [&](int64_t k) { cpu::scatter_matmul_row(wp, by, k, xp, d, outp + k * d); });
     }
   });
   return out;

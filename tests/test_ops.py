@@ -136,6 +136,22 @@ def test_scatter_matmul_is_deterministic(device):
     assert (first[7:] == 0).all()  # latents nobody points at
 
 
+def test_zero_weights_against_non_finite_rows_stay_nan(device):
+    # The CPU products leave out slots of weight exactly 0 against finite rows (the codes' padding,
+    # csrc/include/spade/sparse.h), never against a non-finite row: 0·inf is NaN, as in torch.
+    inf, nan = float("inf"), float("nan")
+    w = torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.0, 2.0], [0.0, 3.0, 0.0]], device=device)
+    idx = torch.tensor([[0, 1, 2], [2, 0, 1], [3, 1, 0]], device=device)
+    X = torch.tensor([[1.0, 2.0], [inf, 1.0], [3.0, nan]], device=device)
+    ops = torch.ops.spade_kernels
+    want = T.scatter_matmul(w.double(), idx, X.double(), 4)
+    torch.testing.assert_close(ops.scatter_matmul(w, idx, X, 4).double(), want, equal_nan=True)
+    M = torch.tensor([[1.0, 2.0], [3.0, 4.0], [nan, 1.0], [inf, 0.0]], device=device)
+    want = T.gather_matmul(w.double(), idx, M.double())
+    torch.testing.assert_close(ops.gather_matmul(w, idx, M).double(), want, equal_nan=True)
+    assert torch.isnan(want[0]).any() and torch.isnan(want[2]).any()  # zero weights on the NaN/inf rows
+
+
 def test_scatter_matmul_large_output_is_an_ordinary_tensor(device):
     # 2 MiB and up, the CPU op writes its K×d output on huge pages (csrc/ops.h, large_empty):
     # the same values, and a tensor that autograd and optimizers can use like any other.

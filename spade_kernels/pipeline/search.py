@@ -78,9 +78,12 @@ def grown_search(select, name: str | None, opts: dict, x, A, aa, lam, margin):
     ``name`` is the option that sizes the buffer (``Primitives.buffer_option``;
     None: ``select`` runs once with ``opts``).
 
-    The first ``SAMPLE_ROWS`` rows are searched with ``INITIAL_BUFFER`` slots
-    (or K, or the option's value, if smaller); the rest with 1.5× the widest
-    candidate set the sample needed.  Rows that overflow a buffer are searched
+    Past ``2 * SAMPLE_ROWS`` rows, the first ``SAMPLE_ROWS`` are searched
+    with ``INITIAL_BUFFER`` slots (or K, or the option's value, if smaller);
+    the rest with 1.5× the widest candidate set the sample needed.  Fewer
+    rows are searched in one call with ``INITIAL_BUFFER`` slots: a sample of
+    half the rows or more saves little buffer, and splitting the rows splits
+    the score GEMM into smaller, slower ones.  Rows that overflow a buffer are searched
     again with four times as many slots, up to the option's value, so only
     they pay for a wider buffer; rows that overflow the largest are flagged
     for the exact dense path.
@@ -107,7 +110,7 @@ def grown_search(select, name: str | None, opts: dict, x, A, aa, lam, margin):
 
     B = x.shape[0]
     size = min(limit, INITIAL_BUFFER)
-    if B <= SAMPLE_ROWS:
+    if B <= 2 * SAMPLE_ROWS:
         return search(None, size)
     # A sample of the rows sizes the buffer for the rest: 1.5× its widest
     # candidate set (a power of two, at least 16), grown only where a row needs more.

@@ -99,23 +99,30 @@ inline T host_reduce(const T* x, const T* a, int64_t d) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+// Σ (v_j − m) and the count over the v_j with v_j − m > t, into sum and cnt:
+// one vectorised pass (OpenMP SIMD; the order of its additions is the
+// compiler's, within the d·ε the precision contract allows, as the GPU's
+// block reductions have their own).  Not inlined: one vectorised copy, which
+// every caller's loop reaches.
+template <typename T>
+__attribute__((noinline)) void host_sum_above(const T* __restrict__ v, int64_t n, T m, T t, T& sum, T& cnt) {
+  T s = T(0), c = T(0);
+#pragma omp simd reduction(+ : s, c)
+  for (int64_t j = 0; j < n; ++j) {
+    const T r = v[j] - m;
+    s += r > t ? r : T(0);
+    c += r > t ? T(1) : T(0);
+  }
+  sum += s, cnt += c;
+}
+
 // τ of v[0, n) (n ≥ 1) on the host.
 template <typename T>
 inline T host_tau(const T* v, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = v[j] > m ? v[j] : m;
-  return michelot_tau(m, [&](T t, T& sum, T& cnt) {
-    T s = T(0), c = T(0);
-    // A vectorised pass (OpenMP SIMD; its sums' order is the compiler's, within the d·ε the
-    // precision contract allows; the GPU's block reductions have their own order too).
-#pragma omp simd reduction(+ : s, c)
-    for (int64_t j = 0; j < n; ++j) {
-      const T r = v[j] - m;
-      s += r > t ? r : T(0);
-      c += r > t ? T(1) : T(0);
-    }
-    sum += s, cnt += c;
-  });
+  return michelot_tau(m, [&](T t, T& sum, T& cnt) { host_sum_above(v, n, m, t, sum, cnt); });
 }
 
 }  // namespace spade

@@ -9,7 +9,9 @@
 // candidate index outside [0, n_a) — −1 in particular — is an empty slot, on
 // both devices.
 //
-// Host: cpu::exact_codes_row (D accumulated in T, vectorised), one row.  Device
+// Host: D of every candidate latent by latent (sparse.h's
+// gather_reduce_latents, D accumulated in T, vectorised), then
+// cpu::exact_codes_row, one row.  Device
 // (nvcc): a block per row, a warp per candidate, a bitonic sort in shared
 // memory.
 #pragma once
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "spade/common.h"
+#include "spade/sparse.h"
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
@@ -31,23 +34,21 @@
 namespace spade {
 namespace cpu {
 
-// One row; D, s and support are the caller's scratch (no allocation per row).
+// One row from its candidates' distances D (computed latent by latent by the
+// binding, gather_reduce_latents; an empty slot's is ignored); s and support are the caller's scratch (no allocation per row).
 template <typename T>
-void exact_codes_row(const T* x, const T* A, int64_t n_a, int64_t d, const int64_t* cand, int64_t width, T lam,
-                     T* values, int64_t* indices, int64_t& support_size, T* dist, std::vector<T>& D,
-                     std::vector<T>& s, std::vector<std::pair<T, int64_t>>& support) {
+void exact_codes_row(const int64_t* cand, const T* D, int64_t n_a, int64_t width, T lam, T* values,
+                     int64_t* indices, int64_t& support_size, T* dist, std::vector<T>& s,
+                     std::vector<std::pair<T, int64_t>>& support) {
   const T inf = std::numeric_limits<T>::infinity();
-  D.assign(width, inf);
+  auto empty = [&](int64_t j) { return cand[j] < 0 || cand[j] >= n_a; };
   T dmin = inf;
-  for (int64_t j = 0; j < width; ++j) {
-    if (cand[j] < 0 || cand[j] >= n_a) continue;  // an empty slot
-    D[j] = host_reduce<T, true>(x, A + cand[j] * d, d);
-    dmin = std::min(dmin, D[j]);
-  }
+  for (int64_t j = 0; j < width; ++j)
+    if (!empty(j)) dmin = std::min(dmin, D[j]);
   support.clear();
   if (dmin < inf) {
     for (int64_t j = 0; j < width; ++j)
-      if (D[j] < inf) support.emplace_back(-lam * (D[j] - dmin), j);
+      if (!empty(j) && D[j] < inf) support.emplace_back(-lam * (D[j] - dmin), j);
     s.resize(support.size());
     for (size_t i = 0; i < support.size(); ++i) s[i] = support[i].first;
     const T tau = host_tau(s.data(), static_cast<int64_t>(s.size()));

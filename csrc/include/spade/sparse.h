@@ -8,17 +8,22 @@
 //   scatter_matmul     out[k] = Σ_{idx[b,j] = k} w[b, j] · X[b]    (∂prototypes, ∂W_dec)
 //
 // The sparse transpose is a segmented sum over the entries sorted by latent
-// (the binding sorts), so it is deterministic and needs no atomics.  On both
+// (a stable sort on the GPU, the same order by a counting sort on the host:
+// LatentSlots), so it is deterministic and needs no atomics.  On both
 // devices an index outside [0, n_m) makes the gathers' output NaN where it is
 // used (instead of reading out of bounds) and falls in no segment of the
 // scatter (dropped); no check synchronises the GPU.
 //
-// Host: cpu::*_row, one output row (the binding runs rows in parallel).  Device (nvcc): the
-// kernels and launchers below.
+// Host: cpu::*_row, one output row (the binding runs rows in parallel), and
+// the gathered reductions latent by latent (cpu::gather_reduce_latents: each
+// row of M read once).  Device (nvcc): the kernels and launchers below.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "spade/common.h"
 
@@ -66,8 +71,79 @@ void gather_matmul_row(const T* w, const int64_t* idx, int64_t width, const T* M
   }
 }
 
+// The slots f = b·width + j of a (rows, width) index matrix grouped by latent,
+// each group in slot order (the order of a stable sort of the indices, which
+// the GPU's sparse transpose uses): latent c's slots are slot[e] for e in
+// [seg[c], seg[c+1]), of batch row row[e].  Indices outside [0, n) belong to no
+// latent; slots with skip(f) true are left out.  A counting sort, O(slots + n).
+struct LatentSlots {
+  std::vector<int64_t> seg, slot, row;
+
+  template <typename Skip>
+  LatentSlots(const int64_t* idx, int64_t rows, int64_t width, int64_t n, Skip&& skip) : seg(n + 1, 0) {
+    auto in = [&](int64_t f) { return idx[f] >= 0 && idx[f] < n && !skip(f); };
+    for (int64_t f = 0; f < rows * width; ++f)
+      if (in(f)) ++seg[idx[f] + 1];
+    for (int64_t c = 0; c < n; ++c) seg[c + 1] += seg[c];
+    slot.resize(seg[n]);
+    row.resize(seg[n]);
+    std::vector<int64_t> next(seg.begin(), seg.end() - 1);
+    for (int64_t b = 0; b < rows; ++b)
+      for (int64_t f = b * width; f < (b + 1) * width; ++f)
+        if (in(f)) {
+          const int64_t e = next[idx[f]]++;
+          slot[e] = f, row[e] = b;
+        }
+  }
+  LatentSlots(const int64_t* idx, int64_t rows, int64_t width, int64_t n)
+      : LatentSlots(idx, rows, width, n, [](int64_t) { return false; }) {}
+};
+
+// Whether rows of a (rows, d) matrix are finite, each tested once, when first asked.
+template <typename T>
+class FiniteRows {
+ public:
+  FiniteRows(const T* m, int64_t rows, int64_t d) : m_(m), d_(d), known_(rows, -1) {}
+  bool operator()(int64_t r) {
+    if (known_[r] < 0) {
+      bool finite = true;
+      for (int64_t i = 0; i < d_; ++i) finite = finite && std::abs(m_[r * d_ + i]) <= std::numeric_limits<T>::max();
+      known_[r] = finite ? 1 : 0;
+    }
+    return known_[r] == 1;
+  }
+
+ private:
+  const T* m_;
+  int64_t d_;
+  std::vector<int8_t> known_;
+};
+
+// The slots a weighted product can leave out: weight exactly 0 against a
+// finite row (0·v = 0 adds nothing, up to the sign of a zero sum; against a
+// non-finite row it is NaN, kept).  The zero-weight slots are mostly the codes'
+// padding (index 0, weight 0), which would otherwise all land on latent 0.
+template <typename T>
+struct ZeroWeightOnFiniteRow {
+  const T* w;
+  FiniteRows<T>& finite;
+  bool by_latent;  // the row tested: the slot's latent (gather) or its batch row (scatter)
+  const int64_t* idx;
+  int64_t width;
+  bool operator()(int64_t f) const {
+    return w[f] == T(0) && finite(by_latent ? idx[f] : f / width);  // (a zero weight's slot only)
+  }
+};
+
+// Whether the host's latent-major loops pay: a counting sort costs O(slots + n),
+// so with few slots per latent (a handful of rows against many latents) the
+// row-by-row loops, which never touch the unused latents, are cheaper.
+inline bool latent_major(int64_t slots, int64_t n) {
+  return slots >= n / 8;
+}
+
 // out[j] = ⟨x, M[idx[j]]⟩ or ‖x − M[idx[j]]‖² (accumulated in T, vectorised);
-// NaN for an index outside [0, n_m).
+// NaN for an index outside [0, n_m).  One row, for few slots (latent_major).
 template <typename T, bool kSqDist>
 void gather_reduce_row(const T* x, const int64_t* idx, int64_t width, const T* M, int64_t n_m, int64_t d, T* out) {
   for (int64_t j = 0; j < width; ++j) {
@@ -79,16 +155,55 @@ void gather_reduce_row(const T* x, const int64_t* idx, int64_t width, const T* M
   }
 }
 
-// out[0, d) = Σ_{e ∈ [begin, end)} w[order[e]] · X[order[e] / width]: one
-// latent's segment of the entries sorted by latent.
+// out[f] = ⟨X_b, M_c⟩ or ‖X_b − M_c‖² (host_reduce) for every slot f = b·width + j
+// of latents [c0, c1) (LatentSlots), latent by latent: each
+// row M_c is read once and met by every row of X that points at it (the rows of
+// X, a few MB, stay in cache; reading M_c once per slot streamed B·width·d
+// values of M from memory: benchmarks/NOTES.md, "Latent-major gathers").  Slots
+// of no latent are left as they are.  Callers split the latents across threads.
+template <typename T, bool kSqDist>
+void gather_reduce_latents(const T* X, const T* M, int64_t d, const LatentSlots& by, int64_t c0, int64_t c1,
+                           T* out) {
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t e = by.seg[c]; e < by.seg[c + 1]; ++e)
+      out[by.slot[e]] = host_reduce<T, kSqDist>(X + by.row[e] * d, M + c * d, d);
+}
+
+// out[b] = Σ_j w[b, j] · M[idx[b, j]] for the rows b of [r0, r1), latent by
+// latent (LatentSlots): each row M_c is read once per call
+// and added into the rows that point at it, whose outputs stay in cache.  A
+// row's terms are added in latent order whatever [r0, r1) is, so the result
+// does not depend on how callers split the rows across threads.  A row with an
+// index outside [0, n_m) is NaN.
 template <typename T>
-void scatter_matmul_row(const T* w, const int64_t* order, int64_t begin, int64_t end, int64_t width, const T* X,
-                        int64_t d, T* out) {
+void gather_matmul_latents(const T* w, const int64_t* idx, int64_t width, const T* M, int64_t n_m, int64_t d,
+                           const LatentSlots& by, int64_t r0, int64_t r1, T* out) {
+  std::fill(out + r0 * d, out + r1 * d, T(0));
+  for (int64_t c = 0; c < n_m; ++c) {
+    const T* m = M + c * d;
+    for (int64_t e = by.seg[c]; e < by.seg[c + 1]; ++e) {
+      const int64_t b = by.row[e];
+      if (b < r0 || b >= r1) continue;
+      const T wf = w[by.slot[e]];
+      T* o = out + b * d;
+      for (int64_t i = 0; i < d; ++i) o[i] += wf * m[i];
+    }
+  }
+  for (int64_t b = r0; b < r1; ++b)
+    for (int64_t j = 0; j < width; ++j)
+      if (idx[b * width + j] < 0 || idx[b * width + j] >= n_m) {
+        std::fill(out + b * d, out + (b + 1) * d, std::numeric_limits<T>::quiet_NaN());
+        break;
+      }
+}
+
+// out[0, d) = Σ_e w[slot[e]] · X[row[e]] over latent k's slots (LatentSlots), in order.
+template <typename T>
+void scatter_matmul_row(const T* w, const LatentSlots& by, int64_t k, const T* X, int64_t d, T* out) {
   for (int64_t i = 0; i < d; ++i) out[i] = T(0);
-  for (int64_t e = begin; e < end; ++e) {
-    const int64_t flat = order[e];
-    const T we = w[flat];
-    const T* xr = X + (flat / width) * d;
+  for (int64_t e = by.seg[k]; e < by.seg[k + 1]; ++e) {
+    const T we = w[by.slot[e]];
+    const T* xr = X + by.row[e] * d;
     for (int64_t i = 0; i < d; ++i) out[i] += we * xr[i];
   }
 }
