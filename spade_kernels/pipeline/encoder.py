@@ -135,5 +135,5 @@ def encode_rows(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float):
     out = RowWriter(x.shape[0], A.shape[0])
     for rows in blocks:
         out.add(*encode_forward(plan, x[rows], A, lam, prototypes=prototypes))
-    codes = out.codes()
-    return tuple(t.contiguous() for t in (codes.values, codes.indices, codes.support_size, codes.distances))
+    codes = out.codes()  # views of the first C columns, not copied (the codes are held once)
+    return codes.values, codes.indices, codes.support_size, codes.distances
