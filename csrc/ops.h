@@ -374,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exact_codes(const at:
     } else {
       // D of every slot, latent by latent (threads split the latents), then each row's codes.
       std::vector<T> D(static_cast<size_t>(B * W), std::numeric_limits<T>::infinity());  // empty slots: ∞
-      if (cpu::latent_major(B * W, K)) {
+      if (cpu::latent_major(B * W, K, d * static_cast<int64_t>(sizeof(T)))) {
         const cpu::LatentSlots by(cp, B, W, K);
         at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
           cpu::gather_reduce_latents<T, true>(xp, ap, d, by, c0, c1, D.data());
@@ -464,7 +464,7 @@ at::Tensor gather_matmul(const at::Tensor& weights, const at::Tensor& indices, c
     if constexpr (kCuda) {
       SPADE_CUDA_LAUNCH(spade::gather_matmul<T>(wp, ip, B, C, mp, K, d, op, stream()));
     } else {
-      if (cpu::latent_major(B * C, K)) {  // each row of M read once per thread
+      if (cpu::latent_major(B * C, K, d * static_cast<int64_t>(sizeof(T)))) {  // each row of M read once per thread
         cpu::FiniteRows<T> finite(mp, K, d);
         const cpu::LatentSlots by(ip, B, C, K, cpu::ZeroWeightOnFiniteRow<T>{wp, finite, true, ip, C});
         at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {
@@ -494,7 +494,7 @@ at::Tensor gather_reduce(const at::Tensor& X_, const at::Tensor& indices, const 
     if constexpr (kCuda) {
       SPADE_CUDA_LAUNCH((spade::gather_reduce<T, kSqDist>(xp, ip, B, C, mp, K, d, outp, stream())));
     } else {
-      if (cpu::latent_major(B * C, K)) {  // latent by latent, threads split the latents
+      if (cpu::latent_major(B * C, K, d * static_cast<int64_t>(sizeof(T)))) {  // latent by latent, threads split the latents
         const cpu::LatentSlots by(ip, B, C, K);
         std::fill(outp, outp + B * C, std::numeric_limits<T>::quiet_NaN());  // an index outside [0, K)
         at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {

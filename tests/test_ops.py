@@ -146,10 +146,44 @@ def test_zero_weights_against_non_finite_rows_stay_nan(device):
     ops = torch.ops.spade_kernels
     want = T.scatter_matmul(w.double(), idx, X.double(), 4)
     torch.testing.assert_close(ops.scatter_matmul(w, idx, X, 4).double(), want, equal_nan=True)
-    M = torch.tensor([[1.0, 2.0], [3.0, 4.0], [nan, 1.0], [inf, 0.0]], device=device)
+    # A decoder matrix past 2 MiB, so the CPU takes its latent-major loop (sparse.h, latent_major).
+    M = torch.randn(1100, 512, device=device)
+    M[2, 0], M[3, 0] = nan, inf
     want = T.gather_matmul(w.double(), idx, M.double())
     torch.testing.assert_close(ops.gather_matmul(w, idx, M).double(), want, equal_nan=True)
-    assert torch.isnan(want[0]).any() and torch.isnan(want[2]).any()  # zero weights on the NaN/inf rows
+    assert torch.isnan(want).any(1).all()  # every row has a zero weight on the NaN or inf row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_past_the_cache_match_torch(device, dtype):
+    # K·d past 2 MiB: the CPU's gathers run latent by latent (each row of M read once), the
+    # exact stage's distances too; padding slots (index 0, weight 0) and an empty slot (−1) included.
+    B, C, K, d = 70, 40, 1100, 512
+    w, idx = _support(B, C, K, device)
+    w[:, 30:], idx[:, 30:] = 0, 0
+    M = torch.randn(K, d, device=device, dtype=torch.float64)
+    X = torch.randn(B, d, device=device, dtype=torch.float64)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 1e-5}
+    ops = torch.ops.spade_kernels
+    cases = [
+        (ops.gather_matmul(w.to(dtype), idx, M.to(dtype)), T.gather_matmul(w, idx, M)),
+        (ops.gather_dot(X.to(dtype), idx, M.to(dtype)), T.gather_dot(X, idx, M)),
+        (ops.gather_sq_dist(X.to(dtype), idx, M.to(dtype)), T.gather_sq_dist(X, idx, M)),
+        (ops.scatter_matmul(w.to(dtype), idx, X.to(dtype), K), T.scatter_matmul(w, idx, X, K)),
+    ]
+    for got, want in cases:
+        torch.testing.assert_close(got.double(), want, **tol)
+    cand = idx.clone()
+    cand[:, 30:] = -1  # empty slots
+    cand[:, :30] = torch.stack([torch.randperm(K, device=device)[:30] for _ in range(B)])
+    values, indices, size, dist = ops.exact_codes(X.to(dtype), M.to(dtype), 0.01, cand)
+    want = T.gather_sq_dist(X, cand.clamp(min=0), M)
+    rows = torch.arange(B, device=device).unsqueeze(1).expand(-1, values.shape[1])
+    slot = (
+        (cand.unsqueeze(2) == indices.unsqueeze(1)).float().argmax(1)
+    )  # each support entry's candidate slot
+    on = torch.arange(values.shape[1], device=device).unsqueeze(0) < size.unsqueeze(1)
+    torch.testing.assert_close(dist.double()[on], want[rows, slot][on], **tol)
 
 
 def test_scatter_matmul_large_output_is_an_ordinary_tensor(device):

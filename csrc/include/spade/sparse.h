@@ -137,9 +137,12 @@ struct ZeroWeightOnFiniteRow {
 
 // Whether the host's latent-major loops pay: a counting sort costs O(slots + n),
 // so with few slots per latent (a handful of rows against many latents) the
-// row-by-row loops, which never touch the unused latents, are cheaper.
-inline bool latent_major(int64_t slots, int64_t n) {
-  return slots >= n / 8;
+// row-by-row loops, which never touch the unused latents, are cheaper; and a
+// matrix of n rows of row_bytes that fits in a core's L2 (2 MiB here) is read
+// from cache either way (at (2048, 128, 512) the row-by-row loops measured
+// ~4% faster).
+inline bool latent_major(int64_t slots, int64_t n, int64_t row_bytes) {
+  return slots >= n / 8 && n * row_bytes > (int64_t(2) << 20);
 }
 
 // out[j] = ⟨x, M[idx[j]]⟩ or ‖x − M[idx[j]]‖² (accumulated in T, vectorised);
