@@ -375,10 +375,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exact_codes(const at:
       // D of every slot, latent by latent (threads split the latents), then each row's codes.
       std::vector<T> D(static_cast<size_t>(B * W), std::numeric_limits<T>::infinity());  // empty slots: ∞
       if (cpu::latent_major(B * W, K, d * static_cast<int64_t>(sizeof(T)))) {
-        const cpu::LatentSlots by(cp, B, W, K);
-        at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
-          cpu::gather_reduce_latents<T, true>(xp, ap, d, by, c0, c1, D.data());
-        });
+        for (int64_t r0 = 0; r0 < B; r0 += cpu::chunk_rows(W)) {
+          const cpu::LatentSlots by(cp, r0, std::min(B, r0 + cpu::chunk_rows(W)), W, K);
+          at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
+            cpu::gather_reduce_latents<T, true>(xp, ap, d, by, c0, c1, D.data());
+          });
+        }
       } else {
         for_rows(B, 1, [&](int64_t r) {
           for (int64_t j = 0; j < W; ++j) {
@@ -466,10 +468,13 @@ at::Tensor gather_matmul(const at::Tensor& weights, const at::Tensor& indices, c
     } else {
       if (cpu::latent_major(B * C, K, d * static_cast<int64_t>(sizeof(T)))) {  // each row of M read once per thread
         cpu::FiniteRows<T> finite(mp, K, d);
-        const cpu::LatentSlots by(ip, B, C, K, cpu::ZeroWeightOnFiniteRow<T>{wp, finite, true, ip, C});
-        at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {
-          cpu::gather_matmul_latents(wp, ip, C, mp, K, d, by, r0, r1, op);
-        });
+        for (int64_t c0 = 0; c0 < B; c0 += cpu::chunk_rows(C)) {
+          const int64_t c1 = std::min(B, c0 + cpu::chunk_rows(C));
+          const cpu::LatentSlots by(ip, c0, c1, C, K, cpu::ZeroWeightOnFiniteRow<T>{wp, finite, true, ip, C});
+          at::parallel_for(c0, c1, 64, [&](int64_t r0, int64_t r1) {
+            cpu::gather_matmul_latents(wp, ip, C, mp, K, d, by, r0, r1, op);
+          });
+        }
       } else {
         for_rows(B, 1, [&](int64_t r) { cpu::gather_matmul_row(wp + r * C, ip + r * C, C, mp, K, d, op + r * d); });
       }
@@ -495,11 +500,13 @@ at::Tensor gather_reduce(const at::Tensor& X_, const at::Tensor& indices, const 
       SPADE_CUDA_LAUNCH((spade::gather_reduce<T, kSqDist>(xp, ip, B, C, mp, K, d, outp, stream())));
     } else {
       if (cpu::latent_major(B * C, K, d * static_cast<int64_t>(sizeof(T)))) {  // latent by latent, threads split the latents
-        const cpu::LatentSlots by(ip, B, C, K);
         std::fill(outp, outp + B * C, std::numeric_limits<T>::quiet_NaN());  // an index outside [0, K)
-        at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
-          cpu::gather_reduce_latents<T, kSqDist>(xp, mp, d, by, c0, c1, outp);
-        });
+        for (int64_t r0 = 0; r0 < B; r0 += cpu::chunk_rows(C)) {
+          const cpu::LatentSlots by(ip, r0, std::min(B, r0 + cpu::chunk_rows(C)), C, K);
+          at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
+            cpu::gather_reduce_latents<T, kSqDist>(xp, mp, d, by, c0, c1, outp);
+          });
+        }
       } else {
         for_rows(B, 1, [&](int64_t r) {
           cpu::gather_reduce_row<T, kSqDist>(xp + r * d, ip + r * C, C, mp, K, d, outp + r * C);
@@ -555,8 +562,12 @@ at::Tensor scatter_matmul(const at::Tensor& weights, const at::Tensor& indices, 
     } else {  // the same order by a counting sort (no host sync to avoid on the CPU)
       const int64_t* ip = idx.data_ptr<int64_t>();
       cpu::FiniteRows<T> finite(xp, X.size(0), d);
-      const cpu::LatentSlots by(ip, idx.size(0), C, n_rows, cpu::ZeroWeightOnFiniteRow<T>{wp, finite, false, ip, C});
-      for_rows(n_rows, 64, [&](int64_t k) { cpu::scatter_matmul_row(wp, by, k, xp, d, outp + k * d); });
+      const int64_t B = idx.size(0);
+      for (int64_t r0 = 0; r0 == 0 || r0 < B; r0 += cpu::chunk_rows(C)) {  // the first chunk writes the zeros
+        const cpu::LatentSlots by(ip, r0, std::min(B, r0 + cpu::chunk_rows(C)), C, n_rows,
+                                  cpu::ZeroWeightOnFiniteRow<T>{wp, finite, false, ip, C});
+        for_rows(n_rows, 64, [&](int64_t k) { cpu::scatter_matmul_row(wp, by, k, xp, d, r0 == 0, outp + k * d); });
+      }
     }
   });
   return out;

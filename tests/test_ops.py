@@ -186,6 +186,20 @@ def test_products_past_the_cache_match_torch(device, dtype):
     torch.testing.assert_close(dist.double()[on], want[rows, slot][on], **tol)
 
 
+def test_products_over_several_row_chunks_match_torch(device):
+    # Past 2^20 slots the CPU's latent-major loops take the rows in chunks (sparse.h, chunk_rows:
+    # their slot arrays stay small whatever B is); the sparse transpose adds the chunks in order.
+    B, C, K, d = 20000, 60, 70000, 8  # 1.2M slots; K·d·4 past 2 MiB (the latent-major loops)
+    w, idx = _support(B, C, K, device)
+    M = torch.randn(K, d, device=device, dtype=torch.float64)
+    X = torch.randn(B, d, device=device, dtype=torch.float64)
+    ops = torch.ops.spade_kernels
+    tol = {"atol": 1e-10, "rtol": 1e-10}
+    torch.testing.assert_close(ops.gather_matmul(w, idx, M), T.gather_matmul(w, idx, M), **tol)
+    torch.testing.assert_close(ops.gather_dot(X, idx, M), T.gather_dot(X, idx, M), **tol)
+    torch.testing.assert_close(ops.scatter_matmul(w, idx, X, K), T.scatter_matmul(w, idx, X, K), **tol)
+
+
 def test_scatter_matmul_large_output_is_an_ordinary_tensor(device):
     # 2 MiB and up, the CPU op writes its K×d output on huge pages (csrc/ops.h, large_empty):
     # the same values, and a tensor that autograd and optimizers can use like any other.

@@ -71,32 +71,41 @@ void gather_matmul_row(const T* w, const int64_t* idx, int64_t width, const T* M
   }
 }
 
-// The slots f = b·width + j of a (rows, width) index matrix grouped by latent,
-// each group in slot order (the order of a stable sort of the indices, which
-// the GPU's sparse transpose uses): latent c's slots are slot[e] for e in
-// [seg[c], seg[c+1]), of batch row row[e].  Indices outside [0, n) belong to no
-// latent; slots with skip(f) true are left out.  A counting sort, O(slots + n).
+// The slots f = b·width + j of the rows [r0, r1) of a (rows, width) index matrix
+// grouped by latent, each group in slot order (the order of a stable sort of
+// the indices, which the GPU's sparse transpose uses): latent c's slots are
+// slot[e] for e in [seg[c], seg[c+1]), of batch row row[e] (both counted from
+// the matrix's first row).  Indices outside [0, n) belong to no latent; slots
+// with skip(f) true are left out.  A counting sort, O((r1 − r0)·width + n);
+// callers take rows in chunks of about kChunkSlots slots, so its arrays stay
+// small whatever B is.
+constexpr int64_t kChunkSlots = int64_t(1) << 20;
+
+inline int64_t chunk_rows(int64_t width) {
+  return std::max<int64_t>(1, kChunkSlots / std::max<int64_t>(width, 1));
+}
+
 struct LatentSlots {
   std::vector<int64_t> seg, slot, row;
 
   template <typename Skip>
-  LatentSlots(const int64_t* idx, int64_t rows, int64_t width, int64_t n, Skip&& skip) : seg(n + 1, 0) {
+  LatentSlots(const int64_t* idx, int64_t r0, int64_t r1, int64_t width, int64_t n, Skip&& skip) : seg(n + 1, 0) {
     auto in = [&](int64_t f) { return idx[f] >= 0 && idx[f] < n && !skip(f); };
-    for (int64_t f = 0; f < rows * width; ++f)
+    for (int64_t f = r0 * width; f < r1 * width; ++f)
       if (in(f)) ++seg[idx[f] + 1];
     for (int64_t c = 0; c < n; ++c) seg[c + 1] += seg[c];
     slot.resize(seg[n]);
     row.resize(seg[n]);
     std::vector<int64_t> next(seg.begin(), seg.end() - 1);
-    for (int64_t b = 0; b < rows; ++b)
+    for (int64_t b = r0; b < r1; ++b)
       for (int64_t f = b * width; f < (b + 1) * width; ++f)
         if (in(f)) {
           const int64_t e = next[idx[f]]++;
           slot[e] = f, row[e] = b;
         }
   }
-  LatentSlots(const int64_t* idx, int64_t rows, int64_t width, int64_t n)
-      : LatentSlots(idx, rows, width, n, [](int64_t) { return false; }) {}
+  LatentSlots(const int64_t* idx, int64_t r0, int64_t r1, int64_t width, int64_t n)
+      : LatentSlots(idx, r0, r1, width, n, [](int64_t) { return false; }) {}
 };
 
 // Whether rows of a (rows, d) matrix are finite, each tested once, when first asked.
@@ -200,10 +209,12 @@ void gather_matmul_latents(const T* w, const int64_t* idx, int64_t width, const 
       }
 }
 
-// out[0, d) = Σ_e w[slot[e]] · X[row[e]] over latent k's slots (LatentSlots), in order.
+// out[0, d) = Σ_e w[slot[e]] · X[row[e]] over latent k's slots (LatentSlots), in
+// order, added to out (zero: to zeros; a later chunk of rows adds to an earlier one's).
 template <typename T>
-void scatter_matmul_row(const T* w, const LatentSlots& by, int64_t k, const T* X, int64_t d, T* out) {
-  for (int64_t i = 0; i < d; ++i) out[i] = T(0);
+void scatter_matmul_row(const T* w, const LatentSlots& by, int64_t k, const T* X, int64_t d, bool zero, T* out) {
+  if (zero)
+    for (int64_t i = 0; i < d; ++i) out[i] = T(0);
   for (int64_t e = by.seg[k]; e < by.seg[k + 1]; ++e) {
     const T we = w[by.slot[e]];
     const T* xr = X + by.row[e] * d;
