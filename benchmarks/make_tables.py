@@ -41,7 +41,10 @@ def _source(run: str, data: dict, prefix: str) -> str:
 def run_block(run: str, data: dict, prefix: str = "") -> str:
     """The run's whole table (or the scaling sweep's target table), under its source line."""
     header = _source(run, data, prefix)
-    if data["environment"].get("sweep") == "scaling":
+    # The scaling table holds the targets against the reference; a run without reference rows
+    # (a re-measured subset, e.g. results/cpu-scaling-300k) gets the plain table.
+    has_reference = any(r["name"] == "reference" and r["status"] == "ok" for r in data["rows"])
+    if data["environment"].get("sweep") == "scaling" and has_reference:
         budget = data["environment"].get("memory_budget_mib", DEFAULT_CPU_BUDGET / 2**20)
         return header + "\n\n" + format_scaling_table(data["rows"], budget) + "\n"
     rows = [r for r in data["rows"] if r["status"] == "ok" or r["kind"] == "backend"]

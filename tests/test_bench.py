@@ -166,3 +166,39 @@ def test_profile_step_splits_a_step_into_stages(tmp_path, capsys):
     assert "| 64, 8, 32 | 1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         profile_step.main(["--shape", "64,8"])
+
+
+def test_compare_results_flags_slower_and_hungrier_rows(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_results.py"
+    spec = importlib.util.spec_from_file_location("compare_results", path)
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+
+    def run(name, rows):
+        f = tmp_path / f"{name}.json"
+        base = {"mode": "train", "B": 8, "d": 2, "dtype": "float32", "status": "ok"}
+        f.write_text(json.dumps({"environment": {}, "rows": [{**base, **r} for r in rows]}))
+        return str(f)
+
+    old = run("old", [
+        {"name": "native", "K": 4, "median_ms": 10.0, "peak_mem_mib": 100.0},
+        {"name": "native", "K": 8, "median_ms": 10.0, "peak_mem_mib": 100.0},
+        {"name": "native", "K": 16, "median_ms": 10.0, "peak_mem_mib": 1.0},
+        {"name": "native", "K": 32, "median_ms": 10.0, "peak_mem_mib": 1.0},  # not in the new run
+    ])  # fmt: skip
+    new = run("new", [
+        {"name": "native", "K": 4, "median_ms": 12.0, "peak_mem_mib": 100.0},  # 20% slower
+        {"name": "native", "K": 8, "median_ms": 9.0, "peak_mem_mib": 130.0},  # 30% (30 MiB) hungrier
+        {"name": "native", "K": 16, "median_ms": 10.5, "peak_mem_mib": 1.5},  # +50% but half a MiB: noise
+        {"name": "native", "K": 64, "median_ms": 1.0, "peak_mem_mib": 1.0, "status": "skipped: deadline"},
+    ])  # fmt: skip
+    assert cr.main([old, new]) == 0
+    out = capsys.readouterr().out
+    assert "| 8, 2, 4 | train | native | 10.0 | 12.0 | 1.20 | 100.0 | 100.0 | slower |" in out
+    assert "| 8, 2, 8 | train | native | 10.0 | 9.0 | 0.90 | 100.0 | 130.0 | hungrier |" in out
+    assert "| 8, 2, 16 | train | native | 10.0 | 10.5 | 1.05 | 1.0 | 1.5 | — |" in out
+    assert "3 configurations in both runs; 2 flagged" in out
+    assert cr.main([old, run("other", [{"name": "torch", "K": 4, "median_ms": 1.0}])]) == 1
