@@ -332,6 +332,28 @@ std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& x, const 
   return {cand, count.lt(0)};
 }
 
+// out[b·C + j] = ⟨X_b, M_c⟩ or ‖X_b − M_c‖², c = idx[b, j], on the CPU (gather_dot,
+// gather_sq_dist, the exact stage's D); `empty` where c is outside [0, K).  Latent
+// by latent in row chunks where that pays (sparse.h, latent_major; threads split
+// the latents), else row by row.
+template <typename T, bool kSqDist>
+void cpu_gather_reduce(const T* xp, const int64_t* ip, int64_t B, int64_t C, const T* mp, int64_t K, int64_t d,
+                       T empty, T* outp) {
+  if (cpu::latent_major(B * C, K, d * static_cast<int64_t>(sizeof(T)))) {
+    std::fill(outp, outp + B * C, empty);
+    for (int64_t r0 = 0; r0 < B; r0 += cpu::chunk_rows(C)) {
+      const cpu::LatentSlots by(ip, r0, std::min(B, r0 + cpu::chunk_rows(C)), C, K);
+      at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
+        cpu::gather_reduce_latents<T, kSqDist>(xp, mp, d, by, c0, c1, outp);
+      });
+    }
+  } else {
+    for_rows(B, 1, [&](int64_t r) {
+      cpu::gather_reduce_row<T, kSqDist>(xp + r * d, ip + r * C, C, mp, K, d, empty, outp + r * C);
+    });
+  }
+}
+
 // -- exact_codes --------------------------------------------------------------
 
 template <bool kCuda>
@@ -372,23 +394,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exact_codes(const at:
     if constexpr (kCuda) {
       SPADE_CUDA_LAUNCH(spade::exact_codes<T>(xp, ap, B, K, d, cp, W, static_cast<T>(lam), vp, ip, sp, dp, stream()));
     } else {
-      // D of every slot, latent by latent (threads split the latents), then each row's codes.
-      std::vector<T> D(static_cast<size_t>(B * W), std::numeric_limits<T>::infinity());  // empty slots: ∞
-      if (cpu::latent_major(B * W, K, d * static_cast<int64_t>(sizeof(T)))) {
-        for (int64_t r0 = 0; r0 < B; r0 += cpu::chunk_rows(W)) {
-          const cpu::LatentSlots by(cp, r0, std::min(B, r0 + cpu::chunk_rows(W)), W, K);
-          at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
-            cpu::gather_reduce_latents<T, true>(xp, ap, d, by, c0, c1, D.data());
-          });
-        }
-      } else {
-        for_rows(B, 1, [&](int64_t r) {
-          for (int64_t j = 0; j < W; ++j) {
-            const int64_t c = cp[r * W + j];
-            if (c >= 0 && c < K) D[r * W + j] = host_reduce<T, true>(xp + r * d, ap + c * d, d);
-          }
-        });
-      }
+      // D of every slot (an empty slot's: ∞), then each row's codes.
+      std::vector<T> D(static_cast<size_t>(B * W));
+      cpu_gather_reduce<T, true>(xp, cp, B, W, ap, K, d, std::numeric_limits<T>::infinity(), D.data());
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
         std::vector<T> s;
         std::vector<std::pair<T, int64_t>> support;
@@ -499,19 +507,7 @@ at::Tensor gather_reduce(const at::Tensor& X_, const at::Tensor& indices, const 
     if constexpr (kCuda) {
       SPADE_CUDA_LAUNCH((spade::gather_reduce<T, kSqDist>(xp, ip, B, C, mp, K, d, outp, stream())));
     } else {
-      if (cpu::latent_major(B * C, K, d * static_cast<int64_t>(sizeof(T)))) {  // latent by latent, threads split the latents
-        std::fill(outp, outp + B * C, std::numeric_limits<T>::quiet_NaN());  // an index outside [0, K)
-        for (int64_t r0 = 0; r0 < B; r0 += cpu::chunk_rows(C)) {
-          const cpu::LatentSlots by(ip, r0, std::min(B, r0 + cpu::chunk_rows(C)), C, K);
-          at::parallel_for(0, K, kLatentGrain, [&](int64_t c0, int64_t c1) {
-            cpu::gather_reduce_latents<T, kSqDist>(xp, mp, d, by, c0, c1, outp);
-          });
-        }
-      } else {
-        for_rows(B, 1, [&](int64_t r) {
-          cpu::gather_reduce_row<T, kSqDist>(xp + r * d, ip + r * C, C, mp, K, d, outp + r * C);
-        });
-      }
+      cpu_gather_reduce<T, kSqDist>(xp, ip, B, C, mp, K, d, std::numeric_limits<T>::quiet_NaN(), outp);
     }
   });
   return out;

@@ -155,16 +155,12 @@ inline bool latent_major(int64_t slots, int64_t n, int64_t row_bytes) {
 }
 
 // out[j] = ⟨x, M[idx[j]]⟩ or ‖x − M[idx[j]]‖² (accumulated in T, vectorised);
-// NaN for an index outside [0, n_m).  One row, for few slots (latent_major).
+// `empty` for an index outside [0, n_m).  One row, for few slots (latent_major).
 template <typename T, bool kSqDist>
-void gather_reduce_row(const T* x, const int64_t* idx, int64_t width, const T* M, int64_t n_m, int64_t d, T* out) {
-  for (int64_t j = 0; j < width; ++j) {
-    if (idx[j] < 0 || idx[j] >= n_m) {
-      out[j] = std::numeric_limits<T>::quiet_NaN();
-      continue;
-    }
-    out[j] = host_reduce<T, kSqDist>(x, M + idx[j] * d, d);
-  }
+void gather_reduce_row(const T* x, const int64_t* idx, int64_t width, const T* M, int64_t n_m, int64_t d, T empty,
+                       T* out) {
+  for (int64_t j = 0; j < width; ++j)
+    out[j] = idx[j] < 0 || idx[j] >= n_m ? empty : host_reduce<T, kSqDist>(x, M + idx[j] * d, d);
 }
 
 // out[f] = ⟨X_b, M_c⟩ or ‖X_b − M_c‖² (host_reduce) for every slot f = b·width + j
