@@ -439,19 +439,29 @@ def _policy_model(S_chunks, margin, max_candidates):
     return result, overflow
 
 
-@pytest.mark.parametrize("max_candidates,lam", [(6, 0.5), (30, 0.05), (300, 0.05)])
-def test_select_candidates_follows_the_buffer_policy(device, max_candidates, lam):
-    # Small caps put rows on both sides of the overflow boundary; 600 prototypes in
-    # chunks of 512 give a partial second chunk and tiles that end mid-chunk.
+@pytest.mark.parametrize(
+    "max_candidates,lam,K", [(6, 0.5, 600), (30, 0.05, 600), (300, 0.05, 600), (2, 2.0, 1100)]
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_select_candidates_follows_the_buffer_policy(device, max_candidates, lam, K, dtype):
+    # Small caps put rows on both sides of the overflow boundary; prototypes in chunks of 512
+    # give a partial last chunk and tiles that end mid-chunk.  K = 1100: each row also has a
+    # prototype on it in the second tile of the second chunk, so that chunk's max − 1 is above
+    # the bound the first chunk left and the first tile is pruned from it (the CPU, which scans
+    # a chunk from the bound while it takes the max, scans that chunk again).
     torch.manual_seed(max_candidates)
-    x = torch.randn(24, 6, device=device, dtype=torch.float64)
-    A = torch.randn(600, 6, device=device, dtype=torch.float64)
-    x[:8] *= 0.05  # near the centre: wide supports (support sizes 2–44 here)
+    x = torch.randn(24, 6, device=device, dtype=dtype)
+    A = torch.randn(K, 6, device=device, dtype=dtype)
+    if K > 1024:
+        A[1000:1024] = x + 1e-3 * torch.randn(24, 6, device=device, dtype=dtype)
+    else:
+        x[:8] *= 0.05  # near the centre: wide supports (support sizes 2–44 here)
     xs, As, aa, xx, _ = sanitize(x, A)
-    margin = score_margin(xx, aa, lam, 6, 2.0**-52)
+    margin = score_margin(xx, aa, lam, 6, torch.finfo(dtype).eps)
     cand, overflow = torch.ops.spade_kernels.select_candidates(xs, As, aa, lam, margin, 512, max_candidates)
-    chunks = [(c0, torch.addmm(aa[c0 : c0 + 512], xs, As[c0 : c0 + 512].t(), beta=-lam, alpha=2 * lam).cpu())
-              for c0 in range(0, 600, 512)]  # fmt: skip
+    # The op's scores: its GEMM's dot products, then λ(2·dot − ‖a‖²) in the dtype.
+    chunks = [(c0, (lam * (2 * torch.mm(xs, As[c0 : c0 + 512].t()) - aa[c0 : c0 + 512])).cpu())
+              for c0 in range(0, K, 512)]  # fmt: skip
     want, want_overflow = _policy_model(chunks, margin.cpu(), max_candidates)
     assert overflow.cpu().tolist() == want_overflow
     assert 0 < sum(want_overflow) < 24 or max_candidates == 300

@@ -8,6 +8,7 @@
 // one algorithm side by side.  The mathematics is docs/design.md.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -54,12 +55,14 @@ inline size_t exact_codes_shared_bytes(int64_t width) {
 // The sparsemax threshold τ of a set of values whose maximum is m, by
 // Michelot's iteration from max − 1 ≤ τ (design facts 2 and 4): relative to
 // m, t ← (Σ_{v−m>t} (v − m) − 1) / #{v − m > t}, which rises monotonically to
-// the exact τ − m.  `sum_above(t, sum, cnt)` adds Σ (v − m) and the count over
-// the values with v − m > t: a loop on the host, a block reduction on the
-// device (every thread of the block calls this, and gets the same t).
+// the exact τ − m from any start t0 ≤ τ − m, and does not rise from a start
+// above it.  `sum_above(t, sum, cnt)` adds Σ (v − m) and the count over the
+// values with v − m > t: a loop on the host, a block reduction on the device
+// (every thread of the block calls this, and gets the same t).  Returns t,
+// relative to m; michelot_tau returns τ.
 template <typename T, typename SumAbove>
-SPADE_HD T michelot_tau(T m, SumAbove&& sum_above) {
-  T t = T(-1);
+SPADE_HD T michelot_relative(SumAbove&& sum_above, T t0) {
+  T t = t0;
   for (int it = 0; it < kMichelotMaxIters; ++it) {
     T sum = T(0), cnt = T(0);
     sum_above(t, sum, cnt);
@@ -67,7 +70,12 @@ SPADE_HD T michelot_tau(T m, SumAbove&& sum_above) {
     if (!(next > t)) break;  // converged
     t = next;
   }
-  return t + m;
+  return t;
+}
+
+template <typename T, typename SumAbove>
+SPADE_HD T michelot_tau(T m, SumAbove&& sum_above) {
+  return michelot_relative(sum_above, T(-1)) + m;
 }
 
 // Σ_i (x_i − a_i)² (kSqDist) or Σ_i x_i·a_i over [0, d) on the host, in T, with
@@ -116,13 +124,33 @@ __attribute__((noinline)) void host_sum_above(const T* __restrict__ v, int64_t n
   sum += s, cnt += c;
 }
 
-// τ of v[0, n) (n ≥ 1) on the host.
+// The largest of v[0, n) (n ≥ 1, no NaN).
 template <typename T>
-inline T host_tau(const T* v, int64_t n) {
+inline T host_max(const T* v, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
+// τ of v[0, n) (n ≥ 1) on the host.
+template <typename T>
+inline T host_tau(const T* v, int64_t n) {
+  const T m = host_max(v, n);
   return michelot_tau(m, [&](T t, T& sum, T& cnt) { host_sum_above(v, n, m, t, sum, cnt); });
+}
+
+// max(floor, τ of v[0, n)) for a floor the caller already holds (a bound
+// ≤ τ of a superset): Michelot's iteration started from the floor when that
+// is above max − 1, so a buffer whose τ the floor nearly is takes a pass or
+// two instead of one per step from max − 1.  The floor itself when the
+// iteration does not rise from it.
+template <typename T>
+inline T host_tau_above(const T* v, int64_t n, T floor) {
+  const T m = host_max(v, n);
+  const T t0 = floor - m > T(-1) ? floor - m : T(-1);
+  const T t = michelot_relative([&](T t, T& sum, T& cnt) { host_sum_above(v, n, m, t, sum, cnt); }, t0);
+  return t > t0 || t0 == T(-1) ? std::max(floor, t + m) : floor;
 }
 
 }  // namespace spade

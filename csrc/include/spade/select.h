@@ -30,6 +30,10 @@
 
 #include "spade/common.h"
 
+#if defined(__SSE2__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#endif
+
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
 
@@ -50,71 +54,158 @@ namespace cpu {
 template <typename T>
 int64_t compact_above(T* v, int32_t* idx, int64_t n, T thr) {
   int64_t out = 0;
-  for (int64_t j = 0; j < n; ++j)
-    if (v[j] > thr) v[out] = v[j], idx[out] = idx[j], ++out;
+  for (int64_t j = 0; j < n; ++j) {  // branch-free: each entry stored, kept by advancing past it
+    const T x = v[j];
+    const int32_t i = idx[j];
+    v[out] = x, idx[out] = i;
+    out += x > thr ? 1 : 0;
+  }
   return out;
 }
 
-// The largest GEMM-form score of a chunk row, and whether any score of a
-// range is above a threshold: single passes the compiler vectorises (OpenMP
-// SIMD reductions; the binding compiles with -fopenmp).  The scores are
-// finite here (sanitize zeroes non-finite rows and prototypes), so the
-// vector max needs no NaN rule.  Most tiles of a chunk hold nothing to keep
-// once the bound has risen: any_above skips them for one compare a lane.
+// The largest GEMM-form score of a range of a chunk row: one pass the
+// compiler vectorises, with independent partial maxima (one running max is a
+// chain of dependent instructions).  The scores are finite here (sanitize
+// zeroes non-finite rows and prototypes), so the max needs no NaN rule.
 template <typename T>
 T chunk_max(const T* dot, const T* aa, T lam, int64_t cols) {
-  T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t k = 0; k < cols; ++k) mx = std::max(mx, gemm_score(dot[k], aa[k], lam));
+  constexpr int64_t kLanes = 32;  // independent maxima: the reduction is not one dependency chain
+  T lane[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<T>::infinity();
+  int64_t k = 0;
+  for (; k + kLanes <= cols; k += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = std::max(lane[l], gemm_score(dot[k + l], aa[k + l], lam));
+  for (; k < cols; ++k) lane[0] = std::max(lane[0], gemm_score(dot[k], aa[k], lam));
+  T mx = lane[0];
+  for (int64_t l = 1; l < kLanes; ++l) mx = std::max(mx, lane[l]);
   return mx;
 }
 
-// The entries of a tile that any_above found something in are appended a
-// group of kGroup at a time, the groups with nothing to keep skipped.
-constexpr int64_t kGroup = 32;
+// Appends the entries of [begin, end) whose score is above thr to
+// (sval, sidx) from slot n, in order, and returns the new count; with kMax,
+// raises mx to the largest score of the range.  Portable: groups of kGroup
+// scores formed in a small array (the compiler vectorises the group's max
+// and its "anything above?"), the groups with nothing to keep skipped.
+constexpr int64_t kGroup = 16;
 
-template <typename T>
-bool any_above(const T* dot, const T* aa, T lam, int64_t begin, int64_t end, T thr) {
-  int hit = 0;
-#pragma omp simd reduction(| : hit)
-  for (int64_t k = begin; k < end; ++k) hit |= gemm_score(dot[k], aa[k], lam) > thr ? 1 : 0;
-  return hit != 0;
+template <bool kMax, typename T>
+int64_t append_above(const T* dot, const T* aa, T lam, int64_t begin, int64_t end, T thr, int64_t offset, T* sval,
+                     int32_t* sidx, int64_t n, T& mx) {
+  T s[kGroup];
+  for (int64_t g = begin; g < end; g += kGroup) {
+    const int64_t w = std::min(kGroup, end - g);
+    int hit = 0;
+    T gm = mx;
+    for (int64_t j = 0; j < w; ++j) {
+      s[j] = gemm_score(dot[g + j], aa[g + j], lam);
+      hit |= s[j] > thr ? 1 : 0;
+      if constexpr (kMax) gm = std::max(gm, s[j]);
+    }
+    if constexpr (kMax) mx = gm;
+    if (!hit) continue;
+    for (int64_t j = 0; j < w; ++j)
+      if (s[j] > thr) sval[n] = s[j], sidx[n] = static_cast<int32_t>(g + j + offset), ++n;
+  }
+  return n;
+}
+
+#if defined(__SSE2__) && !defined(__CUDACC__)
+// float on x86-64: four scores a step, a movemask of the comparison, the set
+// bits appended (the same scores and order as the portable loop).
+template <bool kMax>
+int64_t append_above(const float* dot, const float* aa, float lam, int64_t begin, int64_t end, float thr,
+                     int64_t offset, float* sval, int32_t* sidx, int64_t n, float& mx) {
+  const __m128 vl = _mm_set1_ps(lam), vt = _mm_set1_ps(thr);
+  __m128 vm = _mm_set1_ps(mx);
+  int64_t k = begin;
+  alignas(16) float sc[4];
+  for (; k + 4 <= end; k += 4) {
+    const __m128 d = _mm_loadu_ps(dot + k);
+    const __m128 v = _mm_mul_ps(vl, _mm_sub_ps(_mm_add_ps(d, d), _mm_loadu_ps(aa + k)));
+    if constexpr (kMax) vm = _mm_max_ps(vm, v);
+    int m = _mm_movemask_ps(_mm_cmpgt_ps(v, vt));
+    if (m) {
+      _mm_store_ps(sc, v);
+      do {
+        const int j = __builtin_ctz(m);
+        sval[n] = sc[j], sidx[n] = static_cast<int32_t>(k + j + offset), ++n;
+        m &= m - 1;
+      } while (m);
+    }
+  }
+  if constexpr (kMax) {
+    alignas(16) float mm[4];
+    _mm_store_ps(mm, vm);
+    mx = std::max(std::max(mm[0], mm[1]), std::max(mm[2], mm[3]));
+  }
+  for (; k < end; ++k) {
+    const float v = gemm_score(dot[k], aa[k], lam);
+    if constexpr (kMax) mx = std::max(mx, v);
+    if (v > thr) sval[n] = v, sidx[n] = static_cast<int32_t>(k + offset), ++n;
+  }
+  return n;
+}
+#endif
+
+// The policy's steps 2–4 for one chunk row from the bound b (the buffer's n
+// candidates in sval / sidx); with kMax, also the chunk's largest score into
+// mx.  Returns the new count, or −1 when the row overflowed (then, with
+// kMax, mx still covers the whole chunk).
+template <bool kMax, typename T>
+int64_t scan_chunk_row(const T* dot, const T* aa, T lam, int64_t cols, int64_t offset, T slack, T& b, int64_t n,
+                       int64_t max_candidates, T* sval, int32_t* sidx, T& mx) {
+  for (int64_t base = 0; base < cols; base += kThreads) {
+    const int64_t end = std::min(cols, base + kThreads);
+    n = append_above<kMax>(dot, aa, lam, base, end, b - slack, offset, sval, sidx, n, mx);  // n ≤ max_candidates: fits
+    if (n > max_candidates) {
+      b = host_tau_above(sval, n, b);
+      n = compact_above(sval, sidx, n, b - slack);
+      if (n > max_candidates) {
+        if constexpr (kMax) mx = std::max(mx, chunk_max(dot + end, aa + end, lam, cols - end));
+        return -1;
+      }
+    }
+  }
+  if (n > 0) {
+    b = host_tau_above(sval, n, b);
+    n = compact_above(sval, sidx, n, b - slack);
+  }
+  return n;
 }
 
 // One row of one chunk: `dot` holds x_b·a_k and `aa` ‖a_k‖² for the chunk's
 // columns.  buf_idx / buf_val hold the row's `count` candidates (max_candidates slots);
 // sval / sidx are the caller's scratch of max_candidates + kThreads slots.
+// Bound and candidates come out as the policy above gives them.
+//
+// Step 1 needs the chunk's max before the first tile.  Once a row has a
+// finite bound (every chunk after its first), the max rarely moves it: the
+// chunk is scanned from the bound alone while its max is taken in the same
+// pass, and scanned again from max − 1 only when that is higher (the result
+// is then what the policy gives, at one pass a chunk instead of two).
 template <typename T>
 void select_chunk_row(const T* dot, const T* aa, T lam, int64_t cols, int64_t offset, T slack, int32_t* buf_idx,
                       T* buf_val, int32_t& count, T& bound, int64_t max_candidates, T* sval, int32_t* sidx) {
-  int64_t n = count;
-  if (n < 0) return;  // overflowed in an earlier chunk
-  std::copy(buf_val, buf_val + n, sval);
-  std::copy(buf_idx, buf_idx + n, sidx);
-  T b = std::max(bound, chunk_max(dot, aa, lam, cols) - T(1));
-  for (int64_t base = 0; base < cols; base += kThreads) {
-    const int64_t end = std::min(cols, base + kThreads);
-    if (!any_above(dot, aa, lam, base, end, b - slack)) continue;  // nothing of this tile is kept
-    for (int64_t g = base; g < end; g += kGroup) {  // the tile's kept entries, in order
-      const int64_t g_end = std::min(end, g + kGroup);
-      if (!any_above(dot, aa, lam, g, g_end, b - slack)) continue;
-      for (int64_t k = g; k < g_end; ++k) {
-        const T v = gemm_score(dot[k], aa[k], lam);
-        if (v > b - slack) sval[n] = v, sidx[n] = static_cast<int32_t>(k + offset), ++n;  // n ≤ max_candidates: fits
-      }
+  if (count < 0) return;  // overflowed in an earlier chunk
+  std::copy(buf_val, buf_val + count, sval);
+  std::copy(buf_idx, buf_idx + count, sidx);
+  T b = bound, mx = -std::numeric_limits<T>::infinity();
+  int64_t n = -1;
+  if (bound > -std::numeric_limits<T>::infinity()) {
+    n = scan_chunk_row<true>(dot, aa, lam, cols, offset, slack, b, count, max_candidates, sval, sidx, mx);
+    if (mx - T(1) > bound) {  // the max raises the bound: the policy's scan starts from it
+      std::copy(buf_val, buf_val + count, sval);
+      std::copy(buf_idx, buf_idx + count, sidx);
+      b = mx - T(1);
+      n = scan_chunk_row<false>(dot, aa, lam, cols, offset, slack, b, count, max_candidates, sval, sidx, mx);
     }
-    if (n > max_candidates) {
-      b = std::max(b, host_tau(sval, n));
-      n = compact_above(sval, sidx, n, b - slack);
-      if (n > max_candidates) {
-        count = -1;
-        return;
-      }
-    }
+  } else {
+    b = std::max(bound, chunk_max(dot, aa, lam, cols) - T(1));
+    n = scan_chunk_row<false>(dot, aa, lam, cols, offset, slack, b, count, max_candidates, sval, sidx, mx);
   }
-  if (n > 0) {
-    b = std::max(b, host_tau(sval, n));
-    n = compact_above(sval, sidx, n, b - slack);
+  if (n < 0) {
+    count = -1;
+    return;
   }
   std::copy(sval, sval + n, buf_val);
   std::copy(sidx, sidx + n, buf_idx);
