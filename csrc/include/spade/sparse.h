@@ -160,7 +160,9 @@ template <typename T, bool kSqDist>
 void gather_reduce_row(const T* x, const int64_t* idx, int64_t width, const T* M, int64_t n_m, int64_t d, T empty,
                        T* out) {
   for (int64_t j = 0; j < width; ++j)
-    out[j] = idx[j] < 0 || idx[j] >= n_m ? empty : host_reduce<T, kSqDist>(x, M + idx[j] * d, d);
+    out[j] = idx[j] < 0 || idx[j] >= n_m ? empty
+             : j > 0 && idx[j] == idx[j - 1] ? out[j - 1]  // a repeat (the codes' padding)
+                                             : host_reduce<T, kSqDist>(x, M + idx[j] * d, d);
 }
 
 // out[f] = ⟨X_b, M_c⟩ or ‖X_b − M_c‖² (host_reduce) for every slot f = b·width + j
@@ -174,7 +176,11 @@ void gather_reduce_latents(const T* X, const T* M, int64_t d, const LatentSlots&
                            T* out) {
   for (int64_t c = c0; c < c1; ++c)
     for (int64_t e = by.seg[c]; e < by.seg[c + 1]; ++e)
-      out[by.slot[e]] = host_reduce<T, kSqDist>(X + by.row[e] * d, M + c * d, d);
+      // A row's slots of one latent are adjacent here (slot order): the repeats (the codes'
+      // padding, index 0, up to width − L0 of them a row) copy the first one's value.
+      out[by.slot[e]] = e > by.seg[c] && by.row[e] == by.row[e - 1]
+                            ? out[by.slot[e - 1]]
+                            : host_reduce<T, kSqDist>(X + by.row[e] * d, M + c * d, d);
 }
 
 // out[b] = Σ_j w[b, j] · M[idx[b, j]] for the rows b of [r0, r1), latent by
