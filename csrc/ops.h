@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -99,26 +100,115 @@ void for_rows(int64_t rows, int64_t grain, Body&& body) {
   });
 }
 
-// A large CPU output (≥ 2 MiB: the K×d gradients of the sparse transpose) on
-// transparent huge pages where Linux offers them (THP "always" or "madvise"):
-// its first write then takes a few hundred page faults, not one per 4 KiB
-// page.  A fresh K×d float32 gradient at K = 16384, d = 768 took ~16 ms to
-// write on 4 KiB pages and ~3.5 ms on huge pages, most of a sparse
-// transpose's time (benchmarks/NOTES.md, "Page faults").  PyTorch's CPU
-// allocator does this for every large tensor under THP_MEM_ALLOC_ENABLE=1;
-// here only for these outputs, whatever the environment.  Elsewhere (CUDA,
-// small outputs, other systems, a refused allocation): at::empty.
+// Freed large CPU outputs kept for the next request of the same size.  A
+// training step's K×d gradients are freed when the optimizer's zero_grad sets
+// them to None and asked for again, the same sizes, by the next backward; a
+// fresh block's first write pays the kernel's zeroing of every page (~5 ms a
+// 48 MiB gradient on huge pages, benchmarks/NOTES.md, "Freed outputs kept"),
+// a kept one does not.  At most `limit` bytes are kept, the oldest freed first
+// when a newer block needs the room: SPADE_KERNELS_OUTPUT_CACHE_MB (default
+// 256; 0 keeps nothing).  spade_kernels.release_cached_outputs() frees them.
+// A process-lifetime object (never destroyed: deleters run until exit).
+class OutputCache {
+ public:
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache();
+    return *cache;
+  }
+
+  // A kept block of exactly `bytes`, or nullptr.
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = blocks_.begin(); it != blocks_.end(); ++it)
+      if (it->second == bytes) {
+        void* p = it->first;
+        held_ -= bytes;
+        blocks_.erase(it);
+        return p;
+      }
+    return nullptr;
+  }
+
+  // Keeps a freed block if it fits under the limit (dropping older ones), else frees it.
+  void give(void* p, size_t bytes) {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (bytes > limit_) {
+        drop.push_back(p);
+      } else {
+        while (held_ + bytes > limit_) {
+          drop.push_back(blocks_.front().first);
+          held_ -= blocks_.front().second;
+          blocks_.erase(blocks_.begin());
+        }
+        blocks_.emplace_back(p, bytes);
+        held_ += bytes;
+      }
+    }
+    for (void* q : drop) std::free(q);
+  }
+
+  // Frees every kept block; returns the bytes freed.
+  int64_t release() {
+    std::vector<std::pair<void*, size_t>> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      drop.swap(blocks_);
+      held_ = 0;
+    }
+    int64_t freed = 0;
+    for (auto& b : drop) std::free(b.first), freed += static_cast<int64_t>(b.second);
+    return freed;
+  }
+
+  int64_t held() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(held_);
+  }
+
+ private:
+  OutputCache() {
+    const char* env = std::getenv("SPADE_KERNELS_OUTPUT_CACHE_MB");
+    char* end = nullptr;
+    const long long mb = env != nullptr && *env != '\0' ? std::strtoll(env, &end, 10) : 256;
+    TORCH_CHECK(env == nullptr || *env == '\0' || (end != nullptr && *end == '\0' && mb >= 0),
+                "SPADE_KERNELS_OUTPUT_CACHE_MB must be a whole number of MiB >= 0, got '", env, "'");
+    limit_ = static_cast<size_t>(mb) << 20;
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> blocks_;  // oldest first
+  size_t held_ = 0;
+  size_t limit_ = 0;
+};
+
+// A large CPU output (≥ 2 MiB: the K×d gradients of the sparse transpose):
+// a kept block of its size (OutputCache), else a fresh one on transparent
+// huge pages where Linux offers them (THP "always" or "madvise"): its first
+// write then takes a few hundred page faults, not one per 4 KiB page.  A
+// fresh K×d float32 gradient at K = 16384, d = 768 took ~16 ms to write on
+// 4 KiB pages and ~3.5 ms on huge pages, most of a sparse transpose's time
+// (benchmarks/NOTES.md, "Page faults").  PyTorch's CPU allocator does this for
+// every large tensor under THP_MEM_ALLOC_ENABLE=1; here only for these
+// outputs, whatever the environment.  Elsewhere (CUDA, small outputs, other
+// systems, a refused allocation): at::empty.
 inline at::Tensor large_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHugePage = size_t(2) << 20;
   const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
   if (opts.device().is_cpu() && nbytes >= kHugePage) {
     const size_t padded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHugePage, padded) == 0) {
-      madvise(p, padded, MADV_HUGEPAGE);  // advice: ignored where THP is off
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opts);
+    void* p = OutputCache::get().take(padded);
+    if (p == nullptr) {
+      void* fresh = nullptr;
+      if (posix_memalign(&fresh, kHugePage, padded) == 0) {
+        madvise(fresh, padded, MADV_HUGEPAGE);  // advice: ignored where THP is off
+        p = fresh;
+      }
     }
+    if (p != nullptr)
+      return at::from_blob(p, sizes, [padded](void* q) { OutputCache::get().give(q, padded); }, opts);
   }
 #endif
   return at::empty(sizes, opts);

@@ -12,6 +12,13 @@ TORCH_LIBRARY_IMPL(spade_kernels, CPU, m) {
 #undef SPADE_REGISTER
 }
 
+// The output cache of the CPU library (ops.h, OutputCache): not ops on
+// tensors, so catch-all kernels, declared here.
+TORCH_LIBRARY_FRAGMENT(spade_kernels, m) {
+  m.def("release_cached_outputs() -> int", []() { return spade::binding::OutputCache::get().release(); });
+  m.def("cached_output_bytes() -> int", []() { return spade::binding::OutputCache::get().held(); });
+}
+
 namespace {
 
 // The ops have no derivative of their own: the package's autograd formulas

@@ -29,10 +29,12 @@ from . import _ext
 
 __all__ = [
     "SPARSEMAX_DTYPES",
+    "cached_output_bytes",
     "exact_codes",
     "gather_dot",
     "gather_matmul",
     "gather_sq_dist",
+    "release_cached_outputs",
     "scatter_matmul",
     "select_candidates",
     "sparsemax_rows",
@@ -196,6 +198,26 @@ def scatter_matmul(weights, indices, X, n_rows: int):
     """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b]  → (n_rows, d) (∂prototypes, ∂W_dec).
 
     Deterministic: the entries are sorted by latent and each latent's
-    segment is summed in order (no atomics).
+    segment is summed in order (no atomics).  Its CPU output (K×d, ≥ 2 MiB) comes from the outputs the CPU library
+    keeps for reuse (:func:`release_cached_outputs`).
     """
     return _op("scatter_matmul", X.device)(weights, indices, X, n_rows)
+
+
+# -- the CPU library's kept outputs ----------------------------------------------
+#
+# A training step frees its K×d gradients (zero_grad(set_to_none=True)) and the
+# next backward asks for blocks of the same sizes: the CPU library keeps freed
+# large outputs of scatter_matmul (at most SPADE_KERNELS_OUTPUT_CACHE_MB, default
+# 256; 0 keeps none) and hands them out again, so a step does not pay the
+# kernel's zeroing of fresh pages (docs/design.md, "Memory model").
+
+
+def release_cached_outputs() -> int:
+    """Free the CPU outputs the library keeps for reuse; returns the bytes freed (0 without the library)."""
+    return int(torch.ops.spade_kernels.release_cached_outputs()) if _ext.available() else 0
+
+
+def cached_output_bytes() -> int:
+    """Bytes of freed CPU outputs the library keeps for reuse now (0 without the library)."""
+    return int(torch.ops.spade_kernels.cached_output_bytes()) if _ext.available() else 0

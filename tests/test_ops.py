@@ -6,6 +6,9 @@ extension built with CUDA) against the same float64 references.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -211,6 +214,66 @@ def test_scatter_matmul_large_output_is_an_ordinary_tensor(device):
     torch.optim.SGD([p], lr=1.0).step()
     torch.testing.assert_close(p.detach(), -got)
     del got, p  # freed by its own deleter
+
+
+def test_scatter_matmul_reuses_a_freed_output_and_stays_exact():
+    # A freed large CPU output is kept (csrc/ops.h, OutputCache) and handed out again for the
+    # same size: the next call writes every element of it (no stale values), the kept bytes are
+    # reported and released on request.
+    from spade_kernels import ops as sk_ops
+
+    sk_ops.release_cached_outputs()
+    K, d = 1100, 512  # 2.15 MiB of float32: a 4 MiB block
+    w, idx = _support(300, 9, K, "cpu", torch.float64)
+    X = torch.randn(300, d, dtype=torch.float64)
+    first = sk_ops.scatter_matmul(w.float(), idx, X.float(), K)
+    first.fill_(7.0)  # values the next call must overwrite
+    ptr = first.data_ptr()
+    del first
+    assert sk_ops.cached_output_bytes() == 4 << 20
+    w2, idx2 = _support(300, 9, K, "cpu", torch.float64)
+    got = sk_ops.scatter_matmul(w2.float(), idx2, X.float(), K)
+    assert got.data_ptr() == ptr and sk_ops.cached_output_bytes() == 0
+    torch.testing.assert_close(got.double(), T.scatter_matmul(w2, idx2, X, K), atol=1e-5, rtol=1e-5)
+    other = sk_ops.scatter_matmul(w2.float(), idx2, X.float(), 2300)  # 4.5 MiB: a fresh 6 MiB block
+    assert other.data_ptr() != ptr
+    del got, other
+    assert sk_ops.cached_output_bytes() == (4 << 20) + (6 << 20)
+    assert sk_ops.release_cached_outputs() == (4 << 20) + (6 << 20)
+    assert sk_ops.cached_output_bytes() == 0
+
+
+_CACHE_LIMIT = """
+import torch
+from spade_kernels import ops
+outs = [ops.scatter_matmul(torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 600), n)
+        for n in (1000, 1100, 1200)]  # 2.3, 2.5, 2.7 MiB: blocks of 4 MiB each
+for o in outs:
+    del o
+outs.clear()
+print(ops.cached_output_bytes())
+"""
+
+
+@pytest.mark.parametrize("limit,kept", [("0", 0), ("9", 8 << 20), ("", 12 << 20)])
+def test_output_cache_keeps_at_most_its_limit(limit, kept):
+    # SPADE_KERNELS_OUTPUT_CACHE_MB caps the kept bytes (the oldest block dropped for a newer
+    # one); 0 keeps nothing; unset, 256 MiB.
+    env = {**os.environ, "SPADE_KERNELS_OUTPUT_CACHE_MB": limit}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CACHE_LIMIT], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) == kept
+
+
+def test_output_cache_limit_must_be_a_whole_number():
+    env = {**os.environ, "SPADE_KERNELS_OUTPUT_CACHE_MB": "lots"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CACHE_LIMIT], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "SPADE_KERNELS_OUTPUT_CACHE_MB must be a whole number of MiB >= 0, got 'lots'" in proc.stderr
 
 
 @pytest.mark.parametrize("with_grads", [False, True])
