@@ -29,15 +29,23 @@ from .interface import DEFAULT_CHUNK, DEFAULT_MAX_CANDIDATES, Primitives
 
 __all__ = ["OPTIONS", "PRIMITIVES", "exact_codes", "select_candidates"]
 
-#: Options of :func:`select_candidates` and their defaults.
-OPTIONS = {"chunk": DEFAULT_CHUNK, "max_candidates": DEFAULT_MAX_CANDIDATES}
+#: Prototypes per score chunk on CPU tensors when ``chunk`` is not given: a row's first chunk,
+#: which the bound cannot prune yet, is short, and a block's chunk of scores stays near the core
+#: (benchmarks/NOTES.md, "A training step per stage, third pass": the search at (4096, 2, 16384)
+#: took 98 ms with 1024, 145 with 4096; at C1 the same within noise).  CUDA tensors: DEFAULT_CHUNK.
+CPU_CHUNK = 1024
+
+#: Options of :func:`select_candidates` and their defaults (``chunk`` None: by device, above).
+OPTIONS = {"chunk": None, "max_candidates": DEFAULT_MAX_CANDIDATES}
 
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64})
 
 
-def select_candidates(x, A, aa, lam: float, margin, *, chunk: int, max_candidates: int):
+def select_candidates(x, A, aa, lam: float, margin, *, chunk: int | None, max_candidates: int):
     """``spade_kernels::select_candidates`` on inputs in the compute dtype (see :mod:`spade_kernels.ops`)."""
     cd = aa.dtype
+    if chunk is None:
+        chunk = CPU_CHUNK if x.device.type == "cpu" else DEFAULT_CHUNK
     chunk = max(1, min(chunk, A.shape[0]))
     return ops.select_candidates(x.to(cd), A.to(cd), aa, lam, margin.to(cd), chunk, max_candidates)
 
@@ -55,7 +63,7 @@ def row_bytes(K: int, d: int, itemsize: int, options) -> int:
     ``max_candidates`` slots (the pipeline passes the size it is growing it
     to), and ``exact_codes`` writes values, indices and D of that width.
     """
-    c = min(options["chunk"], K)
+    c = min(options["chunk"] or DEFAULT_CHUNK, K)  # the larger of the devices' defaults: a bound for both
     max_candidates = min(options["max_candidates"], K)
     e = itemsize
     return e * c + max_candidates * (4 + e + 8) + max_candidates * (2 * e + 16)
