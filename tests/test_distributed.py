@@ -351,6 +351,7 @@ def _cli(args, env=None, nproc=None):
     return proc
 
 
+@pytest.mark.slow  # 17 s: two CLI runs, one under torchrun; the library's shards run by default above
 def test_cli_trains_with_latent_shards_like_one_process(tmp_path):
     common = [
         "train",

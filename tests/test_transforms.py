@@ -175,10 +175,12 @@ def test_native_ops_refuse_inputs_that_require_grad():
 def _compile_cases():
     # Under the interpreter the Triton ops are opaque custom ops: aot_eager checks their tracing;
     # inductor adds only time here, so that case runs with -m slow (on a GPU it compiles the kernels).
+    # The torch backend's ops are aten ops that inductor lowers like any model's; its inductor case
+    # (15 s of compiling) also runs with -m slow, the native one (opaque custom ops) by default.
     cases = []
     for p in registered_backends(sparse_only=True):
         for compiler, reg_on, use_bias in (("aot_eager", "decoder", True), ("inductor", "encoder", False)):
-            slow = [pytest.mark.slow] if p.id == "triton" and compiler == "inductor" else []
+            slow = [pytest.mark.slow] if p.id in ("triton", "torch") and compiler == "inductor" else []
             cases.append(pytest.param(p.id, compiler, reg_on, use_bias, id=f"{p.id}-{compiler}",
                                       marks=[*p.marks, *slow]))  # fmt: skip
     return cases

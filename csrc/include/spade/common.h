@@ -150,7 +150,9 @@ inline T host_tau_above(const T* v, int64_t n, T floor) {
   const T m = host_max(v, n);
   const T t0 = floor - m > T(-1) ? floor - m : T(-1);
   const T t = michelot_relative([&](T t, T& sum, T& cnt) { host_sum_above(v, n, m, t, sum, cnt); }, t0);
-  return t > t0 || t0 == T(-1) ? std::max(floor, t + m) : floor;
+  if (t0 == T(-1)) return std::max(floor, t + m);  // started from max − 1: t + m is τ
+  if (t > t0) return std::max(floor, t + m);       // rose from the floor to τ
+  return floor;                                    // did not rise: the floor is τ up to rounding
 }
 
 }  // namespace spade

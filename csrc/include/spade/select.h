@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "spade/common.h"
 
@@ -138,12 +139,8 @@ int64_t append_above(const float* dot, const float* aa, float lam, int64_t begin
     _mm_store_ps(mm, vm);
     mx = std::max(std::max(mm[0], mm[1]), std::max(mm[2], mm[3]));
   }
-  for (; k < end; ++k) {
-    const float v = gemm_score(dot[k], aa[k], lam);
-    if constexpr (kMax) mx = std::max(mx, v);
-    if (v > thr) sval[n] = v, sidx[n] = static_cast<int32_t>(k + offset), ++n;
-  }
-  return n;
+  // The last end − k < 4 entries: the portable loop.
+  return append_above<kMax, float>(dot, aa, lam, k, end, thr, offset, sval, sidx, n, mx);
 }
 #endif
 
@@ -187,21 +184,21 @@ template <typename T>
 void select_chunk_row(const T* dot, const T* aa, T lam, int64_t cols, int64_t offset, T slack, int32_t* buf_idx,
                       T* buf_val, int32_t& count, T& bound, int64_t max_candidates, T* sval, int32_t* sidx) {
   if (count < 0) return;  // overflowed in an earlier chunk
-  std::copy(buf_val, buf_val + count, sval);
-  std::copy(buf_idx, buf_idx + count, sidx);
   T b = bound, mx = -std::numeric_limits<T>::infinity();
+  // The scan works on a copy of the row's buffer in the scratch (a rescan starts from the same copy).
+  auto scan_from = [&](auto with_max, T start) {
+    std::copy(buf_val, buf_val + count, sval);
+    std::copy(buf_idx, buf_idx + count, sidx);
+    b = start;
+    return scan_chunk_row<decltype(with_max)::value>(dot, aa, lam, cols, offset, slack, b, count, max_candidates,
+                                                     sval, sidx, mx);
+  };
   int64_t n = -1;
   if (bound > -std::numeric_limits<T>::infinity()) {
-    n = scan_chunk_row<true>(dot, aa, lam, cols, offset, slack, b, count, max_candidates, sval, sidx, mx);
-    if (mx - T(1) > bound) {  // the max raises the bound: the policy's scan starts from it
-      std::copy(buf_val, buf_val + count, sval);
-      std::copy(buf_idx, buf_idx + count, sidx);
-      b = mx - T(1);
-      n = scan_chunk_row<false>(dot, aa, lam, cols, offset, slack, b, count, max_candidates, sval, sidx, mx);
-    }
-  } else {
-    b = std::max(bound, chunk_max(dot, aa, lam, cols) - T(1));
-    n = scan_chunk_row<false>(dot, aa, lam, cols, offset, slack, b, count, max_candidates, sval, sidx, mx);
+    n = scan_from(std::true_type{}, bound);
+    if (mx - T(1) > bound) n = scan_from(std::false_type{}, mx - T(1));  // the max raises the bound: rescan from it
+  } else {  // a row's first chunk: no bound yet, so the max comes first
+    n = scan_from(std::false_type{}, chunk_max(dot, aa, lam, cols) - T(1));
   }
   if (n < 0) {
     count = -1;
