@@ -25,6 +25,7 @@ import time
 import torch
 
 import spade_kernels as sk
+from spade_kernels.bench.measure import cpu_model
 
 #: (B, d, K): C1 and the paper's small shapes.
 SHAPES = [(1024, 768, 16384), (512, 2, 128), (2048, 128, 512)]
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"torch": torch.__version__, "cpu": cpu_model(), "rows": rows}, f, indent=1)
     return 0
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from spade_kernels import bench
+from spade_kernels.bench.measure import cpu_model
 
 
 def test_measure_reports_times_memory_and_l0():
@@ -44,6 +45,8 @@ def test_bench_main_writes_json_csv_and_plots(tmp_path, capsys):
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] for r in ok)
     assert all(r["dtype"] == "float32" and r["device"] == env["device_name"] for r in rows)
+    # The CPU is named (machines of one kind differ), not only its architecture.
+    assert env["device_name"].startswith(cpu_model())
     ref = [r for r in ok if r["name"] == "reference"]
     assert all(r["speedup_vs_reference"] == pytest.approx(1.0) for r in ref)
     assert all(r["ratio_to_floor"] is not None for r in ok)
@@ -71,6 +74,27 @@ def test_configuration_too_large_or_too_long_is_skipped_not_run(capsys):
     )  # fmt: skip
     assert all(r.status.startswith("skipped: estimated ≥ ") and r.median_ms is None for r in rows), rows
     assert rows[1].meta["resolves_to"] in ("native", "torch")
+
+
+def test_cpu_model_names_the_processor(monkeypatch):
+    import builtins
+    import io
+    import platform
+
+    cpuinfo = "processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t: fpu\n"
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins,
+        "open",
+        lambda p, *a, **k: io.StringIO(cpuinfo) if p == "/proc/cpuinfo" else real_open(p, *a, **k),
+    )
+    assert cpu_model() == f"Example CPU 9000 ({platform.machine()})"
+
+    def missing(p, *a, **k):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(builtins, "open", missing)
+    assert cpu_model() == (platform.processor() or platform.machine())
 
 
 def test_shape_parsing_and_bad_names():
@@ -157,7 +181,9 @@ def test_profile_step_splits_a_step_into_stages(tmp_path, capsys):
         )
     finally:
         torch.set_num_threads(threads)
-    (row,) = json.loads(out.read_text())["rows"]
+    data = json.loads(out.read_text())
+    assert data["cpu"] == cpu_model()
+    (row,) = data["rows"]
     assert row["shape"] == [64, 8, 32] and row["floor_ms"] > 0 and row["step_ms"] > 0
     stages = row["stages_ms"]
     assert set(stages) == {s for s, _ in profile_step.STAGES} | {"rest"}

@@ -57,6 +57,23 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo) and architecture, e.g. "AMD EPYC (x86_64)".
+
+    Two machines of one kind can have different CPUs (an AVX-512 Xeon's GEMM
+    is about twice an AVX2 EPYC's at one thread), so every CPU result names it.
+    """
+    machine = platform.machine() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({machine})"
+    except OSError:
+        pass
+    return platform.processor() or machine
+
+
 def environment(device: torch.device) -> dict:
     """Versions and device description recorded with every result."""
     try:
@@ -68,7 +85,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        device_name = f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
     from .. import __version__
 
     return {
