@@ -616,9 +616,10 @@ at::Tensor gather_sq_dist(const at::Tensor& x, const at::Tensor& indices, const 
 // The sparse transpose, deterministic: the entries of idx (B, C) sorted by
 // latent, then each latent's segment [seg[k], seg[k + 1]) summed in order.
 // Indices outside [0, n_rows) fall in no segment.  No host synchronisation.
+// With M (n_rows, d): Σ w·(X[b] − M[k]) per latent (∂prototypes in one pass).
 template <bool kCuda>
 at::Tensor scatter_matmul(const at::Tensor& weights, const at::Tensor& indices, const at::Tensor& X_,
-                          int64_t n_rows) {
+                          int64_t n_rows, const std::optional<at::Tensor>& M_) {
   constexpr const char* op = "scatter_matmul";
   check_matrix(weights, op, "weights");
   check_matrix(X_, op, "X");
@@ -629,21 +630,29 @@ at::Tensor scatter_matmul(const at::Tensor& weights, const at::Tensor& indices, 
   check_same_shape(weights, indices, op, "weights", "indices");
   check_rows(X_, indices.size(0), op, "X");
   TORCH_CHECK(n_rows >= 0, "spade_kernels::", op, ": n_rows must be >= 0, got ", n_rows);
+  if (M_.has_value()) {
+    check_matrix(*M_, op, "M");
+    check_like(*M_, X_, op, "M", "X");
+    TORCH_CHECK(M_->size(0) == n_rows && M_->size(1) == X_.size(1), "spade_kernels::", op, ": M has shape ",
+                M_->sizes(), ", expected (n_rows, d) = (", n_rows, ", ", X_.size(1), ")");
+  }
   const Guard<kCuda> guard(X_);
   const at::Tensor w = weights.to(X_.scalar_type()).contiguous(), idx = indices.contiguous(), X = X_.contiguous();
+  const at::Tensor M = M_.has_value() ? M_->contiguous() : at::Tensor();
   const int64_t C = idx.size(1), d = X.size(1);
   at::Tensor out = large_empty({n_rows, d}, X.options());
   dispatch_float(X.scalar_type(), op, [&](auto zero) {
     using T = decltype(zero);
     const T* wp = w.data_ptr<T>();
     const T* xp = X.data_ptr<T>();
+    const T* mp = M.defined() ? M.data_ptr<T>() : nullptr;
     T* outp = out.data_ptr<T>();
     if constexpr (kCuda) {
       at::Tensor sorted, order;
       std::tie(sorted, order) = at::sort(idx.reshape({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
       order = order.contiguous();
       const at::Tensor seg = at::searchsorted(sorted, at::arange(n_rows + 1, idx.options())).contiguous();
-      SPADE_CUDA_LAUNCH(spade::scatter_matmul<T>(wp, order.data_ptr<int64_t>(), seg.data_ptr<int64_t>(), C, xp, d,
+      SPADE_CUDA_LAUNCH(spade::scatter_matmul<T>(wp, order.data_ptr<int64_t>(), seg.data_ptr<int64_t>(), C, xp, mp, d,
                                                  n_rows, outp, stream()));
     } else {  // the same order by a counting sort (no host sync to avoid on the CPU)
       const int64_t* ip = idx.data_ptr<int64_t>();
@@ -652,7 +661,9 @@ at::Tensor scatter_matmul(const at::Tensor& weights, const at::Tensor& indices, 
       for (int64_t r0 = 0; r0 == 0 || r0 < B; r0 += cpu::chunk_rows(C)) {  // the first chunk writes the zeros
         const cpu::LatentSlots by(ip, r0, std::min(B, r0 + cpu::chunk_rows(C)), C, n_rows,
                                   cpu::ZeroWeightOnFiniteRow<T>{wp, finite, false, ip, C});
-        for_rows(n_rows, 64, [&](int64_t k) { cpu::scatter_matmul_row(wp, by, k, xp, d, r0 == 0, outp + k * d); });
+        for_rows(n_rows, 64, [&](int64_t k) {
+          cpu::scatter_matmul_row(wp, by, k, xp, d, r0 == 0, mp != nullptr ? mp + k * d : nullptr, outp + k * d);
+        });
       }
     }
   });

@@ -189,19 +189,22 @@ def gather_sq_dist(x, indices, M):
     return _op("gather_sq_dist", M.device)(x, indices, M)
 
 
-@_define("scatter_matmul(Tensor weights, Tensor indices, Tensor X, int n_rows) -> Tensor")
-def _(weights, indices, X, n_rows):
+@_define("scatter_matmul(Tensor weights, Tensor indices, Tensor X, int n_rows, Tensor? M=None) -> Tensor")
+def _(weights, indices, X, n_rows, M=None):
     return X.new_empty((n_rows, X.shape[1]))
 
 
-def scatter_matmul(weights, indices, X, n_rows: int):
-    """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b]  → (n_rows, d) (∂prototypes, ∂W_dec).
+def scatter_matmul(weights, indices, X, n_rows: int, M=None):
+    """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b]  → (n_rows, d) (∂W_dec).
 
-    Deterministic: the entries are sorted by latent and each latent's
-    segment is summed in order (no atomics).  Its CPU output (K×d, ≥ 2 MiB) comes from the outputs the CPU library
-    keeps for reuse (:func:`release_cached_outputs`).
+    With ``M`` (n_rows, d), in X's dtype: Σ weights[b, j] · (X[b] − M[k]),
+    the prototypes' gradient of Σ G·‖x_b − a_k‖² with weights −2G in one
+    pass (the weight sums taken with the segments).  Deterministic: the
+    entries are sorted by latent and each latent's segment is summed in
+    order (no atomics).  Its CPU output (K×d, ≥ 2 MiB) comes from the
+    outputs the CPU library keeps for reuse (:func:`release_cached_outputs`).
     """
-    return _op("scatter_matmul", X.device)(weights, indices, X, n_rows)
+    return _op("scatter_matmul", X.device)(weights, indices, X, n_rows, M)
 
 
 # -- the CPU library's kept outputs ----------------------------------------------

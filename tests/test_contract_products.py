@@ -44,6 +44,11 @@ def test_products_match_the_torch_backend(sparse_backend, device, product_route,
     torch.testing.assert_close(got.float(), T.gather_dot(X32, idx, M32), **tol)
     got = run_product(prims, "scatter_matmul", w, idx, X, K)
     torch.testing.assert_close(got.float(), T.scatter_matmul(w, idx, X32, K), **tol)
+    # The prototypes' form: Σ w·(X_b − M_k), the weight sums taken with the segments.
+    row_w = torch.zeros(K, device=device).index_add_(0, idx.reshape(-1), w.reshape(-1))
+    want = T.scatter_matmul(w, idx, X32, K) - row_w[:, None] * M32
+    got = run_product(prims, "scatter_matmul", w, idx, X32, K, M32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     got = run_product(prims, "gather_sq_dist", X32, idx, M32)
     torch.testing.assert_close(got, T.gather_sq_dist(X32, idx, M32), atol=1e-4, rtol=1e-5)
 

@@ -109,6 +109,13 @@ def _check_products(w, idx, M, X, dtype, tol):
         (ops.gather_sq_dist(X.to(dtype), idx, M.to(dtype)), T.gather_sq_dist(X, idx, M)),
         (ops.scatter_matmul(w.to(dtype), idx, X.to(dtype), K), T.scatter_matmul(w, idx, X, K)),
     ]
+    row_w = torch.zeros(K, dtype=w.dtype, device=w.device).index_add_(0, idx.reshape(-1), w.reshape(-1))
+    cases.append(  # the prototypes' form: Σ w·(X_b − M_k)
+        (
+            ops.scatter_matmul(w.to(dtype), idx, X.to(dtype), K, M.to(dtype)),
+            T.scatter_matmul(w, idx, X, K) - row_w[:, None] * M,
+        )
+    )
     for got, want in cases:
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, **tol)
@@ -134,6 +141,23 @@ def test_products_take_strided_inputs_and_cast_weights(device):
     torch.testing.assert_close(
         torch.ops.spade_kernels.scatter_matmul(w, idx, X, 12), T.scatter_matmul(w.double(), idx, X, 12)
     )
+
+
+def test_scatter_matmul_subtracts_M_on_every_latent_like_the_torch_op(device):
+    # Latent 3 has no slot: 0 − 0·M[3] is 0, or NaN where M[3] is infinite (as 0·inf in the dense
+    # gradient); a slot outside [0, K) adds to no latent's sum.
+    idx = torch.tensor([[0, 1], [1, 5], [2, 0]], device=device)
+    w = torch.tensor([[0.5, -1.0], [2.0, 3.0], [0.25, 0.0]], device=device, dtype=torch.float64)
+    X = torch.randn(3, 4, device=device, dtype=torch.float64)
+    M = torch.randn(4, 4, device=device, dtype=torch.float64)
+    M[3, 1] = math.inf
+    ok = idx < 4
+    got = torch.ops.spade_kernels.scatter_matmul(w, idx, X, 4, M)
+    want = T.scatter_matmul(w * ok, idx * ok, X, 4, M)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert torch.isnan(got[3, 1]) and (got[3, [0, 2, 3]] == 0).all()
+    assert torch.equal(torch.ops.spade_kernels.scatter_matmul(w, idx, X, 4, None),
+                       torch.ops.spade_kernels.scatter_matmul(w, idx, X, 4))  # fmt: skip
 
 
 def test_scatter_matmul_is_deterministic(device):
@@ -416,6 +440,18 @@ def test_opcheck_every_op(device):
                 torch.ones(2, 1), torch.zeros(2, 1).long(), torch.ones(3, 5), 4
             ),
             "rows",
+        ),
+        (
+            lambda: torch.ops.spade_kernels.scatter_matmul(
+                torch.ones(2, 1), torch.zeros(2, 1).long(), torch.ones(2, 5), 4, torch.ones(4, 6)
+            ),
+            r"M has shape \[4, 6\], expected \(n_rows, d\) = \(4, 5\)",
+        ),
+        (
+            lambda: torch.ops.spade_kernels.scatter_matmul(
+                torch.ones(2, 1), torch.zeros(2, 1).long(), torch.ones(2, 5), 4, torch.ones(4, 5).double()
+            ),
+            "M has dtype",
         ),
         (
             lambda: torch.ops.spade_kernels.exact_codes(

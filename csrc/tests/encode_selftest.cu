@@ -199,15 +199,17 @@ int run_products(int B, int C, int d, int K, std::mt19937& gen) {
 
   T *d_w = to_device(cast<T>(w)), *d_X = to_device(cast<T>(X)), *d_M = to_device(cast<T>(M));
   int64_t *d_idx = to_device(idx), *d_order = to_device(order), *d_seg = to_device(seg);
-  T *d_gm, *d_dot, *d_sq, *d_sc;
+  T *d_gm, *d_dot, *d_sq, *d_sc, *d_scm;
   cudaMalloc(&d_gm, size_t(B) * d * sizeof(T));
   cudaMalloc(&d_dot, size_t(B) * C * sizeof(T));
   cudaMalloc(&d_sq, size_t(B) * C * sizeof(T));
   cudaMalloc(&d_sc, size_t(K) * d * sizeof(T));
+  cudaMalloc(&d_scm, size_t(K) * d * sizeof(T));
   CHECK_CUDA(spade::gather_matmul<T>(d_w, d_idx, B, C, d_M, K, d, d_gm, nullptr));
   CHECK_CUDA((spade::gather_reduce<T, false>(d_X, d_idx, B, C, d_M, K, d, d_dot, nullptr)));
   CHECK_CUDA((spade::gather_reduce<T, true>(d_X, d_idx, B, C, d_M, K, d, d_sq, nullptr)));
-  CHECK_CUDA(spade::scatter_matmul<T>(d_w, d_order, d_seg, C, d_X, d, K, d_sc, nullptr));
+  CHECK_CUDA(spade::scatter_matmul<T>(d_w, d_order, d_seg, C, d_X, nullptr, d, K, d_sc, nullptr));
+  CHECK_CUDA(spade::scatter_matmul<T>(d_w, d_order, d_seg, C, d_X, d_M, d, K, d_scm, nullptr));  // Σ w·(X_b − M_k)
   // support_jacobian: z = |w| on about half the slots (the support), grad_z = X's first C columns.
   std::vector<double> z(size_t(B) * C), gz(size_t(B) * C), Dm(size_t(B) * C), gD(size_t(B) * C);
   for (size_t e = 0; e < z.size(); ++e) {
@@ -226,12 +228,13 @@ int run_products(int B, int C, int d, int K, std::mt19937& gen) {
   for (void* p : {(void*)d_z, (void*)d_gz, (void*)d_D, (void*)d_gD, (void*)d_lam, (void*)d_G, (void*)d_lr}) cudaFree(p);
   const auto gm = to_host_double(d_gm, size_t(B) * d), dot = to_host_double(d_dot, size_t(B) * C);
   const auto sq = to_host_double(d_sq, size_t(B) * C), sc = to_host_double(d_sc, size_t(K) * d);
+  const auto scm = to_host_double(d_scm, size_t(K) * d);
   for (void* p : {(void*)d_w, (void*)d_X, (void*)d_M, (void*)d_idx, (void*)d_order, (void*)d_seg, (void*)d_gm,
-                  (void*)d_dot, (void*)d_sq, (void*)d_sc})
+                  (void*)d_dot, (void*)d_sq, (void*)d_sc, (void*)d_scm})
     cudaFree(p);
 
   double worst = 0;
-  std::vector<double> sc_ref(size_t(K) * d, 0.0);
+  std::vector<double> sc_ref(size_t(K) * d, 0.0), scm_ref(size_t(K) * d, 0.0);
   for (int b = 0; b < B; ++b) {
     for (int i = 0; i < d; ++i) {
       double acc = 0;
@@ -246,11 +249,13 @@ int run_products(int B, int C, int d, int K, std::mt19937& gen) {
         const double diff = X[size_t(b) * d + i] - M[size_t(k) * d + i];
         s += diff * diff;
         sc_ref[size_t(k) * d + i] += w[size_t(b) * C + j] * X[size_t(b) * d + i];
+        scm_ref[size_t(k) * d + i] += w[size_t(b) * C + j] * diff;
       }
       worst = std::max({worst, std::fabs(a - dot[size_t(b) * C + j]), std::fabs(s - sq[size_t(b) * C + j])});
     }
   }
-  for (size_t e = 0; e < sc.size(); ++e) worst = std::max(worst, std::fabs(sc[e] - sc_ref[e]));
+  for (size_t e = 0; e < sc.size(); ++e)
+    worst = std::max({worst, std::fabs(sc[e] - sc_ref[e]), std::fabs(scm[e] - scm_ref[e])});
   for (int b = 0; b < B; ++b) {  // sparsemax Jacobian on the support, chained through s = −λD
     double sum = 0, cnt = 0, lam_ref = 0;
     for (int j = 0; j < C; ++j)

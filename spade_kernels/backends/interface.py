@@ -59,7 +59,7 @@ class Primitives(NamedTuple):
     Products over a support (backward, decoder, regulariser), the semantics of
     the ``torch`` backend's functions of the same names:
     ``gather_matmul(w, idx, M)``, ``gather_dot(G, idx, M)``,
-    ``scatter_matmul(w, idx, X, n_rows)``, ``gather_sq_dist(x, idx, M)``,
+    ``scatter_matmul(w, idx, X, n_rows, M=None)``, ``gather_sq_dist(x, idx, M)``,
     ``support_jacobian(z, grad_z, D, grad_D, lam_tensor)``.
 
     ``options`` are the defaults of the backend's ``select_candidates``

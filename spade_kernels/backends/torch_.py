@@ -41,6 +41,7 @@ __all__ = [
     "gather_sq_dist",
     "scatter_matmul",
     "select_candidates",
+    "subtract_weighted_rows",
     "support_jacobian",
     "tiles",
 ]
@@ -105,11 +106,12 @@ def gather_dot(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch
 
 
 def scatter_matmul(
-    weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int
+    weights: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n_rows: int, M: torch.Tensor | None = None
 ) -> torch.Tensor:
     """out[k] = Σ_{b,j: indices[b,j]=k} weights[b, j] · X[b]  → (n_rows, d), in X's dtype.
 
-    The sparse-transpose product (∂L/∂prototypes, ∂L/∂W_dec).
+    The sparse-transpose product (∂L/∂W_dec); with ``M`` (n_rows, d),
+    Σ weights[b, j] · (X[b] − M[k]) (∂L/∂prototypes, :func:`subtract_weighted_rows`).
     """
     B, C = indices.shape
     d = X.shape[1]
@@ -117,7 +119,20 @@ def scatter_matmul(
     for rs in tiles(B, C * d):
         contrib = weights[rs].to(X.dtype).unsqueeze(2) * X[rs].unsqueeze(1)
         out.index_add_(0, indices[rs].reshape(-1), contrib.reshape(-1, d))
-    return out
+    return out if M is None else subtract_weighted_rows(out, weights, indices, M)
+
+
+def subtract_weighted_rows(
+    out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor
+) -> torch.Tensor:
+    """out[k] −= (Σ_{b,j: indices[b,j]=k} weights[b, j]) · M[k], in place; returns out.
+
+    scatter_matmul's M term, for the products that form the plain transpose
+    first: one pass over the n_rows×d output (no temporary of its size).
+    """
+    row_w = torch.zeros(M.shape[0], dtype=out.dtype, device=out.device)
+    row_w.index_add_(0, indices.reshape(-1), weights.reshape(-1).to(out.dtype))
+    return out.addcmul_(row_w.unsqueeze(1), M.to(out.dtype), value=-1)
 
 
 def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 
 from ..triton_ import encode as E
 from ..triton_ import sparse as S
+from . import torch_ as T
 from .interface import Primitives, exact_stage_row_bytes
 
 __all__ = ["PRIMITIVES"]
@@ -51,6 +52,12 @@ def _row_bytes(K: int, d: int, itemsize: int, options) -> int:
     )
 
 
+def _scatter_matmul(weights, indices, X, n_rows: int, M=None):
+    """The Triton transpose (atomics per slot), then scatter_matmul's M term (one pass over the output)."""
+    out = S.scatter_matmul(weights, indices, X, n_rows)
+    return out if M is None else T.subtract_weighted_rows(out, weights, indices, M)
+
+
 #: The ``triton`` backend as the pipeline sees it.
 PRIMITIVES = Primitives(
     name="triton",
@@ -59,7 +66,7 @@ PRIMITIVES = Primitives(
     exact_codes=None,
     gather_matmul=S.gather_matmul,
     gather_dot=S.gather_dot,
-    scatter_matmul=S.scatter_matmul,
+    scatter_matmul=_scatter_matmul,
     gather_sq_dist=E.gather_sq_dist,
     support_jacobian=S.support_jacobian,
     select_dtypes=_KERNEL_DTYPES,

@@ -167,11 +167,11 @@ def dense_gather_dot(G, idx, M):
     return out
 
 
-def dense_scatter_matmul(w, idx, X, n):
+def dense_scatter_matmul(w, idx, X, n, M=None):
     out = torch.zeros(n, X.shape[1], dtype=X.dtype, device=X.device)
     for rs in memory.dense_product_blocks(idx.shape[0], n, X):
         out.addmm_(_densify(w[rs], idx[rs], n, X.dtype).t(), X[rs])
-    return out
+    return out if M is None else T.subtract_weighted_rows(out, w, idx, M)
 
 
 def _routed(kernel: Callable, dense: Callable, latents_arg: int | None, first, indices, second, *rest):
@@ -191,7 +191,7 @@ class Products(NamedTuple):
     """The products over a support one dtype runs on (semantics: the ``torch`` backend's functions).
 
     ``gather_matmul(w, idx, M)``, ``gather_dot(G, idx, M)``,
-    ``scatter_matmul(w, idx, X, n_rows)`` (each with its dense route),
+    ``scatter_matmul(w, idx, X, n_rows, M=None)`` (each with its dense route),
     ``gather_sq_dist(x, idx, M)``, ``support_jacobian(z, grad_z, D, grad_D, lam)``.
     ``name`` is the backend whose kernels they are.
     """

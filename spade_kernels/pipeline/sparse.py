@@ -43,11 +43,8 @@ def sq_dist_backward(products: Products, x, M, indices, G, needs=(True, True)):
     if needs[0]:
         grad_x = 2 * (G.sum(1, keepdim=True) * x - products.gather_matmul(G, indices, M))
     if needs[1]:
-        grad_M = products.scatter_matmul(-2 * G, indices, x, M.shape[0])
-        row_w = torch.zeros(M.shape[0], dtype=G.dtype, device=G.device)
-        row_w.index_add_(0, indices.reshape(-1), G.reshape(-1))
-        # One fused pass over the K×d gradient (no K×d temporary): 2·row_w·M is exact to reorder.
-        grad_M.addcmul_(row_w.unsqueeze(1), M, value=2)
+        # Σ_j −2G·(x_b − M_k) per latent k: the transpose with its M term in the same pass.
+        grad_M = products.scatter_matmul(-2 * G, indices, x, M.shape[0], M)
     return grad_x, grad_M
 
 

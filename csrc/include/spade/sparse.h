@@ -5,7 +5,8 @@
 //   support_jacobian   sparsemax Jacobian + chain through s = −λD: G and ∂λ rows
 //   gather_matmul      out[b] = Σ_j w[b, j] · M[idx[b, j]]        (decoder, ∂x)
 //   gather_reduce      ⟨X[b], M[idx]⟩ or ‖X[b] − M[idx]‖²          (∂z, exact D)
-//   scatter_matmul     out[k] = Σ_{idx[b,j] = k} w[b, j] · X[b]    (∂prototypes, ∂W_dec)
+//   scatter_matmul     out[k] = Σ_{idx[b,j] = k} w[b, j] · X[b]    (∂W_dec)
+//                      or Σ_{idx[b,j] = k} w[b, j] · (X[b] − M[k])  (∂prototypes, design fact 6)
 //
 // The sparse transpose is a segmented sum over the entries sorted by latent
 // (a stable sort on the GPU, the same order by a counting sort on the host:
@@ -213,10 +214,23 @@ void gather_matmul_latents(const T* w, const int64_t* idx, int64_t width, const 
 
 // out[0, d) = Σ_e w[slot[e]] · X[row[e]] over latent k's slots (LatentSlots), in
 // order, added to out (zero: to zeros; a later chunk of rows adds to an earlier one's).
+// With m (row k of M, or null): minus (Σ_e w[slot[e]]) · m, the segment's
+// weight sum, which starts the row instead of zeros (∂prototypes' 2·(ΣG)·a_k
+// term, which a separate pass read and wrote over the whole K×d gradient again).
+// Every latent gets it, empty ones too: 0·inf is NaN, as in the dense gradient.
 template <typename T>
-void scatter_matmul_row(const T* w, const LatentSlots& by, int64_t k, const T* X, int64_t d, bool zero, T* out) {
-  if (zero)
+void scatter_matmul_row(const T* w, const LatentSlots& by, int64_t k, const T* X, int64_t d, bool zero, const T* m,
+                        T* out) {
+  if (m != nullptr) {
+    T wsum = T(0);
+    for (int64_t e = by.seg[k]; e < by.seg[k + 1]; ++e) wsum += w[by.slot[e]];
+    if (zero)
+      for (int64_t i = 0; i < d; ++i) out[i] = -wsum * m[i];
+    else
+      for (int64_t i = 0; i < d; ++i) out[i] -= wsum * m[i];
+  } else if (zero) {
     for (int64_t i = 0; i < d; ++i) out[i] = T(0);
+  }
   for (int64_t e = by.seg[k]; e < by.seg[k + 1]; ++e) {
     const T we = w[by.slot[e]];
     const T* xr = X + by.row[e] * d;
@@ -328,20 +342,23 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) out[flat] = acc;
 }
 
-// Grid (n_out, ⌈d / 256⌉): latent k sums its segment of the sorted entries.
+// Grid (n_out, ⌈d / 256⌉): latent k sums its segment of the sorted entries
+// (with M: minus the segment's weight sum times M[k], as on the host).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     scatter_matmul_kernel(const T* __restrict__ w, const int64_t* __restrict__ order, const int64_t* __restrict__ seg,
-                          int64_t width, const T* __restrict__ X, int64_t d, T* __restrict__ out) {
+                          int64_t width, const T* __restrict__ X, const T* __restrict__ M, int64_t d,
+                          T* __restrict__ out) {
   const int64_t k = blockIdx.x;
   const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (col >= d) return;
-  T acc = T(0);
+  T acc = T(0), wsum = T(0);
   for (int64_t e = seg[k]; e < seg[k + 1]; ++e) {
     const int64_t flat = order[e];
     acc += w[flat] * X[(flat / width) * d + col];
+    wsum += w[flat];
   }
-  out[k * d + col] = acc;
+  out[k * d + col] = M != nullptr ? acc - wsum * M[k * d + col] : acc;
 }
 
 template <typename T>
@@ -371,12 +388,13 @@ cudaError_t gather_reduce(const T* X, const int64_t* idx, int64_t rows, int64_t 
   return cudaGetLastError();
 }
 
+// M: null, or (n_out, d) for the ∂prototypes form.
 template <typename T>
 cudaError_t scatter_matmul(const T* w, const int64_t* order, const int64_t* seg, int64_t width, const T* X,
-                           int64_t d, int64_t n_out, T* out, cudaStream_t stream) {
+                           const T* M, int64_t d, int64_t n_out, T* out, cudaStream_t stream) {
   if (n_out == 0 || d == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(n_out), detail::blocks_for(d, kThreads));
-  scatter_matmul_kernel<T><<<grid, kThreads, 0, stream>>>(w, order, seg, width, X, d, out);
+  scatter_matmul_kernel<T><<<grid, kThreads, 0, stream>>>(w, order, seg, width, X, M, d, out);
   return cudaGetLastError();
 }
 
