@@ -23,6 +23,7 @@ __all__ = [
     "Primitives",
     "default_margin_eps",
     "exact_stage_row_bytes",
+    "subtract_weighted_rows",
 ]
 
 #: Prototypes per score chunk of the chunked searches (``torch``, ``native``):
@@ -100,3 +101,16 @@ INITIAL_BUFFER = 256
 def exact_stage_row_bytes(width: int, itemsize: int) -> int:
     """Working memory per row of the pipeline's exact stage over ``width`` candidates (D, scores, sort, masks)."""
     return width * (4 * itemsize + 24)
+
+
+def subtract_weighted_rows(
+    out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor
+) -> torch.Tensor:
+    """out[k] −= (Σ_{b,j: indices[b,j]=k} weights[b, j]) · M[k], in place; returns out.
+
+    scatter_matmul's M term, for the products that form the plain transpose
+    first: one pass over the n_rows×d output (no temporary of its size).
+    """
+    row_w = torch.zeros(M.shape[0], dtype=out.dtype, device=out.device)
+    row_w.index_add_(0, indices.reshape(-1), weights.reshape(-1).to(out.dtype))
+    return out.addcmul_(row_w.unsqueeze(1), M.to(out.dtype), value=-1)

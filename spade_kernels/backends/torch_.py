@@ -30,7 +30,13 @@ import math
 import torch
 
 from ..numerics import compute_dtype, sorted_threshold
-from .interface import DEFAULT_CHUNK, DEFAULT_MAX_CANDIDATES, Primitives, exact_stage_row_bytes
+from .interface import (
+    DEFAULT_CHUNK,
+    DEFAULT_MAX_CANDIDATES,
+    Primitives,
+    exact_stage_row_bytes,
+    subtract_weighted_rows,
+)
 
 __all__ = [
     "OPTIONS",
@@ -41,7 +47,6 @@ __all__ = [
     "gather_sq_dist",
     "scatter_matmul",
     "select_candidates",
-    "subtract_weighted_rows",
     "support_jacobian",
     "tiles",
 ]
@@ -120,19 +125,6 @@ def scatter_matmul(
         contrib = weights[rs].to(X.dtype).unsqueeze(2) * X[rs].unsqueeze(1)
         out.index_add_(0, indices[rs].reshape(-1), contrib.reshape(-1, d))
     return out if M is None else subtract_weighted_rows(out, weights, indices, M)
-
-
-def subtract_weighted_rows(
-    out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, M: torch.Tensor
-) -> torch.Tensor:
-    """out[k] −= (Σ_{b,j: indices[b,j]=k} weights[b, j]) · M[k], in place; returns out.
-
-    scatter_matmul's M term, for the products that form the plain transpose
-    first: one pass over the n_rows×d output (no temporary of its size).
-    """
-    row_w = torch.zeros(M.shape[0], dtype=out.dtype, device=out.device)
-    row_w.index_add_(0, indices.reshape(-1), weights.reshape(-1).to(out.dtype))
-    return out.addcmul_(row_w.unsqueeze(1), M.to(out.dtype), value=-1)
 
 
 def gather_sq_dist(x: torch.Tensor, indices: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

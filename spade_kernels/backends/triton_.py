@@ -25,8 +25,7 @@ import torch
 
 from ..triton_ import encode as E
 from ..triton_ import sparse as S
-from . import torch_ as T
-from .interface import Primitives, exact_stage_row_bytes
+from .interface import Primitives, exact_stage_row_bytes, subtract_weighted_rows
 
 __all__ = ["PRIMITIVES"]
 
@@ -55,7 +54,7 @@ def _row_bytes(K: int, d: int, itemsize: int, options) -> int:
 def _scatter_matmul(weights, indices, X, n_rows: int, M=None):
     """The Triton transpose (atomics per slot), then scatter_matmul's M term (one pass over the output)."""
     out = S.scatter_matmul(weights, indices, X, n_rows)
-    return out if M is None else T.subtract_weighted_rows(out, weights, indices, M)
+    return out if M is None else subtract_weighted_rows(out, weights, indices, M)
 
 
 #: The ``triton`` backend as the pipeline sees it.

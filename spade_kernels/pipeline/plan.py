@@ -34,7 +34,7 @@ import torch
 
 from ..backends import auto_search
 from ..backends import torch_ as T
-from ..backends.interface import Primitives
+from ..backends.interface import Primitives, subtract_weighted_rows
 from ..numerics import compute_dtype
 from . import memory
 from .search import dense_row_bytes, dense_search, grown_search
@@ -171,7 +171,7 @@ def dense_scatter_matmul(w, idx, X, n, M=None):
     out = torch.zeros(n, X.shape[1], dtype=X.dtype, device=X.device)
     for rs in memory.dense_product_blocks(idx.shape[0], n, X):
         out.addmm_(_densify(w[rs], idx[rs], n, X.dtype).t(), X[rs])
-    return out if M is None else T.subtract_weighted_rows(out, w, idx, M)
+    return out if M is None else subtract_weighted_rows(out, w, idx, M)
 
 
 def _routed(kernel: Callable, dense: Callable, latents_arg: int | None, first, indices, second, *rest):
