@@ -658,11 +658,18 @@ at::Tensor scatter_matmul(const at::Tensor& weights, const at::Tensor& indices, 
       const int64_t* ip = idx.data_ptr<int64_t>();
       cpu::FiniteRows<T> finite(xp, X.size(0), d);
       const int64_t B = idx.size(0);
+      // With M: each latent's weight sum over the whole batch, in slot order (the row chunks below
+      // take the batch in parts; the first one starts each row from −sum·M[k]).
+      std::vector<T> wsum(mp != nullptr ? n_rows : 0, T(0));
+      if (mp != nullptr)
+        for (int64_t f = 0; f < B * C; ++f)
+          if (ip[f] >= 0 && ip[f] < n_rows) wsum[ip[f]] += wp[f];
       for (int64_t r0 = 0; r0 == 0 || r0 < B; r0 += cpu::chunk_rows(C)) {  // the first chunk writes the zeros
         const cpu::LatentSlots by(ip, r0, std::min(B, r0 + cpu::chunk_rows(C)), C, n_rows,
                                   cpu::ZeroWeightOnFiniteRow<T>{wp, finite, false, ip, C});
         for_rows(n_rows, 64, [&](int64_t k) {
-          cpu::scatter_matmul_row(wp, by, k, xp, d, r0 == 0, mp != nullptr ? mp + k * d : nullptr, outp + k * d);
+          cpu::scatter_matmul_row(wp, by, k, xp, d, r0 == 0, mp != nullptr ? mp + k * d : nullptr,
+                                  mp != nullptr ? wsum[k] : T(0), outp + k * d);
         });
       }
     }

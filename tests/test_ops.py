@@ -156,8 +156,11 @@ def test_scatter_matmul_subtracts_M_on_every_latent_like_the_torch_op(device):
     want = T.scatter_matmul(w * ok, idx * ok, X, 4, M)
     torch.testing.assert_close(got, want, equal_nan=True)
     assert torch.isnan(got[3, 1]) and (got[3, [0, 2, 3]] == 0).all()
+    # An infinite M entry of a latent with slots: −(Σw)·inf, a signed infinity.
+    M[1, 0] = math.inf
+    assert torch.ops.spade_kernels.scatter_matmul(w, idx, X, 4, M)[1, 0] == -math.inf  # Σw = 1 on latent 1
     assert torch.equal(torch.ops.spade_kernels.scatter_matmul(w, idx, X, 4, None),
-                       torch.ops.spade_kernels.scatter_matmul(w, idx, X, 4))  # fmt: skip
+                       T.scatter_matmul(w * ok, idx * ok, X, 4))  # fmt: skip
 
 
 def test_scatter_matmul_is_deterministic(device):
@@ -219,6 +222,14 @@ def test_products_over_several_row_chunks_match_torch(device):
     M = torch.randn(K, d, device=device, dtype=torch.float64)
     X = torch.randn(B, d, device=device, dtype=torch.float64)
     _check_products(w, idx, M, X, torch.float64, {"atol": 1e-10, "rtol": 1e-10})
+    # The M form's weight sums span the chunks: a latent whose slots are all in the second chunk
+    # and whose M row is infinite gets ±inf there (not the NaN of a chunk that saw none of them).
+    idx[idx == 5] = 6
+    idx[-1, 0], w[-1, 0], M[5, 2] = 5, 0.5, math.inf
+    got = torch.ops.spade_kernels.scatter_matmul(w, idx, X, K, M)
+    want = T.scatter_matmul(w, idx, X, K, M)
+    assert got[5, 2] == -math.inf and want[5, 2] == -math.inf
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 def test_scatter_matmul_large_output_is_an_ordinary_tensor(device):
@@ -391,6 +402,7 @@ def test_opcheck_every_op(device):
         (torch.ops.spade_kernels.gather_dot, (X, idx, M)),
         (torch.ops.spade_kernels.gather_sq_dist, (X, idx, M)),
         (torch.ops.spade_kernels.scatter_matmul, (w, idx, X, 11)),
+        (torch.ops.spade_kernels.scatter_matmul, (w, idx, X, 11, M)),
         (
             torch.ops.spade_kernels.support_jacobian,
             (z, w, torch.rand_like(z), None, torch.tensor(0.5, device=device)),

@@ -214,23 +214,18 @@ void gather_matmul_latents(const T* w, const int64_t* idx, int64_t width, const 
 
 // out[0, d) = Σ_e w[slot[e]] · X[row[e]] over latent k's slots (LatentSlots), in
 // order, added to out (zero: to zeros; a later chunk of rows adds to an earlier one's).
-// With m (row k of M, or null): minus (Σ_e w[slot[e]]) · m, the segment's
-// weight sum, which starts the row instead of zeros (∂prototypes' 2·(ΣG)·a_k
-// term, which a separate pass read and wrote over the whole K×d gradient again).
-// Every latent gets it, empty ones too: 0·inf is NaN, as in the dense gradient.
+// With m (row k of M, or null), the first chunk (zero) starts the row from
+// −wsum · m instead of zeros, wsum the latent's weight sum over the whole batch
+// (the caller's one pass): the ∂prototypes' 2·(ΣG)·a_k term, which a separate
+// pass read and wrote over the whole K×d gradient again.  Every latent gets
+// it, empty ones too: 0·inf is NaN, as in the dense gradient.
 template <typename T>
 void scatter_matmul_row(const T* w, const LatentSlots& by, int64_t k, const T* X, int64_t d, bool zero, const T* m,
-                        T* out) {
-  if (m != nullptr) {
-    T wsum = T(0);
-    for (int64_t e = by.seg[k]; e < by.seg[k + 1]; ++e) wsum += w[by.slot[e]];
-    if (zero)
-      for (int64_t i = 0; i < d; ++i) out[i] = -wsum * m[i];
-    else
-      for (int64_t i = 0; i < d; ++i) out[i] -= wsum * m[i];
-  } else if (zero) {
+                        T wsum, T* out) {
+  if (zero && m != nullptr)
+    for (int64_t i = 0; i < d; ++i) out[i] = -wsum * m[i];
+  else if (zero)
     for (int64_t i = 0; i < d; ++i) out[i] = T(0);
-  }
   for (int64_t e = by.seg[k]; e < by.seg[k + 1]; ++e) {
     const T we = w[by.slot[e]];
     const T* xr = X + by.row[e] * d;
