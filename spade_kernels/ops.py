@@ -199,7 +199,7 @@ def scatter_matmul(weights, indices, X, n_rows: int, M=None):
 
     With ``M`` (n_rows, d), in X's dtype: Σ weights[b, j] · (X[b] − M[k]),
     the prototypes' gradient of Σ G·‖x_b − a_k‖² with weights −2G in one
-    pass (the weight sums taken with the segments).  Deterministic: the
+    pass (on the CPU each row starts from −(Σ weights)·M[k]).  Deterministic: the
     entries are sorted by latent and each latent's segment is summed in
     order (no atomics).  Its CPU output (K×d, ≥ 2 MiB) comes from the
     outputs the CPU library keeps for reuse (:func:`release_cached_outputs`).
