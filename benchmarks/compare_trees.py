@@ -8,6 +8,18 @@ difference shows as two interleaved spreads.  In each process, per shape:
 the floor ``torch.mm(x, A.T)``, ``spade_encode`` without grad and one
 forward + backward of the layer, warm; each the best of 3 medians.  Prints
 one JSON line per process.
+
+    python benchmarks/compare_trees.py OLD_TREE NEW_TREE --sweep OUT.jsonl [--threads 1]
+
+``--sweep``: the scaling sweep's sparse rows instead (native backend; B ∈ {1024,
+16384} × d ∈ {2, 128, 768} × K ∈ {128 … 16384}, and B = 300,000 at K ≤ 512),
+encode and train, each configuration measured by each tree's own harness
+worker (``spade_kernels.bench.measure``: time and extra peak RSS, glibc's mmap
+threshold fixed), the trees alternated twice per configuration in the order
+A B B A.  Appends one JSON line per measurement to OUT.jsonl and prints the
+table of both trees' mean medians and peaks, flagged by compare_results.py's
+rule (``--table IN.jsonl OLD NEW`` prints it again from the records).  So a claim "no row got slower or
+hungrier" compares two trees on one machine, with one measuring method.
 """
 
 from __future__ import annotations
@@ -74,12 +86,106 @@ def measure(threads: int) -> dict:
     return out
 
 
+SWEEP_SHAPES = [(B, d, K) for B in (1024, 16384) for d in (2, 128, 768) for K in (128, 512, 4096, 16384)] + [
+    (300000, 2, 128),
+    (300000, 128, 128),
+    (300000, 2, 512),
+]
+
+
+def sweep(trees: list[str], out_path: str, threads: int, shapes=None) -> list[dict]:
+    """Each sweep configuration measured by each tree's harness worker, alternated A B B A; the records."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(threads)}
+    records = []
+    with open(out_path, "a") as out:
+        for B, d, K in SWEEP_SHAPES if shapes is None else shapes:
+            big = B * K * d > 2e9 or B >= 300000
+            spec = {"name": "native", "B": B, "d": d, "K": K, "dtype": "float32", "device": "cpu",
+                    "repeats": 3 if big else 7, "warmup": 1, "budget_s": 6 if big else 4}  # fmt: skip
+            for mode in ("encode", "train"):
+                for order in (trees, trees[::-1]):
+                    for tree in order:
+                        root = os.path.abspath(tree)
+                        cmd = [
+                            sys.executable,
+                            "-m",
+                            "spade_kernels.bench.measure",
+                            json.dumps({**spec, "mode": mode}),
+                        ]
+                        proc = subprocess.run(
+                            cmd,
+                            cwd=root,
+                            env={**env, "PYTHONPATH": root},
+                            capture_output=True,
+                            text=True,
+                            check=True,
+                        )
+                        r = json.loads(proc.stdout.strip().splitlines()[-1])
+                        rec = {"tree": tree, "B": B, "d": d, "K": K, "mode": mode, "threads": threads,
+                               "median_ms": statistics.median(r["times_ms"]), "n": len(r["times_ms"]),
+                               "peak_mib": r["peak_bytes"] / 2**20}  # fmt: skip
+                        out.write(json.dumps(rec) + "\n")
+                        out.flush()
+                        records.append(rec)
+    return records
+
+
+def _compare_results():
+    """benchmarks/compare_results.py (its flagging rule and table), loaded from beside this file."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_results.py")
+    spec = importlib.util.spec_from_file_location("compare_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep_table(records: list[dict], trees: list[str], tolerance: float = 0.10) -> str:
+    """Markdown: per configuration, the old and the new tree's mean median time and mean extra peak,
+    flagged by compare_results.py's rule (more than ``tolerance`` slower; more than ``tolerance`` and
+    1 MiB hungrier); then the count of flagged rows."""
+    old, new = trees[0], trees[-1]
+    runs = {old: {}, new: {}}
+    for r in records:
+        if r["tree"] in runs:
+            runs[r["tree"]].setdefault(("native", r["mode"], r["B"], r["d"], r["K"], "float32"), []).append(r)
+
+    def rows(tree):
+        return {
+            key: {
+                "median_ms": statistics.mean(r["median_ms"] for r in rs),
+                "peak_mem_mib": statistics.mean(r["peak_mib"] for r in rs),
+            }
+            for key, rs in runs[tree].items()
+        }
+
+    cr = _compare_results()
+    entries = cr.compare(rows(old), rows(new), tolerance)
+    flagged = sum(e["slower"] or e["hungrier"] for e in entries)
+    return cr.table(entries) + f"\n\n{len(entries)} configurations measured by both trees; {flagged} flagged."
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trees", nargs="*", help="source trees to compare (none: measure this process's import)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--sweep", metavar="OUT.jsonl", help="the scaling sweep's rows by each tree's harness worker"
+    )
+    p.add_argument("--table", metavar="IN.jsonl", help="print the table of a --sweep run's records and stop")
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        print(sweep_table(records, args.trees or sorted({r["tree"] for r in records})))
+        return 0
+    if args.sweep:
+        if len(args.trees) != 2:
+            p.error("--sweep compares two trees: OLD_TREE NEW_TREE")
+        print(sweep_table(sweep(args.trees, args.sweep, args.threads), args.trees))
+        return 0
     if not args.trees:
         print(json.dumps(measure(args.threads)))
         return 0

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import spade_kernels as sk
 from spade_kernels import bench
 from spade_kernels.bench.measure import cpu_model
 
@@ -228,3 +229,77 @@ def test_compare_results_flags_slower_and_hungrier_rows(tmp_path, capsys):
     assert "| 8, 2, 16 | train | native | 10.0 | 10.5 | 1.05 | 1.0 | 1.5 | — |" in out
     assert "3 configurations in both runs; 2 flagged" in out
     assert cr.main([old, run("other", [{"name": "torch", "K": 4, "median_ms": 1.0}])]) == 1
+
+
+def _benchmark_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_trees_sweep_table_flags_by_the_compare_results_rule(tmp_path, capsys):
+    ct = _benchmark_script("compare_trees")
+
+    def rec(tree, K, mode, ms, mib):
+        return {"tree": tree, "B": 8, "d": 2, "K": K, "mode": mode, "median_ms": ms, "n": 3, "peak_mib": mib}
+
+    records = [
+        rec("a", 4, "encode", 10.0, 100.0), rec("b", 4, "encode", 12.0, 100.0),  # 20% slower
+        rec("b", 4, "encode", 12.0, 100.0), rec("a", 4, "encode", 10.0, 100.0),
+        rec("a", 4, "train", 10.0, 1.0), rec("b", 4, "train", 9.0, 1.8),  # +80% but under 1 MiB
+        rec("a", 8, "train", 10.0, 10.0), rec("b", 8, "train", 10.0, 13.0),  # 30% and 3 MiB hungrier
+        rec("b", 8, "train", 10.0, 12.0), rec("a", 8, "train", 10.0, 10.0),  # (the means: 10 → 12.5)
+        rec("a", 16, "train", 10.0, 1.0),  # measured by one tree only: not compared
+    ]  # fmt: skip
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert ct.main(["a", "b", "--table", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 8, 2, 4 | encode | native | 10.0 | 12.0 | 1.20 | 100.0 | 100.0 | slower |" in out
+    assert "| 8, 2, 4 | train | native | 10.0 | 9.0 | 0.90 | 1.0 | 1.8 | — |" in out
+    assert "| 8, 2, 8 | train | native | 10.0 | 10.0 | 1.00 | 10.0 | 12.5 | hungrier |" in out
+    assert "3 configurations measured by both trees; 2 flagged." in out
+    with pytest.raises(SystemExit):
+        ct.main(["a", "--sweep", str(tmp_path / "one-tree.jsonl")])
+
+
+@pytest.mark.slow  # eight measuring processes: in the slow set (CI runs it)
+@pytest.mark.skipif("native" not in sk.available_backends(), reason="the sweep measures the native backend")
+def test_compare_trees_sweep_measures_each_tree_by_its_own_worker(tmp_path):
+    from pathlib import Path
+
+    ct = _benchmark_script("compare_trees")
+    root = str(Path(__file__).resolve().parents[1])
+    out = tmp_path / "records.jsonl"
+    records = ct.sweep([root, root], str(out), threads=1, shapes=[(64, 8, 32)])
+    assert len(records) == 8 and out.read_text().count("\n") == 8  # 2 modes × (A B B A)
+    assert {(r["mode"], r["B"], r["d"], r["K"]) for r in records} == {
+        ("encode", 64, 8, 32),
+        ("train", 64, 8, 32),
+    }
+    assert all(r["median_ms"] > 0 and r["peak_mib"] >= 0 and r["n"] >= 1 for r in records)
+
+
+@pytest.mark.slow  # fresh processes importing torch: in the slow set (CI runs it)
+def test_startup_cost_measures_start_up_and_the_trainers_overhead(tmp_path, monkeypatch):
+    sc = _benchmark_script("startup_cost")
+    monkeypatch.setitem(sc.TRAIN, "steps", 4)
+    threads = torch.get_num_threads()
+    try:
+        assert sc.main(["--rounds", "1", "--json", str(tmp_path / "s.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["cpu"] == cpu_model()
+    start = data["startup"]
+    for key in ("import_torch", "import_spade_kernels", "first_encode", "cli --help", "cli info"):
+        assert 0 < start[key]["min_s"] <= start[key]["median_s"] <= start[key]["max_s"]
+    # The first encode of CPU tensors imports neither triton nor dynamo (docs/performance.md, start-up).
+    assert start["triton_imported"] is False and start["dynamo_imported"] is False
+    trainer = data["trainer"]
+    assert set(trainer["seconds"]) == {"train_spade", "bare loop"} and trainer["ratio"] > 0
