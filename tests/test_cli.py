@@ -311,6 +311,7 @@ def test_wandb_without_the_package_is_refused_before_training(tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.slow  # 9 s, importing wandb: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 def test_wandb_offline_run_is_written_under_out(tmp_path):
     pytest.importorskip("wandb")  # a dev requirement: installed by scripts/setup_env.sh
     out = tmp_path / "run"

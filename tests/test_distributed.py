@@ -193,7 +193,8 @@ def _check(results, ref, K, data=1, **tol):
         torch.testing.assert_close(value, ref["params"][name], **tol)
 
 
-@pytest.mark.parametrize("world,K", [(1, 13), (2, 13), (3, 20)])
+# Three ranks (15 s over the two backends) in the slow set (CI runs it): the default run keeps one and two.
+@pytest.mark.parametrize("world,K", [(1, 13), (2, 13), pytest.param(3, 20, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sharded_layer_equals_one_process(tmp_path, world, K, backend):
     kw = {"use_bias": True, "reg_on": "decoder"} if world == 3 else {}
@@ -201,6 +202,7 @@ def test_sharded_layer_equals_one_process(tmp_path, world, K, backend):
     _check(results, _single_process(K, backend, kw), K)
 
 
+@pytest.mark.slow  # 9 s, the Triton interpreter in two ranks: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 @pytest.mark.parametrize("backend", TRITON)
 def test_sharded_layer_on_triton_equals_one_process(tmp_path, backend):
     # float32: the Triton kernels themselves (float64 would go to the torch backend's ops).
@@ -209,6 +211,7 @@ def test_sharded_layer_on_triton_equals_one_process(tmp_path, backend):
     _check(results, _single_process(13, backend, kw, steps=2), 13, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # 10 s, four ranks: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 def test_data_parallel_times_latent_shards(tmp_path):
     # 2 × 2: two replicas (half the batch each) of a layer split over two ranks.
     results = _run(
@@ -393,6 +396,7 @@ def test_cli_data_parallel_runs(tmp_path):
     assert (tmp_path / "ddp" / "sae_weights.safetensors").exists()
 
 
+@pytest.mark.slow  # 10 s, a torchrun job: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 def test_cli_data_parallel_over_a_shard_directory(tmp_path):
     # Each data replica trains on the rows r, r + R, … of the shards' whole matrix. Shards of odd
     # sizes: striding each shard alone would give the ranks 770 and 767 rows, 13 and 12 steps of

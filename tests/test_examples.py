@@ -210,7 +210,8 @@ def test_paper_data_as_the_notebooks_build_it():
     [
         (paper_separability, "--per-cluster", "separability"),
         (paper_heterogeneity, "--per-concept", "heterogeneity"),
-        (paper_formal_language, "--sentences", "formal_language"),
+        # 6 s: in the slow set (CI runs it), so the README's test command stays under 5 minutes.
+        pytest.param(paper_formal_language, "--sentences", "formal_language", marks=pytest.mark.slow),
     ],
 )
 def test_paper_experiments_tiny(module, flag, stem, tmp_path, capsys):

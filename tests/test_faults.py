@@ -412,6 +412,7 @@ def stopped_run(_stopped_once, tmp_path):
     return Path(shutil.copytree(_stopped_once, tmp_path / "run"))
 
 
+@pytest.mark.slow  # 17 s, a stopped run and six resumes: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 def test_resume_refuses_flags_that_change_the_model_and_applies_the_rest(stopped_run, capsys):
     for flag, value in (("--d-sae", "99"), ("--gamma-reg", "0.5"), ("--batch-size", "7"), ("--seed", "3")):
         assert main(["train", "--resume", str(stopped_run), flag, value]) == 2
@@ -482,6 +483,7 @@ def test_resume_refuses_data_with_two_rows_swapped(tmp_path, capsys):
 # -- 16. one run per output directory --------------------------------------------------------------
 
 
+@pytest.mark.slow  # 10 s, three command-line processes: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 def test_a_second_run_into_one_directory_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(
@@ -519,6 +521,7 @@ print(kib("VmHWM") - base, time.perf_counter() - t, outcome)
 """
 
 
+@pytest.mark.slow  # 7 s, a measuring subprocess: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 def test_from_pretrained_peaks_at_the_weights_once_and_checks_shapes_first(tmp_path):
     layer = sk.SpaDE(256, 65536, device="meta")  # 2 × 64 MiB of weights
     layer.to_empty(device="cpu")
@@ -546,6 +549,7 @@ def test_from_pretrained_peaks_at_the_weights_once_and_checks_shapes_first(tmp_p
 # -- 19, 20. file modes, defaults and scales that say what they are -----------------------------------
 
 
+@pytest.mark.slow  # 6 s, a run and a resume: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 def test_every_file_a_run_writes_has_the_umask_mode(tmp_path):
     out = tmp_path / "run"
     done = _run(["train", *SEP, "--out", str(out)], tmp_path, preexec_fn=lambda: os.umask(0o027))

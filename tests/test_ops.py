@@ -500,6 +500,10 @@ def test_fakes_match_the_real_layout_for_strided_inputs():
     z = torch.rand(6, 5).t()
     args = (z, None, torch.rand(5, 6), None, torch.tensor(0.5))
     torch.library.opcheck(torch.ops.spade_kernels.support_jacobian.default, args, test_utils=OPCHECKS)
+
+
+@pytest.mark.slow  # 16 s, inductor's first compile: in the slow set (CI runs it)
+def test_inductor_compiles_sparsemax_over_a_strided_dim():
     import spade_kernels as sk
 
     x = torch.randn(6, 9)

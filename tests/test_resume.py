@@ -59,9 +59,10 @@ def _start_and_signal(out, sig) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "sig",
-    # SIGTERM and SIGKILL in the slow set (CI runs it): the default run keeps one signal.
+    # In the slow set (CI runs it; 30 s with the uninterrupted run): Ctrl-C in the default run is
+    # tests/test_faults.py's exit-130 case.
     [
-        signal.SIGINT,
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),
         pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
         pytest.param(signal.SIGKILL, marks=pytest.mark.slow),
     ],
@@ -106,6 +107,7 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
     assert "not a readable training state" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 5 s, two command-line runs: in the slow set (CI runs it), so the README's test command stays under 5 minutes
 def test_resume_refuses_other_data(tmp_path, capsys):
     out = tmp_path / "run"
     done = _start_and_signal(out, signal.SIGINT)
