@@ -12,13 +12,17 @@ one JSON line per process.
     python benchmarks/compare_trees.py OLD_TREE NEW_TREE --sweep OUT.jsonl [--threads 1]
 
 ``--sweep``: the scaling sweep's sparse rows instead (native backend; B ∈ {1024,
-16384} × d ∈ {2, 128, 768} × K ∈ {128 … 16384}, and B = 300,000 at K ≤ 512),
-encode and train, each configuration measured by each tree's own harness
+16384} × d ∈ {2, 128, 768} × K ∈ {128 … 16384}, and B = 300,000 at (d, K) =
+(2, 128), (128, 128), (2, 512); or the ``--shape`` and ``--modes`` given),
+each configuration measured by each tree's own harness
 worker (``spade_kernels.bench.measure``: time and extra peak RSS, glibc's mmap
 threshold fixed), the trees alternated twice per configuration in the order
 A B B A.  Appends one JSON line per measurement to OUT.jsonl and prints the
 table of both trees' mean medians and peaks, flagged by compare_results.py's
-rule (``--table IN.jsonl OLD NEW`` prints it again from the records).  So a claim "no row got slower or
+rule (``--table IN.jsonl`` prints it again from the records; a file of
+several runs averages them).  Configurations past 2·10⁹ B·K·d or at B =
+300,000 get 3 repeats and a 6 s budget, the others 7 and 4 s: the largest
+stop after one timed run, so their "median" is one time.  So a claim "no row got slower or
 hungrier" compares two trees on one machine, with one measuring method.
 """
 
@@ -93,16 +97,23 @@ SWEEP_SHAPES = [(B, d, K) for B in (1024, 16384) for d in (2, 128, 768) for K in
 ]
 
 
-def sweep(trees: list[str], out_path: str, threads: int, shapes=None) -> list[dict]:
-    """Each sweep configuration measured by each tree's harness worker, alternated A B B A; the records."""
+def sweep(
+    trees: list[str], out_path: str, threads: int, shapes=None, modes=("encode", "train")
+) -> list[dict]:
+    """Each configuration measured by each tree's harness worker, alternated A B B A; the records.
+
+    ``trees`` is (old, new); each record names its tree (``tree``, as given) and its ``role``
+    ("old" or "new"), so a table of the records never depends on the trees' names.
+    """
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(threads)}
+    roles = dict(zip(trees, ("old", "new")))
     records = []
     with open(out_path, "a") as out:
         for B, d, K in SWEEP_SHAPES if shapes is None else shapes:
             big = B * K * d > 2e9 or B >= 300000
             spec = {"name": "native", "B": B, "d": d, "K": K, "dtype": "float32", "device": "cpu",
                     "repeats": 3 if big else 7, "warmup": 1, "budget_s": 6 if big else 4}  # fmt: skip
-            for mode in ("encode", "train"):
+            for mode in modes:
                 for order in (trees, trees[::-1]):
                     for tree in order:
                         root = os.path.abspath(tree)
@@ -113,17 +124,16 @@ def sweep(trees: list[str], out_path: str, threads: int, shapes=None) -> list[di
                             json.dumps({**spec, "mode": mode}),
                         ]
                         proc = subprocess.run(
-                            cmd,
-                            cwd=root,
-                            env={**env, "PYTHONPATH": root},
-                            capture_output=True,
-                            text=True,
-                            check=True,
+                            cmd, cwd=root, env={**env, "PYTHONPATH": root}, capture_output=True, text=True
                         )
+                        if proc.returncode != 0:
+                            raise RuntimeError(
+                                f"{tree}: the worker failed at {(B, d, K, mode)}:\n{proc.stderr[-2000:]}"
+                            )
                         r = json.loads(proc.stdout.strip().splitlines()[-1])
-                        rec = {"tree": tree, "B": B, "d": d, "K": K, "mode": mode, "threads": threads,
-                               "median_ms": statistics.median(r["times_ms"]), "n": len(r["times_ms"]),
-                               "peak_mib": r["peak_bytes"] / 2**20}  # fmt: skip
+                        rec = {"tree": tree, "role": roles[tree], "B": B, "d": d, "K": K, "mode": mode,
+                               "threads": threads, "median_ms": statistics.median(r["times_ms"]),
+                               "n": len(r["times_ms"]), "peak_mib": r["peak_bytes"] / 2**20}  # fmt: skip
                         out.write(json.dumps(rec) + "\n")
                         out.flush()
                         records.append(rec)
@@ -141,29 +151,28 @@ def _compare_results():
     return module
 
 
-def sweep_table(records: list[dict], trees: list[str], tolerance: float = 0.10) -> str:
+def sweep_table(records: list[dict], tolerance: float = 0.10) -> tuple[str, int]:
     """Markdown: per configuration, the old and the new tree's mean median time and mean extra peak,
     flagged by compare_results.py's rule (more than ``tolerance`` slower; more than ``tolerance`` and
-    1 MiB hungrier); then the count of flagged rows."""
-    old, new = trees[0], trees[-1]
-    runs = {old: {}, new: {}}
+    1 MiB hungrier); then the count of flagged rows.  Returns (table, configurations compared)."""
+    runs = {"old": {}, "new": {}}
     for r in records:
-        if r["tree"] in runs:
-            runs[r["tree"]].setdefault(("native", r["mode"], r["B"], r["d"], r["K"], "float32"), []).append(r)
+        runs[r["role"]].setdefault(("native", r["mode"], r["B"], r["d"], r["K"], "float32"), []).append(r)
 
-    def rows(tree):
+    def rows(role):
         return {
             key: {
                 "median_ms": statistics.mean(r["median_ms"] for r in rs),
                 "peak_mem_mib": statistics.mean(r["peak_mib"] for r in rs),
             }
-            for key, rs in runs[tree].items()
+            for key, rs in runs[role].items()
         }
 
     cr = _compare_results()
-    entries = cr.compare(rows(old), rows(new), tolerance)
+    entries = cr.compare(rows("old"), rows("new"), tolerance)
     flagged = sum(e["slower"] or e["hungrier"] for e in entries)
-    return cr.table(entries) + f"\n\n{len(entries)} configurations measured by both trees; {flagged} flagged."
+    text = cr.table(entries) + f"\n\n{len(entries)} configurations measured by both trees; {flagged} flagged."
+    return text, len(entries)
 
 
 def main(argv=None) -> int:
@@ -171,21 +180,38 @@ def main(argv=None) -> int:
     p.add_argument("trees", nargs="*", help="source trees to compare (none: measure this process's import)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sweep", metavar="OUT.jsonl", help="sweep rows by each tree's harness worker (appended)")
     p.add_argument(
-        "--sweep", metavar="OUT.jsonl", help="the scaling sweep's rows by each tree's harness worker"
+        "--shape", action="append", metavar="B,d,K", help="--sweep: this shape (repeatable; default: all)"
     )
-    p.add_argument("--table", metavar="IN.jsonl", help="print the table of a --sweep run's records and stop")
+    p.add_argument("--modes", default="encode,train", help="--sweep: comma list of encode,train")
+    p.add_argument("--table", metavar="IN.jsonl", help="print the old/new table of --sweep records and stop")
     args = p.parse_args(argv)
     if args.table:
+        if args.trees:
+            p.error("--table takes no trees: each record names its role (old or new)")
         with open(args.table) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        print(sweep_table(records, args.trees or sorted({r["tree"] for r in records})))
-        return 0
+        text, compared = sweep_table(records)
+        print(text)
+        return 0 if compared else 1
     if args.sweep:
-        if len(args.trees) != 2:
-            p.error("--sweep compares two trees: OLD_TREE NEW_TREE")
-        print(sweep_table(sweep(args.trees, args.sweep, args.threads), args.trees))
-        return 0
+        if len(args.trees) != 2 or os.path.abspath(args.trees[0]) == os.path.abspath(args.trees[1]):
+            p.error("--sweep compares two different trees: OLD_TREE NEW_TREE")
+        shapes = None
+        if args.shape:
+            try:
+                shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape]
+            except ValueError:
+                shapes = []
+            if any(len(s) != 3 for s in shapes) or not shapes:
+                p.error(f"--shape takes B,d,K, got {args.shape}")
+        modes = tuple(m for m in args.modes.split(",") if m)
+        if not modes or set(modes) - {"encode", "train"}:
+            p.error(f"--modes takes encode and/or train, got {args.modes!r}")
+        text, compared = sweep_table(sweep(args.trees, args.sweep, args.threads, shapes, modes))
+        print(text)
+        return 0 if compared else 1
     if not args.trees:
         print(json.dumps(measure(args.threads)))
         return 0

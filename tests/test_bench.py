@@ -245,27 +245,39 @@ def _benchmark_script(name: str):
 def test_compare_trees_sweep_table_flags_by_the_compare_results_rule(tmp_path, capsys):
     ct = _benchmark_script("compare_trees")
 
-    def rec(tree, K, mode, ms, mib):
-        return {"tree": tree, "B": 8, "d": 2, "K": K, "mode": mode, "median_ms": ms, "n": 3, "peak_mib": mib}
+    def rec(role, K, mode, ms, mib):
+        return {"tree": f"/trees/{role}", "role": role, "B": 8, "d": 2, "K": K, "mode": mode,
+                "median_ms": ms, "n": 3, "peak_mib": mib}  # fmt: skip
 
     records = [
-        rec("a", 4, "encode", 10.0, 100.0), rec("b", 4, "encode", 12.0, 100.0),  # 20% slower
-        rec("b", 4, "encode", 12.0, 100.0), rec("a", 4, "encode", 10.0, 100.0),
-        rec("a", 4, "train", 10.0, 1.0), rec("b", 4, "train", 9.0, 1.8),  # +80% but under 1 MiB
-        rec("a", 8, "train", 10.0, 10.0), rec("b", 8, "train", 10.0, 13.0),  # 30% and 3 MiB hungrier
-        rec("b", 8, "train", 10.0, 12.0), rec("a", 8, "train", 10.0, 10.0),  # (the means: 10 → 12.5)
-        rec("a", 16, "train", 10.0, 1.0),  # measured by one tree only: not compared
+        rec("old", 4, "encode", 10.0, 100.0), rec("new", 4, "encode", 12.0, 100.0),  # 20% slower
+        rec("new", 4, "encode", 12.0, 100.0), rec("old", 4, "encode", 10.0, 100.0),
+        rec("old", 4, "train", 10.0, 1.0), rec("new", 4, "train", 9.0, 1.8),  # +80% but under 1 MiB
+        rec("old", 8, "train", 10.0, 10.0), rec("new", 8, "train", 10.0, 13.0),  # 30% and 3 MiB hungrier
+        rec("new", 8, "train", 10.0, 12.0), rec("old", 8, "train", 10.0, 10.0),  # (the means: 10 → 12.5)
+        rec("old", 16, "train", 10.0, 1.0),  # measured by one tree only: not compared
     ]  # fmt: skip
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert ct.main(["a", "b", "--table", str(path)]) == 0
+    assert ct.main(["--table", str(path)]) == 0
     out = capsys.readouterr().out
     assert "| 8, 2, 4 | encode | native | 10.0 | 12.0 | 1.20 | 100.0 | 100.0 | slower |" in out
     assert "| 8, 2, 4 | train | native | 10.0 | 9.0 | 0.90 | 1.0 | 1.8 | — |" in out
     assert "| 8, 2, 8 | train | native | 10.0 | 10.0 | 1.00 | 10.0 | 12.5 | hungrier |" in out
     assert "3 configurations measured by both trees; 2 flagged." in out
-    with pytest.raises(SystemExit):
-        ct.main(["a", "--sweep", str(tmp_path / "one-tree.jsonl")])
+    # Records of one role only: nothing compared, exit 1.
+    path.write_text("".join(json.dumps(r) + "\n" for r in records if r["role"] == "old"))
+    assert ct.main(["--table", str(path)]) == 1
+    capsys.readouterr()
+    # Trees are not names for --table (the records carry their roles); --sweep needs two different trees.
+    for argv in (["a", "b", "--table", str(path)], ["a", "--sweep", "x.jsonl"], ["a", "a", "--sweep", "x.jsonl"],
+                 ["a", "b", "--sweep", "x.jsonl", "--shape", "8,2"], ["a", "b", "--sweep", "x.jsonl", "--modes", "fwd"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            ct.main(argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--table takes no trees" in err and "two different trees" in err
+    assert "--shape takes B,d,K" in err and "--modes takes encode and/or train" in err
 
 
 @pytest.mark.slow  # eight measuring processes: in the slow set (CI runs it)
@@ -274,15 +286,20 @@ def test_compare_trees_sweep_measures_each_tree_by_its_own_worker(tmp_path):
     from pathlib import Path
 
     ct = _benchmark_script("compare_trees")
-    root = str(Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
+    other = tmp_path / "other-tree"
+    other.symlink_to(root, target_is_directory=True)  # a second tree: the same code under another path
     out = tmp_path / "records.jsonl"
-    records = ct.sweep([root, root], str(out), threads=1, shapes=[(64, 8, 32)])
-    assert len(records) == 8 and out.read_text().count("\n") == 8  # 2 modes × (A B B A)
-    assert {(r["mode"], r["B"], r["d"], r["K"]) for r in records} == {
-        ("encode", 64, 8, 32),
-        ("train", 64, 8, 32),
-    }
-    assert all(r["median_ms"] > 0 and r["peak_mib"] >= 0 and r["n"] >= 1 for r in records)
+    records = ct.sweep([str(root), str(other)], str(out), threads=1, shapes=[(64, 8, 32)], modes=("train",))
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    # A B B A, each record naming its tree and role.
+    assert [(r["tree"], r["role"]) for r in records] == [
+        (str(root), "old"), (str(other), "new"), (str(other), "new"), (str(root), "old")
+    ]  # fmt: skip
+    assert all((r["mode"], r["B"], r["d"], r["K"], r["threads"]) == ("train", 64, 8, 32, 1) for r in records)
+    assert all(r["median_ms"] > 0 and r["n"] == 7 for r in records)  # 7 repeats within the 4 s budget
+    text, compared = ct.sweep_table(records)
+    assert compared == 1 and "| 64, 8, 32 | train | native |" in text
 
 
 @pytest.mark.slow  # fresh processes importing torch: in the slow set (CI runs it)
@@ -291,15 +308,25 @@ def test_startup_cost_measures_start_up_and_the_trainers_overhead(tmp_path, monk
     monkeypatch.setitem(sc.TRAIN, "steps", 4)
     threads = torch.get_num_threads()
     try:
-        assert sc.main(["--rounds", "1", "--json", str(tmp_path / "s.json")]) == 0
+        assert sc.main(["--rounds", "2", "--json", str(tmp_path / "s.json")]) == 0
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["cpu"] == cpu_model()
     start = data["startup"]
-    for key in ("import_torch", "import_spade_kernels", "first_encode", "cli --help", "cli info"):
+    for key in (
+        "python -c 'import torch'",
+        "import_torch",
+        "import_spade_kernels",
+        "first_encode",
+        "cli --help",
+        "cli info",
+    ):
         assert 0 < start[key]["min_s"] <= start[key]["median_s"] <= start[key]["max_s"]
     # The first encode of CPU tensors imports neither triton nor dynamo (docs/performance.md, start-up).
     assert start["triton_imported"] is False and start["dynamo_imported"] is False
     trainer = data["trainer"]
-    assert set(trainer["seconds"]) == {"train_spade", "bare loop"} and trainer["ratio"] > 0
+    assert trainer["same_weights"] is True  # the bare loop does the trainer's math, so times compare
+    assert {k: len(v) for k, v in trainer["seconds"].items()} == {"train_spade": 2, "bare loop": 2}
+    med = trainer["median_s"]
+    assert trainer["ratio"] == pytest.approx(med["train_spade"] / med["bare loop"])

@@ -124,8 +124,7 @@ def test_reference_backend_low_precision_is_a_projection(dtype):
     assert (z.double() - exact).abs().max() < 0.05
 
 
-# "medium" in the slow set (CI runs it; 5 s on the Triton interpreter): the default run keeps "high".
-@pytest.mark.parametrize("precision", ["high", pytest.param("medium", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("precision", ["high", "medium"])
 def test_tf32_and_reduced_matmul_precision_settings_are_ignored(backend, device, precision):
     x, A, lam = _inputs(50, 64, 700, device, lam=1 / 128)
     tf32 = torch.backends.cuda.matmul.allow_tf32
