@@ -5,6 +5,7 @@ mark reset once the inputs exist) and check it against the memory model of
 docs/design.md: the budget plus the output, whatever B is.
 """
 
+import itertools
 import json
 import subprocess
 import sys
@@ -153,6 +154,47 @@ def test_candidate_buffer_is_sized_by_the_data(monkeypatch):
     ref = sk.spade_encode(x, A, 0.2, backend="reference").to_dense()
     assert int(size[1500]) > 256
     torch.testing.assert_close(sk.SparseCodes(idx, z, size, 4000).to_dense(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("native" not in sk.available_backends(), reason="the extension is not built")
+@pytest.mark.parametrize(("K", "d", "split"), [(64, 2, True), (4096, 256, False)])
+def test_up_to_two_samples_of_rows_are_split_only_where_the_prototypes_are_small(monkeypatch, K, d, split):
+    # 1000 rows: a 512-row sample sizes the rest's buffer where A is smaller than the buffer that
+    # saves (K = 64: 488 rows × 64 slots × 16 bytes > 64·2·4 bytes), at a narrower width; one search
+    # call where A is larger (4096·256·4 bytes > 488 × 256 × 16: the split would read it twice).  The codes are the same either way.
+    from spade_kernels.backends import native as N
+    from spade_kernels.pipeline import encoder
+
+    sizes = []
+    real = N.PRIMITIVES.select_candidates
+    spy = N.PRIMITIVES._replace(
+        select_candidates=lambda *a, **k: sizes.append((a[0].shape[0], k["max_candidates"])) or real(*a, **k)
+    )
+    g = torch.Generator().manual_seed(0)
+    x, A = torch.randn(1000, d, generator=g), torch.randn(K, d, generator=g)
+    z, idx, size, _ = encoder.encode_forward(plan_of(spy, x, A, {"search": "pruned"}), x, A, 1 / (2 * d))
+    assert [n for n, _ in sizes] == ([512, 488] if split else [1000])
+    assert sizes[0][1] == min(K, 256) and (not split or sizes[1][1] < sizes[0][1]), sizes
+    ref = sk.spade_encode(x, A, 1 / (2 * d), backend="reference").to_dense()
+    torch.testing.assert_close(sk.SparseCodes(idx, z, size, K).to_dense(), ref, atol=1e-5, rtol=0)
+
+
+def test_row_blocks_are_equal_or_larger_first_by_the_bytes_the_rest_run_beside():
+    def sizes(*args):
+        blocks = list(memory.row_blocks(*args))
+        assert blocks[0].start == 0 and blocks[-1].stop == args[0]
+        assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
+        return [b.stop - b.start for b in blocks]
+
+    assert sizes(1024, 1000, 661_000) == [512, 512]  # equal: no small block
+    assert sizes(10, 1, 4) == [4, 3, 3]
+    # The codes of every row held beside the blocks after the first: the first takes their share,
+    # balancing first-block work against later-block work plus held bytes, within the budget.
+    assert sizes(16384, 5640, 2**26, 2560) == [11898, 4486]
+    assert sizes(16384, 5640, 2**26, 100) == [8337, 8047]
+    assert sizes(1024, 101_500, 2**26, 5120) == [537, 487]  # large rows: near-equal
+    assert sizes(7, 1, 2, 1) == [2, 2, 2, 1]  # every block within the budget
+    assert sizes(5, 1, 100, 10) == [5] and list(memory.row_blocks(0, 8, 64, 8)) == []
 
 
 def test_float32_reference_as_accurate_as_direct_differences():

@@ -34,7 +34,7 @@ from ..numerics import RangeError, ieee_matmul, sanitize, sanitize_prototypes, s
 from . import memory
 from .group import ONE_PROCESS, OneProcess
 from .plan import Plan
-from .rows import RowWriter
+from .rows import RowWriter, held_row_bytes
 from .search import dense_candidates, pad
 
 __all__ = ["empty_codes", "encode_forward", "encode_rows", "finish_codes"]
@@ -121,14 +121,16 @@ def encode_rows(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float):
     """:func:`encode_forward` of a whole batch in one process, in row blocks that fit the memory budget.
 
     The blocks (:func:`~spade_kernels.pipeline.memory.encode_blocks`, sized
-    from ``plan.row_bytes``) bound the search's working memory whatever B
-    is; they share one :func:`~spade_kernels.numerics.sanitize_prototypes`
+    from ``plan.row_bytes``, the first larger by the codes the later ones
+    run beside, :func:`~spade_kernels.pipeline.rows.held_row_bytes`) bound
+    the search's working memory whatever B is; they share one :func:`~spade_kernels.numerics.sanitize_prototypes`
     (‖a_k‖² once, not once a block), and their codes are written into one
     :class:`~spade_kernels.pipeline.rows.RowWriter`.  One call, so one
     backward: the K×d gradient of the prototypes is formed once per batch,
     not once per block (docs/design.md, "Memory model").
     """
-    blocks = memory.encode_blocks(x.shape[0], plan.row_bytes, x.device)
+    held = held_row_bytes(A.shape[0], x.element_size())
+    blocks = memory.encode_blocks(x.shape[0], plan.row_bytes, x.device, held)
     if len(blocks) <= 1:
         return encode_forward(plan, x, A, lam)
     prototypes = sanitize_prototypes(A)

@@ -76,35 +76,51 @@ def budget_bytes(device: torch.device) -> int:
     return DEFAULT_CPU_BUDGET
 
 
-def row_blocks(n_rows: int, bytes_per_row: int, budget: int):
-    """Slices of at most ``budget // bytes_per_row`` rows (at least one) covering ``n_rows``, of equal sizes.
+def row_blocks(n_rows: int, bytes_per_row: int, budget: int, held_bytes_per_row: int = 0):
+    """Slices of at most ``budget // bytes_per_row`` rows (at least one) covering ``n_rows``.
 
-    As few blocks as the budget allows, their sizes differing by at most one
-    row: 1024 rows in blocks of 661 would be 661 + 363, and the small block
-    runs its GEMMs less efficiently than two of 512.
+    As few blocks as the budget allows.  Without ``held_bytes_per_row`` they
+    are of equal sizes, differing by at most one row: 1024 rows in blocks of
+    661 would be 661 + 363, and the small block runs its GEMMs less
+    efficiently than two of 512.  ``held_bytes_per_row`` is what each block
+    leaves held for all ``n_rows`` rows from the first block on (the batch's
+    codes in a :class:`~spade_kernels.pipeline.rows.RowWriter`): the blocks
+    after the first run beside it, so the first is made larger by that share
+    and the rest equal, balancing the first block's working memory against
+    a later block's plus the held bytes (at most ``budget // bytes_per_row``
+    rows still).
     """
     most = max(1, budget // max(int(bytes_per_row), 1))
     n_blocks = max(1, -(-n_rows // most))
-    size, extra = divmod(n_rows, n_blocks)
+    if n_blocks == 1 or held_bytes_per_row <= 0:
+        sizes = [n_rows // n_blocks + (1 if i < n_rows % n_blocks else 0) for i in range(n_blocks)]
+    else:
+        # work(first) = held + work(rest): first = B/n + held·B·(n−1) / (bytes_per_row·n).
+        extra = held_bytes_per_row * n_rows * (n_blocks - 1) // (max(int(bytes_per_row), 1) * n_blocks)
+        first = min(most, -(-n_rows // n_blocks) + extra)
+        rest, extra_rows = divmod(n_rows - first, n_blocks - 1)
+        sizes = [first] + [rest + (1 if i < extra_rows else 0) for i in range(n_blocks - 1)]
     start = 0
-    for i in range(n_blocks if n_rows else 0):
-        stop = start + size + (1 if i < extra else 0)
-        yield slice(start, stop)
-        start = stop
+    for size in sizes if n_rows else ():
+        yield slice(start, start + size)
+        start += size
 
 
 # Every row block of the package is sized by one of the functions below (and nowhere else).
 
 
-def encode_blocks(n_rows: int, bytes_per_row: int, device: torch.device) -> list[slice]:
+def encode_blocks(
+    n_rows: int, bytes_per_row: int, device: torch.device, held_bytes_per_row: int = 0
+) -> list[slice]:
     """The row blocks of a sparse encode: ``1 / SPARSE_SHARE`` of the budget; one block while traced.
 
-    ``bytes_per_row`` is the plan's (:attr:`spade_kernels.pipeline.plan.Plan.row_bytes`).
+    ``bytes_per_row`` is the plan's (:attr:`spade_kernels.pipeline.plan.Plan.row_bytes`);
+    ``held_bytes_per_row`` the codes each row leaves held (:func:`row_blocks`).
     Under ``torch.compile`` the batch is one block: the graph holds one op call.
     """
     if torch.compiler.is_compiling():
         return [slice(0, n_rows)]
-    return list(row_blocks(n_rows, bytes_per_row, budget_bytes(device) // SPARSE_SHARE))
+    return list(row_blocks(n_rows, bytes_per_row, budget_bytes(device) // SPARSE_SHARE, held_bytes_per_row))
 
 
 def dense_blocks(n_rows: int, bytes_per_row: int, device: torch.device) -> list[slice]:

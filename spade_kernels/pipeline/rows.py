@@ -6,9 +6,17 @@ from collections.abc import Callable
 
 import torch
 
+from ..backends.interface import INITIAL_BUFFER
 from ..codes import SparseCodes
 
-__all__ = ["RowWriter", "codes_of_blocks", "concatenate"]
+__all__ = ["RowWriter", "codes_of_blocks", "concatenate", "held_row_bytes"]
+
+
+def held_row_bytes(K: int, itemsize: int) -> int:
+    """An estimate of the bytes a :class:`RowWriter` holds per row: 1.25 × C slots of value, index and
+    distance plus the support size, with C taken as min(K, ``INITIAL_BUFFER``) (wider supports are rare)."""
+    width = min(K, INITIAL_BUFFER)
+    return (5 * width * (2 * itemsize + 8) + 3) // 4 + 8
 
 
 class RowWriter:

@@ -21,7 +21,15 @@ from ..backends.interface import INITIAL_BUFFER
 from ..numerics import sorted_threshold
 from . import memory
 
-__all__ = ["SAMPLE_ROWS", "dense_candidates", "dense_row_bytes", "dense_search", "grown_search", "pad"]
+__all__ = [
+    "SAMPLE_ROWS",
+    "SLOT_BYTES",
+    "dense_candidates",
+    "dense_row_bytes",
+    "dense_search",
+    "grown_search",
+    "pad",
+]
 
 
 def pad(t: torch.Tensor, width: int, value=0) -> torch.Tensor:
@@ -70,6 +78,8 @@ def dense_search(x, A, aa, lam: float, margin):
 
 #: Rows whose search sizes the candidate buffer of the rest of a row block.
 SAMPLE_ROWS = 512
+#: Bytes a row's candidate buffer holds per slot, at the least (an int64 index, a score and its bound).
+SLOT_BYTES = 16
 
 
 def grown_search(select, name: str | None, opts: dict, x, A, aa, lam, margin):
@@ -78,12 +88,16 @@ def grown_search(select, name: str | None, opts: dict, x, A, aa, lam, margin):
     ``name`` is the option that sizes the buffer (``Primitives.buffer_option``;
     None: ``select`` runs once with ``opts``).
 
-    Past ``2 * SAMPLE_ROWS`` rows, the first ``SAMPLE_ROWS`` are searched
+    Past ``SAMPLE_ROWS`` rows, the first ``SAMPLE_ROWS`` are searched
     with ``INITIAL_BUFFER`` slots (or K, or the option's value, if smaller);
-    the rest with 1.5× the widest candidate set the sample needed.  Fewer
-    rows are searched in one call with ``INITIAL_BUFFER`` slots: a sample of
-    half the rows or more saves little buffer, and splitting the rows splits
-    the score GEMM into smaller, slower ones.  Rows that overflow a buffer are searched
+    the rest with 1.5× the widest candidate set the sample needed.  Up to
+    ``2 * SAMPLE_ROWS`` rows are searched in one call instead where the
+    prototypes' bytes are at least the buffer the sample could save (the
+    tail's rows × slots × ``SLOT_BYTES``): the split reads A twice and
+    splits the score GEMM in two, which costs time where A is large (C1) and
+    little where it is small, where the split's narrower buffer holds up to
+    half the memory (benchmarks/NOTES.md, "The six hungrier rows").  Rows
+    that overflow a buffer are searched
     again with four times as many slots, up to the option's value, so only
     they pay for a wider buffer; rows that overflow the largest are flagged
     for the exact dense path.
@@ -110,7 +124,9 @@ def grown_search(select, name: str | None, opts: dict, x, A, aa, lam, margin):
 
     B = x.shape[0]
     size = min(limit, INITIAL_BUFFER)
-    if B <= 2 * SAMPLE_ROWS:
+    if B <= SAMPLE_ROWS or (
+        B <= 2 * SAMPLE_ROWS and A.numel() * A.element_size() >= (B - SAMPLE_ROWS) * size * SLOT_BYTES
+    ):
         return search(None, size)
     # A sample of the rows sizes the buffer for the rest: 1.5× its widest
     # candidate set (a power of two, at least 16), grown only where a row needs more.
