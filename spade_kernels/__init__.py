@@ -18,21 +18,41 @@ Public API (docs/design.md, "Public API")::
     sk.spade_encode(x, prototypes, lam, *, backend="auto") -> sk.SparseCodes
     sk.SparseCodes
     sk.SpaDE(d_in, d_sae, ...), sk.SpaDEOutput
-    sk.available_backends()
+    sk.available_backends(), sk.BACKEND_NAMES
     sk.RangeError
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING
+
 from . import _moved
-from .backends import available_backends
-from .codes import SparseCodes
-from .encode import spade_encode
-from .layer import SpaDE, SpaDEOutput
-from .numerics import RangeError
-from .sparsemax import sparsemax
 
 __version__ = "0.1.0"
 
+#: The backends' names, besides "auto" (:data:`spade_kernels.backends.BACKENDS` holds the backends
+#: in this order).  Here, not there, so that the command line's ``--help`` never imports torch.
+BACKEND_NAMES = ("reference", "torch", "native", "triton")
+
+#: Public name → the module that defines it.  They are imported on first use (PEP 562), so
+#: ``import spade_kernels`` alone imports neither torch nor the extension: the command line's
+#: ``--help`` stays fast.  A submodule (``sk.pipeline``, ``sk.reference``) is imported likewise.
+_PUBLIC = {
+    "RangeError": "numerics",
+    "SpaDE": "layer",
+    "SpaDEOutput": "layer",
+    "SparseCodes": "codes",
+    "available_backends": "backends",
+    "spade_encode": "encode",
+    "sparsemax": "sparsemax",
+}
+
 __all__ = [
+    "BACKEND_NAMES",
     "RangeError",
     "SpaDE",
     "SpaDEOutput",
@@ -42,5 +62,46 @@ __all__ = [
     "spade_encode",
     "sparsemax",
 ]
+
+if TYPE_CHECKING:
+    from .backends import available_backends
+    from .codes import SparseCodes
+    from .encode import spade_encode
+    from .layer import SpaDE, SpaDEOutput
+    from .numerics import RangeError
+    from .sparsemax import sparsemax
+
+
+class _Package(types.ModuleType):
+    """The package's module type: a submodule named like a public name (``sparsemax``) stays behind it.
+
+    Importing ``spade_kernels.sparsemax`` sets the package's attribute ``sparsemax`` to the module;
+    here it becomes the module's ``sparsemax`` function, as the eager ``from .sparsemax import
+    sparsemax`` left it.
+    """
+
+    def __setattr__(self, name, value):
+        if name in _PUBLIC and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 _moved.install()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import spade_kernels
 from spade_kernels import SpaDE, __version__
 from spade_kernels.backends import backend_status
 from spade_kernels.sae.cli import main
@@ -30,6 +31,41 @@ def test_info_lists_every_backend(capsys):
     assert (
         "CUDA kernels" if _ext.cuda_kernels() else "CPU ops only" if _ext.available() else "not loaded"
     ) in extension
+
+
+def test_help_never_imports_torch():
+    # `spade-kernels --help` and every command's but bench's: the parser is built without torch, and
+    # `import spade_kernels` imports its public names on first use, so help costs the interpreter's
+    # start (the bench harness that defines bench's own flags imports torch).
+    code = (
+        "import contextlib, io, sys\n"
+        "import spade_kernels\n"
+        "from spade_kernels.sae.cli import main\n"
+        "for argv in (['--help'], ['info', '--help'], ['train', '--help'], ['eval', '--help'],\n"
+        "             ['cache', '--help']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit as exc:\n"
+        "            assert exc.code == 0, (argv, exc.code)\n"
+        "    assert 'usage: spade-kernels' in out.getvalue(), argv\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert sorted(spade_kernels.__all__) == sorted(n for n in dir(spade_kernels) if n in spade_kernels.__all__)\n"
+        "assert spade_kernels.SpaDE.__module__ == 'spade_kernels.layer' and 'torch' in sys.modules\n"
+        "assert callable(spade_kernels.pipeline.memory_budget)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        spade_kernels.no_such_name  # noqa: B018
+
+
+def test_bench_help_lists_its_own_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--sweep" in capsys.readouterr().out
 
 
 def test_module_entry_point():

@@ -207,3 +207,10 @@ def test_eager_cpu_work_imports_neither_dynamo_nor_triton():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_torch_free_backend_names_are_the_registrys():
+    from spade_kernels import BACKEND_NAMES
+    from spade_kernels.backends import BACKENDS
+
+    assert tuple(BACKENDS) == BACKEND_NAMES

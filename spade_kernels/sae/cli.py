@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from spade_kernels import BACKEND_NAMES, __version__
 
-from spade_kernels import __version__
-from spade_kernels.backends import BACKENDS, auto_backend, backend_status, extension_summary, resolve_backend
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main"]
 
@@ -111,7 +112,9 @@ _RUN_SETTINGS = _RUN_FIXED + _RUN_CHANGEABLE
 FEW_STEPS = 200
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser.  ``bench_arguments=False`` leaves ``bench``'s own arguments out: the
+    harness that defines them imports torch, which every other command's ``--help`` does without."""
     parser = argparse.ArgumentParser(prog=PROG, description="Fast, exact SpaDE sparse autoencoders.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -166,7 +169,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="paper: prototypes ~ N(0, 1); data: random training samples (default paper)",
     )
-    train.add_argument("--backend", choices=("auto", *BACKENDS), default=None, help="encoder backend")
+    train.add_argument("--backend", choices=("auto", *BACKEND_NAMES), default=None, help="encoder backend")
     train.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     train.add_argument("--seed", type=int, default=None, help="seed for data, init and shuffling (default 0)")
     train.add_argument(
@@ -231,9 +234,10 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Time encode / layer forward / training step per backend, dtype and shape; "
         "report median and spread, TFLOP/s, extra peak memory, speedup and ratio to the floor.",
     )
-    from spade_kernels.bench import add_arguments
+    if bench_arguments:
+        from spade_kernels.bench import add_arguments
 
-    add_arguments(bench)
+        add_arguments(bench)
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint: FVU, L0, dead latents, firing frequencies; with --model, the LM's loss "
@@ -270,7 +274,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", type=Path, help="JSON report (default CHECKPOINT/eval.json; the PNG beside it)")
     ev.add_argument("--batch-size", type=_positive(int), default=4096, help="rows per batch (default 4096)")
-    ev.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="encoder backend")
+    ev.add_argument("--backend", choices=("auto", *BACKEND_NAMES), default="auto", help="encoder backend")
     ev.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     cache = sub.add_parser(
         "cache",
@@ -318,6 +322,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import torch
+
     from spade_kernels.layer import SpaDE, read_checkpoint
 
     from .data import check_raw_scale, open_activations, scan_rows
@@ -400,6 +406,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    import torch
+
     from .lm import cache_activations, load_language_model
 
     try:
@@ -436,6 +444,10 @@ def _dist_version(name: str) -> str:
 
 
 def _info() -> int:
+    import torch
+
+    from spade_kernels.backends import auto_backend, backend_status, extension_summary
+
     if torch.cuda.is_available():
         device = (
             f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()}, CUDA {torch.version.cuda})"
@@ -790,6 +802,9 @@ class _Job:
 
 def _train(args: argparse.Namespace) -> int:
     """``spade-kernels train``: checks, then (locked) data, layer, training, the saved layer and the report."""
+    import torch
+
+    from spade_kernels.backends import resolve_backend
     from spade_kernels.files import DirectoryLock
     from spade_kernels.layer import SpaDE
 
@@ -863,6 +878,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _device(args: argparse.Namespace) -> torch.device:
+    import torch
+
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
@@ -876,6 +893,8 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 def _prepare(job: _Job) -> int | None:
     """Read, check and scale the data and build the layer; an exit code on failure, None otherwise."""
+    import torch
+
     from spade_kernels.layer import SpaDE
 
     from .data import (
@@ -1152,6 +1171,8 @@ class _Distributed:
 
     @classmethod
     def start(cls, args, device: torch.device) -> _Distributed:
+        import torch
+
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             if args.latent_shards != 1:
@@ -1201,6 +1222,8 @@ class _Distributed:
 
     def agree(self, flags: list[int]) -> list[int]:
         """Every rank's ``flags`` combined (element-wise maximum); the flags themselves in one process."""
+        import torch
+
         if self.world == 1:
             return flags
         t = torch.tensor(
@@ -1239,6 +1262,8 @@ class _Distributed:
 
     def part(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part of the data: its replica's rows (every rank of a latent group the same)."""
+        import torch
+
         if self.world == 1:
             return x
         # Rows r, r + R, … of the whole data, the last N mod R dropped: every replica the same number
@@ -1252,6 +1277,8 @@ class _Distributed:
 
     def wrap(self, layer):
         """(the layer to train, the module to run): sharded and/or data parallel under torchrun."""
+        import torch
+
         if self.world == 1:
             return layer, None
         from spade_kernels import distributed
@@ -1274,6 +1301,8 @@ class _Distributed:
 
     def end(self) -> None:
         """Every rank done, then the process group torn down (a group left to the interpreter's exit aborts in gloo)."""
+        import torch
+
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
@@ -1297,6 +1326,8 @@ def _process_state(pid: int) -> str:
 
 def _is_comm_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective or rendezvous that failed (a lost peer, a timeout)."""
+    import torch
+
     from spade_kernels.files import exception_chain
 
     dist_error = getattr(torch.distributed, "DistError", ())
@@ -1479,7 +1510,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = _build_parser()
+        parser = _build_parser(bench_arguments=argv[:1] == ["bench"])
         try:
             expanded = _with_config(parser, argv) if argv[:1] == ["train"] else argv
         except ConfigError as exc:
