@@ -105,7 +105,8 @@ def sweep(
     ``trees`` is (old, new); each record names its tree (``tree``, as given) and its ``role``
     ("old" or "new"), so a table of the records never depends on the trees' names.
     """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(threads)}
+    from spade_kernels.bench.measure import measure_in_subprocess
+
     roles = dict(zip(trees, ("old", "new")))
     records = []
     with open(out_path, "a") as out:
@@ -116,21 +117,12 @@ def sweep(
             for mode in modes:
                 for order in (trees, trees[::-1]):
                     for tree in order:
-                        root = os.path.abspath(tree)
-                        cmd = [
-                            sys.executable,
-                            "-m",
-                            "spade_kernels.bench.measure",
-                            json.dumps({**spec, "mode": mode}),
-                        ]
-                        proc = subprocess.run(
-                            cmd, cwd=root, env={**env, "PYTHONPATH": root}, capture_output=True, text=True
-                        )
-                        if proc.returncode != 0:
-                            raise RuntimeError(
-                                f"{tree}: the worker failed at {(B, d, K, mode)}:\n{proc.stderr[-2000:]}"
+                        try:
+                            r = measure_in_subprocess(
+                                {**spec, "mode": mode}, None, tree=tree, env={"OMP_NUM_THREADS": str(threads)}
                             )
-                        r = json.loads(proc.stdout.strip().splitlines()[-1])
+                        except RuntimeError as exc:
+                            raise RuntimeError(f"{tree}: at {(B, d, K, mode)}: {exc}") from None
                         rec = {"tree": tree, "role": roles[tree], "B": B, "d": d, "K": K, "mode": mode,
                                "threads": threads, "median_ms": statistics.median(r["times_ms"]),
                                "n": len(r["times_ms"]), "peak_mib": r["peak_bytes"] / 2**20}  # fmt: skip

@@ -330,3 +330,15 @@ def test_startup_cost_measures_start_up_and_the_trainers_overhead(tmp_path, monk
     assert {k: len(v) for k, v in trainer["seconds"].items()} == {"train_spade": 2, "bare loop": 2}
     med = trainer["median_s"]
     assert trainer["ratio"] == pytest.approx(med["train_spade"] / med["bare loop"])
+
+
+def test_measure_in_subprocess_runs_a_trees_worker_and_reports_its_failure(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = {"name": "torch", "mode": "encode", "B": 16, "d": 4, "K": 8, "dtype": "float32", "device": "cpu",
+            "repeats": 2, "warmup": 0}  # fmt: skip
+    r = bench.measure_in_subprocess(args, 120, tree=str(root), env={"OMP_NUM_THREADS": "1"})
+    assert len(r["times_ms"]) == 2 and r["peak_bytes"] >= 0
+    with pytest.raises(RuntimeError, match="worker failed"):
+        bench.measure_in_subprocess({**args, "dtype": "no-such-dtype"}, 120, tree=str(root))

@@ -321,14 +321,26 @@ def measure(
     }
 
 
-def measure_in_subprocess(args: dict, timeout: float) -> dict:
+def measure_in_subprocess(
+    args: dict, timeout: float | None, *, tree: str | None = None, env: dict | None = None
+) -> dict:
+    """:func:`measure` of ``args`` in a fresh process (its peak memory its own); the result's dict.
+
+    ``tree``: run the worker of the source tree at that path (its directory and ``PYTHONPATH``)
+    instead of this installation's, as ``benchmarks/compare_trees.py`` does to measure two trees;
+    ``env``: variables set for the worker on top of this process's.  A failed worker raises
+    ``RuntimeError`` with its last line of output.
+    """
     cmd = [sys.executable, "-m", "spade_kernels.bench.measure", json.dumps(args)]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     # glibc: allocations from 128 KiB up are mmapped and unmapped when freed, so the RSS follows
     # what is live.  With its default (dynamic) threshold, memory freed after the warm-up stays in
     # the heap and the next run reuses it unseen: the same training step measured 69 or 150 MiB.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if tree is not None:
+        tree = os.path.abspath(tree)
+        env["PYTHONPATH"] = tree
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tree)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"worker failed: {tail[0]}")
