@@ -122,7 +122,10 @@ def sweep(
                                 {**spec, "mode": mode}, None, tree=tree, env={"OMP_NUM_THREADS": str(threads)}
                             )
                         except RuntimeError as exc:
-                            raise RuntimeError(f"{tree}: at {(B, d, K, mode)}: {exc}") from None
+                            detail = getattr(exc, "output", "")
+                            raise RuntimeError(
+                                f"{tree}: the worker failed at {(B, d, K, mode)}:\n{detail}"
+                            ) from None
                         rec = {"tree": tree, "role": roles[tree], "B": B, "d": d, "K": K, "mode": mode,
                                "threads": threads, "median_ms": statistics.median(r["times_ms"]),
                                "n": len(r["times_ms"]), "peak_mib": r["peak_bytes"] / 2**20}  # fmt: skip

@@ -25,7 +25,7 @@ Public API (docs/design.md, "Public API")::
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import pkgutil
 import sys
 import types
 from typing import TYPE_CHECKING
@@ -89,10 +89,15 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
+def _submodules() -> frozenset:
+    """The package's own modules and subpackages (files here, not the former paths ``_moved`` maps)."""
+    return frozenset(m.name for m in pkgutil.iter_modules(__path__))
+
+
 def __getattr__(name: str):
     if name in _PUBLIC:
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    elif name in _submodules():
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -101,7 +106,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted({*__all__, *(m for m in _submodules() if not m.startswith("_"))})
 
 
 _moved.install()

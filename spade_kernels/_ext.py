@@ -82,7 +82,8 @@ _LOADED = _load()
 
 
 def available() -> bool:
-    """Whether the C++ ops (``torch.ops.spade_kernels.sparsemax_rows``, …) are registered."""
+    """Whether the compiled C++ ops loaded (their schemas, ``torch.ops.spade_kernels.sparsemax_rows``, …,
+    are declared by :mod:`spade_kernels.ops` when it is imported)."""
     return _LOADED
 
 

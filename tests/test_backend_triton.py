@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from conftest import SMALL_OPTIONS, plan_of
 
 import spade_kernels as sk
-from spade_kernels import pipeline
+from spade_kernels import encode, ops, pipeline  # noqa: F401  (encode, ops: register torch.ops.spade_kernels.*)
 from spade_kernels.backends import torch_ as T
 from spade_kernels.backends import triton_ as TR
 from spade_kernels.numerics import sanitize, score_margin, sorted_threshold

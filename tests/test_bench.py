@@ -333,12 +333,23 @@ def test_startup_cost_measures_start_up_and_the_trainers_overhead(tmp_path, monk
 
 
 def test_measure_in_subprocess_runs_a_trees_worker_and_reports_its_failure(tmp_path):
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    args = {"name": "torch", "mode": "encode", "B": 16, "d": 4, "K": 8, "dtype": "float32", "device": "cpu",
-            "repeats": 2, "warmup": 0}  # fmt: skip
-    r = bench.measure_in_subprocess(args, 120, tree=str(root), env={"OMP_NUM_THREADS": "1"})
-    assert len(r["times_ms"]) == 2 and r["peak_bytes"] >= 0
-    with pytest.raises(RuntimeError, match="worker failed"):
-        bench.measure_in_subprocess({**args, "dtype": "no-such-dtype"}, 120, tree=str(root))
+    # A stub tree whose worker reports where it ran and the environment it got: the tree's own
+    # worker runs (its directory, its package first on the path), with env= on top of ours.
+    worker = tmp_path / "spade_kernels" / "bench" / "measure.py"
+    worker.parent.mkdir(parents=True)
+    (tmp_path / "spade_kernels" / "__init__.py").write_text("")
+    (worker.parent / "__init__.py").write_text("")
+    worker.write_text(
+        "import json, os, sys\n"
+        "args = json.loads(sys.argv[1])\n"
+        "if args['B'] < 0:\n"
+        "    print('lines before', file=sys.stderr)\n"
+        "    sys.exit('the stub worker failed on purpose')\n"
+        "print(json.dumps({'cwd': os.getcwd(), 'omp': os.environ.get('OMP_NUM_THREADS'),\n"
+        "                  'mmap': os.environ.get('MALLOC_MMAP_THRESHOLD_'), 'B': args['B']}))\n"
+    )
+    r = bench.measure_in_subprocess({"B": 16}, 60, tree=str(tmp_path), env={"OMP_NUM_THREADS": "3"})
+    assert r == {"cwd": str(tmp_path), "omp": "3", "mmap": "131072", "B": 16}
+    with pytest.raises(RuntimeError, match="worker failed: the stub worker failed on purpose") as exc:
+        bench.measure_in_subprocess({"B": -1}, 60, tree=str(tmp_path))
+    assert "lines before" in exc.value.output

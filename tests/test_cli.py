@@ -50,6 +50,7 @@ def test_help_never_imports_torch():
         "        except SystemExit as exc:\n"
         "            assert exc.code == 0, (argv, exc.code)\n"
         "    assert 'usage: spade-kernels' in out.getvalue(), argv\n"
+        "assert not hasattr(spade_kernels, 'train'), 'a former path imported by hasattr'\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert sorted(spade_kernels.__all__) == sorted(n for n in dir(spade_kernels) if n in spade_kernels.__all__)\n"
         "assert spade_kernels.SpaDE.__module__ == 'spade_kernels.layer' and 'torch' in sys.modules\n"

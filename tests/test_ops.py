@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import spade_kernels.encode  # noqa: F401  (with spade_kernels.ops: registers torch.ops.spade_kernels.*)
 from spade_kernels import _ext
 from spade_kernels.backends import BACKENDS
 from spade_kernels.backends import torch_ as T

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spade_kernels as sk
-from spade_kernels import pipeline
+from spade_kernels import encode, ops, pipeline  # noqa: F401  (encode, ops: register torch.ops.spade_kernels.*)
 from spade_kernels.backends import BACKENDS
 from spade_kernels.backends import torch_ as T
 from spade_kernels.pipeline import search as S

@@ -329,7 +329,7 @@ def measure_in_subprocess(
     ``tree``: run the worker of the source tree at that path (its directory and ``PYTHONPATH``)
     instead of this installation's, as ``benchmarks/compare_trees.py`` does to measure two trees;
     ``env``: variables set for the worker on top of this process's.  A failed worker raises
-    ``RuntimeError`` with its last line of output.
+    ``RuntimeError`` with its last line of output (its last 2000 characters in ``.output``).
     """
     cmd = [sys.executable, "-m", "spade_kernels.bench.measure", json.dumps(args)]
     env = {**os.environ, **(env or {})}
@@ -343,7 +343,9 @@ def measure_in_subprocess(
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tree)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"worker failed: {tail[0]}")
+        exc = RuntimeError(f"worker failed: {tail[0]}")
+        exc.output = (proc.stderr or proc.stdout)[-2000:]
+        raise exc
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
