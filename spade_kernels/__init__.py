@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from . import _moved
@@ -48,7 +46,7 @@ _PUBLIC = {
     "SparseCodes": "codes",
     "available_backends": "backends",
     "spade_encode": "encode",
-    "sparsemax": "sparsemax",
+    "sparsemax": "sparsemax_op",
 }
 
 __all__ = [
@@ -69,24 +67,7 @@ if TYPE_CHECKING:
     from .encode import spade_encode
     from .layer import SpaDE, SpaDEOutput
     from .numerics import RangeError
-    from .sparsemax import sparsemax
-
-
-class _Package(types.ModuleType):
-    """The package's module type: a submodule named like a public name (``sparsemax``) stays behind it.
-
-    Importing ``spade_kernels.sparsemax`` sets the package's attribute ``sparsemax`` to the module;
-    here it becomes the module's ``sparsemax`` function, as the eager ``from .sparsemax import
-    sparsemax`` left it.
-    """
-
-    def __setattr__(self, name, value):
-        if name in _PUBLIC and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    from .sparsemax_op import sparsemax
 
 
 def _submodules() -> frozenset:

@@ -29,7 +29,7 @@ from ..backends import torch_ as T
 from ..codes import SparseCodes
 from ..numerics import squared_norms
 from ..reference import squared_distances
-from ..sparsemax import sparsemax_sort
+from ..sparsemax_op import sparsemax_sort
 from . import memory
 from .plan import dense_gather_dot, dense_gather_matmul, dense_scatter_matmul
 from .rows import codes_of_blocks
