@@ -24,6 +24,7 @@ Public API (docs/design.md, "Public API")::
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import TYPE_CHECKING
@@ -70,8 +71,13 @@ if TYPE_CHECKING:
     from .sparsemax_op import sparsemax
 
 
+@functools.cache
 def _submodules() -> frozenset:
-    """The package's own modules and subpackages (files here, not the former paths ``_moved`` maps)."""
+    """The package's own modules and subpackages (files here, not the former paths ``_moved`` maps).
+
+    Listed once per process: a lookup of a name the package lacks (a library's
+    ``hasattr(sk, "__wrapped__")``) does not read the directory again.
+    """
     return frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 

@@ -5,6 +5,8 @@ import collections
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "spade_kernels"
 BACKEND_MODULES = {
@@ -214,3 +216,22 @@ def test_the_torch_free_backend_names_are_the_registrys():
     from spade_kernels.backends import BACKENDS
 
     assert tuple(BACKENDS) == BACKEND_NAMES
+
+
+def test_the_package_lists_its_modules_once_and_raises_for_names_it_lacks(monkeypatch):
+    """A miss (a library probing ``hasattr(sk, "__wrapped__")``) raises AttributeError without
+    reading the package directory again; a submodule is still found by its name."""
+    import pkgutil
+
+    import spade_kernels as sk
+
+    sk._submodules()  # listed (and cached) before the directory listing is counted
+    calls = []
+    listing = pkgutil.iter_modules
+    monkeypatch.setattr(pkgutil, "iter_modules", lambda *a, **k: calls.append(a) or listing(*a, **k))
+    for _ in range(3):
+        assert not hasattr(sk, "__wrapped__")
+    with pytest.raises(AttributeError, match="no attribute 'not_a_module'"):
+        sk.not_a_module  # noqa: B018
+    assert sk.reference.__name__ == "spade_kernels.reference"
+    assert calls == []
