@@ -28,6 +28,10 @@ MOVED = {
 }
 
 
+def _warn(name: str) -> None:
+    warnings.warn(f"{name} moved to {MOVED[name]}; import it from there", DeprecationWarning, stacklevel=3)
+
+
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds a former path and loads it as the module at its new one (the same module object)."""
 
@@ -39,9 +43,14 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        new = MOVED[spec.name]
-        warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=2)
-        return importlib.import_module(new)
+        _warn(spec.name)
+        return importlib.import_module(MOVED[spec.name])
+
+    def get_code(self, fullname):
+        """The new module's code, for ``python -m <former path>`` (runpy asks the loader for it)."""
+        _warn(fullname)
+        new = MOVED[fullname]
+        return importlib.util.find_spec(new).loader.get_code(new)
 
     def exec_module(self, module) -> None:
         pass  # the module at its new path is already executed

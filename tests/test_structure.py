@@ -133,6 +133,26 @@ def test_two_floors_the_toolkit_uses_the_library_public_api_only():
     assert not offenders, offenders
 
 
+@pytest.mark.parametrize("module", ["spade_kernels", "spade_kernels.sae.cli", "spade_kernels.cli"])
+def test_every_path_to_the_command_line_runs_it_with_python_dash_m(module):
+    """``python -m`` on the package, the CLI module and its former path runs the CLI (the former
+    path used to fail in runpy: the moved-path loader had no get_code; the module had no main guard)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-m", module, "--help"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if module == "spade_kernels.cli":
+        assert done.returncode == 1 and "spade_kernels.cli moved to spade_kernels.sae.cli" in done.stderr
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: spade-kernels"), done.stdout
+
+
 def test_former_import_paths_keep_working_and_say_where_they_moved():
     import subprocess
     import sys

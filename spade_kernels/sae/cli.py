@@ -1532,3 +1532,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted (Ctrl-C); files already written are intact", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # python -m spade_kernels.sae.cli (or the former path spade_kernels.cli)
+    raise SystemExit(main())
