@@ -37,8 +37,10 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in MOVED:
+            # The new module's file as origin: ``python -m <former path>`` puts it in sys.argv[0].
+            origin = importlib.util.find_spec(MOVED[fullname]).origin
             return importlib.util.spec_from_loader(
-                fullname, self, is_package=fullname.endswith("integrations")
+                fullname, self, origin=origin, is_package=fullname.endswith("integrations")
             )
         return None
 

@@ -151,6 +151,11 @@ def test_every_path_to_the_command_line_runs_it_with_python_dash_m(module):
         )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: spade-kernels"), done.stdout
+    # a command's own parser too (it names the program from sys.argv[0], which runpy sets)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "train", "--d-sae", "0"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "argument --d-sae: must be finite and > 0" in done.stderr, done.stderr
 
 
 def test_former_import_paths_keep_working_and_say_where_they_moved():
