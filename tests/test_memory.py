@@ -71,6 +71,34 @@ def test_large_batch_encode_stays_within_budget_plus_output(backend):
     assert r["extra"] < 200_000 * 128 * 4 * 3
 
 
+@pytest.mark.skipif("native" not in sk.available_backends(), reason="the extension is not built")
+def test_row_blocks_codes_go_to_the_writer_without_a_compact_copy():
+    # 1024 rows at (2, 65536) run as two blocks (wide supports, ~540 slots) whose codes are written
+    # into the batch's buffers (RowWriter, at most 1.25x the output).  A block's codes trimmed to
+    # their support by a compact copy were held beside its untrimmed codes, its candidates and the
+    # writer: 2.44x the output at the peak (1.44x extra); views of them: 2.09x.
+    r = _peak(1024, 2, 65536, "native", 256)
+    assert r["extra"] <= 2.25 * r["output"], (r["extra"] / r["output"], r)
+
+
+def test_finish_codes_trims_to_views_only_when_asked():
+    from spade_kernels.pipeline.encoder import finish_codes
+
+    z, D = torch.rand(4, 6), torch.rand(4, 6)
+    idx, size = torch.arange(24).view(4, 6), torch.tensor([1, 3, 2, 0])
+    nan_rows = torch.zeros(4, dtype=torch.bool)
+    views = finish_codes(z, idx, size, D, nan_rows, contiguous=False)
+    assert [t.shape[1] for t in (views[0], views[1], views[3])] == [3, 3, 3]
+    assert views[0].data_ptr() == z.data_ptr() and not views[0].is_contiguous()
+    compact = finish_codes(z, idx, size, D, nan_rows)
+    assert all(t.is_contiguous() for t in compact)
+    for a, b in zip(views, compact):
+        assert torch.equal(a, b)
+    nan_rows[1] = True  # a NaN row is marked either way
+    marked = finish_codes(z, idx, size, D, nan_rows, contiguous=False)
+    assert marked[0][1].isnan().all() and marked[2][1] == 0 and z.isfinite().all()
+
+
 def test_row_blocks_give_the_same_codes():
     x, A = torch.randn(300, 6), torch.randn(90, 6)
     want = {b: sk.spade_encode(x, A, 0.2, backend=b) for b in ("reference", "torch")}

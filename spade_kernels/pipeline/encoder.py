@@ -40,15 +40,24 @@ from .search import dense_candidates, pad
 __all__ = ["empty_codes", "encode_forward", "encode_rows", "finish_codes"]
 
 
-def finish_codes(z, idx, size, D, nan_rows):
-    """Codes trimmed to width C = max support (at least 1); rows in ``nan_rows`` become NaN."""
+def finish_codes(z, idx, size, D, nan_rows, contiguous: bool = True):
+    """Codes trimmed to width C = max support (at least 1); rows in ``nan_rows`` become NaN.
+
+    ``contiguous=False`` leaves the trimmed tensors as views of the wider
+    ones where no NaN row needs a copy: for a row block whose codes are
+    copied into a :class:`~spade_kernels.pipeline.rows.RowWriter` next, a
+    compact copy would only be held beside the untrimmed codes and the
+    writer's buffers (the block's peak).
+    """
     C = max(int(size.max()) if size.numel() else 0, 1)
-    z, idx, D = pad(z, C)[:, :C], pad(idx, C)[:, :C], pad(D, C)[:, :C]
+    z, idx, D = (t[:, :C] if t.shape[1] >= C else pad(t, C) for t in (z, idx, D))  # a view where it trims
     if nan_rows.any():
         z = z.masked_fill(nan_rows.unsqueeze(1), math.nan)
         D = D.masked_fill(nan_rows.unsqueeze(1), math.nan)
         size = size.masked_fill(nan_rows, 0)
         idx = idx.masked_fill(nan_rows.unsqueeze(1), 0)
+    if not contiguous:
+        return z, idx, size, D
     return z.contiguous(), idx.contiguous(), size, D.contiguous()
 
 
@@ -75,9 +84,12 @@ def _replace_rows(parts, rows, new):
     return out
 
 
-def _local_codes(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float, prototypes=None):
+def _local_codes(
+    plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float, prototypes=None, contiguous: bool = True
+):
     """Steps 1–6 (the module's docstring) on this process's prototypes (``prototypes``: their
-    :func:`~spade_kernels.numerics.sanitize_prototypes`, when the caller computed it once for its row blocks)."""
+    :func:`~spade_kernels.numerics.sanitize_prototypes`, when the caller computed it once for its row
+    blocks; ``contiguous``: :func:`finish_codes`'s)."""
     x, A, aa, xx, nan_rows = sanitize(x, A, prototypes)
     if x.shape[0] == 0:
         return empty_codes(x, aa.dtype)
@@ -87,17 +99,24 @@ def _local_codes(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float, proto
     overflow = overflow & ~nan_rows
     width = max(int((cand >= 0).sum(1).max()), 1)
     codes = plan.exact(x, A, lam, cand[:, :width].contiguous())
+    del cand  # not held beside the codes and their trimmed copy
     if overflow.any():
         rows = overflow.nonzero().squeeze(1)
         with ieee_matmul():
             dense = dense_candidates(x[rows], A, aa, lam, margin[rows])
         codes = _replace_rows(codes, rows, plan.exact_unbounded(x[rows], A, lam, dense))
-    return finish_codes(*codes, nan_rows)
+    return finish_codes(*codes, nan_rows, contiguous=contiguous)
 
 
 @torch.no_grad()
 def encode_forward(
-    plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float, group: OneProcess = ONE_PROCESS, prototypes=None
+    plan: Plan,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    lam: float,
+    group: OneProcess = ONE_PROCESS,
+    prototypes=None,
+    contiguous: bool = True,
 ):
     """Sparse SpaDE codes of x (B, d) as ``plan`` says (no autograd).
 
@@ -107,10 +126,12 @@ def encode_forward(
     the local codes in one process).  One call is one row block: its memory
     is ``plan.row_bytes`` per row.  ``prototypes``: A's
     :func:`~spade_kernels.numerics.sanitize_prototypes`, where the caller
-    computed it once for several row blocks.
+    computed it once for several row blocks.  ``contiguous=False`` (one
+    process only): the codes may be views of wider tensors, for a caller that
+    copies them at once (:func:`encode_rows`'s blocks).
     """
     try:
-        codes = _local_codes(plan, x, A, lam, prototypes)
+        codes = _local_codes(plan, x, A, lam, prototypes, contiguous or group.sharded)
     except RangeError as exc:
         return group.threshold(None, exc, x, lam)
     return group.threshold(codes, None, x, lam)
@@ -136,6 +157,6 @@ def encode_rows(plan: Plan, x: torch.Tensor, A: torch.Tensor, lam: float):
     prototypes = sanitize_prototypes(A)
     out = RowWriter(x.shape[0], A.shape[0])
     for rows in blocks:
-        out.add(*encode_forward(plan, x[rows], A, lam, prototypes=prototypes))
+        out.add(*encode_forward(plan, x[rows], A, lam, prototypes=prototypes, contiguous=False))
     codes = out.codes()  # views of the first C columns, not copied (the codes are held once)
     return codes.values, codes.indices, codes.support_size, codes.distances
