@@ -150,6 +150,26 @@ def test_resume_keeps_what_was_measured_and_auto_reuses_its_backend(tmp_path, mo
     assert rows[2].median_ms == rows[1].median_ms
 
 
+def test_a_resume_over_fewer_shapes_or_backends_keeps_the_other_rows_in_place():
+    from dataclasses import asdict
+
+    shapes = [("a", (8, 4, 16)), ("b", (8, 4, 32))]
+    first, _ = bench.run_sweep(
+        shapes, ["torch", "native"], [], ["float32"], ["encode"],
+        torch.device("cpu"), repeats=1, warmup=0, deadline=0.0,
+    )  # fmt: skip
+    assert [r.status for r in first] == ["ok"] + ["skipped: deadline (0 s) passed"] * 3
+    previous = [asdict(r) for r in first]
+    rows, _ = bench.run_sweep(
+        shapes[1:], ["native"], [], ["float32"], ["encode"],
+        torch.device("cpu"), repeats=1, warmup=0, previous=previous,
+    )  # fmt: skip
+    # Every earlier row is still there, in its place; only (b, native) was measured.
+    assert [(r.shape_name, r.name) for r in rows] == [(r.shape_name, r.name) for r in first]
+    assert rows[0].median_ms == first[0].median_ms and rows[1].status == first[1].status
+    assert rows[2].status == first[2].status and rows[3].status == "ok" and rows[3].median_ms > 0
+
+
 def test_scaling_table_marks_each_target():
     def row(name, B, mode, ms, mib, out=None):
         return {"name": name, "shape_name": f"{B}x2x8", "B": B, "d": 2, "K": 8, "mode": mode, "median_ms": ms,

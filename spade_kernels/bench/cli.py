@@ -73,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="with --out: keep the configurations its results.json already holds (measured, or skipped "
-        "other than for the deadline) and measure only the rest",
+        "other than for the deadline) and measure only the rest; rows of shapes or backends this run does not "
+        "name are kept as they were",
     )
 
 
@@ -121,7 +122,14 @@ def run_from_args(args: argparse.Namespace, stream=None) -> int:
 
     def save_partial(rows, env):
         if args.out:
-            write_results(rows, env, args.out, plots=False, csv_file=False)
+            # A run stopped part-way still says which sweep its rows belong to.
+            write_results(
+                rows,
+                {**env, "sweep": args.sweep} if args.sweep else env,
+                args.out,
+                plots=False,
+                csv_file=False,
+            )
 
     previous = None
     if args.resume:

@@ -156,6 +156,23 @@ def run_sweep(
         for r in previous or []
         if not r["status"].startswith(("skipped: deadline", "failed"))
     }
+    # A resume that names fewer shapes or backends keeps the other rows of the earlier run as they were,
+    # in the earlier run's order (new configurations after them): nothing measured is dropped.
+    order = {_key(r): i for i, r in enumerate(previous or [])}
+    wanted = {(c[0], c[2], c[3], c[7]) for c in configs}
+    carried = [
+        Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__})
+        for r in previous or []
+        if _key(r) not in wanted
+    ]
+
+    def with_carried(rows: list[Row]) -> list[Row]:
+        if not carried:
+            return rows
+        merged = [*rows, *carried]
+        late = len(order)
+        return sorted(merged, key=lambda r: order.get(_key(asdict(r)), late))
+
     for i, (name, kind, mode, shape_name, B, d, K, dtype_name) in enumerate(configs, 1):
         dtype = DTYPES[dtype_name]
         if (name, mode, shape_name, dtype_name) in done:
@@ -228,10 +245,16 @@ def run_sweep(
             flush=True,
         )
         if on_row is not None:
-            _fill_ratios(rows)
-            on_row(rows, env)
+            merged = with_carried(rows)
+            _fill_ratios(merged)
+            on_row(merged, env)
+    rows = with_carried(rows)
     _fill_ratios(rows)
     return rows, env
+
+
+def _key(row: dict) -> tuple:
+    return (row["name"], row["mode"], row["shape_name"], row["dtype"])
 
 
 def _measured(rows: list[Row], name: str, mode: str, shape_name: str, dtype_name: str) -> Row | None:
