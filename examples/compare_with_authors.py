@@ -202,14 +202,12 @@ def peak_step_bytes(src: Path, shape, side: str) -> int:
 
 
 def _peak_step(src: Path, side: str, shape) -> int:
-    from spade_kernels.bench.measure import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+    from spade_kernels.bench.measure import peak_rss_since, start_peak_rss
 
     step = _steps(src, shape)[side]
-    if not _reset_peak_rss():  # VmHWM back to the current resident set
-        raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs): Linux ≥ 4.0 needed")
-    before = _rss_bytes()
+    before = start_peak_rss()  # VmHWM back to the current resident set
     step()
-    return _peak_rss_bytes() - before
+    return peak_rss_since(before)
 
 
 def _machine() -> dict:

@@ -170,6 +170,16 @@ def test_a_resume_over_fewer_shapes_or_backends_keeps_the_other_rows_in_place():
     assert rows[2].status == first[2].status and rows[3].status == "ok" and rows[3].median_ms > 0
 
 
+def test_a_named_sweep_is_recorded_from_the_first_partial_save():
+    saved = []
+    rows, env = bench.run_sweep(
+        [("a", (8, 4, 16))], ["native"], [], ["float32"], ["encode"], torch.device("cpu"),
+        repeats=1, warmup=0, on_row=lambda rows, env: saved.append(dict(env)), sweep="scaling",
+    )  # fmt: skip
+    assert saved and all(e["sweep"] == "scaling" for e in saved) and env["sweep"] == "scaling"
+    assert rows[0].meta["sweep"] == "scaling"
+
+
 def test_scaling_table_marks_each_target():
     def row(name, B, mode, ms, mib, out=None):
         return {"name": name, "shape_name": f"{B}x2x8", "B": B, "d": 2, "K": 8, "mode": mode, "median_ms": ms,

@@ -510,18 +510,17 @@ def test_a_second_run_into_one_directory_is_refused_and_a_killed_runs_lock_is_ta
 
 _PEAK = r"""
 import os, sys, time, torch, spade_kernels as sk
+from spade_kernels.bench.measure import peak_rss_since, start_peak_rss
 import torch.fx.experimental.symbolic_shapes  # torch's meta-tensor refs import it (and sympy, ~50 MB) lazily
-def kib(key): return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)][0] << 10
 sk.SpaDE.from_pretrained(sys.argv[2])  # a small checkpoint first: lazy imports and first-call set-up are not the weights
-open("/proc/self/clear_refs", "w").write("5")  # the peak from here
-base = kib("VmRSS")
+base = start_peak_rss()  # the peak from here
 t = time.perf_counter()
 try:
     sk.SpaDE.from_pretrained(sys.argv[1])
     outcome = "loaded"
 except ValueError as exc:
     outcome = str(exc)
-print(kib("VmHWM") - base, time.perf_counter() - t, outcome)
+print(peak_rss_since(base), time.perf_counter() - t, outcome)
 """
 
 

@@ -22,21 +22,18 @@ from spade_kernels.reference import sparsemax_reference, squared_distances
 _PEAK = r"""
 import json, sys, torch
 import spade_kernels as sk
+from spade_kernels.bench.measure import peak_rss_since, start_peak_rss
 B, d, K, backend, budget_mb = sys.argv[1:6]
 B, d, K = int(B), int(d), int(K)
 torch.manual_seed(0)
 x, A = torch.randn(B, d), torch.randn(K, d)
 sk.spade_encode(x[:64], A, 1 / (2 * d), backend=backend)  # first-call costs (imports, BLAS) out of the peak
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-open("/proc/self/clear_refs", "w").write("5")
-base = rss()
+base = start_peak_rss()
 with torch.no_grad():
     codes = sk.spade_encode(x, A, 1 / (2 * d), backend=backend)
-peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 out = sum(t.numel() * t.element_size() for t in (codes.values, codes.indices, codes.support_size))
 out += 0 if codes.distances is None else codes.distances.numel() * codes.distances.element_size()
-print(json.dumps({"extra": peak - base, "output": out, "width": codes.width}))
+print(json.dumps({"extra": peak_rss_since(base), "output": out, "width": codes.width}))
 """
 
 
@@ -246,19 +243,16 @@ def test_float32_reference_as_accurate_as_direct_differences():
 _TRAIN_PEAK = r"""
 import json, sys, torch
 import spade_kernels as sk
+from spade_kernels.bench.measure import peak_rss_since, start_peak_rss
 B, d, K, backend = sys.argv[1:5]
 B, d, K = int(B), int(d), int(K)
 torch.manual_seed(0)
 x = torch.randn(B, d)
 layer = sk.SpaDE(d, K, backend=backend)
 layer(x[:64]).loss.backward()  # first-call costs and the gradient buffers out of the peak
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-open("/proc/self/clear_refs", "w").write("5")
-base = rss()
+base = start_peak_rss()
 layer(x).loss.backward()
-peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({"extra": peak - base}))
+print(json.dumps({"extra": peak_rss_since(base)}))
 """
 
 

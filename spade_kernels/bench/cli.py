@@ -122,14 +122,7 @@ def run_from_args(args: argparse.Namespace, stream=None) -> int:
 
     def save_partial(rows, env):
         if args.out:
-            # A run stopped part-way still says which sweep its rows belong to.
-            write_results(
-                rows,
-                {**env, "sweep": args.sweep} if args.sweep else env,
-                args.out,
-                plots=False,
-                csv_file=False,
-            )
+            write_results(rows, env, args.out, plots=False, csv_file=False)
 
     previous = None
     if args.resume:
@@ -142,10 +135,8 @@ def run_from_args(args: argparse.Namespace, stream=None) -> int:
     rows, env = run_sweep(
         shapes, backends, baselines, dtypes, modes, device, repeats, warmup,
         timeout=args.timeout, deadline=args.deadline, on_row=save_partial,
-        budget_s=args.budget_s, max_config_s=args.max_config_s, previous=previous,
+        budget_s=args.budget_s, max_config_s=args.max_config_s, previous=previous, sweep=args.sweep,
     )  # fmt: skip
-    if args.sweep:
-        env["sweep"] = args.sweep
     print(format_table([asdict(r) for r in rows]), file=stream)
     print(
         f"\n{env['device_name']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}",

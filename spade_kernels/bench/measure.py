@@ -28,7 +28,16 @@ import torch
 
 from ..backends import BACKENDS
 
-__all__ = ["DTYPES", "environment", "estimate_bytes", "make_case", "measure", "measure_in_subprocess"]
+__all__ = [
+    "DTYPES",
+    "environment",
+    "estimate_bytes",
+    "make_case",
+    "measure",
+    "measure_in_subprocess",
+    "peak_rss_since",
+    "start_peak_rss",
+]
 
 DTYPES = {
     "float32": torch.float32,
@@ -227,20 +236,28 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux ≥ 4.0); False if not possible."""
+def start_peak_rss(*, required: bool = True) -> int:
+    """Reset the kernel's RSS high-water mark to the resident set now and return that resident set (bytes).
+
+    :func:`peak_rss_since` of the returned value is then the extra peak of what ran in between.  Resetting
+    needs Linux ≥ 4.0 (``/proc/self/clear_refs``): RuntimeError where it cannot be done, unless
+    ``required=False`` (the peak is then the process's, from its start).
+    """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
-    except OSError:
-        return False
+    except OSError as exc:
+        if required:
+            raise RuntimeError(f"cannot reset the peak resident set (/proc/self/clear_refs): {exc}") from None
+    return _rss_bytes()
 
 
-def _peak_rss_bytes() -> int:
-    """VmHWM (peak RSS since the last reset), or ru_maxrss where /proc is missing."""
+def peak_rss_since(base: int) -> int:
+    """The peak resident set (VmHWM; ru_maxrss where /proc is missing) above ``base`` (bytes)."""
     peak = _proc_field_bytes("/proc/self/status", "VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak - base
 
 
 def measure(
@@ -287,8 +304,7 @@ def measure(
         from ..ops import release_cached_outputs
 
         release_cached_outputs()
-        _reset_peak_rss()
-        base = _rss_bytes()
+        base = start_peak_rss(required=False)
     for _ in range(warmup):
         t0 = time.perf_counter()
         fn()
@@ -312,7 +328,7 @@ def measure(
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = _peak_rss_bytes() - base
+        peak = peak_rss_since(base)
     return {
         "times_ms": times,
         "peak_bytes": max(int(peak), 0),

@@ -110,6 +110,7 @@ def run_sweep(
     budget_s: float | None = None,
     max_config_s: float | None = None,
     previous: list[dict] | None = None,
+    sweep: str | None = None,
 ) -> tuple[list[Row], dict]:
     """Measure every configuration; returns (rows, environment).
 
@@ -122,12 +123,16 @@ def run_sweep(
     configuration whose one encoder GEMM alone, at the rate measured here,
     would take longer (``skipped: estimated ≥ N s``).  The backend name
     ``"auto"`` measures what ``backend="auto"`` runs; its row records the
-    backend it resolved to in ``meta["resolves_to"]``.
+    backend it resolved to in ``meta["resolves_to"]``.  ``previous``: the rows of an earlier run's
+    results.json to resume (its measured rows are kept, the rest measured).  ``sweep``: the named sweep
+    these rows belong to, recorded in the environment (``env["sweep"]``) from the first partial save on.
     """
     progress = progress or sys.stderr
     from ..backends import BACKENDS, backend_status
 
     env = environment(device)
+    if sweep:
+        env["sweep"] = sweep
     status = backend_status()
     if device.type == "cpu":
         load = os.getloadavg()[0]
@@ -151,33 +156,24 @@ def run_sweep(
     floor_cache: dict = {}
     mem_avail = device_memory_bytes(device)
     t_start = time.perf_counter()
-    done = {
-        (r["name"], r["mode"], r["shape_name"], r["dtype"]): r
-        for r in previous or []
-        if not r["status"].startswith(("skipped: deadline", "failed"))
-    }
-    # A resume that names fewer shapes or backends keeps the other rows of the earlier run as they were,
-    # in the earlier run's order (new configurations after them): nothing measured is dropped.
-    order = {_key(r): i for i, r in enumerate(previous or [])}
-    wanted = {(c[0], c[2], c[3], c[7]) for c in configs}
-    carried = [
-        Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__})
-        for r in previous or []
-        if _key(r) not in wanted
-    ]
+    # Resuming: the earlier run's rows that were measured (or skipped for a reason other than time) are kept;
+    # a resume that names fewer shapes or backends keeps the earlier run's other rows as they were, in its
+    # order (new configurations after them): nothing measured is dropped.
+    earlier = [_as_row(r) for r in previous or []]
+    order = {_row_key(r): i for i, r in enumerate(earlier)}
+    done = {_row_key(r): r for r in earlier if not r.status.startswith(("skipped: deadline", "failed"))}
+    wanted = {(name, mode, shape_name, dtype) for name, _, mode, shape_name, *_, dtype in configs}
+    carried = [r for r in earlier if _row_key(r) not in wanted]
 
     def with_carried(rows: list[Row]) -> list[Row]:
         if not carried:
             return rows
-        merged = [*rows, *carried]
-        late = len(order)
-        return sorted(merged, key=lambda r: order.get(_key(asdict(r)), late))
+        return sorted([*rows, *carried], key=lambda r: order.get(_row_key(r), len(order)))
 
     for i, (name, kind, mode, shape_name, B, d, K, dtype_name) in enumerate(configs, 1):
         dtype = DTYPES[dtype_name]
         if (name, mode, shape_name, dtype_name) in done:
-            old = done[(name, mode, shape_name, dtype_name)]
-            rows.append(Row(**{k: v for k, v in old.items() if k in Row.__dataclass_fields__}))
+            rows.append(done[(name, mode, shape_name, dtype_name)])
             if name == "floor":
                 floor_cache[(shape_name, dtype_name)] = rows[-1]
             continue
@@ -253,13 +249,19 @@ def run_sweep(
     return rows, env
 
 
-def _key(row: dict) -> tuple:
-    return (row["name"], row["mode"], row["shape_name"], row["dtype"])
+def _row_key(row: Row) -> tuple[str, str, str, str]:
+    """What a row measures: (backend or baseline, mode, shape name, dtype)."""
+    return (row.name, row.mode, row.shape_name, row.dtype)
+
+
+def _as_row(saved: dict) -> Row:
+    """A row read back from results.json (keys a newer or older version added are ignored)."""
+    return Row(**{k: v for k, v in saved.items() if k in Row.__dataclass_fields__})
 
 
 def _measured(rows: list[Row], name: str, mode: str, shape_name: str, dtype_name: str) -> Row | None:
     for r in rows:
-        if (r.name, r.mode, r.shape_name, r.dtype) == (name, mode, shape_name, dtype_name) and r.median_ms:
+        if _row_key(r) == (name, mode, shape_name, dtype_name) and r.median_ms:
             return r
     return None
 
