@@ -124,7 +124,7 @@ def run_sweep(
     would take longer (``skipped: estimated ≥ N s``).  The backend name
     ``"auto"`` measures what ``backend="auto"`` runs; its row records the
     backend it resolved to in ``meta["resolves_to"]``.  ``previous``: the rows of an earlier run's
-    results.json to resume (its measured rows are kept, the rest measured).  ``sweep``: the named sweep
+    results.json to resume (rows skipped by the deadline or failed are measured again; the rest are kept).  ``sweep``: the named sweep
     these rows belong to, recorded in the environment (``env["sweep"]``) from the first partial save on.
     """
     progress = progress or sys.stderr
